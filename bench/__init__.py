@@ -1,0 +1,1 @@
+"""vlpeft bench layer (see DESIGN.md)."""

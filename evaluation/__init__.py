@@ -1,0 +1,1 @@
+"""vlpeft evaluation layer (see DESIGN.md)."""

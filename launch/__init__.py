@@ -1,0 +1,1 @@
+"""vlpeft launch layer (see DESIGN.md)."""

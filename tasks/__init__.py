@@ -1,0 +1,1 @@
+"""vlpeft tasks layer (see DESIGN.md)."""

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny randomly initialised models built from configs (no downloads)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+VOCAB = 64
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+    )
+    return BartForConditionalGeneration(config).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+class TinyConvNet(nn.Module):
+    """A small conv net: LoRA/FLoRA on Conv2d and Linear without transformers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(self.norm(h.mean((2, 3))))
+
+
+def tiny_convnet():
+    return TinyConvNet().eval()
+
+
+def text_inputs(batch=2, length=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(3, VOCAB, (batch, length), generator=g)}
+
+
+def bart_inputs():
+    x = text_inputs()
+    x["decoder_input_ids"] = text_inputs(length=5, seed=2)["input_ids"]
+    return x
+
+
+def image_inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(2, 3, 8, 8, generator=g)}
+
+
+def run(model, inputs):
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@torch.no_grad()
+def perturb_adapters(model, scale=0.1, seed=3):
+    """Random values in every adapter tensor, so an adapter visibly changes outputs."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if ".adapters." in name:
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def tmp_dir(tmp_path):
+    return tmp_path

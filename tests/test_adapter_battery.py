@@ -1,0 +1,143 @@
+"""One table drives every method: each row runs the same battery (zero-init identity, only adapter
+parameters train, merge == unmerged, save -> load exact, several named adapters)."""
+
+import pytest
+import torch
+from conftest import (
+    bart_inputs,
+    image_inputs,
+    perturb_adapters,
+    run,
+    text_inputs,
+    tiny_bart,
+    tiny_convnet,
+    tiny_gpt2,
+)
+
+import vlpeft
+from vlpeft.adapters import AdapterConfig, LoRAConfig
+
+QV_SLICES = {"c_attn": {"parts": 3, "use": [0, 2]}}
+
+# (id, config factory, model factory, inputs factory)
+ROWS = [
+    ("lora-bart", lambda: LoRAConfig(targets=["q_proj", "v_proj"], r=4, alpha=8), tiny_bart, bart_inputs),
+    (
+        "lora-bart-trainable-ln",
+        lambda: LoRAConfig(targets=["q_proj", "fc1"], r=2, trainable=["layernorm_embedding"]),
+        tiny_bart,
+        bart_inputs,
+    ),
+    ("lora-gpt2-conv1d", lambda: LoRAConfig(targets=["c_attn", "c_fc"], r=2), tiny_gpt2, text_inputs),
+    ("lora-gpt2-qv-slices", lambda: LoRAConfig(targets=["c_attn"], r=4, slices=QV_SLICES), tiny_gpt2, text_inputs),
+    ("lora-conv2d", lambda: LoRAConfig(targets=["conv1", "conv2", "head"], r=2), tiny_convnet, image_inputs),
+    (
+        "adapter-bart",
+        lambda: AdapterConfig(targets=["self_attn.out_proj", "fc2"], bottleneck=8),
+        tiny_bart,
+        bart_inputs,
+    ),
+    (
+        "adapter-gpt2",
+        lambda: AdapterConfig(targets=["attn.c_proj", "mlp.c_proj"], reduction_factor=4, activation="gelu"),
+        tiny_gpt2,
+        text_inputs,
+    ),
+]
+
+params = pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+
+
+def adapted(row, name="default", perturb=True):
+    _, make_config, make_model, make_inputs = row
+    model = make_model()
+    vlpeft.add_adapter(model, make_config(), name)
+    if perturb:
+        perturb_adapters(model)
+    return model, make_inputs()
+
+
+@params
+def test_injection_changes_no_output(row):
+    _, make_config, make_model, make_inputs = row
+    model, inputs = make_model(), make_inputs()
+    before = run(model, inputs)
+    vlpeft.add_adapter(model, make_config())
+    assert torch.equal(run(model, inputs), before)
+    assert any(True for _ in vlpeft.adapted_layers(model))
+
+
+@params
+def test_only_adapter_and_declared_parameters_get_gradients(row):
+    model, inputs = adapted(row)
+    model.train()
+    run(model, inputs).square().mean().backward()
+    declared = row[1]().trainable
+    for name, p in model.named_parameters():
+        is_adapter = ".adapters." in name
+        is_declared = any(pat in name for pat in declared)
+        assert p.requires_grad == (is_adapter or is_declared), name
+        if is_adapter or is_declared:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    trainable, total = vlpeft.count_parameters(model)
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) < total
+
+
+@params
+def test_merge_equals_unmerged(row):
+    model, inputs = adapted(row)
+    layers = dict(vlpeft.adapted_layers(model))
+    mergeable = all(layer.mergeable for layer in layers.values())
+    if not mergeable:
+        with pytest.raises(TypeError, match="not mergeable"):
+            vlpeft.merge_adapter(model)
+        return
+    base_weights = {k: layer.base_layer.weight.detach().clone() for k, layer in layers.items()}
+    for layer in layers.values():
+        assert layer.delta_weight().shape == layer.base_layer.weight.shape
+    expected = run(model, inputs)
+    vlpeft.merge_adapter(model)
+    assert not torch.allclose(layers[next(iter(layers))].base_layer.weight, next(iter(base_weights.values())))
+    torch.testing.assert_close(run(model, inputs), expected, atol=1e-5, rtol=1e-5)
+    vlpeft.unmerge_adapter(model)
+    torch.testing.assert_close(run(model, inputs), expected, atol=1e-5, rtol=1e-5)
+    for k, layer in layers.items():
+        torch.testing.assert_close(layer.base_layer.weight, base_weights[k], atol=1e-6, rtol=0)
+
+
+@params
+def test_save_load_round_trip_is_exact(row, tmp_path):
+    model, inputs = adapted(row)
+    expected = run(model, inputs)
+    vlpeft.save_adapter(model, tmp_path)
+    fresh = row[2]()
+    assert not torch.equal(run(fresh, inputs), expected)
+    vlpeft.load_adapter(fresh, tmp_path)
+    assert torch.equal(run(fresh, inputs), expected)
+    saved = dict(model.state_dict())
+    for key, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, saved[key]), key
+
+
+@params
+def test_several_named_adapters(row):
+    model, inputs = adapted(row, "task_a")
+    base_out = None
+    vlpeft.set_active_adapter(model, None)
+    base_out = run(model, inputs)
+    vlpeft.add_adapter(model, row[1](), "task_b")
+    perturb_adapters(model, seed=11)  # changes both; remember a's output after this
+    vlpeft.set_active_adapter(model, "task_a")
+    out_a = run(model, inputs)
+    vlpeft.set_active_adapter(model, "task_b")
+    out_b = run(model, inputs)
+    assert not torch.allclose(out_a, out_b)
+    assert not torch.allclose(out_a, base_out)
+    vlpeft.set_active_adapter(model, None)
+    assert torch.equal(run(model, inputs), base_out)
+    vlpeft.set_active_adapter(model, "task_a")
+    assert torch.equal(run(model, inputs), out_a)
+    with pytest.raises(KeyError, match="task_c"):
+        vlpeft.set_active_adapter(model, "task_c")

@@ -1,0 +1,193 @@
+"""LoRA (Hu et al., ICLR 2022, Eq. 3): h = W0·x + (α/r)·B·A·x with A kaiming-uniform and B zero.
+
+Supported base layers: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2; weight stored as (in, out))
+and ``nn.Conv2d`` (A is a conv with the base kernel, B a 1×1 conv, as in peft). For a fused
+projection such as GPT-2's ``c_attn`` (q|k|v), ``slices`` puts an independent rank-r LoRA on chosen
+equal parts of the output only, e.g. ``slices={"c_attn": {"parts": 3, "use": [0, 2]}}`` for q and v.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterModule, MethodConfig, register_method
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D`` (y = x·W + b, W of shape (in, out)), without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+@register_method("lora")
+@dataclasses.dataclass
+class LoRAConfig(MethodConfig):
+    """LoRA.
+
+    Args:
+        r: rank of the update.
+        alpha: scaling numerator; the branch is multiplied by alpha / r.
+        dropout: dropout probability on the LoRA branch's input.
+        slices: module-name suffix → ``{"parts": P, "use": [i, ...]}``: split the output of a fused
+            projection into P equal parts and adapt only parts ``use`` (one rank-r LoRA each).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    slices: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r < 1:
+            raise ValueError(f"LoRAConfig.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout}")
+        for key, spec in self.slices.items():
+            if set(spec) != {"parts", "use"} or not spec["use"]:
+                raise ValueError(f"LoRAConfig.slices[{key!r}] must be {{'parts': P, 'use': [i, ...]}}, got {spec}")
+            if any(not 0 <= i < spec["parts"] for i in spec["use"]):
+                raise ValueError(f"LoRAConfig.slices[{key!r}].use must index parts 0..{spec['parts'] - 1}")
+
+    def slice_spec(self, layer_name: str) -> dict | None:
+        for key, spec in self.slices.items():
+            if layer_name == key or layer_name.endswith("." + key) or re.fullmatch(key, layer_name):
+                return spec
+        return None
+
+    def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
+        if isinstance(base_layer, nn.Conv2d):
+            return LoRAConv2d(base_layer, self, layer_name)
+        if isinstance(base_layer, nn.Linear) or is_conv1d(base_layer):
+            return LoRALinear(base_layer, self, layer_name)
+        raise TypeError(
+            f"LoRA target {layer_name!r} is a {type(base_layer).__name__}; "
+            "LoRA supports nn.Linear, transformers Conv1D and nn.Conv2d"
+        )
+
+
+class LoRALinear(AdapterModule):
+    """LoRA on a Linear or Conv1D, optionally on equal output slices of a fused projection.
+
+    Parameters: ``lora_A`` (S·r, in) and ``lora_B`` (S·d_s, r) for S adapted slices of width d_s
+    (S = 1 and d_s = out without slices).
+    """
+
+    mergeable = True
+    lora_reducible = True
+
+    def __init__(self, base: nn.Module, config: LoRAConfig, layer_name: str) -> None:
+        super().__init__()
+        d_in, d_out = linear_shape(base)
+        spec = config.slice_spec(layer_name)
+        if spec is None:
+            self.slice_index: list[int] | None = None
+            n_slices, width = 1, d_out
+        else:
+            if d_out % spec["parts"]:
+                raise ValueError(f"{layer_name}: output size {d_out} is not divisible into {spec['parts']} parts")
+            width = d_out // spec["parts"]
+            self.slice_index = list(spec["use"])
+            n_slices = len(self.slice_index)
+        self.r, self.n_slices, self.width, self.d_out = config.r, n_slices, width, d_out
+        self.scaling = config.alpha / config.r
+        self.transposed = is_conv1d(base)
+        kw = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(n_slices * config.r, d_in, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(n_slices * width, config.r, **kw))
+        for a in self.lora_A.view(n_slices, config.r, d_in):
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @property
+    def rank(self) -> int:
+        return self.r * self.n_slices
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """A·dropout(x): (..., S·r)."""
+        return F.linear(self.dropout(x), self.lora_A)
+
+    def expand(self, h: torch.Tensor) -> torch.Tensor:
+        """(α/r)·B·h placed in the full output width: (..., d_out)."""
+        if self.n_slices == 1 and self.slice_index is None:
+            return F.linear(h, self.lora_B) * self.scaling
+        hs = h.unflatten(-1, (self.n_slices, self.r))
+        parts = torch.einsum("...sr,sdr->...sd", hs, self.lora_B.view(self.n_slices, self.width, self.r))
+        return self._scatter(parts * self.scaling)
+
+    def _scatter(self, parts: torch.Tensor) -> torch.Tensor:
+        """(..., S, d_s) adapted slices → (..., d_out) with zeros in the parts left alone."""
+        full = parts.new_zeros(*parts.shape[:-2], self.d_out // self.width, self.width)
+        full[..., self.slice_index, :] = parts
+        return full.flatten(-2)
+
+    def forward(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + self.expand(self.bottleneck(x)).to(y.dtype)
+
+    def _dense_b(self) -> torch.Tensor:
+        """B as one (d_out, S·r) matrix: block-structured when slices are used."""
+        if self.slice_index is None:
+            return self.lora_B
+        blocks = torch.block_diag(*self.lora_B.view(self.n_slices, self.width, self.r))
+        return self._scatter(blocks.T.unflatten(-1, (self.n_slices, self.width))).T
+
+    def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self._dense_b() * self.scaling
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        a, b = self.lora_factors(base_layer)
+        delta = b @ a
+        return delta.T if self.transposed else delta
+
+
+class LoRAConv2d(AdapterModule):
+    """LoRA on a Conv2d: A is a conv with the base's kernel/stride/padding/dilation to r channels,
+    B a 1×1 conv back to the output channels; ΔW = (α/r)·(B ⊗ A) of shape (out, in, kh, kw)."""
+
+    mergeable = True
+    lora_reducible = True
+
+    def __init__(self, base: nn.Conv2d, config: LoRAConfig, layer_name: str) -> None:
+        super().__init__()
+        if base.groups != 1:
+            raise ValueError(
+                f"{layer_name}: LoRA on a grouped Conv2d (groups={base.groups}) cannot be merged; "
+                "use FLoRA, which handles grouped and depthwise convolutions"
+            )
+        if base.padding_mode != "zeros":
+            raise ValueError(f"{layer_name}: LoRA on Conv2d needs padding_mode='zeros', got {base.padding_mode!r}")
+        self.r, self.scaling = config.r, config.alpha / config.r
+        kw = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(config.r, base.in_channels, *base.kernel_size, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, config.r, 1, 1, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @property
+    def rank(self) -> int:
+        return self.r
+
+    def forward(self, base_layer: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.conv2d(self.dropout(x), self.lora_A, None, base_layer.stride, base_layer.padding, base_layer.dilation)
+        return y + (F.conv2d(h, self.lora_B) * self.scaling).to(y.dtype)
+
+    def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.lora_B * self.scaling
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        a, b = self.lora_factors(base_layer)
+        return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])

@@ -1,0 +1,242 @@
+"""Adapter checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors`` (never pickle).
+
+Layout (as peft's): the adapter named ``default`` at the top of the directory, every other named
+adapter in ``<directory>/<name>/``; ``save_adapter(m, d, name="vqa")`` writes that one adapter alone
+at the top of ``d`` (a self-contained per-task checkpoint). Only adapter tensors (parameters and
+frozen buffers such as Null-LoRA bases) and the config's declared-trainable parameters are written.
+Every file is written to a temporary name and renamed, so a killed process never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapters.base import MethodConfig
+from .inject import adapted_layers, adapter_configs, add_adapter, trainable_extra_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Calls ``write(tmp_path)`` then renames ``tmp_path`` onto ``path`` (same directory, atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata=None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def adapter_state_dict(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Tensors of adapter ``name``: ``<layer>.<tensor>`` for each adapted layer, plus the full names
+    of the parameters its config declares trainable."""
+    state: dict[str, torch.Tensor] = {}
+    for path, layer in adapted_layers(module):
+        if name in layer.adapters:
+            for key, tensor in layer.adapters[name].state_dict().items():
+                state[f"{path}.{key}"] = tensor
+    params = dict(module.named_parameters())
+    for extra in trainable_extra_names(module, adapter_configs(module)[name]):
+        state[extra] = params[extra]
+    return state
+
+
+def save_adapter(module: nn.Module, directory: str | os.PathLike, name: str | None = None) -> None:
+    """Writes adapter ``name`` at the top of ``directory``, or every adapter (default at the top,
+    the others in sub-directories) when ``name`` is None."""
+    configs = adapter_configs(module)
+    if not configs:
+        raise ValueError("this module has no adapters to save; add_adapter first")
+    if name is not None:
+        _save_one(module, Path(directory), name)
+        return
+    for n in configs:
+        _save_one(module, Path(directory) if n == "default" else Path(directory) / n, n)
+
+
+def _save_one(module: nn.Module, directory: Path, name: str) -> None:
+    configs = adapter_configs(module)
+    if name not in configs:
+        raise KeyError(f"no adapter named {name!r}; this module has {sorted(configs)}")
+    state = adapter_state_dict(module, name)
+    extras = trainable_extra_names(module, configs[name])
+    write_safetensors(directory / WEIGHTS_NAME, state, metadata={"format": "pt", "adapter_name": name})
+    write_json(
+        directory / CONFIG_NAME,
+        {
+            "vlpeft_format": FORMAT_VERSION,
+            "adapter_name": name,
+            "config": configs[name].to_dict(),
+            "base_model_class": type(module).__name__,
+            "extra_trainable": extras,
+        },
+    )
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[str, MethodConfig]:
+    """(stored adapter name, config) of a vlpeft checkpoint directory, with clear errors."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no adapter config here (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    for key in ("adapter_name", "config"):
+        if key not in data:
+            hint = " (this looks like a peft checkpoint; load it with peft)" if "peft_type" in data else ""
+            raise ValueError(f"{path}: missing key {key!r}{hint}")
+    return data["adapter_name"], MethodConfig.from_dict(data["config"], where=str(path))
+
+
+def load_adapter(module: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Loads the checkpoint at ``directory`` as adapter ``name`` (default: the name it was saved
+    under), injecting it first if the module does not have it; with ``name`` None, adapters in
+    sub-directories are loaded too. Shapes and layer names must match exactly.
+    """
+    directory = Path(directory)
+    stored, config = read_adapter_config(directory)
+    target = name or stored
+    if target not in adapter_configs(module):
+        add_adapter(module, config, target)
+    _load_tensors(module, directory / WEIGHTS_NAME, target)
+    if name is None:
+        for sub in sorted(p for p in directory.iterdir() if (p / CONFIG_NAME).is_file()):
+            load_adapter(module, sub, None)
+    return module
+
+
+@torch.no_grad()
+def _load_tensors(module: nn.Module, path: Path, name: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: adapter weights missing")
+    stored = load_file(str(path))
+    expected = adapter_state_dict(module, name)
+    for key, tensor in expected.items():
+        if key not in stored:
+            raise ValueError(f"{path}: no tensor for {key!r} (layer names differ from the model's)")
+        if stored[key].shape != tensor.shape:
+            raise ValueError(
+                f"{path}: shape mismatch at {key!r}: checkpoint {tuple(stored[key].shape)} vs "
+                f"model {tuple(tensor.shape)}"
+            )
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:
+        raise ValueError(f"{path}: tensor {unexpected[0]!r} has no matching layer in the model ({len(unexpected)} such)")
+    for key, tensor in expected.items():
+        tensor.copy_(stored[key])
+
+
+def export_peft_lora(
+    module: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    prefix: str = "",
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Writes adapter ``name`` as a peft LoRA checkpoint that ``peft.PeftModel.from_pretrained``
+    loads into the bare backbone, giving the same outputs.
+
+    Each layer becomes a plain LoRA of its own rank (``rank_pattern``) with the scale folded into
+    B (``alpha_pattern`` = rank, so peft's α/r is 1). Declared-trainable parameters are written as
+    peft ``modules_to_save`` of their owning modules.
+
+    Args:
+        module: the model holding the adapter.
+        directory: output directory (created).
+        name: the adapter to export; it must be LoRA-reducible (LoRA, Null-LoRA, FLoRA-linear).
+        prefix: dotted path of the bare backbone inside ``module`` (e.g. ``"language_model"``);
+            layer names are written relative to it.
+        base_model_name_or_path: recorded in the peft config for users.
+    """
+    configs = adapter_configs(module)
+    if name not in configs:
+        raise KeyError(f"no adapter named {name!r}; this module has {sorted(configs)}")
+    lead = prefix + "." if prefix else ""
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    conv1d = False
+    for path, layer in adapted_layers(module):
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        if not adapter.lora_reducible:
+            raise TypeError(
+                f"adapter {name!r} at {path} ({type(adapter).__name__}) cannot be written as a plain "
+                "peft LoRA (its update is nonlinear or depends on the input)"
+            )
+        if not path.startswith(lead):
+            raise ValueError(f"layer {path} is outside the backbone prefix {prefix!r}")
+        rel = path[len(lead):]
+        a, b = adapter.lora_factors(layer.base_layer)
+        tensors[f"base_model.model.{rel}.lora_A.weight"] = a
+        tensors[f"base_model.model.{rel}.lora_B.weight"] = b
+        ranks[rel] = a.shape[0]
+        conv1d |= type(layer.base_layer).__name__ == "Conv1D"
+    owners = _extra_owner_modules(module, trainable_extra_names(module, configs[name]), lead)
+    for owner in owners:
+        for key, tensor in module.get_submodule(lead + owner if lead else owner).state_dict().items():
+            tensors[f"base_model.model.{owner}.{key}"] = tensor
+    top = max(ranks.values())
+    write_safetensors(Path(directory) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_json(
+        Path(directory) / CONFIG_NAME,
+        {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": base_model_name_or_path,
+            "target_modules": sorted(ranks),
+            "r": top,
+            "lora_alpha": top,
+            "rank_pattern": ranks,
+            "alpha_pattern": ranks,
+            "lora_dropout": 0.0,
+            "fan_in_fan_out": conv1d,
+            "bias": "none",
+            "modules_to_save": owners or None,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+            "inference_mode": True,
+        },
+    )
+
+
+def _extra_owner_modules(module: nn.Module, param_names: list[str], lead: str) -> list[str]:
+    """Dotted names (relative to ``lead``) of the modules that own the declared-trainable parameters."""
+    owners: list[str] = []
+    for full in param_names:
+        if not full.startswith(lead):
+            raise ValueError(f"trainable parameter {full} is outside the backbone prefix {lead[:-1]!r}")
+        owner = full[len(lead):].rsplit(".", 1)[0]
+        if owner not in owners:
+            owners.append(owner)
+    return owners
