@@ -29,11 +29,32 @@ def tiny_backbone(kind: str) -> torch.nn.Module:
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0))
+        return GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        )
     config = BartConfig(
-        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+        vocab_size=VOCAB,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
     )
     return BartForConditionalGeneration(config)
 
@@ -49,9 +70,17 @@ def toy_batch(kind: str) -> dict[str, torch.Tensor]:
 
 EXPERIMENTS = [
     ("LoRA r=8", "bart", LoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16)),
-    ("LoRA r=8 (q,v of c_attn)", "gpt2", LoRAConfig(targets=["c_attn"], r=8, slices={"c_attn": {"parts": 3, "use": [0, 2]}})),
+    (
+        "LoRA r=8 (q,v of c_attn)",
+        "gpt2",
+        LoRAConfig(targets=["c_attn"], r=8, slices={"c_attn": {"parts": 3, "use": [0, 2]}}),
+    ),
     ("Adapter m=16", "bart", AdapterConfig(targets=["self_attn.out_proj", "fc2"], bottleneck=16)),
-    ("Adapter m=8 + LN", "gpt2", AdapterConfig(targets=["mlp.c_proj"], bottleneck=8, trainable=[r"ln_f\."])),
+    (
+        "Adapter m=8 + LN",
+        "gpt2",
+        AdapterConfig(targets=["mlp.c_proj"], bottleneck=8, trainable=[r"ln_f\."]),
+    ),
 ]
 
 
@@ -81,7 +110,9 @@ def run_one(label: str, kind: str, config, steps: int, workdir: str) -> dict:
         fresh = vlpeft.load_adapter(tiny_backbone(kind).eval(), path)
         reload_exact = torch.equal(fresh(**batch).logits, logits)
         peft_diff = "n/a"
-        if all(layer.adapters["default"].lora_reducible for _, layer in vlpeft.adapted_layers(model)):
+        if all(
+            layer.adapters["default"].lora_reducible for _, layer in vlpeft.adapted_layers(model)
+        ):
             from peft import PeftModel
 
             vlpeft.export_peft_lora(model, path + "_peft")
@@ -89,9 +120,14 @@ def run_one(label: str, kind: str, config, steps: int, workdir: str) -> dict:
             peft_diff = f"{(peft_model(**batch).logits - logits).abs().max().item():.1e}"
     trainable, total = vlpeft.count_parameters(model)
     return {
-        "method": label, "backbone": f"tiny {kind}", "trainable": trainable, "total": total,
-        "loss": f"{losses[0]:.2f} -> {losses[-1]:.2f}", "merged-unmerged": merge_diff,
-        "reload exact": "yes" if reload_exact else "NO", "peft export diff": peft_diff,
+        "method": label,
+        "backbone": f"tiny {kind}",
+        "trainable": trainable,
+        "total": total,
+        "loss": f"{losses[0]:.2f} -> {losses[-1]:.2f}",
+        "merged-unmerged": merge_diff,
+        "reload exact": "yes" if reload_exact else "NO",
+        "peft export diff": peft_diff,
     }
 
 
@@ -114,7 +150,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     hf_logging.set_verbosity_error()
     start = time.time()
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [run_one(label, kind, config, args.steps, workdir) for label, kind, config in EXPERIMENTS]
+        rows = [
+            run_one(label, kind, config, args.steps, workdir) for label, kind, config in EXPERIMENTS
+        ]
     print_table(rows)
     print(f"\n{len(rows)} methods in {time.time() - start:.0f} s")
     return rows

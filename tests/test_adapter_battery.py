@@ -21,16 +21,36 @@ QV_SLICES = {"c_attn": {"parts": 3, "use": [0, 2]}}
 
 # (id, config factory, model factory, inputs factory)
 ROWS = [
-    ("lora-bart", lambda: LoRAConfig(targets=["q_proj", "v_proj"], r=4, alpha=8), tiny_bart, bart_inputs),
+    (
+        "lora-bart",
+        lambda: LoRAConfig(targets=["q_proj", "v_proj"], r=4, alpha=8),
+        tiny_bart,
+        bart_inputs,
+    ),
     (
         "lora-bart-trainable-ln",
         lambda: LoRAConfig(targets=["q_proj", "fc1"], r=2, trainable=["layernorm_embedding"]),
         tiny_bart,
         bart_inputs,
     ),
-    ("lora-gpt2-conv1d", lambda: LoRAConfig(targets=["c_attn", "c_fc"], r=2), tiny_gpt2, text_inputs),
-    ("lora-gpt2-qv-slices", lambda: LoRAConfig(targets=["c_attn"], r=4, slices=QV_SLICES), tiny_gpt2, text_inputs),
-    ("lora-conv2d", lambda: LoRAConfig(targets=["conv1", "conv2", "head"], r=2), tiny_convnet, image_inputs),
+    (
+        "lora-gpt2-conv1d",
+        lambda: LoRAConfig(targets=["c_attn", "c_fc"], r=2),
+        tiny_gpt2,
+        text_inputs,
+    ),
+    (
+        "lora-gpt2-qv-slices",
+        lambda: LoRAConfig(targets=["c_attn"], r=4, slices=QV_SLICES),
+        tiny_gpt2,
+        text_inputs,
+    ),
+    (
+        "lora-conv2d",
+        lambda: LoRAConfig(targets=["conv1", "conv2", "head"], r=2),
+        tiny_convnet,
+        image_inputs,
+    ),
     (
         "adapter-bart",
         lambda: AdapterConfig(targets=["self_attn.out_proj", "fc2"], bottleneck=8),
@@ -39,7 +59,9 @@ ROWS = [
     ),
     (
         "adapter-gpt2",
-        lambda: AdapterConfig(targets=["attn.c_proj", "mlp.c_proj"], reduction_factor=4, activation="gelu"),
+        lambda: AdapterConfig(
+            targets=["attn.c_proj", "mlp.c_proj"], reduction_factor=4, activation="gelu"
+        ),
         tiny_gpt2,
         text_inputs,
     ),
@@ -99,7 +121,9 @@ def test_merge_equals_unmerged(row):
         assert layer.delta_weight().shape == layer.base_layer.weight.shape
     expected = run(model, inputs)
     vlpeft.merge_adapter(model)
-    assert not torch.allclose(layers[next(iter(layers))].base_layer.weight, next(iter(base_weights.values())))
+    assert not torch.allclose(
+        layers[next(iter(layers))].base_layer.weight, next(iter(base_weights.values()))
+    )
     torch.testing.assert_close(run(model, inputs), expected, atol=1e-5, rtol=1e-5)
     vlpeft.unmerge_adapter(model)
     torch.testing.assert_close(run(model, inputs), expected, atol=1e-5, rtol=1e-5)

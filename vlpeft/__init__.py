@@ -8,8 +8,8 @@ from .adapters import AdapterConfig, LoRAConfig, list_methods
 from .checkpoint import export_peft_lora, load_adapter, save_adapter
 from .inject import (
     active_adapters,
-    add_adapter,
     adapted_layers,
+    add_adapter,
     count_parameters,
     merge_adapter,
     set_active_adapter,

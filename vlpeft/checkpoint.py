@@ -50,7 +50,9 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write(path, write)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata=None) -> None:
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata=None
+) -> None:
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -88,7 +90,9 @@ def _save_one(module: nn.Module, directory: Path, name: str) -> None:
         raise KeyError(f"no adapter named {name!r}; this module has {sorted(configs)}")
     state = adapter_state_dict(module, name)
     extras = trainable_extra_names(module, configs[name])
-    write_safetensors(directory / WEIGHTS_NAME, state, metadata={"format": "pt", "adapter_name": name})
+    write_safetensors(
+        directory / WEIGHTS_NAME, state, metadata={"format": "pt", "adapter_name": name}
+    )
     write_json(
         directory / CONFIG_NAME,
         {
@@ -105,19 +109,27 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[str, MethodConfig
     """(stored adapter name, config) of a vlpeft checkpoint directory, with clear errors."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no adapter config here (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+        raise FileNotFoundError(
+            f"{path}: no adapter config here (expected {CONFIG_NAME} + {WEIGHTS_NAME})"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     for key in ("adapter_name", "config"):
         if key not in data:
-            hint = " (this looks like a peft checkpoint; load it with peft)" if "peft_type" in data else ""
+            hint = (
+                " (this looks like a peft checkpoint; load it with peft)"
+                if "peft_type" in data
+                else ""
+            )
             raise ValueError(f"{path}: missing key {key!r}{hint}")
     return data["adapter_name"], MethodConfig.from_dict(data["config"], where=str(path))
 
 
-def load_adapter(module: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
+def load_adapter(
+    module: nn.Module, directory: str | os.PathLike, name: str | None = None
+) -> nn.Module:
     """Loads the checkpoint at ``directory`` as adapter ``name`` (default: the name it was saved
     under), injecting it first if the module does not have it; with ``name`` None, adapters in
     sub-directories are loaded too. Shapes and layer names must match exactly.
@@ -150,7 +162,9 @@ def _load_tensors(module: nn.Module, path: Path, name: str) -> None:
             )
     unexpected = sorted(set(stored) - set(expected))
     if unexpected:
-        raise ValueError(f"{path}: tensor {unexpected[0]!r} has no matching layer in the model ({len(unexpected)} such)")
+        raise ValueError(
+            f"{path}: tensor {unexpected[0]!r} has no matching layer in the model ({len(unexpected)} such)"
+        )
     for key, tensor in expected.items():
         tensor.copy_(stored[key])
 
@@ -195,7 +209,7 @@ def export_peft_lora(
             )
         if not path.startswith(lead):
             raise ValueError(f"layer {path} is outside the backbone prefix {prefix!r}")
-        rel = path[len(lead):]
+        rel = path[len(lead) :]
         a, b = adapter.lora_factors(layer.base_layer)
         tensors[f"base_model.model.{rel}.lora_A.weight"] = a
         tensors[f"base_model.model.{rel}.lora_B.weight"] = b
@@ -203,7 +217,9 @@ def export_peft_lora(
         conv1d |= type(layer.base_layer).__name__ == "Conv1D"
     owners = _extra_owner_modules(module, trainable_extra_names(module, configs[name]), lead)
     for owner in owners:
-        for key, tensor in module.get_submodule(lead + owner if lead else owner).state_dict().items():
+        for key, tensor in (
+            module.get_submodule(lead + owner if lead else owner).state_dict().items()
+        ):
             tensors[f"base_model.model.{owner}.{key}"] = tensor
     top = max(ranks.values())
     write_safetensors(Path(directory) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
@@ -235,8 +251,10 @@ def _extra_owner_modules(module: nn.Module, param_names: list[str], lead: str) -
     owners: list[str] = []
     for full in param_names:
         if not full.startswith(lead):
-            raise ValueError(f"trainable parameter {full} is outside the backbone prefix {lead[:-1]!r}")
-        owner = full[len(lead):].rsplit(".", 1)[0]
+            raise ValueError(
+                f"trainable parameter {full} is outside the backbone prefix {lead[:-1]!r}"
+            )
+        owner = full[len(lead) :].rsplit(".", 1)[0]
         if owner not in owners:
             owners.append(owner)
     return owners

@@ -59,7 +59,13 @@ def find_targets(module: nn.Module, targets: list[str] | str) -> list[tuple[str,
         names = [path for path, _ in candidates]
         leaves = sorted({path.rsplit(".", 1)[-1] for path in names})
         wanted = [targets] if isinstance(targets, str) else targets
-        close = sorted({c for t in wanted for c in difflib.get_close_matches(t, leaves + names, n=4, cutoff=0.4)})
+        close = sorted(
+            {
+                c
+                for t in wanted
+                for c in difflib.get_close_matches(t, leaves + names, n=4, cutoff=0.4)
+            }
+        )
         raise ValueError(
             f"targets {targets!r} match no module of {type(module).__name__}; "
             f"closest names: {close or leaves[:12]}"
@@ -85,7 +91,9 @@ def add_adapter(module: nn.Module, config: MethodConfig, name: str = "default") 
         raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
     configs = adapter_configs(module)
     if name in configs:
-        raise ValueError(f"adapter {name!r} already exists in this module; names in use: {sorted(configs)}")
+        raise ValueError(
+            f"adapter {name!r} already exists in this module; names in use: {sorted(configs)}"
+        )
     for path, sub in find_targets(module, config.targets):
         layer = sub if isinstance(sub, AdaptedLayer) else AdaptedLayer(sub, path)
         layer.adapters[name] = config.build(layer.base_layer, path)
@@ -106,14 +114,18 @@ def trainable_extra_names(module: nn.Module, config: MethodConfig) -> list[str]:
         hits = [n for n in names if re.search(pattern, n)]
         if not hits:
             close = difflib.get_close_matches(pattern, names, n=4, cutoff=0.3)
-            raise ValueError(f"trainable pattern {pattern!r} matches no parameter; closest names: {close}")
+            raise ValueError(
+                f"trainable pattern {pattern!r} matches no parameter; closest names: {close}"
+            )
         out.extend(h for h in hits if h not in out)
     return out
 
 
 def freeze_except_adapters(module: nn.Module) -> None:
     """Freezes everything but adapter parameters and the declared ``trainable`` ones of every config."""
-    extra = {n for cfg in adapter_configs(module).values() for n in trainable_extra_names(module, cfg)}
+    extra = {
+        n for cfg in adapter_configs(module).values() for n in trainable_extra_names(module, cfg)
+    }
     for n, p in module.named_parameters():
         if ".adapters." not in n:
             p.requires_grad_(n in extra)
@@ -128,7 +140,9 @@ def set_active_adapter(module: nn.Module, name: str | Sequence[str] | None) -> N
             raise KeyError(f"no adapter named {n!r}; this module has {sorted(known)}")
     for path, layer in adapted_layers(module):
         if layer.merged:
-            raise RuntimeError(f"{path}: adapters {list(layer.merged)} are merged; unmerge_adapter first")
+            raise RuntimeError(
+                f"{path}: adapters {list(layer.merged)} are merged; unmerge_adapter first"
+            )
         layer.active = names
 
 

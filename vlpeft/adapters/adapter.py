@@ -16,7 +16,13 @@ from torch import nn
 from .base import AdapterModule, MethodConfig, register_method
 from .lora import is_conv1d
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
 
 
 def output_features(module: nn.Module, layer_name: str) -> int:
@@ -28,7 +34,9 @@ def output_features(module: nn.Module, layer_name: str) -> int:
             return sub.weight.shape[1]
         if isinstance(sub, nn.LayerNorm):
             return sub.normalized_shape[-1]
-    raise ValueError(f"cannot infer the output width of {layer_name!r} ({type(module).__name__}): set AdapterConfig.dim")
+    raise ValueError(
+        f"cannot infer the output width of {layer_name!r} ({type(module).__name__}): set AdapterConfig.dim"
+    )
 
 
 @register_method("adapter")
@@ -51,11 +59,15 @@ class AdapterConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"AdapterConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+            raise ValueError(
+                f"AdapterConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
         if self.bottleneck is not None and self.bottleneck < 1:
             raise ValueError(f"AdapterConfig.bottleneck must be >= 1, got {self.bottleneck}")
         if self.reduction_factor < 1:
-            raise ValueError(f"AdapterConfig.reduction_factor must be >= 1, got {self.reduction_factor}")
+            raise ValueError(
+                f"AdapterConfig.reduction_factor must be >= 1, got {self.reduction_factor}"
+            )
 
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
         dim = self.dim or output_features(base_layer, layer_name)

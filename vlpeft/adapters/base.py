@@ -46,7 +46,9 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> type[MethodConfig]:
     """The config class of a registered method; an unknown name lists the known ones."""
     if name not in _METHODS:
-        raise KeyError(f"unknown method {name!r}{_nearest_hint(name, _METHODS)}; known: {list_methods()}")
+        raise KeyError(
+            f"unknown method {name!r}{_nearest_hint(name, _METHODS)}; known: {list_methods()}"
+        )
     return _METHODS[name]
 
 

@@ -59,9 +59,13 @@ class LoRAConfig(MethodConfig):
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout}")
         for key, spec in self.slices.items():
             if set(spec) != {"parts", "use"} or not spec["use"]:
-                raise ValueError(f"LoRAConfig.slices[{key!r}] must be {{'parts': P, 'use': [i, ...]}}, got {spec}")
+                raise ValueError(
+                    f"LoRAConfig.slices[{key!r}] must be {{'parts': P, 'use': [i, ...]}}, got {spec}"
+                )
             if any(not 0 <= i < spec["parts"] for i in spec["use"]):
-                raise ValueError(f"LoRAConfig.slices[{key!r}].use must index parts 0..{spec['parts'] - 1}")
+                raise ValueError(
+                    f"LoRAConfig.slices[{key!r}].use must index parts 0..{spec['parts'] - 1}"
+                )
 
     def slice_spec(self, layer_name: str) -> dict | None:
         for key, spec in self.slices.items():
@@ -99,7 +103,9 @@ class LoRALinear(AdapterModule):
             n_slices, width = 1, d_out
         else:
             if d_out % spec["parts"]:
-                raise ValueError(f"{layer_name}: output size {d_out} is not divisible into {spec['parts']} parts")
+                raise ValueError(
+                    f"{layer_name}: output size {d_out} is not divisible into {spec['parts']} parts"
+                )
             width = d_out // spec["parts"]
             self.slice_index = list(spec["use"])
             n_slices = len(self.slice_index)
@@ -126,7 +132,9 @@ class LoRALinear(AdapterModule):
         if self.n_slices == 1 and self.slice_index is None:
             return F.linear(h, self.lora_B) * self.scaling
         hs = h.unflatten(-1, (self.n_slices, self.r))
-        parts = torch.einsum("...sr,sdr->...sd", hs, self.lora_B.view(self.n_slices, self.width, self.r))
+        parts = torch.einsum(
+            "...sr,sdr->...sd", hs, self.lora_B.view(self.n_slices, self.width, self.r)
+        )
         return self._scatter(parts * self.scaling)
 
     def _scatter(self, parts: torch.Tensor) -> torch.Tensor:
@@ -169,7 +177,9 @@ class LoRAConv2d(AdapterModule):
                 "use FLoRA, which handles grouped and depthwise convolutions"
             )
         if base.padding_mode != "zeros":
-            raise ValueError(f"{layer_name}: LoRA on Conv2d needs padding_mode='zeros', got {base.padding_mode!r}")
+            raise ValueError(
+                f"{layer_name}: LoRA on Conv2d needs padding_mode='zeros', got {base.padding_mode!r}"
+            )
         self.r, self.scaling = config.r, config.alpha / config.r
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.lora_A = nn.Parameter(torch.empty(config.r, base.in_channels, *base.kernel_size, **kw))
@@ -182,7 +192,14 @@ class LoRAConv2d(AdapterModule):
         return self.r
 
     def forward(self, base_layer: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = F.conv2d(self.dropout(x), self.lora_A, None, base_layer.stride, base_layer.padding, base_layer.dilation)
+        h = F.conv2d(
+            self.dropout(x),
+            self.lora_A,
+            None,
+            base_layer.stride,
+            base_layer.padding,
+            base_layer.dilation,
+        )
         return y + (F.conv2d(h, self.lora_B) * self.scaling).to(y.dtype)
 
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
