@@ -88,8 +88,30 @@ def image_inputs(seed=1):
 
 
 def run(model, inputs):
-    out = model(**inputs)
+    """Forward; an ``x_r`` entry is handed to routed layers through the routing context."""
+    from vlpeft.adapters.routing import routing_inputs
+
+    inputs = dict(inputs)
+    x_r = inputs.pop("x_r", None)
+    if x_r is not None:
+        with routing_inputs(x_r):
+            out = model(**inputs)
+    else:
+        out = model(**inputs)
     return out.logits if hasattr(out, "logits") else out
+
+
+def with_x_r(make_inputs, dim=32, tokens=None):
+    """An inputs factory that adds a random x_R (B, dim) or (B, tokens, dim)."""
+
+    def make():
+        inputs = make_inputs()
+        batch = next(iter(inputs.values())).shape[0]
+        shape = (batch, dim) if tokens is None else (batch, tokens, dim)
+        inputs["x_r"] = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+        return inputs
+
+    return make
 
 
 @torch.no_grad()

@@ -12,10 +12,11 @@ from conftest import (
     tiny_bart,
     tiny_convnet,
     tiny_gpt2,
+    with_x_r,
 )
 
 import vlpeft
-from vlpeft.adapters import AdapterConfig, LoRAConfig
+from vlpeft.adapters import AdapterConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig
 
 QV_SLICES = {"c_attn": {"parts": 3, "use": [0, 2]}}
 
@@ -64,6 +65,55 @@ ROWS = [
         ),
         tiny_gpt2,
         text_inputs,
+    ),
+    (
+        "routed-lora-bart-proj",
+        lambda: LoRAConfig(targets=["q_proj", "v_proj"], r=4, routing="proj"),
+        tiny_bart,
+        with_x_r(bart_inputs),
+    ),
+    (
+        "routed-lora-gpt2-qv-mul-separate",
+        lambda: LoRAConfig(
+            targets=["c_attn"],
+            r=4,
+            slices=QV_SLICES,
+            routing="mul",
+            separate_mapping=True,
+            visual_dim=16,
+        ),
+        tiny_gpt2,
+        with_x_r(text_inputs, dim=16, tokens=3),
+    ),
+    (
+        "routed-adapter-gpt2-relu-proj",
+        lambda: AdapterConfig(targets=["mlp.c_proj"], bottleneck=8, routing="relu_proj"),
+        tiny_gpt2,
+        with_x_r(text_inputs),
+    ),
+    (
+        "null-lora-bart",
+        lambda: NullLoRAConfig(targets=["q_proj", "fc1", "fc2"], min_rank=4),
+        tiny_bart,
+        bart_inputs,
+    ),
+    (
+        "null-lora-gpt2",
+        lambda: NullLoRAConfig(targets=["c_attn"], min_rank=2, max_rank=4),
+        tiny_gpt2,
+        text_inputs,
+    ),
+    (
+        "flora-bart",
+        lambda: FLoRAConfig(targets=["k_proj", "fc2"], r=4, scale=0.5),
+        tiny_bart,
+        bart_inputs,
+    ),
+    (
+        "flora-conv",
+        lambda: FLoRAConfig(targets=["conv1", "conv2", "head"], r=2, r_kernel=2),
+        tiny_convnet,
+        image_inputs,
     ),
 ]
 

@@ -4,7 +4,16 @@ The library takes modules and tensors; it never reads argv, environment variable
 """
 
 from . import adapters
-from .adapters import AdapterConfig, LoRAConfig, list_methods
+from .adapters import (
+    AdapterConfig,
+    FLoRAConfig,
+    LoRAConfig,
+    NullLoRAConfig,
+    ReSoRAConfig,
+    list_methods,
+)
+from .adapters.resora import enable_resora, resora_penalty
+from .adapters.routing import routing_inputs
 from .checkpoint import export_peft_lora, load_adapter, save_adapter
 from .inject import (
     active_adapters,
@@ -20,7 +29,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
+    "FLoRAConfig",
     "LoRAConfig",
+    "NullLoRAConfig",
+    "ReSoRAConfig",
+    "enable_resora",
+    "resora_penalty",
+    "routing_inputs",
     "active_adapters",
     "adapted_layers",
     "adapters",

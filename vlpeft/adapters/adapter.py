@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .base import AdapterModule, MethodConfig, register_method
-from .lora import is_conv1d
+from .lora import check_routing, is_conv1d
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -49,15 +49,23 @@ class AdapterConfig(MethodConfig):
         reduction_factor: used when ``bottleneck`` is None (VL-Adapter: 8).
         activation: one of relu, gelu, silu, tanh, identity.
         dim: output width of the target module; inferred from Linear/Conv1D/LayerNorm when None.
+        routing: a routing function of :mod:`vlpeft.adapters.routing` applied to the down-projections
+            before the activation (``"mul"``, ``"add"``, ``"proj"``, ``"expand"``, ``"relu_proj"``, ...).
+        separate_mapping: x_R gets its own down-projection instead of sharing ``down``.
+        visual_dim: width of x_R with ``separate_mapping`` (default: the adapter's ``dim``).
     """
 
     bottleneck: int | None = None
     reduction_factor: int = 8
     activation: str = "relu"
     dim: int | None = None
+    routing: str | None = None
+    separate_mapping: bool = False
+    visual_dim: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_routing(self)
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"AdapterConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
@@ -74,6 +82,10 @@ class AdapterConfig(MethodConfig):
         bottleneck = self.bottleneck or max(1, dim // self.reduction_factor)
         weight = next(base_layer.parameters(), None)
         kw = {"dtype": weight.dtype, "device": weight.device} if weight is not None else {}
+        if self.routing:
+            from .routing import RoutedBottleneckAdapter
+
+            return RoutedBottleneckAdapter(dim, bottleneck, self.activation, self, layer_name, **kw)
         return BottleneckAdapter(dim, bottleneck, self.activation, **kw)
 
 
@@ -94,5 +106,10 @@ class BottleneckAdapter(AdapterModule):
     def rank(self) -> int:
         return self.down.out_features
 
+    def bottleneck_activations(self, y: torch.Tensor) -> torch.Tensor:
+        return self.act(self.down(y))
+
     def forward(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + self.up(self.act(self.down(y)))
+        h = self.bottleneck_activations(y)
+        self.record_components(h, self.up.weight)
+        return y + self.up(h)

@@ -116,6 +116,19 @@ class AdapterModule(nn.Module):
 
     mergeable: ClassVar[bool] = False
     lora_reducible: ClassVar[bool] = False
+    record: bool = False  # set by ReSoRA: keep (z, b) of the last forward
+
+    def record_components(self, z: torch.Tensor, b: torch.Tensor) -> None:
+        """Keeps the rank-1 components Δh_i = b_i z_i of this forward for ReSoRA (when recording).
+
+        Args:
+            z: (..., r) bottleneck activations.
+            b: (d_out, r) up-projection columns, scale included.
+        """
+        if self.record:
+            from .resora import _mask_for
+
+            self.recorded = (z, b, _mask_for(z))
 
     def forward(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

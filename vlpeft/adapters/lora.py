@@ -33,6 +33,18 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
 
+def check_routing(config: MethodConfig) -> None:
+    """Validates the routing fields shared by LoRA and Adapter configs."""
+    from .routing import KINDS
+
+    if config.routing is not None and config.routing not in KINDS:
+        raise ValueError(
+            f"{type(config).__name__}.routing must be one of {list(KINDS)} or None, got {config.routing!r}"
+        )
+    if config.separate_mapping and not config.routing:
+        raise ValueError(f"{type(config).__name__}.separate_mapping needs a routing function")
+
+
 @register_method("lora")
 @dataclasses.dataclass
 class LoRAConfig(MethodConfig):
@@ -50,9 +62,13 @@ class LoRAConfig(MethodConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     slices: dict[str, dict] = dataclasses.field(default_factory=dict)
+    routing: str | None = None
+    separate_mapping: bool = False
+    visual_dim: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_routing(self)
         if self.r < 1:
             raise ValueError(f"LoRAConfig.r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -74,9 +90,13 @@ class LoRAConfig(MethodConfig):
         return None
 
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
-        if isinstance(base_layer, nn.Conv2d):
+        if isinstance(base_layer, nn.Conv2d) and not self.routing:
             return LoRAConv2d(base_layer, self, layer_name)
         if isinstance(base_layer, nn.Linear) or is_conv1d(base_layer):
+            if self.routing:
+                from .routing import RoutedLoRALinear
+
+                return RoutedLoRALinear(base_layer, self, layer_name)
             return LoRALinear(base_layer, self, layer_name)
         raise TypeError(
             f"LoRA target {layer_name!r} is a {type(base_layer).__name__}; "
@@ -144,7 +164,10 @@ class LoRALinear(AdapterModule):
         return full.flatten(-2)
 
     def forward(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + self.expand(self.bottleneck(x)).to(y.dtype)
+        h = self.bottleneck(x)
+        if self.record:
+            self.record_components(h, self._dense_b() * self.scaling)
+        return y + self.expand(h).to(y.dtype)
 
     def _dense_b(self) -> torch.Tensor:
         """B as one (d_out, S·r) matrix: block-structured when slices are used."""

@@ -1,0 +1,153 @@
+"""Null-LoRA: the null-space facts of the paper on weights with a planted rank deficiency."""
+
+import json
+
+import pytest
+import torch
+from conftest import perturb_adapters
+
+import vlpeft
+from vlpeft.adapters import NullLoRAConfig
+from vlpeft.adapters import nulllora as nl
+
+
+def planted(d_out, d_in, deficiency, seed=0):
+    """A Linear whose weight has exactly ``deficiency`` zero singular values (beyond the structural ones)."""
+    g = torch.Generator().manual_seed(seed)
+    rank = min(d_out, d_in) - deficiency
+    w = torch.randn(d_out, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, d_in, generator=g, dtype=torch.float64
+    )
+    lin = torch.nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        lin.weight.copy_(w / w.abs().max())
+    return lin
+
+
+def adapted(lin, **kw):
+    net = torch.nn.Sequential(lin)
+    vlpeft.add_adapter(net, NullLoRAConfig(targets=["0"], **kw))
+    perturb_adapters(net, scale=0.5)  # random B, A and s
+    return net, net[0]
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (32, 20), (20, 32)])
+def test_update_lies_in_the_left_null_space(shape):
+    d_out, d_in = shape
+    net, layer = adapted(planted(d_out, d_in, deficiency=3), min_rank=2, max_rank=16)
+    w0 = layer.base_layer.weight.double()
+    delta = layer.delta_weight().double()
+    assert delta.abs().max() > 1e-2
+    # W0ᵀ ΔW = 0 (Eq. 7), to float tolerance relative to the sizes involved
+    assert (w0.T @ delta).abs().max() < 1e-5 * w0.abs().max() * delta.abs().max() * max(shape)
+    # the first half's rows lie in the right null space: P·B·S₁·A_f·W0ᵀ = 0
+    ad = layer.adapters["default"]
+    h = ad.lora_A.shape[0]
+    first = ad.projected_b() @ torch.diag(ad.scale[:h]) @ ad.null_right
+    assert (first.double() @ w0.T).abs().max() < 1e-5 * max(shape)
+
+
+def test_rank_is_twice_the_nullity_inside_the_clip_range():
+    _, layer = adapted(planted(24, 24, deficiency=3), min_rank=2, max_rank=16)
+    report = layer.adapters["default"].report
+    assert (report["left_nullity"], report["right_nullity"], report["rank"]) == (3, 3, 6)
+    assert report["left_exact"] and report["right_exact"]
+    # tall: the structural left null directions do not raise the rank beyond the right nullity
+    _, tall = adapted(planted(32, 20, deficiency=3), min_rank=2, max_rank=16)
+    assert (tall.adapters["default"].report["left_nullity"], tall.rank) == (15, 6)
+    # clipped at max_rank
+    _, capped = adapted(planted(24, 24, deficiency=6), min_rank=2, max_rank=8)
+    assert capped.rank == 8
+
+
+def test_near_null_directions_fill_up_to_min_rank_and_are_reported():
+    _, layer = adapted(planted(16, 16, deficiency=1), min_rank=6, max_rank=16)
+    report = layer.adapters["default"].report
+    assert report["rank"] == 6 and report["left_nullity"] == 1 and not report["left_exact"]
+    # the directions taken are those of the smallest singular values
+    u, s, vh = torch.linalg.svd(layer.base_layer.weight.double())
+    ad = layer.adapters["default"]
+    overlap = (u[:, -3:].T @ ad.null_left.double()).abs()
+    torch.testing.assert_close(
+        torch.linalg.svdvals(overlap), torch.ones(3, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+
+
+def test_forward_equals_the_naive_definition_with_a_dense_projector():
+    net, layer = adapted(planted(12, 10, deficiency=2), min_rank=2, max_rank=8)
+    ad = layer.adapters["default"]
+    h = ad.lora_A.shape[0]
+    p = ad.null_left @ ad.null_left.T  # dense P, only here as the reference
+    s1, s2 = torch.diag(ad.scale[:h]), torch.diag(ad.scale[h:])
+    delta = p @ ad.lora_B @ s1 @ ad.null_right + ad.null_left @ s2 @ ad.lora_A
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(net(x), layer.base_layer(x) + x @ delta.T)
+    torch.testing.assert_close(layer.delta_weight(), delta)
+
+
+def test_frozen_bases_train_nothing_and_start_from_zero_update():
+    lin = planted(12, 12, deficiency=2)
+    net = torch.nn.Sequential(lin)
+    vlpeft.add_adapter(net, NullLoRAConfig(targets=["0"], min_rank=2))
+    ad = net[0].adapters["default"]
+    assert torch.count_nonzero(net[0].delta_weight()) == 0
+    assert torch.equal(ad.scale, torch.ones_like(ad.scale))
+    names = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert names == {
+        "0.adapters.default.lora_A",
+        "0.adapters.default.lora_B",
+        "0.adapters.default.scale",
+    }
+    assert {"0.adapters.default.null_left", "0.adapters.default.null_right"} <= set(
+        net.state_dict()
+    )
+
+
+def test_svd_cache_is_keyed_by_content_and_skips_the_second_svd(tmp_path, monkeypatch):
+    lin = planted(16, 12, deficiency=2)
+    config = dict(min_rank=2, max_rank=8, cache_dir=str(tmp_path))
+    first = adapted(lin, **config)[1].adapters["default"].null_left.clone()
+    assert len(list(tmp_path.glob("nullspace-*.safetensors"))) == 1
+
+    def no_svd(*a, **k):
+        raise AssertionError("SVD recomputed despite the cache")
+
+    monkeypatch.setattr(nl, "null_space", no_svd)
+    again = adapted(planted(16, 12, deficiency=2), **config)[1].adapters["default"]
+    assert torch.equal(again.null_left, first)
+    with pytest.raises(AssertionError, match="recomputed"):
+        adapted(planted(16, 12, deficiency=2, seed=1), **config)  # other content, other key
+
+
+def test_rank_report_json_and_png(tmp_path):
+    model = torch.nn.Sequential(planted(16, 16, 2), torch.nn.ReLU(), planted(16, 16, 0, seed=3))
+    vlpeft.add_adapter(model, NullLoRAConfig(targets=["0", "2"], min_rank=2, max_rank=8))
+    rows = nl.write_rank_report(model, tmp_path)
+    assert [r["rank"] for r in rows] == [4, 2]
+    assert json.loads((tmp_path / "null_lora_ranks.json").read_text()) == rows
+    assert (tmp_path / "null_lora_ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exports_as_a_plain_lora_of_rank_r(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(planted(10, 8, 2), torch.nn.Tanh(), planted(6, 10, 1, seed=2))
+    ref = torch.nn.Sequential(planted(10, 8, 2), torch.nn.Tanh(), planted(6, 10, 1, seed=2))
+    ref.load_state_dict(base.state_dict())
+    vlpeft.add_adapter(base, NullLoRAConfig(targets=["0", "2"], min_rank=2, max_rank=8))
+    perturb_adapters(base)
+    x = torch.randn(3, 8)
+    vlpeft.export_peft_lora(base, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"0": 4, "2": 2}
+    torch.testing.assert_close(PeftModel.from_pretrained(ref, tmp_path)(x), base(x))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="even"):
+        NullLoRAConfig(targets=["q"], min_rank=3)
+    with pytest.raises(TypeError, match="supports nn.Linear"):
+        vlpeft.add_adapter(
+            torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1)), NullLoRAConfig(targets=["0"])
+        )

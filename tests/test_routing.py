@@ -1,0 +1,184 @@
+"""Routing functions against explicit matrix algebra; routed LoRA/Adapter against their definitions."""
+
+import pytest
+import torch
+from conftest import perturb_adapters, text_inputs, tiny_bart, tiny_gpt2
+
+import vlpeft
+from vlpeft.adapters import AdapterConfig, LoRAConfig
+from vlpeft.adapters.routing import KINDS, route, routing_inputs
+
+L, R = 5, 4
+
+
+def explicit(kind, x_t, x_v):
+    """The paper's formulas on one example: x_t (L, r), x_v (1, r), written as matrix products."""
+    relu = kind.startswith("relu_")
+    base = kind[5:] if relu else kind
+    t = torch.relu(x_t) if relu else x_t
+    v = torch.relu(x_v) if relu else x_v
+    ones = torch.ones(1, x_t.shape[0])
+    if base == "mul":
+        return t * (ones.T @ v)  # x_t ∘ x_v', x_v' = 1ᵀ x_v
+    if base == "add":
+        return t + ones.T @ v
+    if base == "proj":
+        return t @ v.T @ x_v  # x_t x_vᵀ x_v
+    return t @ (torch.ones(R, 1) @ v)  # x_t x_v'', x_v'' = x_v repeated as r rows
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_route_matches_explicit_algebra(kind):
+    g = torch.Generator().manual_seed(0)
+    x_t, x_v = torch.randn(3, L, R, generator=g), torch.randn(3, R, generator=g)
+    out = route(kind, x_t, x_v)
+    assert out.shape == x_t.shape
+    for i in range(3):
+        torch.testing.assert_close(out[i], explicit(kind, x_t[i], x_v[i : i + 1]))
+
+
+def test_expand_rescales_x_v_by_the_row_sum():
+    x_t = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    x_v = torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(route("expand", x_t, x_v), torch.tensor([[9.0, 12.0], [-3.0, -4.0]]))
+
+
+def test_several_visual_tokens_are_mean_pooled():
+    g = torch.Generator().manual_seed(1)
+    x_t, x_vs = torch.randn(2, L, R, generator=g), torch.randn(2, 6, R, generator=g)
+    for kind in KINDS:
+        torch.testing.assert_close(route(kind, x_t, x_vs), route(kind, x_t, x_vs.mean(1)))
+
+
+def test_unknown_kind_is_an_error():
+    with pytest.raises(ValueError, match="unknown routing function 'dot'"):
+        route("dot", torch.ones(1, 2, 2), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="routing must be one of"):
+        LoRAConfig(targets=["q"], routing="dot")
+
+
+def routed_linear(config, d_in=6, d_out=5):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(d_in, d_out))
+    vlpeft.add_adapter(net, config)
+    perturb_adapters(net, scale=0.3)
+    return net
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_routed_lora_is_scaled_b_of_routed_bottleneck(separate):
+    config = LoRAConfig(
+        targets=["0"],
+        r=R,
+        alpha=8,
+        routing="proj",
+        separate_mapping=separate,
+        visual_dim=3 if separate else None,
+    )
+    net = routed_linear(config)
+    ad = net[0].adapters["default"]
+    x, x_r = torch.randn(2, L, 6), torch.randn(2, 3 if separate else 6)
+    with routing_inputs(x_r):
+        y = net(x)
+    a_v = ad.lora_A_visual if separate else ad.lora_A
+    x_t, x_v = x @ ad.lora_A.T, x_r @ a_v.T
+    expected = net[0].base_layer(x) + (8 / R) * route("proj", x_t, x_v) @ ad.lora_B.T
+    torch.testing.assert_close(y, expected)
+
+
+def test_routed_adapter_routes_down_projections_before_activation():
+    net = routed_linear(
+        AdapterConfig(targets=["0"], bottleneck=3, routing="mul", activation="gelu")
+    )
+    ad = net[0].adapters["default"]
+    x, x_r = torch.randn(2, L, 6), torch.randn(2, 5)
+    with routing_inputs(x_r):
+        y = net(x)
+    h = net[0].base_layer(x)
+    expected = h + ad.up(torch.nn.functional.gelu(route("mul", ad.down(h), ad.down(x_r))))
+    torch.testing.assert_close(y, expected)
+
+
+def test_gpt2_qv_slices_route_each_projection_separately():
+    model = tiny_gpt2()
+    vlpeft.add_adapter(
+        model,
+        LoRAConfig(
+            targets=["c_attn"],
+            r=2,
+            alpha=2,
+            routing="expand",
+            slices={"c_attn": {"parts": 3, "use": [0, 2]}},
+        ),
+    )
+    perturb_adapters(model)
+    layer = model.transformer.h[0].attn.c_attn
+    ad = layer.adapters["default"]
+    x, x_r = torch.randn(2, L, 32), torch.randn(2, 32)
+    with routing_inputs(x_r):
+        y = layer(x)
+    base = layer.base_layer(x)
+    for s, part in enumerate([0, 2]):
+        a, b = ad.lora_A[2 * s : 2 * s + 2], ad.lora_B[32 * s : 32 * s + 32]
+        expected = base[..., 32 * part : 32 * part + 32] + route("expand", x @ a.T, x_r @ a.T) @ b.T
+        torch.testing.assert_close(y[..., 32 * part : 32 * part + 32], expected)
+    torch.testing.assert_close(y[..., 32:64], base[..., 32:64])
+
+
+def test_missing_x_r_is_a_clear_error():
+    net = routed_linear(LoRAConfig(targets=["0"], r=2, routing="add"))
+    with pytest.raises(RuntimeError, match="called without x_R"):
+        net(torch.randn(2, 6))
+
+
+def test_x_r_by_longest_module_prefix():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.nn.Linear(4, 4))
+    vlpeft.add_adapter(net, LoRAConfig(targets=["0.0", "1"], r=2, routing="mul"))
+    perturb_adapters(net)
+    x = torch.randn(1, 3, 4)
+    enc, dec = torch.randn(1, 4), torch.randn(1, 4)
+    with routing_inputs({"": dec, "0": enc}):
+        both = net(x)
+    with routing_inputs(enc):
+        h = net[0](x)
+    with routing_inputs(dec):
+        torch.testing.assert_close(net[1](h), both)
+
+
+def test_routed_layers_refuse_merge_and_export(tmp_path):
+    net = routed_linear(LoRAConfig(targets=["0"], r=2, routing="proj"))
+    with pytest.raises(TypeError, match="not mergeable"):
+        vlpeft.merge_adapter(net)
+    with pytest.raises(TypeError, match="cannot be written as a plain peft LoRA"):
+        vlpeft.export_peft_lora(net, tmp_path)
+
+
+def test_beam_expanded_batch_repeats_x_r_per_beam():
+    net = routed_linear(LoRAConfig(targets=["0"], r=2, routing="proj"))
+    x, x_r = torch.randn(2, L, 6), torch.randn(2, 6)
+    with routing_inputs(x_r):
+        single = net(x)
+        beams = net(x.repeat_interleave(3, dim=0))
+    torch.testing.assert_close(beams, single.repeat_interleave(3, dim=0))
+    with routing_inputs(x_r), pytest.raises(ValueError, match="not a multiple"):
+        net(torch.randn(3, L, 6))
+
+
+def test_beam_search_generation_through_a_routed_model():
+    """Beam search of a batch equals beam search of each example alone: x_R rows follow their beams."""
+    model = tiny_bart()
+    vlpeft.add_adapter(model, LoRAConfig(targets=["q_proj", "v_proj", "fc1"], r=4, routing="proj"))
+    perturb_adapters(model, scale=0.5)
+    ids = text_inputs(batch=2, length=6)["input_ids"]
+    x_r = torch.randn(2, 32, generator=torch.Generator().manual_seed(9))
+    kw = {"num_beams": 3, "max_new_tokens": 6, "do_sample": False, "early_stopping": True}
+    with routing_inputs(x_r):
+        batch_out = model.generate(input_ids=ids, **kw)
+    for i in range(2):
+        with routing_inputs(x_r[i : i + 1]):
+            alone = model.generate(input_ids=ids[i : i + 1], **kw)
+        n = alone.shape[1]
+        assert torch.equal(batch_out[i, :n], alone[0])
+    with routing_inputs(torch.zeros_like(x_r)):
+        assert not torch.equal(model.generate(input_ids=ids, **kw), batch_out)

@@ -1,0 +1,275 @@
+"""ReSoRA (Zhu et al., ACM MM 2025): a training regulariser against redundancy between the rank-1
+subspaces of an adapter. It adds no layer and no inference cost.
+
+An adapter's output increment splits into rank-1 components Δh_i = b_i·z_i (Eq. 3-4): b_i the i-th
+up-projection column, z_i the i-th bottleneck activation. Over N samples (token positions, or one
+pooled vector per example), with z ∈ R^{N×r} and b ∈ R^{d_out×r}, the penalties are sums over pairs
+i < j and reduce to r×r Gram matrices — the d_out-sized Δh_i are never built:
+
+- ``euclidean`` (Eq. 5): (1/N) Σ_n Σ_{i<j} exp(-β‖Δh_i^n − Δh_j^n‖²) with
+  ‖Δh_i^n − Δh_j^n‖² = z_ni²·G_ii + z_nj²·G_jj − 2·z_ni·z_nj·G_ij, G = bᵀb (O(N·r²), not O(N·r²·d)).
+- ``cosine`` (Eq. 6): cos(b_i z_ni, b_j z_nj) = sign(z_ni z_nj)·cos(b_i, b_j), so the penalty is
+  Σ_{i<j} Ĝ_ij·(SᵀS/N)_ij with Ĝ the cosine Gram of b and S = sign(z).
+- ``linear`` (Eq. 7, the default), with ΔH_i = b_i z_iᵀ ∈ R^{d_out×N}: the ratio
+  ‖ΔH_i ΔH_jᵀ‖²_F / (‖ΔH_i ΔH_iᵀ‖_F ‖ΔH_j ΔH_jᵀ‖_F) equals cos²(z_i, z_j): Σ_{i<j} K_ij²/(K_ii K_jj), K = zᵀz.
+- ``kernel`` (Eq. 8): centred-kernel alignment Σ_{i<j} tr(K_i M K_j M)/√(tr((K_i M)²) tr((K_j M)²))
+  with K_i(p, q) = exp(−‖Δh_i^p − Δh_i^q‖²/(2σ_i²)) and σ_i = ``sigma_frac`` × the median pairwise
+  distance (treated as a constant). Since ‖Δh_i^p − Δh_i^q‖ = ‖b_i‖·|z_pi − z_qi| and σ_i scales with
+  ‖b_i‖, K_i depends on z only. Costs O(r·N²): N is subsampled to ``max_samples`` with a fixed seed.
+
+``samples="weight"`` is the weight-level variant: the components of ΔW = Σ_i b_i a_iᵀ themselves,
+i.e. the penalties with z = Aᵀ (the increments for the basis inputs e_k), which needs no forward data.
+
+Layers keep (z, b) of the last forward only while ReSoRA is enabled (:func:`enable_resora`); with it
+off they store nothing. :func:`resora_penalty` returns λ × the mean over the adapter layers and
+releases what they kept; before ``start_step`` it is 0 (the paper's two-stage schedule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("euclidean", "cosine", "linear", "kernel")
+SAMPLES = ("tokens", "pooled", "weight")
+EPS = 1e-12
+
+_TOKEN_MASKS: contextvars.ContextVar[tuple[torch.Tensor, ...]] = contextvars.ContextVar(
+    "vlpeft_token_masks", default=()
+)
+
+
+@dataclasses.dataclass
+class ReSoRAConfig:
+    """ReSoRA regulariser settings.
+
+    Args:
+        kind: euclidean, cosine, linear (default) or kernel.
+        weight: λ, the loss weight of the penalty.
+        start_step: the penalty is 0 before this training step (two-stage schedule).
+        samples: "tokens" (every non-padding position), "pooled" (one mean vector per example) or
+            "weight" (weight-level components, no activations).
+        beta: β of the euclidean kind.
+        sigma_frac: σ of the kernel kind as a fraction of the median pairwise distance.
+        max_samples: cap on N for the kernel kind (subsampled with a fixed seed).
+        seed: seed of that subsampling.
+    """
+
+    kind: str = "linear"
+    weight: float = 0.1
+    start_step: int = 0
+    samples: str = "tokens"
+    beta: float = 1.0
+    sigma_frac: float = 0.5
+    max_samples: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"ReSoRAConfig.kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.samples not in SAMPLES:
+            raise ValueError(
+                f"ReSoRAConfig.samples must be one of {list(SAMPLES)}, got {self.samples!r}"
+            )
+        if self.weight < 0 or self.start_step < 0 or self.max_samples < 2 or self.sigma_frac <= 0:
+            raise ValueError(
+                "ReSoRAConfig needs weight >= 0, start_step >= 0, max_samples >= 2, sigma_frac > 0"
+            )
+
+    def params(self) -> dict:
+        return {
+            "beta": self.beta,
+            "sigma_frac": self.sigma_frac,
+            "max_samples": self.max_samples,
+            "seed": self.seed,
+        }
+
+
+def _pair_sum(m: torch.Tensor) -> torch.Tensor:
+    """Σ_{i<j} m_ij of a square matrix."""
+    return torch.triu(m, diagonal=1).sum()
+
+
+def _cos_gram(m: torch.Tensor) -> torch.Tensor:
+    """Cosine Gram of the columns of m."""
+    n = F.normalize(m, dim=0, eps=EPS)
+    return n.T @ n
+
+
+def subsample(z: torch.Tensor, cap: int, seed: int) -> torch.Tensor:
+    """At most ``cap`` rows of z, chosen with a fixed generator (all rows when N ≤ cap)."""
+    if z.shape[0] <= cap:
+        return z
+    idx = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))[:cap]
+    return z[idx.to(z.device)]
+
+
+def _kernel_bandwidth(pair_dist: torch.Tensor, sigma_frac: float) -> torch.Tensor:
+    """σ per subspace from (r, N, N) distances: sigma_frac × median over pairs p < q, as a constant."""
+    n = pair_dist.shape[-1]
+    iu = torch.triu_indices(n, n, offset=1, device=pair_dist.device)
+    med = pair_dist[:, iu[0], iu[1]].detach().median(dim=-1).values
+    return (sigma_frac * med).clamp_min(EPS)
+
+
+def _centered_alignment(k: torch.Tensor) -> torch.Tensor:
+    """Σ_{i<j} HSIC(K_i, K_j)/√(HSIC_ii HSIC_jj) for kernels k (r, N, N), centring in closed form."""
+    kc = k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-1, -2), keepdim=True)
+    flat = kc.flatten(1)
+    t = flat @ flat.T  # tr(K_i M K_j M) = <M K_i M, M K_j M>
+    d = t.diagonal().clamp_min(EPS).sqrt()
+    return _pair_sum(t / (d[:, None] * d[None, :]))
+
+
+def subspace_penalty(
+    z: torch.Tensor, b: torch.Tensor, kind: str = "linear", **params
+) -> torch.Tensor:
+    """ReSoRA redundancy penalty of the rank-1 components Δh_i = b_i z_i, from r×r Gram matrices.
+
+    Args:
+        z: (N, r) bottleneck activations over N samples.
+        b: (d_out, r) up-projection columns.
+        kind: euclidean, cosine, linear or kernel.
+        **params: beta (euclidean), sigma_frac, max_samples, seed (kernel).
+
+    Returns:
+        A scalar tensor, differentiable in z and b.
+
+    Example:
+        >>> z = torch.tensor([[1.0, 2.0], [2.0, 4.0]])  # both columns parallel: fully redundant
+        >>> subspace_penalty(z, torch.eye(2), "linear")
+        tensor(1.)
+    """
+    if z.dim() != 2 or b.dim() != 2 or z.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"subspace_penalty needs z (N, r) and b (d_out, r), got {tuple(z.shape)} and {tuple(b.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(z.dtype, b.dtype), torch.float32)
+    z, b = z.to(dtype), b.to(dtype)
+    if kind == "linear":
+        return _pair_sum(_cos_gram(z) ** 2)
+    if kind == "cosine":
+        s = torch.sign(z)
+        return _pair_sum(_cos_gram(b) * (s.T @ s) / z.shape[0])
+    if kind == "euclidean":
+        g = b.T @ b
+        gd = g.diagonal()
+        sq = z.square() * gd  # z_ni² G_ii
+        dist = (sq[:, :, None] + sq[:, None, :] - 2 * z[:, :, None] * z[:, None, :] * g).clamp_min(
+            0
+        )
+        return _pair_sum(torch.exp(-params.get("beta", 1.0) * dist).mean(0))
+    if kind == "kernel":
+        z = subsample(z, params.get("max_samples", 512), params.get("seed", 0))
+        norms = b.norm(dim=0)
+        zt = z.T  # (r, N)
+        dist = (zt[:, :, None] - zt[:, None, :]).abs() * norms[:, None, None]  # ‖Δh_i^p − Δh_i^q‖
+        sigma = _kernel_bandwidth(dist, params.get("sigma_frac", 0.5))
+        return _centered_alignment(torch.exp(-dist.square() / (2 * sigma[:, None, None] ** 2)))
+    raise ValueError(f"unknown ReSoRA kind {kind!r}; choose one of {list(KINDS)}")
+
+
+@contextlib.contextmanager
+def token_masks(*masks: torch.Tensor) -> Iterator[None]:
+    """Marks non-padding positions for ReSoRA's "tokens"/"pooled" samples during the ``with`` block.
+
+    A layer's activations (B, L, r) use the mask of shape (B, L) among those given (the first that
+    matches); a layer with no matching mask uses every position. VL models set this for each forward.
+    """
+    token = _TOKEN_MASKS.set(tuple(m.bool() for m in masks))
+    try:
+        yield
+    finally:
+        _TOKEN_MASKS.reset(token)
+
+
+def _mask_for(z: torch.Tensor) -> torch.Tensor | None:
+    for m in _TOKEN_MASKS.get():
+        if tuple(m.shape) == tuple(z.shape[:-1]):
+            return m
+    return None
+
+
+def samples_from_activations(
+    z: torch.Tensor, mode: str, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, r) samples from recorded activations (..., L, r): non-padding tokens, or per-example means."""
+    if z.dim() == 2:
+        return z
+    mask = mask if mask is not None else torch.ones(z.shape[:-1], dtype=torch.bool, device=z.device)
+    if mode == "tokens":
+        return z[mask]
+    m = mask.to(z.dtype).unsqueeze(-1)
+    pooled = (z * m).sum(-2) / m.sum(-2).clamp_min(1)
+    return pooled.reshape(-1, z.shape[-1])
+
+
+def weight_components(
+    adapter: nn.Module, base_layer: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Aᵀ, B) of an adapter's weight-level rank-1 components ΔW = Σ_i b_i a_iᵀ."""
+    from .adapter import BottleneckAdapter
+
+    if isinstance(adapter, BottleneckAdapter):
+        return adapter.down.weight.T, adapter.up.weight
+    if hasattr(adapter, "lora_B") and hasattr(adapter, "_dense_b"):  # LoRA and routed LoRA
+        return adapter.lora_A.T, adapter._dense_b() * adapter.scaling
+    a, b = adapter.lora_factors(base_layer)
+    return a.flatten(1).T, b.flatten(1)
+
+
+def _adapter_modules(module: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
+    from ..inject import adapted_layers
+
+    for _, layer in adapted_layers(module):
+        for adapter in layer.adapters.values():
+            yield layer, adapter
+
+
+def enable_resora(module: nn.Module, enabled: bool = True) -> None:
+    """Turns recording of (z, b) in every adapter layer on or off (off: zero cost)."""
+    for _, adapter in _adapter_modules(module):
+        adapter.record = enabled
+        adapter.recorded = None
+
+
+def resora_penalty(
+    module: nn.Module, config: ReSoRAConfig, step: int | None = None
+) -> torch.Tensor:
+    """λ × the mean ReSoRA penalty over the adapter layers used in the last forward.
+
+    Args:
+        module: the adapted model; for activation samples, its last forward ran with recording on.
+        config: the regulariser settings.
+        step: the current training step, for ``start_step``; None applies the penalty.
+
+    Returns:
+        A scalar tensor (0 before ``start_step`` or when no layer has a component pair).
+    """
+    terms = []
+    active = step is None or step >= config.start_step
+    for layer, adapter in _adapter_modules(module):
+        if config.samples == "weight":
+            if not active or not any(
+                n in layer.active for n, a in layer.adapters.items() if a is adapter
+            ):
+                continue
+            z, b = weight_components(adapter, layer.base_layer)
+        else:
+            recorded = getattr(adapter, "recorded", None)
+            adapter.recorded = None
+            if recorded is None or not active:
+                continue
+            z, b, mask = recorded
+            z = samples_from_activations(z, config.samples, mask)
+        if z.shape[1] >= 2 and z.shape[0] >= 1:
+            terms.append(subspace_penalty(z, b, config.kind, **config.params()))
+    if not terms:
+        return torch.zeros(())
+    return config.weight * torch.stack(terms).mean()
