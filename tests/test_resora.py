@@ -1,0 +1,118 @@
+"""ReSoRA: every closed form against its naive definition (materialising each Δh_i), values and gradients."""
+
+import pytest
+import torch
+from conftest import bart_inputs, perturb_adapters, run, tiny_bart, with_x_r
+
+import vlpeft
+from bench.resora import naive_penalty as naive
+from vlpeft.adapters import AdapterConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig, ReSoRAConfig
+from vlpeft.adapters.resora import KINDS, subspace_penalty
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_closed_form_equals_naive_with_equal_gradients(kind):
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(40, 5, generator=g, dtype=torch.float64) * 0.7).requires_grad_()
+    b = (torch.randn(12, 5, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+    params = {"beta": 0.7, "sigma_frac": 0.8, "max_samples": 25, "seed": 3}
+    fast = subspace_penalty(z, b, kind, **params)
+    ref = naive(z, b, kind, **params)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-8)
+    g_fast = torch.autograd.grad(fast, (z, b), allow_unused=True, materialize_grads=True)
+    g_ref = torch.autograd.grad(ref, (z, b), allow_unused=True, materialize_grads=True)
+    for a, r in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-8)
+
+
+def test_linear_penalty_is_sum_of_squared_cosines_hand_case():
+    z = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])  # cos(z1,z2)=0, cos(z1,z3)=cos(z2,z3)=1/√2
+    assert subspace_penalty(z, torch.randn(4, 3), "linear").item() == pytest.approx(1.0)
+
+
+def test_independent_subspaces_have_no_redundancy():
+    z = torch.eye(4).repeat(3, 1)  # orthogonal, disjoint activation patterns
+    b = torch.eye(6)[:, :4]  # orthogonal up-projection columns
+    assert subspace_penalty(z, b, "linear").item() == pytest.approx(0.0)
+    assert subspace_penalty(z, b, "cosine").item() == pytest.approx(0.0)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match=r"z \(N, r\) and b \(d_out, r\)"):
+        subspace_penalty(torch.ones(3, 2), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ReSoRAConfig(kind="gaussian")
+
+
+METHODS = [
+    ("lora", LoRAConfig(targets=["q_proj", "v_proj"], r=4), bart_inputs),
+    ("routed-lora", LoRAConfig(targets=["q_proj"], r=4, routing="proj"), with_x_r(bart_inputs)),
+    ("null-lora", NullLoRAConfig(targets=["fc1"], min_rank=4), bart_inputs),
+    ("flora", FLoRAConfig(targets=["fc2"], r=3), bart_inputs),
+    ("adapter", AdapterConfig(targets=["fc2"], bottleneck=4), bart_inputs),
+]
+
+
+@pytest.mark.parametrize("row", METHODS, ids=[m[0] for m in METHODS])
+def test_model_penalty_is_mean_over_layers_of_recorded_components(row):
+    _, config, make_inputs = row
+    model = tiny_bart()
+    vlpeft.add_adapter(model, config)
+    perturb_adapters(model)
+    inputs = make_inputs()
+    run(model, inputs)
+    assert all(
+        getattr(a, "recorded", None) is None
+        for _, layer in vlpeft.adapted_layers(model)
+        for a in layer.adapters.values()
+    )
+    vlpeft.enable_resora(model)
+    run(model, inputs)
+    recorded = [a.recorded for _, layer in vlpeft.adapted_layers(model) for a in layer.adapters.values()]
+    assert all(r is not None for r in recorded)
+    expected = torch.stack(
+        [subspace_penalty(z.reshape(-1, z.shape[-1]), b, "linear") for z, b, _ in recorded]
+    ).mean()
+    penalty = vlpeft.resora_penalty(model, ReSoRAConfig(weight=0.5))
+    torch.testing.assert_close(penalty, 0.5 * expected)
+    penalty.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if ".adapters." in n)
+    # consumed: a second call without a forward has nothing left
+    assert vlpeft.resora_penalty(model, ReSoRAConfig()).item() == 0
+
+
+def test_two_stage_schedule_and_padding_mask():
+    from vlpeft.adapters.resora import token_masks
+
+    model = tiny_bart()
+    vlpeft.add_adapter(model, LoRAConfig(targets=["encoder.layers.0.self_attn.q_proj"], r=3))
+    perturb_adapters(model)
+    vlpeft.enable_resora(model)
+    inputs = bart_inputs()
+    mask = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    mask[0, 4:] = False
+    config = ReSoRAConfig(start_step=10, samples="tokens")
+    run(model, inputs)
+    assert vlpeft.resora_penalty(model, config, step=9).item() == 0
+    with token_masks(mask):
+        run(model, inputs)
+    z, b, m = next(a for _, layer in vlpeft.adapted_layers(model) for a in layer.adapters.values()).recorded
+    assert torch.equal(m, mask)
+    got = vlpeft.resora_penalty(model, config, step=10)
+    torch.testing.assert_close(got, 0.1 * subspace_penalty(z[mask], b, "linear"))
+    with token_masks(mask):
+        run(model, inputs)
+    pooled = vlpeft.resora_penalty(model, ReSoRAConfig(samples="pooled"))
+    means = torch.stack([z[0, :4].mean(0), z[1].mean(0)])
+    torch.testing.assert_close(pooled, 0.1 * subspace_penalty(means, b, "linear"))
+
+
+def test_weight_level_variant_uses_the_rank1_weight_components():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    vlpeft.add_adapter(net, LoRAConfig(targets=["0"], r=3, alpha=3))
+    perturb_adapters(net)
+    ad = net[0].adapters["default"]
+    got = vlpeft.resora_penalty(net, ReSoRAConfig(samples="weight", kind="cosine", weight=1.0))
+    # ΔW_i = b_i a_iᵀ: the increments for the inputs e_k are b_i·A[i, k]
+    torch.testing.assert_close(got, naive(ad.lora_A.T.detach(), ad.lora_B.detach(), "cosine"))
