@@ -12,6 +12,7 @@ import argparse
 import os
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,7 +20,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 import vlpeft  # noqa: E402
-from vlpeft.adapters import AdapterConfig, LoRAConfig  # noqa: E402
+from vlpeft.adapters import (  # noqa: E402
+    AdapterConfig,
+    FLoRAConfig,
+    LoRAConfig,
+    NullLoRAConfig,
+    ReSoRAConfig,
+)
+from vlpeft.adapters.routing import routing_inputs  # noqa: E402
 
 VOCAB = 64
 
@@ -68,47 +76,56 @@ def toy_batch(kind: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": (ids * 7) % (VOCAB - 3) + 3}
 
 
+QV = {"c_attn": {"parts": 3, "use": [0, 2]}}
+# (label, backbone, adapter config, ReSoRA config or None)
 EXPERIMENTS = [
-    ("LoRA r=8", "bart", LoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16)),
-    (
-        "LoRA r=8 (q,v of c_attn)",
-        "gpt2",
-        LoRAConfig(targets=["c_attn"], r=8, slices={"c_attn": {"parts": 3, "use": [0, 2]}}),
-    ),
-    ("Adapter m=16", "bart", AdapterConfig(targets=["self_attn.out_proj", "fc2"], bottleneck=16)),
-    (
-        "Adapter m=8 + LN",
-        "gpt2",
-        AdapterConfig(targets=["mlp.c_proj"], bottleneck=8, trainable=[r"ln_f\."]),
-    ),
+    ("LoRA r=8", "bart", LoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16), None),
+    ("LoRA r=8 + ReSoRA", "bart", LoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16), ReSoRAConfig(weight=0.1)),
+    ("LoRA r=8 (q,v of c_attn)", "gpt2", LoRAConfig(targets=["c_attn"], r=8, slices=QV), None),
+    ("routed LoRA proj (q,v)", "gpt2", LoRAConfig(targets=["c_attn"], r=8, slices=QV, routing="proj"), None),
+    ("Adapter m=16", "bart", AdapterConfig(targets=["self_attn.out_proj", "fc2"], bottleneck=16), None),
+    ("Adapter m=8 + LN", "gpt2", AdapterConfig(targets=["mlp.c_proj"], bottleneck=8, trainable=[r"ln_f\."]), None),
+    ("Null-LoRA + ReSoRA", "bart", NullLoRAConfig(targets=["q_proj", "v_proj"], min_rank=8), ReSoRAConfig(weight=0.1)),
+    ("FLoRA r=8", "bart", FLoRAConfig(targets=["q_proj", "v_proj"], r=8, scale=0.5), None),
 ]
 
 
-def run_one(label: str, kind: str, config, steps: int, workdir: str) -> dict:
+def forward(model: torch.nn.Module, batch: dict):
+    """Forward with a per-example x_R (a fixed random vector standing in for an image feature)."""
+    x_r = torch.randn(batch["input_ids"].shape[0], model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with routing_inputs(x_r):
+        return model(**batch)
+
+
+def run_one(label: str, kind: str, config, resora: ReSoRAConfig | None, steps: int, workdir: str) -> dict:
     model = tiny_backbone(kind)
     vlpeft.add_adapter(model, config)
+    vlpeft.enable_resora(model, resora is not None)
     batch = toy_batch(kind)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []
     for _ in range(steps):
-        loss = model(**batch).loss
+        loss = forward(model, batch).loss
+        if resora is not None:
+            loss = loss + vlpeft.resora_penalty(model, resora)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     model.eval()
+    vlpeft.enable_resora(model, False)
     with torch.no_grad():
-        logits = model(**batch).logits
-        merge_diff = "n/a (nonlinear)"
+        logits = forward(model, batch).logits
+        merge_diff = "n/a (not linear)"
         if all(layer.mergeable for _, layer in vlpeft.adapted_layers(model)):
             vlpeft.merge_adapter(model)
-            merge_diff = f"{(model(**batch).logits - logits).abs().max().item():.1e}"
+            merge_diff = f"{(forward(model, batch).logits - logits).abs().max().item():.1e}"
             vlpeft.unmerge_adapter(model)
-        path = os.path.join(workdir, label.replace(" ", "_"))
+        path = os.path.join(workdir, "".join(c if c.isalnum() else "_" for c in label))
         vlpeft.save_adapter(model, path)
         fresh = vlpeft.load_adapter(tiny_backbone(kind).eval(), path)
-        reload_exact = torch.equal(fresh(**batch).logits, logits)
+        reload_exact = torch.equal(forward(fresh, batch).logits, logits)
         peft_diff = "n/a"
         if all(
             layer.adapters["default"].lora_reducible for _, layer in vlpeft.adapted_layers(model)
@@ -148,11 +165,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     start = time.time()
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [
-            run_one(label, kind, config, args.steps, workdir) for label, kind, config in EXPERIMENTS
-        ]
+        rows = [run_one(*experiment, args.steps, workdir) for experiment in EXPERIMENTS]
     print_table(rows)
     print(f"\n{len(rows)} methods in {time.time() - start:.0f} s")
     return rows
