@@ -80,24 +80,55 @@ QV = {"c_attn": {"parts": 3, "use": [0, 2]}}
 # (label, backbone, adapter config, ReSoRA config or None)
 EXPERIMENTS = [
     ("LoRA r=8", "bart", LoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16), None),
-    ("LoRA r=8 + ReSoRA", "bart", LoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16), ReSoRAConfig(weight=0.1)),
+    (
+        "LoRA r=8 + ReSoRA",
+        "bart",
+        LoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16),
+        ReSoRAConfig(weight=0.1),
+    ),
     ("LoRA r=8 (q,v of c_attn)", "gpt2", LoRAConfig(targets=["c_attn"], r=8, slices=QV), None),
-    ("routed LoRA proj (q,v)", "gpt2", LoRAConfig(targets=["c_attn"], r=8, slices=QV, routing="proj"), None),
-    ("Adapter m=16", "bart", AdapterConfig(targets=["self_attn.out_proj", "fc2"], bottleneck=16), None),
-    ("Adapter m=8 + LN", "gpt2", AdapterConfig(targets=["mlp.c_proj"], bottleneck=8, trainable=[r"ln_f\."]), None),
-    ("Null-LoRA + ReSoRA", "bart", NullLoRAConfig(targets=["q_proj", "v_proj"], min_rank=8), ReSoRAConfig(weight=0.1)),
+    (
+        "routed LoRA proj (q,v)",
+        "gpt2",
+        LoRAConfig(targets=["c_attn"], r=8, slices=QV, routing="proj"),
+        None,
+    ),
+    (
+        "Adapter m=16",
+        "bart",
+        AdapterConfig(targets=["self_attn.out_proj", "fc2"], bottleneck=16),
+        None,
+    ),
+    (
+        "Adapter m=8 + LN",
+        "gpt2",
+        AdapterConfig(targets=["mlp.c_proj"], bottleneck=8, trainable=[r"ln_f\."]),
+        None,
+    ),
+    (
+        "Null-LoRA + ReSoRA",
+        "bart",
+        NullLoRAConfig(targets=["q_proj", "v_proj"], min_rank=8),
+        ReSoRAConfig(weight=0.1),
+    ),
     ("FLoRA r=8", "bart", FLoRAConfig(targets=["q_proj", "v_proj"], r=8, scale=0.5), None),
 ]
 
 
 def forward(model: torch.nn.Module, batch: dict):
     """Forward with a per-example x_R (a fixed random vector standing in for an image feature)."""
-    x_r = torch.randn(batch["input_ids"].shape[0], model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    x_r = torch.randn(
+        batch["input_ids"].shape[0],
+        model.config.hidden_size,
+        generator=torch.Generator().manual_seed(1),
+    )
     with routing_inputs(x_r):
         return model(**batch)
 
 
-def run_one(label: str, kind: str, config, resora: ReSoRAConfig | None, steps: int, workdir: str) -> dict:
+def run_one(
+    label: str, kind: str, config, resora: ReSoRAConfig | None, steps: int, workdir: str
+) -> dict:
     model = tiny_backbone(kind)
     vlpeft.add_adapter(model, config)
     vlpeft.enable_resora(model, resora is not None)

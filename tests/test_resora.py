@@ -68,7 +68,9 @@ def test_model_penalty_is_mean_over_layers_of_recorded_components(row):
     )
     vlpeft.enable_resora(model)
     run(model, inputs)
-    recorded = [a.recorded for _, layer in vlpeft.adapted_layers(model) for a in layer.adapters.values()]
+    recorded = [
+        a.recorded for _, layer in vlpeft.adapted_layers(model) for a in layer.adapters.values()
+    ]
     assert all(r is not None for r in recorded)
     expected = torch.stack(
         [subspace_penalty(z.reshape(-1, z.shape[-1]), b, "linear") for z, b, _ in recorded]
@@ -96,7 +98,9 @@ def test_two_stage_schedule_and_padding_mask():
     assert vlpeft.resora_penalty(model, config, step=9).item() == 0
     with token_masks(mask):
         run(model, inputs)
-    z, b, m = next(a for _, layer in vlpeft.adapted_layers(model) for a in layer.adapters.values()).recorded
+    z, b, m = next(
+        a for _, layer in vlpeft.adapted_layers(model) for a in layer.adapters.values()
+    ).recorded
     assert torch.equal(m, mask)
     got = vlpeft.resora_penalty(model, config, step=10)
     torch.testing.assert_close(got, 0.1 * subspace_penalty(z[mask], b, "linear"))

@@ -13,8 +13,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from .base import AdapterModule, MethodConfig, register_method
-from .lora import check_routing, is_conv1d
+from .base import AdapterModule, register_method
+from .lora import RoutableConfig, is_conv1d
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -41,7 +41,7 @@ def output_features(module: nn.Module, layer_name: str) -> int:
 
 @register_method("adapter")
 @dataclasses.dataclass
-class AdapterConfig(MethodConfig):
+class AdapterConfig(RoutableConfig):
     """Sequential bottleneck adapter.
 
     Args:
@@ -49,23 +49,17 @@ class AdapterConfig(MethodConfig):
         reduction_factor: used when ``bottleneck`` is None (VL-Adapter: 8).
         activation: one of relu, gelu, silu, tanh, identity.
         dim: output width of the target module; inferred from Linear/Conv1D/LayerNorm when None.
-        routing: a routing function of :mod:`vlpeft.adapters.routing` applied to the down-projections
-            before the activation (``"mul"``, ``"add"``, ``"proj"``, ``"expand"``, ``"relu_proj"``, ...).
-        separate_mapping: x_R gets its own down-projection instead of sharing ``down``.
-        visual_dim: width of x_R with ``separate_mapping`` (default: the adapter's ``dim``).
+        routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.lora.RoutableConfig`;
+            routing acts on the down-projections before the activation.
     """
 
     bottleneck: int | None = None
     reduction_factor: int = 8
     activation: str = "relu"
     dim: int | None = None
-    routing: str | None = None
-    separate_mapping: bool = False
-    visual_dim: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_routing(self)
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"AdapterConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"

@@ -33,21 +33,37 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
 
-def check_routing(config: MethodConfig) -> None:
-    """Validates the routing fields shared by LoRA and Adapter configs."""
-    from .routing import KINDS
+@dataclasses.dataclass
+class RoutableConfig(MethodConfig):
+    """Fields of the methods that take a routing function (LoRA and Adapter).
 
-    if config.routing is not None and config.routing not in KINDS:
-        raise ValueError(
-            f"{type(config).__name__}.routing must be one of {list(KINDS)} or None, got {config.routing!r}"
-        )
-    if config.separate_mapping and not config.routing:
-        raise ValueError(f"{type(config).__name__}.separate_mapping needs a routing function")
+    Args:
+        routing: a routing function of :mod:`vlpeft.adapters.routing` (``"mul"``, ``"add"``,
+            ``"proj"``, ``"expand"``, ``"relu_proj"``, ...) in the bottleneck; None: plain method.
+        separate_mapping: x_R gets its own down-projection instead of sharing the text one.
+        visual_dim: width of x_R with ``separate_mapping`` (default: the bottleneck's input width).
+    """
+
+    routing: str | None = None
+    separate_mapping: bool = False
+    visual_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .routing import KINDS
+
+        name = type(self).__name__
+        if self.routing is not None and self.routing not in KINDS:
+            raise ValueError(
+                f"{name}.routing must be one of {list(KINDS)} or None, got {self.routing!r}"
+            )
+        if self.separate_mapping and not self.routing:
+            raise ValueError(f"{name}.separate_mapping needs a routing function")
 
 
 @register_method("lora")
 @dataclasses.dataclass
-class LoRAConfig(MethodConfig):
+class LoRAConfig(RoutableConfig):
     """LoRA.
 
     Args:
@@ -62,13 +78,9 @@ class LoRAConfig(MethodConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     slices: dict[str, dict] = dataclasses.field(default_factory=dict)
-    routing: str | None = None
-    separate_mapping: bool = False
-    visual_dim: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_routing(self)
         if self.r < 1:
             raise ValueError(f"LoRAConfig.r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
