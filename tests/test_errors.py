@@ -187,3 +187,16 @@ def test_named_adapters_round_trip_through_subdirectories(tmp_path):
     vlpeft.save_adapter(model, tmp_path / "single", name="vqa")
     other = vlpeft.load_adapter(tiny_bart(), tmp_path / "single", name="task7")
     assert list(vlpeft.inject.adapter_configs(other)) == ["task7"]
+
+
+def test_named_adapters_without_a_default_round_trip(tmp_path):
+    model = tiny_gpt2()
+    vlpeft.add_adapter(model, LoRAConfig(targets=["c_attn"], r=2), "vqa")
+    vlpeft.add_adapter(model, AdapterConfig(targets=["mlp.c_proj"], bottleneck=4), "caption")
+    perturb_adapters(model)
+    vlpeft.save_adapter(model, tmp_path)
+    assert not (tmp_path / CONFIG_NAME).exists()
+    fresh = vlpeft.load_adapter(tiny_gpt2(), tmp_path)
+    assert sorted(vlpeft.inject.adapter_configs(fresh)) == ["caption", "vqa"]
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, fresh.state_dict()[key]), key

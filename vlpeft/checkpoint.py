@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters.base import MethodConfig
+from .adapters.lora import is_conv1d
 from .inject import adapted_layers, adapter_configs, add_adapter, trainable_extra_names
 
 CONFIG_NAME = "adapter_config.json"
@@ -135,13 +136,19 @@ def load_adapter(
     sub-directories are loaded too. Shapes and layer names must match exactly.
     """
     directory = Path(directory)
-    stored, config = read_adapter_config(directory)
-    target = name or stored
-    if target not in adapter_configs(module):
-        add_adapter(module, config, target)
-    _load_tensors(module, directory / WEIGHTS_NAME, target)
+    subdirs = (
+        sorted(p for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
+        if directory.is_dir()
+        else []
+    )
+    if name is not None or (directory / CONFIG_NAME).is_file() or not subdirs:
+        stored, config = read_adapter_config(directory)
+        target = name or stored
+        if target not in adapter_configs(module):
+            add_adapter(module, config, target)
+        _load_tensors(module, directory / WEIGHTS_NAME, target)
     if name is None:
-        for sub in sorted(p for p in directory.iterdir() if (p / CONFIG_NAME).is_file()):
+        for sub in subdirs:
             load_adapter(module, sub, None)
     return module
 
@@ -214,7 +221,7 @@ def export_peft_lora(
         tensors[f"base_model.model.{rel}.lora_A.weight"] = a
         tensors[f"base_model.model.{rel}.lora_B.weight"] = b
         ranks[rel] = a.shape[0]
-        conv1d |= type(layer.base_layer).__name__ == "Conv1D"
+        conv1d |= is_conv1d(layer.base_layer)
     owners = _extra_owner_modules(module, trainable_extra_names(module, configs[name]), lead)
     for owner in owners:
         for key, tensor in (
