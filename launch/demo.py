@@ -32,31 +32,32 @@ from vlpeft.adapters.routing import routing_inputs  # noqa: E402
 VOCAB = 64
 
 
-def tiny_backbone(kind: str) -> torch.nn.Module:
+def tiny_backbone(kind: str, width: int = 64) -> torch.nn.Module:
+    """A randomly initialised 2-layer BART or GPT-2 (heads = width / 16, FFN = 2·width), seeded."""
     from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
+    heads = max(1, width // 16)
     if kind == "gpt2":
-        return GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=VOCAB,
-                n_embd=64,
-                n_layer=2,
-                n_head=4,
-                n_positions=64,
-                bos_token_id=0,
-                eos_token_id=0,
-            )
+        config = GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=width,
+            n_layer=2,
+            n_head=heads,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
         )
+        return GPT2LMHeadModel(config)
     config = BartConfig(
         vocab_size=VOCAB,
-        d_model=64,
+        d_model=width,
         encoder_layers=2,
         decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=2 * width,
+        decoder_ffn_dim=2 * width,
         max_position_embeddings=64,
         pad_token_id=1,
         bos_token_id=0,
