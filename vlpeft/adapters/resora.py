@@ -218,23 +218,21 @@ def weight_components(
 
     if isinstance(adapter, BottleneckAdapter):
         return adapter.down.weight.T, adapter.up.weight
-    if hasattr(adapter, "lora_B") and hasattr(adapter, "_dense_b"):  # LoRA and routed LoRA
-        return adapter.lora_A.T, adapter._dense_b() * adapter.scaling
-    a, b = adapter.lora_factors(base_layer)
+    a, b = adapter.lora_factors(base_layer)  # routed LoRA inherits LoRA's factors
     return a.flatten(1).T, b.flatten(1)
 
 
-def _adapter_modules(module: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
+def _adapter_modules(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
     from ..inject import adapted_layers
 
     for _, layer in adapted_layers(module):
-        for adapter in layer.adapters.values():
-            yield layer, adapter
+        for name, adapter in layer.adapters.items():
+            yield layer, name, adapter
 
 
 def enable_resora(module: nn.Module, enabled: bool = True) -> None:
     """Turns recording of (z, b) in every adapter layer on or off (off: zero cost)."""
-    for _, adapter in _adapter_modules(module):
+    for _, _, adapter in _adapter_modules(module):
         adapter.record = enabled
         adapter.recorded = None
 
@@ -254,11 +252,9 @@ def resora_penalty(
     """
     terms = []
     active = step is None or step >= config.start_step
-    for layer, adapter in _adapter_modules(module):
+    for layer, name, adapter in _adapter_modules(module):
         if config.samples == "weight":
-            if not active or not any(
-                n in layer.active for n, a in layer.adapters.items() if a is adapter
-            ):
+            if not active or name not in layer.active:
                 continue
             z, b = weight_components(adapter, layer.base_layer)
         else:
