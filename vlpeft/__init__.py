@@ -24,10 +24,12 @@ from .inject import (
     set_active_adapter,
     unmerge_adapter,
 )
+from .models import build_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "build_model",
     "AdapterConfig",
     "FLoRAConfig",
     "LoRAConfig",

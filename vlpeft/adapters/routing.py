@@ -106,6 +106,18 @@ def current_x_r(layer_name: str, batch: int) -> torch.Tensor:
     return x_r
 
 
+def routed_layers(module: nn.Module) -> list[str]:
+    """Names of the layers in ``module`` whose active adapters are routed (they need x_R)."""
+    from .base import AdaptedLayer
+
+    return [
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, AdaptedLayer)
+        and any(isinstance(layer.adapters[a], ROUTED) for a in layer.active if a in layer.adapters)
+    ]
+
+
 def _as_tokens(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(B, L, d) view of a layer input; a (B, d) input is one token per example."""
     return (x.unsqueeze(1), True) if x.dim() == 2 else (x, False)
@@ -166,3 +178,6 @@ class RoutedBottleneckAdapter(BottleneckAdapter):
         x_v = (self.down_visual or self.down)(x_r)
         routed = route(self.kind, self.down(tokens), x_v)
         return self.act(routed.squeeze(1) if squeezed else routed)
+
+
+ROUTED = (RoutedLoRALinear, RoutedBottleneckAdapter)

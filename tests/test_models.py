@@ -1,0 +1,280 @@
+"""The model factory: every family × every method on the tiny presets; base parameter counts."""
+
+import re
+
+import pytest
+import torch
+
+import vlpeft
+from tests.conftest import perturb_adapters
+from vlpeft.adapters import AdapterConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig
+from vlpeft.models import build_model, list_families
+from vlpeft.models.base import count
+
+FAMILIES = ["clip-bart", "blip", "roberta-vit", "gpt2-vit"]
+METHODS = {
+    "lora": LoRAConfig(r=4, targets=["x"]),
+    "adapter": AdapterConfig(bottleneck=8, targets=["x"]),
+    "routed-lora": LoRAConfig(r=4, routing="proj", targets=["x"]),
+    "routed-adapter": AdapterConfig(bottleneck=8, routing="relu_mul", targets=["x"]),
+    "null-lora": NullLoRAConfig(min_rank=2, max_rank=4, targets=["x"]),
+    "flora": FLoRAConfig(r=4, targets=["x"]),
+}
+TEXT = {  # components routed adapters may use (x_R comes from the vision encoder)
+    "clip-bart": ["encoder", "decoder"],
+    "blip": ["text_encoder", "text_decoder"],
+    "roberta-vit": ["text"],
+    "gpt2-vit": ["decoder"],
+}
+
+
+def images(family, n=2, seed=0, pairs=False):
+    size = 64 if family == "clip-bart" else 32
+    shape = (n, 2, 3, size, size) if pairs else (n, 3, size, size)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def batches(family, n=2):
+    """The training batches each family serves (one per task kind)."""
+    im = images(family, n)
+    q = ["what color is the circle?", "how many squares?", "is there a star?"][:n]
+    caps = ["a red circle on the left", "two blue squares", "a star"][:n]
+    if family == "clip-bart":
+        pair = images(family, n, pairs=True)
+        return [
+            {"images": im, "text": [f"vqa: {t}" for t in q], "targets": ["red", "2", "yes"][:n]},
+            {"images": pair, "text": ["nlvr: two circles"] * n, "targets": ["true", "false"][:n]},
+        ]
+    if family == "blip":
+        return [
+            {"kind": "vqa", "images": im, "text": q, "targets": ["red", "2", "yes"][:n]},
+            {"kind": "caption", "images": im, "text": ["a picture of"] * n, "targets": caps},
+            {"kind": "retrieval", "images": im, "text": caps, "image_ids": list(range(n))},
+        ]
+    if family == "roberta-vit":
+        return [
+            {"images": im, "text": q, "answer_scores": [{"1": 1.0, "2": 0.3}, {"3": 0.6}, {}][:n]}
+        ]
+    return [{"images": im, "text": [""] * n, "targets": caps}]
+
+
+def adapted(family, method, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(family, "tiny").eval()
+    components = TEXT[family] if method.startswith("routed") else None
+    vlpeft.add_adapter(model, model.adapter_config(METHODS[method], components=components))
+    return model
+
+
+def test_registry_lists_the_four_families():
+    assert list_families() == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_backward_trains_only_adapters_and_declared(family, method):
+    model = adapted(family, method)
+    perturb_adapters(model)
+    model.train()
+    declared = model.trainable_patterns
+    for batch in batches(family):
+        if method.startswith("routed") and batch.get("kind") == "retrieval":
+            with pytest.raises(ValueError, match="ITC text features see no image"):
+                model.loss(batch)
+            continue
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(batch)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert with_grad, "nothing received a gradient"
+        for name in with_grad:
+            assert ".adapters." in name or any(re.search(p, name) for p in declared), name
+        assert any(
+            ".adapters." in n and model.get_parameter(n).grad.abs().sum() > 0 for n in with_grad
+        )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".adapters." in n or any(re.search(p, n) for p in declared) for n in trainable)
+
+
+@pytest.mark.parametrize("family", ["clip-bart", "blip", "gpt2-vit"])
+def test_routed_beam_search_is_per_example(family):
+    """x_R follows each example through beam expansion: batched beams == one example at a time."""
+    model = adapted(family, "routed-lora")
+    perturb_adapters(model, scale=0.5)
+    batch = next(b for b in batches(family, n=3) if b.get("kind", "vqa") != "retrieval")
+    together = model.generate(batch, max_new_tokens=5, num_beams=3)
+    alone = [
+        model.generate({k: (v[i : i + 1] if k != "kind" else v) for k, v in batch.items()}, 5, 3)[0]
+        for i in range(3)
+    ]
+    assert together == alone
+
+
+def test_routing_changes_generation_with_the_image():
+    model = adapted("clip-bart", "routed-lora")
+    perturb_adapters(model, scale=1.0)
+    batch = batches("clip-bart")[0]
+    other = {**batch, "images": images("clip-bart", seed=5)}
+    assert not torch.allclose(model.encode(batch)[0], model.encode(other)[0])
+
+
+def test_nlvr_two_images_carry_their_order():
+    model = build_model("clip-bart", "tiny").eval()
+    batch = batches("clip-bart")[1]
+    n = model.config.visual_grid**2
+    tokens = model.visual_tokens(batch)
+    assert tokens.shape == (2, 2 * n, model.bart.config.d_model)
+    swapped = model.visual_tokens({**batch, "images": batch["images"].flip(1)})
+    order = model.image_order.weight
+    # the left image's tokens are the same features with order 0 instead of 1, and vice versa
+    assert torch.allclose(swapped[:, :n] - order[0], tokens[:, n:] - order[1], atol=1e-5)
+    assert torch.allclose(swapped[:, n:] - order[1], tokens[:, :n] - order[0], atol=1e-5)
+    hidden, mask = model.encode(batch)
+    assert (
+        hidden.shape[1]
+        == mask.shape[1]
+        == model.tokenize(batch["text"])["input_ids"].shape[1] + 2 * n
+    )
+    assert model.score_choices(batch, ["true", "false"]).shape == (2, 2)
+
+
+def test_score_choices_reads_the_answer_step_the_loss_trains():
+    """The choice logits are the logits the LM loss trains for a one-word target."""
+    model = build_model("clip-bart", "tiny").eval()
+    batch = batches("clip-bart")[1]
+    hidden, mask = model.encode(batch)
+    labels = model.tokenize(["true", "true"])["input_ids"]  # [bos] true [eos]
+    logits = model.bart(encoder_outputs=(hidden,), attention_mask=mask, labels=labels).logits
+    true_id, false_id = model.choice_ids(["true", "false"])
+    assert labels[0, 1] == true_id
+    scores = model.score_choices(batch, ["true", "false"])
+    assert torch.allclose(scores, logits[:, 1, [true_id, false_id]], atol=1e-5)
+
+
+def test_cached_features_equal_the_pixel_path():
+    model = adapted("clip-bart", "routed-lora")
+    perturb_adapters(model)
+    for batch in batches("clip-bart"):
+        cached = {**batch, "features": model.visual_features(batch["images"])}
+        del cached["images"]
+        assert torch.equal(model.loss(batch), model.loss(cached))
+    batch = batches("clip-bart")[0]
+    cached = {"features": model.visual_features(batch["images"]), "text": batch["text"]}
+    assert model.generate(batch, 4, 2) == model.generate(cached, 4, 2)
+
+
+def test_blip_retrieval_scores():
+    model = build_model("blip", "tiny").eval()
+    im = images("blip", 3)
+    image_feat, states = model.encode_images(im)
+    text_feat = model.encode_texts(["a", "b c", "d"])
+    assert image_feat.shape == text_feat.shape == (3, 16)
+    assert torch.allclose(image_feat.norm(dim=-1), torch.ones(3))
+    itm = model.match(states, ["a", "b c", "d"])
+    assert itm.shape == (3, 2)
+    single = model.match(states[1:2], ["b c"])
+    assert torch.allclose(itm[1:2], single, atol=1e-5)
+
+
+def test_blip_caption_prompt_is_not_trained_on():
+    model = build_model("blip", "tiny").eval()
+    batch = batches("blip")[1]
+    inputs, labels = model._decoder_inputs(batch)
+    n_prompt = len(model.tokenizer("a picture of", add_special_tokens=False)["input_ids"])
+    assert (labels[:, : 1 + n_prompt] == -100).all()
+    assert (labels[:, 1 + n_prompt] != -100).all()
+    assert (inputs["input_ids"][:, 0] == model.text_config.bos_token_id).all()
+
+
+def test_gpt2_vit_loss_ignores_padding():
+    """Adding padding (a longer caption in the batch) does not change an example's loss."""
+    model = build_model("gpt2-vit", "tiny").eval()
+    im = images("gpt2-vit", 2)
+    a = {"images": im[:1], "text": [""], "targets": ["a red circle"]}
+    b = {"images": im[1:], "text": [""], "targets": ["two blue squares on the left of a star"]}
+    both = {"images": im, "text": ["", ""], "targets": a["targets"] + b["targets"]}
+    n_a, n_b = (model._sequences(x)[2].ne(-100).sum() for x in (a, b))
+    expected = (n_a * model.loss(a) + n_b * model.loss(b)) / (n_a + n_b)
+    assert torch.allclose(model.loss(both), expected, atol=1e-5)
+    ids, mask, labels = model._sequences({"targets": ["a", "a red circle on the left"]})
+    assert (labels[0][mask[0] == 0] == -100).all()
+    assert labels[0].ne(-100).sum() == 2  # "a" + eos
+
+
+def test_roberta_vit_targets_and_prediction_names():
+    model = build_model("roberta-vit", "tiny", answers=["red", "blue", "2"]).eval()
+    target = model.targets([{"blue": 0.9, "green": 1.0}])
+    assert torch.equal(target, torch.tensor([[0.0, 0.9, 0.0]]))
+    out = model.generate({"images": images("roberta-vit", 1), "text": ["what color?"]})
+    assert out[0] in {"red", "blue", "2"}
+
+
+def test_adapter_config_errors():
+    model = build_model("clip-bart", "tiny")
+    with pytest.raises(ValueError, match="decoder"):
+        model.adapter_targets(components=["decodr"])
+    with pytest.raises(ValueError, match="x_R"):
+        model.adapter_config(LoRAConfig(routing="mul", targets=["x"]), components=["vision"])
+    with pytest.raises(ValueError, match="visual_grid"):
+        build_model("clip-bart", "tiny", visual_gird=3)
+    with pytest.raises(ValueError, match="shipped"):
+        build_model("clip-bart", "huge")
+
+
+def test_missing_weights_say_where_and_how(tmp_path):
+    missing = str(tmp_path / "no-such-gpt2")
+    with pytest.raises(FileNotFoundError, match="pretrained=False") as err:
+        build_model("gpt2-vit", "tiny", pretrained=True, weights={"text": missing})
+    assert missing in str(err.value) and "GPT-2" in str(err.value)
+
+
+# -- base presets: the papers' sizes, counted on the meta device (no memory, no download) ------
+def meta_build(family, **kw):
+    with torch.device("meta"):
+        return build_model(family, "base", pretrained=False, **kw)
+
+
+def test_blip_base_retrieval_matches_transformers():
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    ours = meta_build("blip", heads=["retrieval"])
+    with torch.device("meta"):
+        theirs = BlipForImageTextRetrieval(BlipConfig())
+    assert count(ours) == count(theirs)
+    assert round(count(ours) / 1e6, 1) == 223.7
+
+
+def test_blip_base_vqa_and_caption_match_transformers():
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering
+
+    with torch.device("meta"):
+        vqa, cap = (
+            BlipForQuestionAnswering(BlipConfig()),
+            BlipForConditionalGeneration(BlipConfig()),
+        )
+    assert count(meta_build("blip", heads=["vqa"])) == count(vqa)
+    assert count(meta_build("blip", heads=["caption"])) == count(cap)
+
+
+def test_clip_bart_base_parts_match_the_libraries():
+    import open_clip
+
+    ours = meta_build("clip-bart")
+    with torch.device("meta"):
+        rn101 = open_clip.create_model("RN101", device="meta").visual
+    assert count(ours.visual) == count(rn101)
+    assert count(ours.bart.model) == 139_420_416  # facebook/bart-base
+    assert ours.feature_dim == 2048
+
+
+def test_vit_pairs_base_parts_match_the_published_sizes():
+    from transformers import GPT2Config, GPT2Model, ViTConfig, ViTModel
+
+    roberta, gpt2 = meta_build("roberta-vit"), meta_build("gpt2-vit")
+    with torch.device("meta"):
+        vit, gpt2_ref = ViTModel(ViTConfig()), GPT2Model(GPT2Config())
+    assert count(roberta.vit) == count(gpt2.vit) == count(vit) == 86_389_248
+    assert count(roberta.roberta) == 124_645_632  # FacebookAI/roberta-base
+    assert count(gpt2.gpt2) == count(gpt2_ref) == 124_439_808
+    assert roberta.classifier[-1].out_features == 3129

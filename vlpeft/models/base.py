@@ -1,0 +1,327 @@
+"""The VL-model protocol every backbone family implements, its config base and the family registry.
+
+One interface serves every task, whatever the family (the task router only ever calls these):
+
+- ``model.loss(batch) -> Tensor``: the training loss of one batch.
+- ``model.generate(batch, max_new_tokens=20, num_beams=1) -> list[str]``: one text per example
+  (answers, captions; a classifier family returns its top answer).
+- ``model.score_choices(batch, choices) -> Tensor (B, len(choices))``: logits of fixed single-token
+  answers at the first decoding step (NLVR² compares ``"true"``/``"false"`` this way).
+- retrieval (families that list ``"retrieval"`` in ``capabilities``): ``encode_images(images)`` →
+  (normalised embeddings, image states), ``encode_texts(texts)`` → normalised embeddings, and
+  ``match(image_states, texts)`` → ITM logits of each (image, text) pair.
+
+A batch is a dict. Keys a family reads (the task's collate function writes them):
+
+===================  ==========================================================================
+``images``           float (B, 3, H, W), or (B, 2, 3, H, W) for two-image tasks (NLVR²)
+``features``         instead of ``images``: cached visual features (CLIP-BART, see its docstring)
+``text``             list of B input texts, task prompt already applied
+``targets``          list of B target texts (generation losses)
+``answer_scores``    list of B ``{answer: soft score}`` (classification losses)
+``image_ids``        optional list of B ids; equal ids are positives of each other (retrieval)
+===================  ==========================================================================
+
+Adapter placement: each family names its ``components`` (module-path regexes of vision encoder,
+text encoder, decoder) and ``module_kinds`` (q, k, v, o, ffn_in, ffn_out, …);
+:meth:`VLModel.adapter_config` fills a method config's ``targets`` from them and adds the family's
+declared-trainable parameters (visual projection, heads). Routed adapters get x_R through
+:func:`vlpeft.routing_inputs`, which the family's forward sets per component.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.base import MethodConfig, _nearest_hint
+from .tokenizer import PRESETS, load_tokenizer
+
+_FAMILIES: dict[str, type[VLModel]] = {}
+IGNORE = -100
+
+
+def register_family(name: str) -> Callable[[type[VLModel]], type[VLModel]]:
+    """Class decorator: registers a VL-model family under ``name`` (refuses duplicates)."""
+
+    def decorate(cls: type[VLModel]) -> type[VLModel]:
+        if name in _FAMILIES:
+            raise ValueError(f"family {name!r} is already registered by {_FAMILIES[name].__name__}")
+        cls.family = name
+        _FAMILIES[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_families() -> list[str]:
+    """Names of the registered backbone families."""
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> type[VLModel]:
+    if name not in _FAMILIES:
+        raise KeyError(
+            f"unknown model family {name!r}{_nearest_hint(name, _FAMILIES)}; known: {list_families()}"
+        )
+    return _FAMILIES[name]
+
+
+def list_presets(family: str) -> list[str]:
+    """Preset names shipped for ``family`` (``presets/<family>/<preset>.json``)."""
+    return sorted(p.stem for p in (PRESETS / family).glob("*.json"))
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_preset(family: str, preset: str | Path) -> dict[str, Any]:
+    """The preset's JSON as a dict: a shipped name (``tiny``, ``base``) or a path to a JSON file."""
+    path = Path(preset)
+    if path.suffix != ".json":
+        path = PRESETS / family / f"{preset}.json"
+        if not path.exists():
+            raise ValueError(
+                f"unknown preset {preset!r} for family {family!r}; shipped: {list_presets(family)} "
+                "(or pass the path of a preset JSON file)"
+            )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def build_model(family: str, preset: str | Path = "tiny", **overrides: Any) -> VLModel:
+    """Builds a VL model of a registered family from a preset plus overrides.
+
+    Args:
+        family: ``"clip-bart"``, ``"blip"``, ``"roberta-vit"`` or ``"gpt2-vit"``.
+        preset: ``"tiny"`` (random, built in well under a second; tests and the demo), ``"base"``
+            (the papers' sizes), or the path of a preset JSON file.
+        **overrides: config fields; dict-valued fields merge into the preset's dict
+            (``text={"num_hidden_layers": 4}`` changes one key). Unknown names are errors naming
+            the nearest valid field.
+
+    Example:
+        >>> model = build_model("gpt2-vit", "tiny")
+        >>> model.loss({"images": torch.randn(2, 3, 32, 32), "text": ["", ""],
+        ...             "targets": ["a red circle", "two squares"]}).shape
+        torch.Size([])
+    """
+    cls = get_family(family)
+    data = _deep_merge(load_preset(family, preset), overrides)
+    config = cls.config_class.from_dict(data, where=f"{family} preset {preset!r}")
+    return cls(config)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Fields every family config shares.
+
+    Args:
+        tokenizer: ``"tiny"`` (shipped) or a local directory / hub id.
+        pretrained: load the weights named in ``weights``; ``False`` keeps the random init.
+        weights: component → weight source (local path, hub id or open_clip tag).
+        max_text_length: texts are truncated to this many tokens.
+    """
+
+    tokenizer: str = "tiny"
+    pretrained: bool = False
+    weights: dict[str, str] = dataclasses.field(default_factory=dict)
+    max_text_length: int = 40
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model config") -> ModelConfig:
+        valid = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in valid:
+                raise ValueError(
+                    f"{where}: unknown key {key!r}{_nearest_hint(key, valid)}; valid keys: "
+                    f"{sorted(valid)}"
+                )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def missing_weights(what: str, source: str, err: Exception) -> FileNotFoundError:
+    """The error for absent pretrained weights: which, where they were looked for, how to get them."""
+    return FileNotFoundError(
+        f"{what} weights {source!r} could not be loaded ({type(err).__name__}: {err}). They were "
+        f"looked for as a local path named {source!r} and in the Hugging Face / open_clip caches "
+        "(downloads are off when HF_HUB_OFFLINE=1). Download them once (e.g. `huggingface-cli "
+        f"download {source}`), point weights.<component> at a local copy, or build with "
+        "pretrained=False for random weights."
+    )
+
+
+class VLModel(nn.Module):
+    """Base class of the families: tokenisation, adapter placement, the shared losses.
+
+    Subclasses set the class attributes below and implement ``loss`` and ``generate``.
+    """
+
+    family: ClassVar[str] = ""
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    capabilities: ClassVar[tuple[str, ...]] = ()
+    components: ClassVar[dict[str, str]] = {}
+    module_kinds: ClassVar[dict[str, str]] = {}
+    default_components: ClassVar[tuple[str, ...]] = ()
+    default_kinds: ClassVar[dict[str, tuple[str, ...]]] = {
+        "lora": ("q", "v"),
+        "adapter": ("o", "ffn_out"),
+    }
+    vision_components: ClassVar[tuple[str, ...]] = ("vision",)
+    trainable_patterns: ClassVar[tuple[str, ...]] = ()
+    wrap_text: ClassVar[bool] = True
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self._tokenizer = None
+
+    # -- text ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.tokenizer, self.wrap_text)
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Right-padded ids and attention mask on the model's device."""
+        out = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_text_length,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": out["input_ids"].to(self.device),
+            "attention_mask": out["attention_mask"].to(self.device),
+        }
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    # -- adapter placement ---------------------------------------------------------------------
+    def adapter_targets(
+        self, components: Sequence[str] | None = None, kinds: Sequence[str] | None = None
+    ) -> str:
+        """A regex (for a config's ``targets``) selecting ``kinds`` inside ``components``."""
+        components = list(components or self.default_components)
+        kinds = list(kinds or self.default_kinds["lora"])
+        for what, chosen, valid in (
+            ("component", components, self.components),
+            ("module kind", kinds, self.module_kinds),
+        ):
+            for name in chosen:
+                if name not in valid:
+                    raise ValueError(
+                        f"{self.family}: unknown {what} {name!r}{_nearest_hint(name, valid)}; "
+                        f"valid: {sorted(valid)}"
+                    )
+        where = "|".join(self.components[c] for c in components)
+        what = "|".join(self.module_kinds[k] for k in kinds)
+        return rf"(?:{where})\.(?:{what})"
+
+    def adapter_config(
+        self,
+        config: MethodConfig,
+        components: Sequence[str] | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> MethodConfig:
+        """``config`` with targets set from components × kinds and the family's trainable params.
+
+        Defaults: the family's ``default_components``; kinds q, v for LoRA-like methods and o,
+        ffn_out for the bottleneck Adapter. Routing needs x_R, which the vision encoder produces,
+        so routed configs may not target a vision component.
+        """
+        if kinds is None:
+            kinds = self.default_kinds["adapter" if config.method == "adapter" else "lora"]
+        components = list(components or self.default_components)
+        if getattr(config, "routing", None):
+            bad = [c for c in components if c in self.vision_components]
+            if bad:
+                raise ValueError(
+                    f"{self.family}: routed adapters cannot go into {bad}: x_R comes from the vision "
+                    "encoder's output; route the text components only"
+                )
+        trainable = list(dict.fromkeys([*config.trainable, *self.trainable_patterns]))
+        return dataclasses.replace(
+            config, targets=self.adapter_targets(components, kinds), trainable=trainable
+        )
+
+    # -- the task interface --------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(
+        self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1
+    ) -> list[str]:
+        raise NotImplementedError
+
+    def score_choices(self, batch: dict[str, Any], choices: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError(f"{self.family} does not score fixed choices")
+
+    def choice_ids(self, choices: Sequence[str]) -> list[int]:
+        """The single token id of each choice word; a multi-token choice is an error."""
+        ids = []
+        for choice in choices:
+            pieces = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            if len(pieces) != 1:
+                raise ValueError(
+                    f"choice {choice!r} is {len(pieces)} tokens; choices must be one token"
+                )
+            ids.append(pieces[0])
+        return ids
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Token-mean cross entropy of next-token ``logits`` (B, L, V) against ``labels`` (B, L).
+
+    ``labels`` are already aligned with ``logits`` (label t is predicted by logit t); positions
+    equal to -100 (padding, prefixes) are ignored.
+    """
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(),
+        labels.flatten(),
+        ignore_index=IGNORE,
+        label_smoothing=smoothing,
+    )
+
+
+def pad_to_ignore(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Label ids with padding positions set to -100."""
+    return ids.masked_fill(mask == 0, IGNORE)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens of (B, L, d) where ``mask`` (B, L) is 1."""
+    if mask is None:
+        return hidden.mean(1)
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

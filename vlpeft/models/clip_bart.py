@@ -1,0 +1,267 @@
+"""CLIP-BART (VL-Adapter, Sung et al. 2022; routing: Qu et al. 2024): every task as text generation.
+
+Vision: an open_clip ModifiedResNet (RN101 for the papers), frozen and kept in eval mode; its layer4
+grid (B, 2048, 7, 7 at 224 px) is max-pooled to ``visual_grid``² tokens. These pooled grid features
+are what the VL-Adapter feature cache stores: pass them as ``batch["features"]`` instead of
+``batch["images"]`` and the numbers are the same. A trainable Linear + LayerNorm maps them to BART's
+width and an image-order embedding (0 = first/left image, 1 = second/right) is added.
+
+Encoder input: ``[task prompt + text tokens (with BART's positions)] + [visual tokens]``; visual
+tokens carry no text position (VL-T5 convention; the stock encoder's positions are cancelled for
+them). NLVR² gives two images: 2 × grid² tokens with order ids 0 and 1, and its prediction compares
+the ``"true"``/``"false"`` logits at the first decoding step (:meth:`score_choices`).
+
+x_R for routed adapters: encoder layers get the mean of the visual tokens; decoder layers the mean
+of the last encoder hidden state (over non-padding positions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.routing import routing_inputs
+from .base import (
+    ModelConfig,
+    VLModel,
+    lm_loss,
+    masked_mean,
+    missing_weights,
+    pad_to_ignore,
+    register_family,
+)
+
+ENCODER = "bart.model.encoder"
+DECODER = "bart.model.decoder"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass
+class ClipBartConfig(ModelConfig):
+    """CLIP-BART configuration (presets: ``presets/clip-bart/*.json``).
+
+    Args:
+        vision: ``{"model": "RN101"}`` (an open_clip config name) or ModifiedResNet keyword
+            arguments (``layers``, ``width``, ``heads``, ``output_dim``, ``image_size``).
+        text: ``transformers.BartConfig`` keyword arguments.
+        visual_grid: the layer4 grid is max-pooled to ``visual_grid × visual_grid`` tokens.
+        image_size: input resolution; images are normalised with CLIP's mean and std.
+        weights: ``{"vision": open_clip tag or checkpoint path, "text": hub id or directory}``.
+    """
+
+    vision: dict = dataclasses.field(default_factory=dict)
+    text: dict = dataclasses.field(default_factory=dict)
+    visual_grid: int = 6
+    image_size: int = 224
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+
+
+def build_resnet(vision: dict, weights: str | None):
+    """The open_clip ModifiedResNet of ``vision``; with ``weights``, loaded through open_clip."""
+    import open_clip
+    from open_clip.modified_resnet import ModifiedResNet
+
+    if "model" in vision:
+        name = vision["model"]
+        if weights:
+            try:
+                return open_clip.create_model(name, pretrained=weights).visual
+            except (RuntimeError, OSError, ValueError) as err:
+                raise missing_weights(f"open_clip {name}", weights, err) from err
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is None or not isinstance(model_cfg["vision_cfg"].get("layers"), list):
+            raise ValueError(f"clip-bart vision.model {name!r} is not an open_clip ResNet config")
+        cfg = model_cfg["vision_cfg"]
+        return ModifiedResNet(
+            layers=cfg["layers"],
+            output_dim=model_cfg["embed_dim"],
+            heads=cfg["width"] * 32 // cfg.get("head_width", 64),
+            image_size=cfg["image_size"],
+            width=cfg["width"],
+        )
+    return ModifiedResNet(**vision)
+
+
+def text_ids_from_tokenizer(tokenizer) -> dict[str, int]:
+    """Vocabulary size and special ids for a randomly initialised text model of ``tokenizer``."""
+    return {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+@register_family("clip-bart")
+class ClipBart(VLModel):
+    config_class = ClipBartConfig
+    capabilities = ("generate", "choices")
+    components = {
+        "vision": r"visual\..*",
+        "encoder": rf"{ENCODER}\.layers\.\d+",
+        "decoder": rf"{DECODER}\.layers\.\d+",
+    }
+    module_kinds = {
+        "q": r"(?:self_attn|encoder_attn)\.q_proj",
+        "k": r"(?:self_attn|encoder_attn)\.k_proj",
+        "v": r"(?:self_attn|encoder_attn)\.v_proj",
+        "o": r"(?:self_attn|encoder_attn)\.out_proj",
+        "ffn_in": "fc1",
+        "ffn_out": "fc2",
+        "ffn": "fc[12]",
+        "conv": r"(?:conv[123]|downsample\.0)",
+    }
+    default_components = ("encoder", "decoder")
+    trainable_patterns = (r"^visual_proj\.", r"^image_order\.")
+
+    def __init__(self, config: ClipBartConfig) -> None:
+        super().__init__(config)
+        from transformers import BartConfig, BartForConditionalGeneration
+
+        self.visual = build_resnet(
+            config.vision, config.weights.get("vision") if config.pretrained else None
+        )
+        self.visual.requires_grad_(False).eval()
+        text_source = config.weights.get("text") if config.pretrained else None
+        if text_source:
+            try:
+                self.bart = BartForConditionalGeneration.from_pretrained(text_source)
+            except OSError as err:
+                raise missing_weights("BART", text_source, err) from err
+        else:
+            text = dict(config.text)
+            if config.tokenizer == "tiny":
+                text = {**text_ids_from_tokenizer(self.tokenizer), **text}
+                text.setdefault("decoder_start_token_id", text["eos_token_id"])
+            self.bart = BartForConditionalGeneration(BartConfig(**text))
+        d_model = self.bart.config.d_model
+        self.visual_proj = nn.Sequential(
+            nn.Linear(self.feature_dim, d_model), nn.LayerNorm(d_model)
+        )
+        self.image_order = nn.Embedding(2, d_model)
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the layer4 grid (2048 for RN101)."""
+        return self.visual.layer4[-1].conv3.out_channels
+
+    def train(self, mode: bool = True) -> ClipBart:
+        super().train(mode)
+        self.visual.eval()  # frozen, and its BatchNorm fails on a batch of one in train mode
+        return self
+
+    # -- vision -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def visual_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled layer4 grid features: (B, [2,] grid², C) — the cacheable part of the model."""
+        lead = images.shape[:-3]
+        x = images.flatten(0, len(lead) - 1)
+        out = self.visual.forward_intermediates(x, indices=[4], intermediates_only=True)
+        grid = out["image_intermediates"][0]
+        grid = F.adaptive_max_pool2d(grid, self.config.visual_grid)
+        tokens = grid.flatten(2).transpose(1, 2)
+        return tokens.reshape(*lead, *tokens.shape[1:]).float()
+
+    def visual_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Projected visual tokens with image-order embeddings: (B, n_images · grid², d)."""
+        features = batch.get("features")
+        if features is None:
+            if "images" not in batch:
+                raise KeyError("clip-bart batch needs 'images' or cached 'features'")
+            features = self.visual_features(batch["images"].to(self.device))
+        features = features.to(self.device)
+        if features.dim() == 3:
+            features = features.unsqueeze(1)
+        dtype = self.visual_proj[0].weight.dtype
+        tokens = self.visual_proj(features.to(dtype))  # (B, n_images, N, d)
+        order = torch.arange(tokens.shape[1], device=self.device)
+        tokens = tokens + self.image_order(order)[None, :, None, :]
+        return tokens.flatten(1, 2)
+
+    # -- encoder ----------------------------------------------------------------------------------
+    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder last hidden state and attention mask of text + visual tokens."""
+        text = self.tokenize(batch["text"])
+        visual = self.visual_tokens(batch)
+        encoder = self.bart.model.encoder
+        text_embeds = encoder.embed_tokens(text["input_ids"])
+        n_text = text_embeds.shape[1]
+        embeds = torch.cat([text_embeds, visual.to(text_embeds.dtype)], dim=1)
+        # the stock encoder adds learned positions to every input; visual tokens take none
+        positions = encoder.embed_positions(embeds[:, :, -1]).to(embeds.dtype)
+        embeds = embeds - F.pad(positions[..., n_text:, :], (0, 0, n_text, 0))
+        mask = torch.cat(
+            [text["attention_mask"], text["attention_mask"].new_ones(visual.shape[:2])], 1
+        )
+        with routing_inputs({ENCODER: visual.mean(1)}):
+            hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return hidden, mask
+
+    def _decoder_x_r(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {DECODER: masked_mean(hidden, mask)}
+
+    # -- the task interface -----------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        hidden, mask = self.encode(batch)
+        target = self.tokenize(batch["targets"])
+        labels = pad_to_ignore(target["input_ids"], target["attention_mask"])
+        from transformers.modeling_outputs import BaseModelOutput
+
+        with routing_inputs(self._decoder_x_r(hidden, mask)):
+            logits = self.bart(
+                encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                attention_mask=mask,
+                labels=labels,
+            ).logits
+        return lm_loss(logits, labels)
+
+    @torch.no_grad()
+    def generate(
+        self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1
+    ) -> list[str]:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden, mask = self.encode(batch)
+        with routing_inputs(self._decoder_x_r(hidden, mask)):
+            ids = self.bart.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+            )
+        return self.decode(ids)
+
+    def score_choices(self, batch: dict[str, Any], choices) -> torch.Tensor:
+        """Logits of the single-token ``choices`` at the first answer position: (B, len(choices))."""
+        ids = self.choice_ids(choices)
+        hidden, mask = self.encode(batch)
+        start = self.bart.config.decoder_start_token_id
+        lead = [start, *self._leading_specials()]
+        decoder_ids = torch.tensor([lead] * hidden.shape[0], device=self.device)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        with routing_inputs(self._decoder_x_r(hidden, mask)):
+            logits = self.bart(
+                encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                attention_mask=mask,
+                decoder_input_ids=decoder_ids,
+            ).logits
+        return logits[:, -1, ids]
+
+    def _leading_specials(self) -> list[int]:
+        """Special tokens the tokenizer puts before a target's first word (BART's ``<s>``)."""
+        ids = self.tokenizer("x")["input_ids"]
+        special = set(self.tokenizer.all_special_ids)
+        lead = []
+        for i in ids:
+            if i not in special:
+                break
+            lead.append(i)
+        return lead

@@ -1,0 +1,149 @@
+"""GPT-2 + ViT for captioning (the Qu et al. 2024 decoder-only setting).
+
+The ViT's pooled [CLS], projected to GPT-2's width, is a one-token prefix; then ``bos``, an
+optional prompt (``batch["text"]``), the caption and one ``eos``. The LM loss covers caption and
+``eos`` only: prefix, prompt and padding positions are ignored (the reference code also trained on
+the padded ``eos`` positions). Greedy or beam generation continues from prefix + ``bos`` + prompt.
+
+x_R for routed adapters in GPT-2: the prefix vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters.routing import routing_inputs
+from .base import IGNORE, ModelConfig, VLModel, lm_loss, register_family
+from .vit import (
+    VIT_COMPONENT,
+    VIT_KINDS,
+    VIT_MEAN,
+    VIT_STD,
+    VisualToken,
+    build_pretrained_or_random,
+    build_vit,
+)
+
+
+@dataclasses.dataclass
+class Gpt2VitConfig(ModelConfig):
+    """GPT-2+ViT configuration (presets: ``presets/gpt2-vit/*.json``).
+
+    Args:
+        vision: ``transformers.ViTConfig`` keyword arguments.
+        text: ``transformers.GPT2Config`` keyword arguments.
+        weights: ``{"vision": ViT hub id / directory, "text": GPT-2 hub id / directory}``.
+    """
+
+    vision: dict = dataclasses.field(default_factory=dict)
+    text: dict = dataclasses.field(default_factory=dict)
+    image_mean: tuple = VIT_MEAN
+    image_std: tuple = VIT_STD
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.get("image_size", 224)
+
+
+@register_family("gpt2-vit")
+class Gpt2Vit(VLModel):
+    config_class = Gpt2VitConfig
+    capabilities = ("generate",)
+    components = {"vision": VIT_COMPONENT, "decoder": r"gpt2\.transformer\.h\.\d+"}
+    module_kinds = {
+        **VIT_KINDS,
+        "qkv": r"attn\.c_attn",
+        "o": rf"(?:attn\.c_proj|{VIT_KINDS['o']})",
+        "ffn_in": rf"(?:mlp\.c_fc|{VIT_KINDS['ffn_in']})",
+        "ffn_out": rf"(?:mlp\.c_proj|{VIT_KINDS['ffn_out']})",
+        "ffn": rf"(?:mlp\.c_fc|mlp\.c_proj|{VIT_KINDS['ffn']})",
+    }
+    default_components = ("decoder",)
+    default_kinds = {"lora": ("q", "v", "qkv"), "adapter": ("o", "ffn_out")}
+    trainable_patterns = (r"^visual\.",)
+    wrap_text = False
+
+    def __init__(self, config: Gpt2VitConfig) -> None:
+        super().__init__(config)
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        weights = config.weights if config.pretrained else {}
+        self.vit = build_vit(config.vision, weights.get("vision"))
+        self.vit.requires_grad_(False)
+        text = dict(config.text)
+        if config.tokenizer == "tiny" and not weights.get("text"):
+            tok = self.tokenizer
+            ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+            text = {"vocab_size": len(tok), **ids, **text}
+        self.gpt2 = build_pretrained_or_random(
+            GPT2LMHeadModel, GPT2Config, text, weights.get("text"), "GPT-2"
+        )
+        self.visual = VisualToken(self.vit, self.gpt2.config.n_embd)
+
+    def _ids(self, texts) -> list[list[int]]:
+        return [
+            self.tokenizer(t, add_special_tokens=False)["input_ids"] if t else [] for t in texts
+        ]
+
+    def _sequences(self, batch: dict[str, Any]):
+        """Right-padded ``bos + prompt + caption + eos`` ids, mask and labels (caption + eos only)."""
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        prompts = self._ids(batch.get("text") or [""] * len(batch["targets"]))
+        rows, labels = [], []
+        for prompt, target in zip(prompts, self._ids(batch["targets"])):
+            target = target[: self.config.max_text_length] + [eos]
+            rows.append([bos, *prompt, *target])
+            labels.append([IGNORE] * (1 + len(prompt)) + target)
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor(
+            [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device
+        )
+        labels = torch.tensor(
+            [lab + [IGNORE] * (width - len(lab)) for lab in labels], device=self.device
+        )
+        return ids, mask, labels
+
+    def _embed(self, batch: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor):
+        prefix = self.visual(self.vit, batch["images"])
+        embeds = self.gpt2.transformer.wte(ids)
+        return (
+            prefix,
+            torch.cat([prefix[:, None].to(embeds.dtype), embeds], 1),
+            F.pad(mask, (1, 0), value=1),
+        )
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        ids, mask, labels = self._sequences(batch)
+        prefix, embeds, mask = self._embed(batch, ids, mask)
+        with routing_inputs({"gpt2": prefix}):
+            logits = self.gpt2(inputs_embeds=embeds, attention_mask=mask).logits
+        # logit t predicts token t+1: prefix position predicts bos (ignored), so align on ids
+        return lm_loss(logits[:, 1:-1], labels[:, 1:])
+
+    @torch.no_grad()
+    def generate(
+        self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1
+    ) -> list[str]:
+        prompts = self._ids(batch.get("text") or [""] * len(batch["images"]))
+        if len({tuple(p) for p in prompts}) > 1:
+            raise ValueError("gpt2-vit generation: one prompt per batch")
+        start = torch.tensor(
+            [[self.tokenizer.bos_token_id, *prompts[0]]] * len(prompts), device=self.device
+        )
+        prefix, embeds, mask = self._embed(batch, start, torch.ones_like(start))
+        with routing_inputs({"gpt2": prefix}):
+            ids = self.gpt2.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.eos_token_id,
+            )
+        return self.decode(ids)

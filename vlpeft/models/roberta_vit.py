@@ -1,0 +1,132 @@
+"""RoBERTa + ViT for VQA as classification (the Qu et al. 2024 encoder-only setting).
+
+The ViT's pooled [CLS], projected to RoBERTa's width, is prepended as the first token of RoBERTa's
+input embeddings (the text is embedded once; positions and LayerNorm are RoBERTa's own). The
+``<s>`` state (position 1) feeds a 2-layer MLP classifier over the answer vocabulary (Linear →
+GELU → LayerNorm → Linear, as in VL-T5/LXMERT), trained with binary cross-entropy on the soft VQA
+scores (× the number of answers, the usual scaling). Answers outside the vocabulary have target 0:
+that is what the classifier formulation means, and the task reports the coverage of its vocabulary.
+
+x_R for routed adapters in RoBERTa: the projected visual token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.routing import routing_inputs
+from .base import ModelConfig, VLModel, register_family
+from .vit import (
+    VIT_COMPONENT,
+    VIT_KINDS,
+    VIT_MEAN,
+    VIT_STD,
+    VisualToken,
+    build_pretrained_or_random,
+    build_vit,
+)
+
+
+@dataclasses.dataclass
+class RobertaVitConfig(ModelConfig):
+    """RoBERTa+ViT configuration (presets: ``presets/roberta-vit/*.json``).
+
+    Args:
+        vision: ``transformers.ViTConfig`` keyword arguments.
+        text: ``transformers.RobertaConfig`` keyword arguments.
+        answers: the answer vocabulary (the task sets it from its training split); when empty,
+            ``num_answers`` unnamed classes.
+        num_answers: classifier size when ``answers`` is empty (VQAv2: 3129).
+        weights: ``{"vision": ViT hub id / directory, "text": RoBERTa hub id / directory}``.
+    """
+
+    vision: dict = dataclasses.field(default_factory=dict)
+    text: dict = dataclasses.field(default_factory=dict)
+    answers: list = dataclasses.field(default_factory=list)
+    num_answers: int = 3129
+    image_mean: tuple = VIT_MEAN
+    image_std: tuple = VIT_STD
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.get("image_size", 224)
+
+
+@register_family("roberta-vit")
+class RobertaVit(VLModel):
+    config_class = RobertaVitConfig
+    capabilities = ("classify",)
+    components = {"vision": VIT_COMPONENT, "text": r"roberta\.encoder\.layer\.\d+"}
+    module_kinds = {
+        "q": rf"(?:attention\.self\.query|{VIT_KINDS['q']})",
+        "k": rf"(?:attention\.self\.key|{VIT_KINDS['k']})",
+        "v": rf"(?:attention\.self\.value|{VIT_KINDS['v']})",
+        "o": rf"(?:attention\.output\.dense|{VIT_KINDS['o']})",
+        "ffn_in": rf"(?:intermediate\.dense|{VIT_KINDS['ffn_in']})",
+        "ffn_out": rf"(?:output\.dense|{VIT_KINDS['ffn_out']})",
+        "ffn": rf"(?:intermediate\.dense|output\.dense|{VIT_KINDS['ffn']})",
+    }
+    default_components = ("text",)
+    trainable_patterns = (r"^visual\.", r"^classifier\.")
+
+    def __init__(self, config: RobertaVitConfig) -> None:
+        super().__init__(config)
+        from transformers import RobertaConfig, RobertaModel
+
+        weights = config.weights if config.pretrained else {}
+        self.vit = build_vit(config.vision, weights.get("vision"))
+        self.vit.requires_grad_(False)
+        text = dict(config.text)
+        if config.tokenizer == "tiny" and not weights.get("text"):
+            tok = self.tokenizer
+            text = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, **text}
+        self.roberta = build_pretrained_or_random(
+            RobertaModel, RobertaConfig, text, weights.get("text"), "RoBERTa"
+        )
+        width = self.roberta.config.hidden_size
+        self.visual = VisualToken(self.vit, width)
+        self.answers = list(config.answers) or [str(i) for i in range(config.num_answers)]
+        self.answer_index = {a: i for i, a in enumerate(self.answers)}
+        self.classifier = nn.Sequential(
+            nn.Linear(width, 2 * width),
+            nn.GELU(),
+            nn.LayerNorm(2 * width),
+            nn.Linear(2 * width, len(self.answers)),
+        )
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Answer logits (B, num_answers)."""
+        visual = self.visual(self.vit, batch["images"])
+        text = self.tokenize(batch["text"])
+        embeds = self.roberta.embeddings.word_embeddings(text["input_ids"])
+        embeds = torch.cat([visual[:, None].to(embeds.dtype), embeds], dim=1)
+        mask = F.pad(text["attention_mask"], (1, 0), value=1)
+        with routing_inputs({"roberta": visual}):
+            hidden = self.roberta(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return self.classifier(hidden[:, 1])
+
+    def targets(self, answer_scores) -> torch.Tensor:
+        """Soft score vectors (B, num_answers) from ``[{answer: score}]``."""
+        out = torch.zeros(len(answer_scores), len(self.answers), device=self.device)
+        for row, scores in enumerate(answer_scores):
+            for answer, score in scores.items():
+                if answer in self.answer_index:
+                    out[row, self.answer_index[answer]] = score
+        return out
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        logits = self.logits(batch).float()
+        target = self.targets(batch["answer_scores"])
+        return F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
+
+    @torch.no_grad()
+    def generate(
+        self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1
+    ) -> list[str]:
+        """The top answer of each example (generation arguments do not apply to a classifier)."""
+        return [self.answers[i] for i in self.logits(batch).argmax(-1).tolist()]
