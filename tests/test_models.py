@@ -278,3 +278,57 @@ def test_vit_pairs_base_parts_match_the_published_sizes():
     assert count(roberta.roberta) == 124_645_632  # FacebookAI/roberta-base
     assert count(gpt2.gpt2) == count(gpt2_ref) == 124_439_808
     assert roberta.classifier[-1].out_features == 3129
+
+
+def original_blip_names(hf_key):
+    """The salesforce/BLIP (timm ViT) name of a transformers vision key, written out by hand."""
+    table = {
+        "vision_model.embeddings.patch_embedding.": "visual_encoder.patch_embed.proj.",
+        "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
+        "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
+        "vision_model.post_layernorm.": "visual_encoder.norm.",
+    }
+    for new, old in table.items():
+        if hf_key.startswith(new):
+            return hf_key.replace(new, old)
+    key = hf_key.replace("vision_model.encoder.layers.", "visual_encoder.blocks.")
+    key = key.replace("self_attn.projection", "attn.proj").replace("self_attn.qkv", "attn.qkv")
+    return key.replace("layer_norm1", "norm1").replace("layer_norm2", "norm2")
+
+
+def test_convert_original_blip_checkpoint(tmp_path):
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    from launch.convert_blip import main
+
+    text = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "encoder_hidden_size": 32,
+        "vocab_size": 100,
+    }
+    vision = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    reference = BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=vision))
+    original = {original_blip_names(k): v for k, v in reference.state_dict().items()}
+    original["visual_encoder_m.blocks.0.attn.qkv.weight"] = torch.zeros(3)  # momentum encoder
+    original["image_queue"] = torch.zeros(2)
+    torch.save({"model": original}, tmp_path / "model_base_retrieval.pth")
+    import launch.convert_blip as convert_blip
+
+    convert_blip.convert(
+        tmp_path / "model_base_retrieval.pth", tmp_path / "hf", "retrieval", text, vision
+    )
+    loaded = BlipForImageTextRetrieval.from_pretrained(tmp_path / "hf")
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        main([str(tmp_path / "missing.pth"), str(tmp_path / "x"), "--head", "vqa"])

@@ -16,12 +16,15 @@ the decoder, or in the text encoder only for VQA/ITM.
 Pretrained weights: ``weights`` maps a head to a checkpoint (hub id or directory) of
 ``BlipForImageTextRetrieval`` / ``BlipForQuestionAnswering`` / ``BlipForConditionalGeneration``;
 each part comes from the first listed head's checkpoint that has it. Original BLIP ``.pth``
-checkpoints: ``python -m vlpeft.models.convert_blip`` (see that module).
+checkpoints (``model_base.pth``, ``model_base_retrieval_coco.pth``, … as used by UniAdapter and
+Aurora) convert with ``python -m launch.convert_blip CKPT OUT_DIR --head retrieval`` into a
+directory the ``weights`` entry can name (:func:`convert_original_state_dict` does the renaming).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import torch
@@ -43,6 +46,38 @@ CLASSES = {
     "vqa": "BlipForQuestionAnswering",
     "caption": "BlipForConditionalGeneration",
 }
+
+# original BLIP (salesforce/BLIP, timm-style ViT) → transformers names, applied in order
+_VISION_RENAMES = (
+    (r"^visual_encoder\.", "vision_model.encoder."),
+    (r"^vision_model\.encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^vision_model\.encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^vision_model\.encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^vision_model\.encoder\.norm\.", "vision_model.post_layernorm."),
+    (r"\.blocks\.", ".layers."),
+    (r"\.attn\.proj\.", ".self_attn.projection."),
+    (r"\.attn\.", ".self_attn."),
+    (r"\.norm([12])\.", r".layer_norm\1."),
+)
+# training-only state of the original checkpoints: momentum encoders, queues, temperature
+_DROPPED = re.compile(r"(_m\.|_m$|_queue$|^temp$|^idx_queue|^ptr_queue)")
+
+
+def convert_original_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renames an original BLIP state dict to transformers' Blip* layout.
+
+    Text encoder/decoder keys are already BERT-named and stay; momentum encoders, queues and the
+    contrastive temperature (training state of the original code) are dropped.
+    """
+    out = {}
+    for key, value in state.items():
+        if _DROPPED.search(key):
+            continue
+        if key.startswith("visual_encoder."):
+            for pattern, replacement in _VISION_RENAMES:
+                key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
 
 
 @dataclasses.dataclass
