@@ -118,6 +118,26 @@ def routed_layers(module: nn.Module) -> list[str]:
     ]
 
 
+def set_routing(module: nn.Module, kind: str) -> int:
+    """Switches the routing function of every active routed adapter in ``module`` to ``kind``.
+
+    Returns the number of adapters switched (a task router calls this per task).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown routing function {kind!r}; choose one of {list(KINDS)}")
+    from .base import AdaptedLayer
+
+    switched = 0
+    for layer in module.modules():
+        if isinstance(layer, AdaptedLayer):
+            for name in layer.active:
+                adapter = layer.adapters[name] if name in layer.adapters else None
+                if isinstance(adapter, ROUTED):
+                    adapter.kind = kind
+                    switched += 1
+    return switched
+
+
 def _as_tokens(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(B, L, d) view of a layer input; a (B, d) input is one token per example."""
     return (x.unsqueeze(1), True) if x.dim() == 2 else (x, False)

@@ -1,0 +1,58 @@
+"""Image captioning on Karpathy splits (COCO ``dataset_coco.json``, Flickr30k ``dataset_flickr30k.json``).
+
+``{"images": [{"filepath"?, "filename", "cocoid"?, "imgid", "split", "sentences": [{"raw"}]}]}``;
+``restval`` counts as train. Training records are (image, sentence) pairs; val/test records are
+images with all their reference captions. Images: ``<images>/<filepath>/<filename>`` (Flickr30k
+has no filepath). ``options.file`` picks the file (default ``dataset_coco.json``).
+"""
+
+from __future__ import annotations
+
+from .base import DataError, Task, field, read_json, register_task
+
+SPLITS = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"}}
+
+
+def karpathy_images(task: Task, split: str) -> list[dict]:
+    """Image records of a Karpathy split with their raw captions (shared with retrieval)."""
+    if split not in SPLITS:
+        raise DataError(f"task {task.name}: unknown Karpathy split {split!r}; valid: {sorted(SPLITS)}")
+    path = task.root / task.config.options.get("file", "dataset_coco.json")
+    images = []
+    for i, image in enumerate(field(read_json(path), "images", str(path), list)):
+        where = f"{path}: images[{i}]"
+        if field(image, "split", where, str) not in SPLITS[split]:
+            continue
+        sentences = field(image, "sentences", where, list)
+        captions = [field(s, "raw", f"{where}: sentences[{j}]", str).strip() for j, s in enumerate(sentences)]
+        if not captions:
+            raise DataError(f"{where}: field 'sentences' is empty")
+        image_id = image.get("cocoid", field(image, "imgid", where, int))
+        folder = task.image_root / image.get("filepath", "")
+        images.append(
+            {"id": image_id, "image_id": image_id, "captions": captions,
+             "images": [folder / field(image, "filename", where, str)], "source": str(path)}
+        )
+    return images
+
+
+@register_task("caption")
+class Caption(Task):
+    kind = "generate"
+    default_prompt = "caption:"
+    metric = "CIDEr"
+
+    def read_split(self, split: str) -> list[dict]:
+        images = karpathy_images(self, split)
+        if split != "train":
+            return images
+        return [{**im, "id": f"{im['id']}-{j}", "caption": c} for im in images for j, c in enumerate(im["captions"])]
+
+    def collate(self, records, images):
+        return {
+            "kind": "caption",
+            "images": images,
+            "text": [self.prompt] * len(records),
+            "targets": [r.get("caption", r["captions"][0]) for r in records],
+            "ids": [r["image_id"] for r in records],
+        }

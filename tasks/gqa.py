@@ -1,0 +1,47 @@
+"""GQA (Hudson & Manning 2019), balanced question files.
+
+``<root>/<split>_balanced_questions.json`` → ``{question_id: {"imageId", "question", "answer",
+"fullAnswer", "types", …}}`` (``<split>``: train, val, testdev); images ``<images>/<imageId>.jpg``.
+Accuracy is exact match; papers report testdev_balanced.
+"""
+
+from __future__ import annotations
+
+from .base import DataError, Task, field, read_json, register_task
+
+
+@register_task("gqa")
+class GQA(Task):
+    kind = "generate"
+    default_prompt = "gqa:"
+
+    def read_split(self, split: str) -> list[dict]:
+        path = self.root / f"{split}_balanced_questions.json"
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: expected an object {{question_id: question}}, got {type(data).__name__}")
+        records = []
+        for qid, q in data.items():
+            where = f"{path}: question {qid!r}"
+            image = field(q, "imageId", where, str)
+            records.append(
+                {
+                    "id": qid,
+                    "question": field(q, "question", where, str),
+                    "target": field(q, "answer", where, str),
+                    "full_answer": q.get("fullAnswer", ""),
+                    "types": q.get("types", {}),
+                    "images": [self.image_root / f"{image}.jpg"],
+                    "source": str(path),
+                }
+            )
+        return records
+
+    def collate(self, records, images):
+        return {
+            "kind": "vqa",
+            "images": images,
+            "text": [self.text(r["question"]) for r in records],
+            "targets": [r["target"] for r in records],
+            "ids": [r["id"] for r in records],
+        }

@@ -1,0 +1,57 @@
+"""NLVR² (Suhr et al. 2019): a statement about two images, True or False.
+
+``<root>/<split>.json`` is JSON Lines (``train``, ``dev``, ``test1``): ``{"identifier":
+"dev-850-0-0", "sentence", "label": "True"|"False", "directory"?}``. The left/right images are
+named from the identifier without its last field: ``dev-850-0-img0.png`` / ``-img1.png``, under
+``<images>/<split>/`` (plus ``<directory>/`` when the record has one, as train does).
+The model predicts by comparing the ``"true"`` and ``"false"`` logits (``score_choices``).
+"""
+
+from __future__ import annotations
+
+from .base import DataError, Task, field, read_jsonl, register_task
+
+CHOICES = ("true", "false")
+
+
+def image_names(identifier: str) -> tuple[str, str]:
+    stem = identifier.rsplit("-", 1)[0]
+    return f"{stem}-img0.png", f"{stem}-img1.png"
+
+
+@register_task("nlvr2")
+class NLVR2(Task):
+    kind = "choices"
+    default_prompt = "nlvr:"
+    choices = CHOICES
+
+    def read_split(self, split: str) -> list[dict]:
+        path = self.root / f"{split}.json"
+        records = []
+        for i, row in enumerate(read_jsonl(path)):
+            where = f"{path}: line {i + 1}"
+            identifier = field(row, "identifier", where, str)
+            label = field(row, "label", where, str)
+            if label not in ("True", "False"):
+                raise DataError(f"{where}: field 'label' must be \"True\" or \"False\", got {label!r}")
+            folder = self.image_root / split / str(row.get("directory", ""))
+            records.append(
+                {
+                    "id": identifier,
+                    "sentence": field(row, "sentence", where, str),
+                    "target": label.lower(),
+                    "label": int(label == "True"),
+                    "images": [folder / name for name in image_names(identifier)],
+                    "source": str(path),
+                }
+            )
+        return records
+
+    def collate(self, records, images):
+        return {
+            "kind": "nlvr",
+            "images": images,
+            "text": [self.text(r["sentence"]) for r in records],
+            "targets": [r["target"] for r in records],
+            "ids": [r["id"] for r in records],
+        }

@@ -1,0 +1,113 @@
+"""The task router: each task's reader, prompt, batches, adapter set and routing function.
+
+Configured in YAML (``tasks:`` of the training config, or the ``tasks.yaml`` the synthetic set
+writes): one entry per task, the fields of :class:`tasks.base.TaskConfig`. Relative paths are
+resolved against the YAML file's folder. ``adapter`` names the adapter set the task trains (the
+same name for several tasks = shared); ``routing`` switches the routing function of the active
+routed adapters when the task is activated (the per-task combinations of Qu et al.).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import vlpeft
+from vlpeft.adapters.routing import set_routing
+
+from . import caption, gqa, nlvr2, retrieval, vqa  # noqa: F401  (each registers its task)
+from .base import DataError, Task, TaskConfig, TaskDataset, get_task, image_transform
+
+
+def load_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: malformed YAML ({err})") from None
+
+
+class TaskRouter:
+    """Tasks by name, built from their configs.
+
+    Example:
+        >>> router = TaskRouter.from_yaml("data/tasks.yaml", only=["vqa", "nlvr2"])
+        >>> router.activate(model, "vqa")
+        >>> loader = router.loader("vqa", "val", model)
+    """
+
+    def __init__(self, configs: dict[str, TaskConfig]) -> None:
+        if not configs:
+            raise DataError("task router: no tasks configured")
+        self.configs = configs
+        self.tasks: dict[str, Task] = {name: get_task(cfg.reader)(cfg) for name, cfg in configs.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict, base_dir: str | Path = ".", only=None, where: str = "tasks") -> TaskRouter:
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: expected a mapping of task name → settings")
+        if only is not None:
+            unknown = [t for t in only if t not in data]
+            if unknown:
+                raise DataError(f"{where}: unknown task(s) {unknown}; configured: {sorted(data)}")
+            data = {t: data[t] for t in only}
+        base = Path(base_dir)
+        configs = {}
+        for name, entry in data.items():
+            config = TaskConfig.from_dict(dict(entry), f"{where}.{name}")
+            config.root = str(base / config.root)
+            config.images = str(base / config.images) if config.images else ""
+            options = dict(config.options)
+            if "karpathy" in options:
+                options["karpathy"] = str(base / options["karpathy"])
+            config.options = options
+            get_task(config.reader)  # an unknown reader fails here, naming the task
+            configs[name] = config
+        return cls(configs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, only=None) -> TaskRouter:
+        return cls.from_dict(load_yaml(path), Path(path).parent, only, where=str(path))
+
+    def __getitem__(self, name: str) -> Task:
+        if name not in self.tasks:
+            raise DataError(f"unknown task {name!r}; configured: {sorted(self.tasks)}")
+        return self.tasks[name]
+
+    def adapter_sets(self) -> dict[str, list[str]]:
+        """Adapter set name → the tasks that train it."""
+        sets: dict[str, list[str]] = {}
+        for name, config in self.configs.items():
+            sets.setdefault(config.adapter, []).append(name)
+        return sets
+
+    def activate(self, model: torch.nn.Module, name: str) -> None:
+        """Makes ``name``'s adapter set active and applies its routing function."""
+        config = self[name].config
+        if any(True for _ in vlpeft.adapted_layers(model)):
+            vlpeft.set_active_adapter(model, config.adapter)
+        if config.routing:
+            set_routing(model, config.routing)
+
+    def dataset(self, name: str, split: str, model, features: dict | None = None) -> TaskDataset:
+        task = self[name]
+        cfg = model.config
+        transform = image_transform(cfg.image_size, cfg.image_mean, cfg.image_std)
+        return TaskDataset(task, task.read(split), transform, features)
+
+    def loader(self, name: str, split: str, model, features: dict | None = None) -> torch.utils.data.DataLoader:
+        """An evaluation loader over ``split`` in file order (``eval_batch_size``)."""
+        dataset = self.dataset(name, split, model, features)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=self[name].config.eval_batch_size, collate_fn=dataset.collate
+        )
+
+
+def take(dataset: TaskDataset, indices: list[int]) -> dict[str, Any]:
+    """The collated batch of ``dataset[indices]`` (what a sampler step trains on)."""
+    return dataset.collate([dataset[i] for i in indices])

@@ -1,0 +1,122 @@
+"""VQAv2 (Goyal et al. 2017): the official question/annotation files, answer vocabulary, soft scores.
+
+Files under ``root``: ``v2_OpenEnded_mscoco_<split>_questions.json`` and
+``v2_mscoco_<split>_annotations.json`` (``<split>``: train2014, val2014; test splits have questions
+only). Images: ``<images>/<split>/COCO_<split>_<image_id:012d>.jpg``.
+
+Karpathy-style splits as used by VL-T5/VL-Adapter: with ``options.karpathy`` naming a
+``dataset_coco.json``, the split names ``karpathy_train`` / ``karpathy_val`` / ``karpathy_test``
+take the questions of train2014 + val2014 whose image lies in that Karpathy split (restval counts
+as train).
+
+Soft target scores: an answer given by k of the 10 annotators scores the mean over the 10
+leave-one-out subsets of min(1, matches / 3) — 0, .3, .6, .9, 1 for k = 0, 1, 2, 3, ≥ 4.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .base import DataError, Task, field, read_json, register_task
+
+
+def soft_score(matches: int, total: int = 10) -> float:
+    """Leave-one-out VQA score of an answer given by ``matches`` of ``total`` annotators."""
+    if total < 2:
+        return float(matches > 0)
+    with_it = matches * min(1.0, (matches - 1) / 3)  # subsets that leave out a matching answer
+    without = (total - matches) * min(1.0, matches / 3)
+    return round((with_it + without) / total, 4)
+
+
+def answer_scores(answers: list[str]) -> dict[str, float]:
+    counts = Counter(a.strip().lower() for a in answers)
+    return {a: soft_score(k, len(answers)) for a, k in counts.items()}
+
+
+def answer_vocabulary(records: list[dict], size: int = 3129) -> list[str]:
+    """The ``size`` most frequent ``multiple_choice_answer`` values (ties broken by name)."""
+    counts = Counter(r["target"] for r in records if r.get("target"))
+    return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+
+
+def coco_image(root: Path, split: str, image_id: int) -> Path:
+    return root / split / f"COCO_{split}_{image_id:012d}.jpg"
+
+
+@register_task("vqa")
+class VQA(Task):
+    kind = "generate"
+    default_prompt = "vqa:"
+
+    def read_split(self, split: str) -> list[dict]:
+        if split.startswith("karpathy_"):
+            return self.read_karpathy(split.removeprefix("karpathy_"))
+        return self.read_official(split)
+
+    def read_official(self, split: str) -> list[dict]:
+        q_path = self.root / f"v2_OpenEnded_mscoco_{split}_questions.json"
+        a_path = self.root / f"v2_mscoco_{split}_annotations.json"
+        questions = field(read_json(q_path), "questions", str(q_path), list)
+        annotations = {}
+        if a_path.exists() or "test" not in split:
+            for i, ann in enumerate(field(read_json(a_path), "annotations", str(a_path), list)):
+                annotations[field(ann, "question_id", f"{a_path}: annotations[{i}]", int)] = ann
+        records = []
+        for i, q in enumerate(questions):
+            where = f"{q_path}: questions[{i}]"
+            qid = field(q, "question_id", where, int)
+            image_id = field(q, "image_id", where, int)
+            record = {
+                "id": qid,
+                "question_id": qid,
+                "image_id": image_id,
+                "question": field(q, "question", where, str),
+                "images": [coco_image(self.image_root, split, image_id)],
+                "source": str(q_path),
+            }
+            if annotations:
+                if qid not in annotations:
+                    raise DataError(f"{a_path}: no annotation for question_id {qid} of {where}")
+                record.update(self.annotation(annotations[qid], f"{a_path}: question_id {qid}"))
+            records.append(record)
+        return records
+
+    @staticmethod
+    def annotation(ann: dict, where: str) -> dict:
+        answers = [field(a, "answer", f"{where}: answers[{j}]", str) for j, a in enumerate(field(ann, "answers", where, list))]
+        if not answers:
+            raise DataError(f"{where}: field 'answers' is empty")
+        return {
+            "answers": answers,
+            "answer_type": field(ann, "answer_type", where, str),
+            "question_type": field(ann, "question_type", where, str),
+            "target": field(ann, "multiple_choice_answer", where, str),
+            "label": answer_scores(answers),
+        }
+
+    def read_karpathy(self, which: str) -> list[dict]:
+        path = self.config.options.get("karpathy")
+        if not path:
+            raise DataError(f"task {self.name}: split karpathy_{which} needs options.karpathy (a dataset_coco.json)")
+        karpathy = read_json(path)
+        wanted = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"}}.get(which)
+        if wanted is None:
+            raise DataError(f"task {self.name}: unknown Karpathy split {which!r} (train, val, test)")
+        images = set()
+        for i, image in enumerate(field(karpathy, "images", str(path), list)):
+            where = f"{path}: images[{i}]"
+            if field(image, "split", where, str) in wanted:
+                images.add(field(image, "cocoid", where, int))
+        return [r for split in ("train2014", "val2014") for r in self.read_official(split) if r["image_id"] in images]
+
+    def collate(self, records, images):
+        return {
+            "kind": "vqa",
+            "images": images,
+            "text": [self.text(r["question"]) for r in records],
+            "targets": [r.get("target", "") for r in records],
+            "answer_scores": [r.get("label", {}) for r in records],
+            "ids": [r["id"] for r in records],
+        }
