@@ -64,7 +64,9 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        raise DataError(
+            f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}"
+        ) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -117,7 +119,9 @@ class TaskConfig:
     reader: str
     root: str
     images: str = ""
-    splits: dict = dataclasses.field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
+    splits: dict = dataclasses.field(
+        default_factory=lambda: {"train": "train", "val": "val", "test": "test"}
+    )
     prompt: str | None = None
     batch_size: int = 16
     eval_batch_size: int = 32
@@ -134,7 +138,9 @@ class TaskConfig:
         valid = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in valid:
-                raise DataError(f"{where}: unknown key {key!r}{nearest(key, valid)}; valid: {sorted(valid)}")
+                raise DataError(
+                    f"{where}: unknown key {key!r}{nearest(key, valid)}; valid: {sorted(valid)}"
+                )
         for key in ("reader", "root"):
             if key not in data:
                 raise DataError(f"{where}: missing key {key!r}")
@@ -195,7 +201,9 @@ class Task:
 
     def split_name(self, split: str) -> str:
         if split not in self.config.splits:
-            raise DataError(f"task {self.name}: no split {split!r}; configured: {sorted(self.config.splits)}")
+            raise DataError(
+                f"task {self.name}: no split {split!r}; configured: {sorted(self.config.splits)}"
+            )
         return self.config.splits[split]
 
     def read(self, split: str) -> list[dict]:
@@ -204,7 +212,9 @@ class Task:
         if self.config.max_records:
             records = records[: self.config.max_records]
         if not records:
-            raise DataError(f"task {self.name}: split {split!r} ({self.split_name(split)}) is empty under {self.root}")
+            raise DataError(
+                f"task {self.name}: split {split!r} ({self.split_name(split)}) is empty under {self.root}"
+            )
         return self.check_images(records, split)
 
     def check_images(self, records: list[dict], split: str) -> list[dict]:
@@ -212,11 +222,18 @@ class Task:
             for record in records:
                 for path in record["images"]:
                     if not Path(path).is_file():
-                        raise DataError(f"{record['source']}: record {record['id']!r}: field 'image': {path} not found")
+                        raise DataError(
+                            f"{record['source']}: record {record['id']!r}: field 'image': {path} not found"
+                        )
             return records
         kept = [r for r in records if all(readable(p) for p in r["images"])]
         if len(kept) < len(records):
-            log.warning("task %s/%s: skipped %d records with unreadable images", self.name, split, len(records) - len(kept))
+            log.warning(
+                "task %s/%s: skipped %d records with unreadable images",
+                self.name,
+                split,
+                len(records) - len(kept),
+            )
         self.skipped = len(records) - len(kept)
         return kept
 
@@ -233,7 +250,9 @@ class Task:
 class TaskDataset(torch.utils.data.Dataset):
     """Records of one split with their images loaded and preprocessed (or cached features)."""
 
-    def __init__(self, task: Task, records: list[dict], transform, features: dict | None = None) -> None:
+    def __init__(
+        self, task: Task, records: list[dict], transform, features: dict | None = None
+    ) -> None:
         self.task, self.records, self.transform, self.features = task, records, transform, features
 
     def __len__(self) -> int:

@@ -16,7 +16,9 @@ SPLITS = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"}}
 def karpathy_images(task: Task, split: str) -> list[dict]:
     """Image records of a Karpathy split with their raw captions (shared with retrieval)."""
     if split not in SPLITS:
-        raise DataError(f"task {task.name}: unknown Karpathy split {split!r}; valid: {sorted(SPLITS)}")
+        raise DataError(
+            f"task {task.name}: unknown Karpathy split {split!r}; valid: {sorted(SPLITS)}"
+        )
     path = task.root / task.config.options.get("file", "dataset_coco.json")
     images = []
     for i, image in enumerate(field(read_json(path), "images", str(path), list)):
@@ -24,14 +26,22 @@ def karpathy_images(task: Task, split: str) -> list[dict]:
         if field(image, "split", where, str) not in SPLITS[split]:
             continue
         sentences = field(image, "sentences", where, list)
-        captions = [field(s, "raw", f"{where}: sentences[{j}]", str).strip() for j, s in enumerate(sentences)]
+        captions = [
+            field(s, "raw", f"{where}: sentences[{j}]", str).strip()
+            for j, s in enumerate(sentences)
+        ]
         if not captions:
             raise DataError(f"{where}: field 'sentences' is empty")
         image_id = image.get("cocoid", field(image, "imgid", where, int))
         folder = task.image_root / image.get("filepath", "")
         images.append(
-            {"id": image_id, "image_id": image_id, "captions": captions,
-             "images": [folder / field(image, "filename", where, str)], "source": str(path)}
+            {
+                "id": image_id,
+                "image_id": image_id,
+                "captions": captions,
+                "images": [folder / field(image, "filename", where, str)],
+                "source": str(path),
+            }
         )
     return images
 
@@ -46,7 +56,11 @@ class Caption(Task):
         images = karpathy_images(self, split)
         if split != "train":
             return images
-        return [{**im, "id": f"{im['id']}-{j}", "caption": c} for im in images for j, c in enumerate(im["captions"])]
+        return [
+            {**im, "id": f"{im['id']}-{j}", "caption": c}
+            for im in images
+            for j, c in enumerate(im["captions"])
+        ]
 
     def collate(self, records, images):
         return {

@@ -19,7 +19,9 @@ class GQA(Task):
         path = self.root / f"{split}_balanced_questions.json"
         data = read_json(path)
         if not isinstance(data, dict):
-            raise DataError(f"{path}: expected an object {{question_id: question}}, got {type(data).__name__}")
+            raise DataError(
+                f"{path}: expected an object {{question_id: question}}, got {type(data).__name__}"
+            )
         records = []
         for qid, q in data.items():
             where = f"{path}: question {qid!r}"

@@ -33,7 +33,9 @@ class NLVR2(Task):
             identifier = field(row, "identifier", where, str)
             label = field(row, "label", where, str)
             if label not in ("True", "False"):
-                raise DataError(f"{where}: field 'label' must be \"True\" or \"False\", got {label!r}")
+                raise DataError(
+                    f'{where}: field \'label\' must be "True" or "False", got {label!r}'
+                )
             folder = self.image_root / split / str(row.get("directory", ""))
             records.append(
                 {

@@ -21,7 +21,11 @@ class Retrieval(Task):
         images = karpathy_images(self, split)
         if split != "train":
             return images
-        return [{**im, "id": f"{im['id']}-{j}", "caption": c} for im in images for j, c in enumerate(im["captions"])]
+        return [
+            {**im, "id": f"{im['id']}-{j}", "caption": c}
+            for im in images
+            for j, c in enumerate(im["captions"])
+        ]
 
     def collate(self, records, images):
         return {

@@ -45,10 +45,14 @@ class TaskRouter:
         if not configs:
             raise DataError("task router: no tasks configured")
         self.configs = configs
-        self.tasks: dict[str, Task] = {name: get_task(cfg.reader)(cfg) for name, cfg in configs.items()}
+        self.tasks: dict[str, Task] = {
+            name: get_task(cfg.reader)(cfg) for name, cfg in configs.items()
+        }
 
     @classmethod
-    def from_dict(cls, data: dict, base_dir: str | Path = ".", only=None, where: str = "tasks") -> TaskRouter:
+    def from_dict(
+        cls, data: dict, base_dir: str | Path = ".", only=None, where: str = "tasks"
+    ) -> TaskRouter:
         if not isinstance(data, dict):
             raise DataError(f"{where}: expected a mapping of task name → settings")
         if only is not None:
@@ -100,7 +104,9 @@ class TaskRouter:
         transform = image_transform(cfg.image_size, cfg.image_mean, cfg.image_std)
         return TaskDataset(task, task.read(split), transform, features)
 
-    def loader(self, name: str, split: str, model, features: dict | None = None) -> torch.utils.data.DataLoader:
+    def loader(
+        self, name: str, split: str, model, features: dict | None = None
+    ) -> torch.utils.data.DataLoader:
         """An evaluation loader over ``split`` in file order (``eval_batch_size``)."""
         dataset = self.dataset(name, split, model, features)
         return torch.utils.data.DataLoader(

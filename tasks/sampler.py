@@ -52,8 +52,14 @@ class MultitaskSampler:
         rank, world_size: this process and the number of processes.
     """
 
-    def __init__(self, sizes: dict[str, int], batch_sizes: dict[str, int], config: SamplerConfig | None = None,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        batch_sizes: dict[str, int],
+        config: SamplerConfig | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         empty = [t for t, n in sizes.items() if n <= 0]
         if empty:
             raise ValueError(f"sampler: tasks with no records: {empty}")

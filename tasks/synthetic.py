@@ -30,7 +30,12 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (230, 210, 30),
+}
 SIZES = ("small", "large")
 COLUMNS = ("left", "middle", "right")
 NUMBERS = {1: "one", 2: "two", 3: "three"}
@@ -59,7 +64,10 @@ def render(scene: list[dict], size: int) -> Image.Image:
         elif obj["shape"] == "square":
             pen.rectangle(box, fill=colour)
         else:
-            pen.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour)
+            pen.polygon(
+                [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
+                fill=colour,
+            )
     return image
 
 
@@ -93,22 +101,62 @@ def answers_with_noise(answer: str, pool: list[str], rng: random.Random) -> list
     return [answer] * (10 - noisy) + [rng.choice(wrong) for _ in range(noisy)]
 
 
-def vqa_questions(scene: list[dict], rng: random.Random) -> list[tuple[str, str, str, str, list[str]]]:
+def vqa_questions(
+    scene: list[dict], rng: random.Random
+) -> list[tuple[str, str, str, str, list[str]]]:
     """(question, answer, answer_type, question_type, answer pool) — colour, count, yes/no, position."""
     shapes = [o["shape"] for o in scene]
     unique = [o for o in scene if shapes.count(o["shape"]) == 1]
     out = []
     if unique:
         obj = rng.choice(unique)
-        out.append((f"what color is the {obj['shape']}?", obj["colour"], "other", "what color is the", list(COLOURS)))
-        out.append((f"where is the {obj['shape']}?", COLUMNS[obj["column"]], "other", "where is the", list(COLUMNS)))
+        out.append(
+            (
+                f"what color is the {obj['shape']}?",
+                obj["colour"],
+                "other",
+                "what color is the",
+                list(COLOURS),
+            )
+        )
+        out.append(
+            (
+                f"where is the {obj['shape']}?",
+                COLUMNS[obj["column"]],
+                "other",
+                "where is the",
+                list(COLUMNS),
+            )
+        )
     colour = rng.choice(list(COLOURS))
     count = sum(o["colour"] == colour for o in scene)
-    out.append((f"how many {colour} shapes are there?", str(count), "number", "how many", ["0", "1", "2", "3"]))
-    out.append(("how many shapes are there?", str(len(scene)), "number", "how many", ["1", "2", "3"]))
-    probe = rng.choice(scene) if rng.random() < 0.5 else {"colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES)}
+    out.append(
+        (
+            f"how many {colour} shapes are there?",
+            str(count),
+            "number",
+            "how many",
+            ["0", "1", "2", "3"],
+        )
+    )
+    out.append(
+        ("how many shapes are there?", str(len(scene)), "number", "how many", ["1", "2", "3"])
+    )
+    probe = (
+        rng.choice(scene)
+        if rng.random() < 0.5
+        else {"colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES)}
+    )
     present = any(o["colour"] == probe["colour"] and o["shape"] == probe["shape"] for o in scene)
-    out.append((f"is there a {probe['colour']} {probe['shape']}?", "yes" if present else "no", "yes/no", "is there a", ["yes", "no"]))
+    out.append(
+        (
+            f"is there a {probe['colour']} {probe['shape']}?",
+            "yes" if present else "no",
+            "yes/no",
+            "is there a",
+            ["yes", "no"],
+        )
+    )
     return out
 
 
@@ -117,16 +165,28 @@ def gqa_questions(scene: list[dict], rng: random.Random) -> list[tuple[str, str,
     out = []
     for left, right in zip(scene, scene[1:]):
         out.append(
-            (f"what color is the shape to the left of the {right['shape']}?", left["colour"],
-             f"the {left['shape']} is {left['colour']}.")
+            (
+                f"what color is the shape to the left of the {right['shape']}?",
+                left["colour"],
+                f"the {left['shape']} is {left['colour']}.",
+            )
         )
         bigger = "yes" if left["size"] == "large" and right["size"] == "small" else "no"
         out.append(
-            (f"is the {left['shape']} bigger than the {right['shape']}?", bigger,
-             f"{bigger}, the {left['shape']} is {'bigger' if bigger == 'yes' else 'not bigger'}.")
+            (
+                f"is the {left['shape']} bigger than the {right['shape']}?",
+                bigger,
+                f"{bigger}, the {left['shape']} is {'bigger' if bigger == 'yes' else 'not bigger'}.",
+            )
         )
     obj = scene[-1]
-    out.append((f"what shape is on the {COLUMNS[obj['column']]}?", obj["shape"], f"it is a {obj['shape']}."))
+    out.append(
+        (
+            f"what shape is on the {COLUMNS[obj['column']]}?",
+            obj["shape"],
+            f"it is a {obj['shape']}.",
+        )
+    )
     return out
 
 
@@ -146,7 +206,9 @@ def nlvr_statement(left: list[dict], right: list[dict], truth: bool, rng: random
                 return f"the left image contains a {colour} shape"
         if kind == 2:
             shape = rng.choice(SHAPES)
-            holds = any(o["shape"] == shape for o in left) and any(o["shape"] == shape for o in right)
+            holds = any(o["shape"] == shape for o in left) and any(
+                o["shape"] == shape for o in right
+            )
             if holds == truth:
                 return f"both images contain a {shape}"
         if kind == 3 and len(left) != len(right) and (len(left) > len(right)) == truth:
@@ -161,11 +223,21 @@ def generate(out: Path, images: int = 300, seed: int = 0, size: int = 64) -> dic
     splits = ["train"] * images
     n_eval = max(4, images // 10)
     for i in range(n_eval):
-        splits[-1 - i], splits[-1 - n_eval - i], splits[-1 - 2 * n_eval - i] = "test", "val", "restval"
-    coco_split = {s: ("train2014" if s == "train" else "val2014") for s in ("train", "restval", "val", "test")}
+        splits[-1 - i], splits[-1 - n_eval - i], splits[-1 - 2 * n_eval - i] = (
+            "test",
+            "val",
+            "restval",
+        )
+    coco_split = {
+        s: ("train2014" if s == "train" else "val2014") for s in ("train", "restval", "val", "test")
+    }
     counts = {"images": images}
 
-    karpathy, questions, annotations = [], {"train2014": [], "val2014": []}, {"train2014": [], "val2014": []}
+    karpathy, questions, annotations = (
+        [],
+        {"train2014": [], "val2014": []},
+        {"train2014": [], "val2014": []},
+    )
     for image_id, (scene, split) in enumerate(zip(scenes, splits), 1):
         folder = coco_split[split]
         filename = f"COCO_{folder}_{image_id:012d}.jpg"
@@ -175,27 +247,59 @@ def generate(out: Path, images: int = 300, seed: int = 0, size: int = 64) -> dic
         picture.save(path, quality=95)
         (out / "gqa" / "images").mkdir(parents=True, exist_ok=True)
         picture.save(out / "gqa" / "images" / f"{image_id}.jpg", quality=95)
-        sentences = [{"raw": c, "tokens": c.split(), "imgid": image_id - 1, "sentid": 5 * (image_id - 1) + j}
-                     for j, c in enumerate(captions(scene, rng))]
-        karpathy.append({"filepath": folder, "filename": filename, "cocoid": image_id, "imgid": image_id - 1,
-                         "split": split, "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
+        sentences = [
+            {"raw": c, "tokens": c.split(), "imgid": image_id - 1, "sentid": 5 * (image_id - 1) + j}
+            for j, c in enumerate(captions(scene, rng))
+        ]
+        karpathy.append(
+            {
+                "filepath": folder,
+                "filename": filename,
+                "cocoid": image_id,
+                "imgid": image_id - 1,
+                "split": split,
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+            }
+        )
         for j, (q, a, a_type, q_type, pool) in enumerate(vqa_questions(scene, rng)):
             qid = image_id * 100 + j
             questions[folder].append({"image_id": image_id, "question": q, "question_id": qid})
             given = answers_with_noise(a, pool, rng)
-            annotations[folder].append({
-                "question_id": qid, "image_id": image_id, "question_type": q_type, "answer_type": a_type,
-                "multiple_choice_answer": a,
-                "answers": [{"answer": x, "answer_confidence": "yes", "answer_id": k + 1} for k, x in enumerate(given)],
-            })
+            annotations[folder].append(
+                {
+                    "question_id": qid,
+                    "image_id": image_id,
+                    "question_type": q_type,
+                    "answer_type": a_type,
+                    "multiple_choice_answer": a,
+                    "answers": [
+                        {"answer": x, "answer_confidence": "yes", "answer_id": k + 1}
+                        for k, x in enumerate(given)
+                    ],
+                }
+            )
     write_json(out / "coco" / "dataset_coco.json", {"images": karpathy, "dataset": "coco"})
     for folder in questions:
-        write_json(out / "vqa" / f"v2_OpenEnded_mscoco_{folder}_questions.json",
-                   {"info": {"description": "vlpeft synthetic"}, "task_type": "Open-Ended", "data_type": "mscoco",
-                    "data_subtype": folder, "questions": questions[folder]})
-        write_json(out / "vqa" / f"v2_mscoco_{folder}_annotations.json",
-                   {"info": {"description": "vlpeft synthetic"}, "data_type": "mscoco", "data_subtype": folder,
-                    "annotations": annotations[folder]})
+        write_json(
+            out / "vqa" / f"v2_OpenEnded_mscoco_{folder}_questions.json",
+            {
+                "info": {"description": "vlpeft synthetic"},
+                "task_type": "Open-Ended",
+                "data_type": "mscoco",
+                "data_subtype": folder,
+                "questions": questions[folder],
+            },
+        )
+        write_json(
+            out / "vqa" / f"v2_mscoco_{folder}_annotations.json",
+            {
+                "info": {"description": "vlpeft synthetic"},
+                "data_type": "mscoco",
+                "data_subtype": folder,
+                "annotations": annotations[folder],
+            },
+        )
     counts["vqa_questions"] = sum(map(len, questions.values()))
 
     gqa_split = {"train": "train", "restval": "train", "val": "val", "test": "testdev"}
@@ -203,7 +307,11 @@ def generate(out: Path, images: int = 300, seed: int = 0, size: int = 64) -> dic
     for image_id, (scene, split) in enumerate(zip(scenes, splits), 1):
         for j, (q, a, full) in enumerate(gqa_questions(scene, rng)):
             gqa[gqa_split[split]][f"{image_id}{j:02d}"] = {
-                "imageId": str(image_id), "question": q, "answer": a, "fullAnswer": full, "isBalanced": True,
+                "imageId": str(image_id),
+                "question": q,
+                "answer": a,
+                "fullAnswer": full,
+                "isBalanced": True,
                 "types": {"structural": "query", "semantic": "rel", "detailed": "relation"},
             }
     for name, data in gqa.items():
@@ -222,8 +330,17 @@ def generate(out: Path, images: int = 300, seed: int = 0, size: int = 64) -> dic
             render(scenes[a], size).save(folder / f"{stem}-img0.png")
             render(scenes[b], size).save(folder / f"{stem}-img1.png")
             for k, truth in enumerate(rng.sample([True, False], 2)):
-                rows[name].append({"identifier": f"{stem}-{k}", "sentence": nlvr_statement(scenes[a], scenes[b], truth, rng),
-                                   "label": str(truth), "left_url": "", "right_url": "", "synset": "", "query": ""})
+                rows[name].append(
+                    {
+                        "identifier": f"{stem}-{k}",
+                        "sentence": nlvr_statement(scenes[a], scenes[b], truth, rng),
+                        "label": str(truth),
+                        "left_url": "",
+                        "right_url": "",
+                        "synset": "",
+                        "query": "",
+                    }
+                )
     for name, data in rows.items():
         path = out / "nlvr2" / f"{name}.json"
         path.write_text("".join(json.dumps(r) + "\n" for r in data))
@@ -270,7 +387,9 @@ retrieval:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic VL data set in the official formats.")
+    parser = argparse.ArgumentParser(
+        description="Write the synthetic VL data set in the official formats."
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--images", type=int, default=300, help="number of scenes (default 300)")
     parser.add_argument("--seed", type=int, default=0)

@@ -85,7 +85,10 @@ class VQA(Task):
 
     @staticmethod
     def annotation(ann: dict, where: str) -> dict:
-        answers = [field(a, "answer", f"{where}: answers[{j}]", str) for j, a in enumerate(field(ann, "answers", where, list))]
+        answers = [
+            field(a, "answer", f"{where}: answers[{j}]", str)
+            for j, a in enumerate(field(ann, "answers", where, list))
+        ]
         if not answers:
             raise DataError(f"{where}: field 'answers' is empty")
         return {
@@ -99,17 +102,26 @@ class VQA(Task):
     def read_karpathy(self, which: str) -> list[dict]:
         path = self.config.options.get("karpathy")
         if not path:
-            raise DataError(f"task {self.name}: split karpathy_{which} needs options.karpathy (a dataset_coco.json)")
+            raise DataError(
+                f"task {self.name}: split karpathy_{which} needs options.karpathy (a dataset_coco.json)"
+            )
         karpathy = read_json(path)
         wanted = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"}}.get(which)
         if wanted is None:
-            raise DataError(f"task {self.name}: unknown Karpathy split {which!r} (train, val, test)")
+            raise DataError(
+                f"task {self.name}: unknown Karpathy split {which!r} (train, val, test)"
+            )
         images = set()
         for i, image in enumerate(field(karpathy, "images", str(path), list)):
             where = f"{path}: images[{i}]"
             if field(image, "split", where, str) in wanted:
                 images.add(field(image, "cocoid", where, int))
-        return [r for split in ("train2014", "val2014") for r in self.read_official(split) if r["image_id"] in images]
+        return [
+            r
+            for split in ("train2014", "val2014")
+            for r in self.read_official(split)
+            if r["image_id"] in images
+        ]
 
     def collate(self, records, images):
         return {

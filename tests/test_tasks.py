@@ -1,0 +1,387 @@
+"""Readers on hand-written files in each official format, the synthetic set, router, sampler, bad input."""
+
+import json
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from tasks.base import DataError, TaskConfig
+from tasks.router import TaskRouter, take
+from tasks.sampler import MultitaskSampler, SamplerConfig
+from tasks.synthetic import generate
+from tasks.vqa import answer_scores, answer_vocabulary, soft_score
+from vlpeft.models import build_model
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    return path
+
+
+@pytest.fixture()
+def vqa_dir(tmp_path):
+    answers = (
+        ["2"] * 3 + ["two"] * 4 + ["3", "2", "Two "]
+    )  # "2" by 4, "two" by 5 (case/space), "3" by 1
+    write(
+        tmp_path / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json",
+        {
+            "questions": [
+                {"image_id": 42, "question": "How many dogs?", "question_id": 420},
+                {"image_id": 7, "question": "Is it red?", "question_id": 70},
+            ]
+        },
+    )
+    write(
+        tmp_path / "vqa" / "v2_mscoco_val2014_annotations.json",
+        {
+            "annotations": [
+                {
+                    "question_id": 420,
+                    "image_id": 42,
+                    "question_type": "how many",
+                    "answer_type": "number",
+                    "multiple_choice_answer": "two",
+                    "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(answers)],
+                },
+                {
+                    "question_id": 70,
+                    "image_id": 7,
+                    "question_type": "is it",
+                    "answer_type": "yes/no",
+                    "multiple_choice_answer": "yes",
+                    "answers": [{"answer": "yes", "answer_id": i + 1} for i in range(10)],
+                },
+            ]
+        },
+    )
+    write(
+        tmp_path / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json",
+        {"questions": [{"image_id": 1, "question": "What?", "question_id": 10}]},
+    )
+    write(
+        tmp_path / "vqa" / "v2_mscoco_train2014_annotations.json",
+        {
+            "annotations": [
+                {
+                    "question_id": 10,
+                    "image_id": 1,
+                    "question_type": "what",
+                    "answer_type": "other",
+                    "multiple_choice_answer": "cat",
+                    "answers": [{"answer": "cat", "answer_id": i + 1} for i in range(10)],
+                }
+            ]
+        },
+    )
+    write(
+        tmp_path / "dataset_coco.json",
+        {
+            "images": [
+                {
+                    "filepath": "val2014",
+                    "filename": "COCO_val2014_000000000042.jpg",
+                    "cocoid": 42,
+                    "imgid": 0,
+                    "split": "test",
+                    "sentences": [{"raw": "Two dogs. "}],
+                },
+                {
+                    "filepath": "val2014",
+                    "filename": "COCO_val2014_000000000007.jpg",
+                    "cocoid": 7,
+                    "imgid": 1,
+                    "split": "restval",
+                    "sentences": [{"raw": "A red ball"}, {"raw": "a ball"}],
+                },
+                {
+                    "filepath": "train2014",
+                    "filename": "COCO_train2014_000000000001.jpg",
+                    "cocoid": 1,
+                    "imgid": 2,
+                    "split": "train",
+                    "sentences": [{"raw": "a cat"}],
+                },
+            ]
+        },
+    )
+    for name in (
+        "val2014/COCO_val2014_000000000042.jpg",
+        "val2014/COCO_val2014_000000000007.jpg",
+        "train2014/COCO_train2014_000000000001.jpg",
+    ):
+        image(tmp_path / "images" / name)
+    return tmp_path
+
+
+def vqa_task(root, **kw):
+    config = {
+        "reader": "vqa",
+        "root": "vqa",
+        "images": "images",
+        "options": {"karpathy": "dataset_coco.json"},
+        **kw,
+    }
+    return TaskRouter.from_dict({"vqa": config}, root)["vqa"]
+
+
+def test_soft_score_is_the_leave_one_out_average():
+    assert [soft_score(k) for k in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
+    # brute force: mean over the 10 subsets of 9 of min(1, matches / 3)
+    for k in range(11):
+        given = [1] * k + [0] * (10 - k)
+        brute = sum(min(1, sum(given[:i] + given[i + 1 :]) / 3) for i in range(10)) / 10
+        assert soft_score(k) == pytest.approx(brute, abs=1e-4)
+
+
+def test_vqa_official_files(vqa_dir):
+    records = vqa_task(vqa_dir, splits={"val": "val2014"}).read("val")
+    assert [r["question_id"] for r in records] == [420, 70]
+    first = records[0]
+    assert (
+        first["answer_type"] == "number"
+        and first["target"] == "two"
+        and len(first["answers"]) == 10
+    )
+    assert first["label"] == {"2": 1.0, "two": 1.0, "3": 0.3}
+    assert answer_scores(["a"] * 2 + ["b"] * 8) == {"a": 0.6, "b": 1.0}
+    assert first["images"][0].name == "COCO_val2014_000000000042.jpg"
+    assert answer_vocabulary(records + records[:1], size=1) == ["two"]
+
+
+def test_vqa_karpathy_split_mapping(vqa_dir):
+    task = vqa_task(vqa_dir, splits={"train": "karpathy_train", "test": "karpathy_test"})
+    assert sorted(r["question_id"] for r in task.read("train")) == [10, 70]  # train + restval
+    assert [r["question_id"] for r in task.read("test")] == [420]
+
+
+def test_karpathy_captions_and_retrieval(vqa_dir):
+    router = TaskRouter.from_dict(
+        {
+            "caption": {"reader": "caption", "root": ".", "images": "images"},
+            "retrieval": {"reader": "retrieval", "root": ".", "images": "images"},
+        },
+        vqa_dir,
+    )
+    train = router["caption"].read("train")
+    assert sorted(r["caption"] for r in train) == ["A red ball", "a ball", "a cat"]
+    test = router["retrieval"].read("test")
+    assert [(r["image_id"], r["captions"]) for r in test] == [(42, ["Two dogs."])]
+    model = build_model("blip", "tiny")
+    batch = take(router.dataset("retrieval", "train", model), [0, 1, 2])
+    assert batch["kind"] == "retrieval" and batch["images"].shape == (3, 3, 32, 32)
+    assert sorted(batch["image_ids"]) == [1, 7, 7]
+
+
+def test_gqa_and_nlvr2_files(tmp_path):
+    write(
+        tmp_path / "gqa" / "testdev_balanced_questions.json",
+        {
+            "201": {
+                "imageId": "n1",
+                "question": "What is it?",
+                "answer": "cat",
+                "fullAnswer": "It is a cat.",
+                "isBalanced": True,
+                "types": {"structural": "query"},
+            }
+        },
+    )
+    image(tmp_path / "gqa" / "images" / "n1.jpg")
+    write(
+        tmp_path / "nlvr" / "dev.json",
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"identifier": "dev-850-0-0", "sentence": "One dog.", "label": "True"},
+                {"identifier": "dev-850-0-1", "sentence": "Two dogs.", "label": "False"},
+            ]
+        )
+        + "\n",
+    )
+    image(tmp_path / "nlvr" / "img" / "dev" / "dev-850-0-img0.png")
+    image(tmp_path / "nlvr" / "img" / "dev" / "dev-850-0-img1.png")
+    router = TaskRouter.from_dict(
+        {
+            "gqa": {
+                "reader": "gqa",
+                "root": "gqa",
+                "images": "gqa/images",
+                "splits": {"test": "testdev"},
+            },
+            "nlvr2": {
+                "reader": "nlvr2",
+                "root": "nlvr",
+                "images": "nlvr/img",
+                "splits": {"val": "dev"},
+            },
+        },
+        tmp_path,
+    )
+    (gqa,) = router["gqa"].read("test")
+    assert (gqa["id"], gqa["target"], gqa["full_answer"]) == ("201", "cat", "It is a cat.")
+    left, right = router["nlvr2"].read("val")
+    assert [p.name for p in left["images"]] == ["dev-850-0-img0.png", "dev-850-0-img1.png"]
+    assert left["images"] == right["images"] and (left["label"], right["label"]) == (1, 0)
+    batch = take(router.dataset("nlvr2", "val", build_model("clip-bart", "tiny")), [0, 1])
+    assert batch["images"].shape == (2, 2, 3, 64, 64)
+    assert batch["targets"] == ["true", "false"] and batch["text"][0] == "nlvr: One dog."
+
+
+def test_synthetic_set_reads_through_the_official_readers(tmp_path):
+    counts = generate(tmp_path, images=60, seed=3)
+    again = generate(tmp_path / "again", images=60, seed=3)
+    assert counts == again
+    assert (tmp_path / "vqa" / "v2_mscoco_train2014_annotations.json").read_text() == (
+        tmp_path / "again" / "vqa" / "v2_mscoco_train2014_annotations.json"
+    ).read_text()
+    router = TaskRouter.from_yaml(tmp_path / "tasks.yaml")
+    assert sorted(router.tasks) == ["caption", "gqa", "nlvr2", "retrieval", "vqa"]
+    for name in router.tasks:
+        for split in ("train", "val", "test"):
+            assert router[name].read(split)
+    vqa = router["vqa"].read("train")
+    assert {r["answer_type"] for r in vqa} == {"yes/no", "number", "other"}
+    assert all(len(r["answers"]) == 10 for r in vqa)
+    captions = router["caption"].read("test")
+    assert all(len(r["captions"]) == 5 and len(set(r["captions"])) == 5 for r in captions)
+    labels = Counter(r["label"] for r in router["nlvr2"].read("train"))
+    assert labels[0] == labels[1]
+
+
+def test_synthetic_answers_follow_the_image(tmp_path):
+    """The colour answer is the colour of the pixels of the shape's column."""
+    from tasks.synthetic import COLOURS, COLUMNS
+
+    generate(tmp_path, images=40, seed=1, size=96)
+    router = TaskRouter.from_yaml(tmp_path / "tasks.yaml")
+    records = [r for r in router["vqa"].read("train") if r["question"].startswith("what color")]
+    where = {
+        r["image_id"]: r["target"]
+        for r in router["vqa"].read("train")
+        if r["question"].startswith("where")
+    }
+    checked = 0
+    for r in records:
+        picture = Image.open(r["images"][0]).convert("RGB")
+        column = COLUMNS.index(where[r["image_id"]])
+        pixel = picture.getpixel((int(96 / 3 * column + 48 / 3), 48))
+        assert max(abs(a - b) for a, b in zip(pixel, COLOURS[r["target"]])) < 40, r
+        checked += 1
+    assert checked > 10
+
+
+def test_sampler_proportional_and_deterministic():
+    sizes, batch = {"a": 100, "b": 30, "c": 10}, {"a": 10, "b": 10, "c": 5}
+    sampler = MultitaskSampler(sizes, batch, SamplerConfig(seed=1))
+    steps = list(sampler.epoch(0))
+    assert Counter(t for t, _ in steps) == {"a": 10, "b": 3, "c": 2}
+    seen = Counter(i for t, idx in steps if t == "a" for i in idx)
+    assert sorted(seen) == list(range(100)) and set(seen.values()) == {1}  # each record once
+    assert steps == list(MultitaskSampler(sizes, batch, SamplerConfig(seed=1)).epoch(0))
+    assert steps != list(sampler.epoch(1))
+
+
+def test_sampler_balanced_and_temperature():
+    sizes, batch = {"a": 400, "b": 20}, {"a": 10, "b": 10}
+    balanced = Counter(MultitaskSampler(sizes, batch, SamplerConfig("balanced")).schedule(0))
+    assert balanced["a"] == balanced["b"] == 21
+    hot = Counter(
+        MultitaskSampler(sizes, batch, SamplerConfig("temperature", temperature=100.0)).schedule(0)
+    )
+    cold = Counter(
+        MultitaskSampler(sizes, batch, SamplerConfig("temperature", temperature=1.0)).schedule(0)
+    )
+    assert sum(hot.values()) == sum(cold.values()) == 42
+    assert hot["b"] > cold["b"]  # a higher temperature flattens towards uniform
+    with pytest.raises(ValueError, match="mode"):
+        SamplerConfig("roundrobin")
+
+
+def test_sampler_shards_are_disjoint_and_cover():
+    sizes, batch = {"a": 11}, {"a": 2}
+    shards = [MultitaskSampler(sizes, batch, rank=r, world_size=3) for r in range(3)]
+    schedules = [s.schedule(0) for s in shards]
+    assert schedules[0] == schedules[1] == schedules[2]
+    seen = [i for s in shards for _, idx in s.epoch(0) for i in idx]
+    assert set(seen) == set(range(11)) and len(seen) == 12  # padded by one, like DistributedSampler
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_missing_file_and_malformed_json(vqa_dir):
+    with pytest.raises(
+        DataError, match="v2_OpenEnded_mscoco_test2015_questions.json: file not found"
+    ):
+        vqa_task(vqa_dir, splits={"test": "test2015"}).read("test")
+    write(vqa_dir / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json", '{"questions": [')
+    with pytest.raises(DataError, match="malformed JSON at line 1"):
+        vqa_task(vqa_dir, splits={"val": "val2014"}).read("val")
+
+
+def test_record_missing_a_field(vqa_dir):
+    write(
+        vqa_dir / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json",
+        {"questions": [{"image_id": 42, "question_id": 420}]},
+    )
+    with pytest.raises(DataError, match=r"questions\[0\]: missing field 'question'"):
+        vqa_task(vqa_dir, splits={"val": "val2014"}).read("val")
+
+
+def test_nlvr_bad_label_names_the_line(tmp_path):
+    write(
+        tmp_path / "dev.json",
+        json.dumps({"identifier": "dev-1-0-0", "sentence": "x", "label": "yes"}) + "\n",
+    )
+    task = TaskRouter.from_dict(
+        {"n": {"reader": "nlvr2", "root": ".", "splits": {"val": "dev"}}}, tmp_path
+    )["n"]
+    with pytest.raises(DataError, match="dev.json: line 1: field 'label'"):
+        task.read("val")
+
+
+def test_unknown_task_and_key(tmp_path):
+    with pytest.raises(DataError, match="did you mean 'nlvr2'"):
+        TaskRouter.from_dict({"n": {"reader": "nlvr", "root": "."}}, tmp_path)
+    with pytest.raises(DataError, match="did you mean 'batch_size'"):
+        TaskRouter.from_dict({"n": {"reader": "gqa", "root": ".", "batchsize": 4}}, tmp_path)
+    router = TaskRouter.from_dict({"n": {"reader": "gqa", "root": "."}}, tmp_path)
+    with pytest.raises(DataError, match="unknown task 'm'"):
+        router["m"]
+
+
+def test_empty_split(tmp_path):
+    write(tmp_path / "val_balanced_questions.json", {})
+    task = TaskRouter.from_dict({"g": {"reader": "gqa", "root": "."}}, tmp_path)["g"]
+    with pytest.raises(DataError, match="split 'val' .* is empty"):
+        task.read("val")
+
+
+def test_missing_and_unreadable_images(vqa_dir, caplog):
+    (vqa_dir / "images" / "val2014" / "COCO_val2014_000000000042.jpg").unlink()
+    with pytest.raises(DataError, match="record 420: field 'image': .*000000000042.jpg not found"):
+        vqa_task(vqa_dir, splits={"val": "val2014"}).read("val")
+    write(vqa_dir / "images" / "val2014" / "COCO_val2014_000000000042.jpg", "not an image")
+    task = vqa_task(vqa_dir, splits={"val": "val2014"})
+    dataset_records = task.read("val")
+    from tasks.base import TaskDataset
+
+    with pytest.raises(DataError, match="record 420: field 'image': .* is unreadable"):
+        TaskDataset(task, dataset_records, lambda x: x)[0]
+    skipping = vqa_task(vqa_dir, splits={"val": "val2014"}, skip_unreadable_images=True)
+    with caplog.at_level("WARNING"):
+        kept = skipping.read("val")
+    assert [r["question_id"] for r in kept] == [70] and skipping.skipped == 1
+    assert "skipped 1 records with unreadable images" in caplog.text
+
+
+def test_task_config_requires_reader_and_root():
+    with pytest.raises(DataError, match="missing key 'root'"):
+        TaskConfig.from_dict({"reader": "vqa"}, "tasks.vqa")
