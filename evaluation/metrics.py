@@ -1,0 +1,296 @@
+"""Official metrics as pure functions (this module imports nothing of the project).
+
+- :func:`vqa_accuracy`: the official VQA evaluation (answer normalisation in the official order and
+  conditions; leave-one-out accuracy over the 10 answers; overall, per answer type and per question
+  type, 0–100). VL-T5/VL-Adapter always normalise the prediction; the official script normalises
+  prediction and answers only when the ten answers are not all identical — we follow the official
+  script, and compare case-insensitively (FORMATS.md).
+- :func:`exact_match_accuracy` (GQA), :func:`nlvr2_scores` (accuracy and consistency).
+- :func:`caption_scores`: pycocoevalcap's PTB tokenizer and BLEU-1..4, METEOR, ROUGE-L, CIDEr, all
+  ×100; SPICE only when its Stanford CoreNLP models are present.
+- :func:`retrieval_recall` and :func:`itm_rerank`: R@1/5/10 both ways from a similarity matrix,
+  optionally re-ranked by an ITM head on the top-k (BLIP/UniAdapter).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# -- VQA normalisation, as in the official vqaEval.py ---------------------------------------------
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
+    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}  # fmt: skip
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = [
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the official pattern, verbatim in effect
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def vqa_punctuation(text: str) -> str:
+    """The official ``processPunctuation``: a punctuation mark touching a space (or any text with a
+    digit,digit comma) is removed, otherwise replaced by a space; then periods not followed by a
+    digit are removed (the official call passes re.UNICODE as ``count``, i.e. at most 32)."""
+    out = text
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out, count=re.UNICODE)
+
+
+def vqa_digits_articles(text: str) -> str:
+    """The official ``processDigitArticle``: lower-case, number words → digits, drop articles,
+    restore contractions."""
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_normalize(text: str) -> str:
+    return vqa_digits_articles(vqa_punctuation(text))
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_question_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Mean over the 10 leave-one-out subsets of min(1, #subset answers equal to prediction / 3)."""
+    answers = [_clean(a) for a in answers]
+    prediction = _clean(prediction)
+    if len(set(answers)) > 1:  # the official condition: normalise only when annotators disagree
+        answers = [vqa_normalize(a) for a in answers]
+        prediction = vqa_normalize(prediction)
+    answers = [a.lower() for a in answers]
+    prediction = prediction.lower()
+    matches = [a == prediction for a in answers]
+    total = sum(matches)
+    return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)
+
+
+def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
+    """Official VQA accuracy (0–100, two decimals like the official tool).
+
+    Args:
+        predictions: ``[{"question_id", "answer"}]`` (the submission format).
+        annotations: the official annotation records (``question_id``, ``answers`` [10 ×
+            {"answer"}], ``answer_type``, ``question_type``), one per predicted question.
+
+    Returns:
+        ``{"overall", "perAnswerType": {type: acc}, "perQuestionType": {type: acc}}``.
+    """
+    predicted = {p["question_id"]: p["answer"] for p in predictions}
+    annotated = {a["question_id"] for a in annotations}
+    if set(predicted) != annotated:
+        missing, extra = sorted(annotated - set(predicted)), sorted(set(predicted) - annotated)
+        raise ValueError(
+            f"vqa_accuracy: predictions and annotations differ (missing {missing[:5]}, extra {extra[:5]})"
+        )
+    per_answer, per_question, overall = defaultdict(list), defaultdict(list), []
+    for ann in annotations:
+        acc = vqa_question_accuracy(
+            predicted[ann["question_id"]], [a["answer"] for a in ann["answers"]]
+        )
+        overall.append(acc)
+        per_answer[ann["answer_type"]].append(acc)
+        per_question[ann["question_type"]].append(acc)
+
+    def pct(values):
+        return round(100 * sum(values) / len(values), 2)
+
+    return {
+        "overall": pct(overall),
+        "perAnswerType": {k: pct(v) for k, v in sorted(per_answer.items())},
+        "perQuestionType": {k: pct(v) for k, v in sorted(per_question.items())},
+    }
+
+
+def exact_match_accuracy(predictions: dict, answers: dict) -> float:
+    """GQA accuracy: % of questions whose stripped, lower-cased prediction equals the answer."""
+    if set(predictions) != set(answers):
+        raise ValueError("exact_match_accuracy: predictions and answers cover different questions")
+    hits = sum(predictions[q].strip().lower() == answers[q].strip().lower() for q in answers)
+    return 100 * hits / len(answers)
+
+
+def nlvr2_scores(predictions: dict[str, bool], labels: dict[str, bool]) -> dict:
+    """NLVR² accuracy and consistency (% of sentences — identifiers minus the last field — whose
+    statements over all their image pairs are all right), 0–100."""
+    if set(predictions) != set(labels):
+        raise ValueError("nlvr2_scores: predictions and labels cover different identifiers")
+    right = {k: predictions[k] == labels[k] for k in labels}
+    groups = defaultdict(list)
+    for identifier, ok in right.items():
+        parts = identifier.split("-")  # <split>-<set>-<pair>-<sentence>
+        groups[(parts[0], parts[1], parts[-1])].append(ok)
+    return {
+        "accuracy": 100 * sum(right.values()) / len(right),
+        "consistency": 100 * sum(all(g) for g in groups.values()) / len(groups),
+    }
+
+
+# -- captions -------------------------------------------------------------------------------------
+def spice_available() -> bool:
+    """SPICE needs Stanford CoreNLP jars in pycocoevalcap's spice/lib (it would download them)."""
+    import pycocoevalcap
+
+    lib = Path(pycocoevalcap.__file__).parent / "spice" / "lib"
+    return any(lib.glob("stanford-corenlp-*-models.jar"))
+
+
+def caption_scores(
+    predictions: dict, references: dict, spice: bool | None = None
+) -> dict[str, float]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when available), all ×100.
+
+    Args:
+        predictions: image id → generated caption.
+        references: image id → list of reference captions.
+        spice: ``None`` = when its models are present; ``True`` insists (an error without them).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    if set(predictions) != set(references):
+        raise ValueError("caption_scores: predictions and references cover different images")
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
+    res = tokenizer.tokenize({k: [{"caption": c}] for k, c in predictions.items()})
+    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
+               (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]  # fmt: skip
+    if spice is None:
+        spice = spice_available()
+        if not spice:
+            log.info(
+                "SPICE skipped: Stanford CoreNLP models are not installed (it cannot download offline)"
+            )
+    if spice:
+        from pycocoevalcap.spice.spice import Spice
+
+        scorers.append((Spice(), ["SPICE"]))
+    scores = {}
+    for scorer, names in scorers:
+        value, _ = scorer.compute_score(gts, res)
+        for name, v in zip(names, value if isinstance(value, list) else [value]):
+            scores[name] = 100 * float(v)
+    return scores
+
+
+# -- retrieval ------------------------------------------------------------------------------------
+def _ranks(scores: np.ndarray, targets: list[np.ndarray]) -> np.ndarray:
+    """Rank (0 = first) of the best target of each row; ties count against us (a constant scorer
+    gets no credit): rank = #candidates scoring ≥ the best target's score, minus one."""
+    ranks = np.empty(len(scores), dtype=int)
+    for row, target in enumerate(targets):
+        best = scores[row, target].max()
+        ranks[row] = int((scores[row] >= best).sum()) - 1
+    return ranks
+
+
+def retrieval_recall(
+    similarity, text_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)
+) -> dict:
+    """R@K image→text and text→image (0–100) and their means.
+
+    Args:
+        similarity: (n_images, n_texts) scores.
+        text_to_image: for each text, the index of its image.
+
+    Returns:
+        ``{"i2t_r1", …, "t2i_r1", …, "i2t_mean", "t2i_mean", "r_mean"}`` (image→text: a hit when
+        the best-ranked of the image's captions is within K).
+    """
+    sim = np.asarray(similarity, dtype=np.float64)
+    owner = np.asarray(text_to_image)
+    if sim.shape[1] != len(owner):
+        raise ValueError(
+            f"retrieval_recall: {sim.shape[1]} texts but {len(owner)} text→image entries"
+        )
+    i2t = _ranks(sim, [np.flatnonzero(owner == i) for i in range(sim.shape[0])])
+    t2i = _ranks(sim.T, [np.array([i]) for i in owner])
+    out = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in ks:
+            out[f"{name}_r{k}"] = 100 * float((ranks < k).mean())
+        out[f"{name}_mean"] = float(np.mean([out[f"{name}_r{k}"] for k in ks]))
+    out["r_mean"] = (out["i2t_mean"] + out["t2i_mean"]) / 2
+    return out
+
+
+def itm_rerank(similarity, itm: Callable[[int, np.ndarray], np.ndarray], k: int) -> np.ndarray:
+    """BLIP's re-ranking of one direction: for each row, the top-k columns by similarity get
+    ``itm(row, columns) + similarity`` and the rest ``-inf``.
+
+    Call it once per direction (image→text rows = images; text→image on the transposed matrix).
+    """
+    sim = np.asarray(similarity, dtype=np.float64)
+    out = np.full_like(sim, -np.inf)
+    k = min(k, sim.shape[1])
+    for row in range(sim.shape[0]):
+        top = np.argsort(-sim[row], kind="stable")[:k]
+        out[row, top] = np.asarray(itm(row, top), dtype=np.float64) + sim[row, top]
+    return out

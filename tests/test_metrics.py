@@ -1,0 +1,153 @@
+"""Metrics against hand-worked cases and against pycocoevalcap called directly."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from evaluation.metrics import (
+    caption_scores,
+    exact_match_accuracy,
+    itm_rerank,
+    nlvr2_scores,
+    retrieval_recall,
+    vqa_accuracy,
+    vqa_normalize,
+    vqa_question_accuracy,
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("Two", "2"),
+        ("2", "2"),
+        ("two.", "2"),
+        ("a dog", "dog"),
+        ("dont", "don't"),
+        ("10 o'clock", "10 o'clock"),
+        ("10 oclock", "10 o'clock"),
+        ("yes!", "yes"),
+        ("3.5", "3.5"),
+        ("1,000", "1000"),
+        ("black-and-white", "black and white"),
+        ("the cat's toy", "cat's toy"),
+    ],
+)
+def test_vqa_normalisation_edge_cases(raw, normal):
+    assert vqa_normalize(raw) == normal
+
+
+def test_vqa_normalisation_only_when_annotators_disagree():
+    # all ten say "2": no normalisation, so "two." is not "2" (the official condition)
+    assert vqa_question_accuracy("two.", ["2"] * 10) == 0.0
+    assert vqa_question_accuracy("Two", ["two"] * 10) == 1.0  # case-insensitive comparison
+    # annotators disagree: both sides are normalised, "two." == "2" == "two"
+    answers = ["2"] * 2 + ["two"] * 2 + ["3"] * 6
+    assert vqa_question_accuracy("two.", answers) == 1.0
+
+
+def test_vqa_leave_one_out_by_hand():
+    # the prediction matches 2 of 10 answers: leaving out one of the 2 leaves 1 match (1/3),
+    # leaving out one of the other 8 leaves 2 matches (2/3): (2·1/3 + 8·2/3) / 10 = 0.6
+    answers = ["red", "red"] + ["blue"] * 8
+    assert vqa_question_accuracy("red", answers) == pytest.approx(0.6)
+    assert vqa_question_accuracy("blue", answers) == pytest.approx(1.0)
+    assert vqa_question_accuracy("green", answers) == 0.0
+    three = ["a cat"] * 3 + ["dog"] * 7  # normalised "cat" matches 3: (3·2/3 + 7·1) / 10 = 0.9
+    assert vqa_question_accuracy("cat", three) == pytest.approx(0.9)
+
+
+def test_vqa_accuracy_overall_and_per_type():
+    ann = [
+        {
+            "question_id": 1,
+            "answer_type": "number",
+            "question_type": "how many",
+            "answers": [{"answer": a} for a in ["2"] * 2 + ["two"] * 2 + ["3"] * 6],
+        },
+        {
+            "question_id": 2,
+            "answer_type": "yes/no",
+            "question_type": "is the",
+            "answers": [{"answer": "yes"}] * 10,
+        },
+        {
+            "question_id": 3,
+            "answer_type": "yes/no",
+            "question_type": "is the",
+            "answers": [{"answer": "no"}] * 10,
+        },
+    ]
+    preds = [
+        {"question_id": 1, "answer": "3"},
+        {"question_id": 2, "answer": "yes"},
+        {"question_id": 3, "answer": "yes"},
+    ]
+    out = vqa_accuracy(preds, ann)
+    assert out["overall"] == pytest.approx(round(100 * 2 / 3, 2))
+    assert out["perAnswerType"] == {"number": 100.0, "yes/no": 50.0}
+    assert out["perQuestionType"]["is the"] == 50.0
+    with pytest.raises(ValueError, match="missing"):
+        vqa_accuracy(preds[:2], ann)
+
+
+def test_gqa_and_nlvr2():
+    assert exact_match_accuracy({"a": "Cat ", "b": "dog"}, {"a": "cat", "b": "bird"}) == 50.0
+    labels = {"dev-1-0-0": True, "dev-1-1-0": False, "dev-1-0-1": True, "dev-2-0-0": False}
+    preds = {"dev-1-0-0": True, "dev-1-1-0": False, "dev-1-0-1": False, "dev-2-0-0": False}
+    out = nlvr2_scores(preds, labels)
+    assert out["accuracy"] == 75.0
+    assert out["consistency"] == pytest.approx(100 * 2 / 3)  # sentences (1,0) and (2,0) all right
+
+
+def test_retrieval_recall_by_hand_with_ties():
+    # 2 images, 4 texts: texts 0,1 → image 0; texts 2,3 → image 1
+    sim = np.array([[0.9, 0.1, 0.9, 0.5], [0.2, 0.3, 0.4, 0.4]])
+    out = retrieval_recall(sim, [0, 0, 1, 1], ks=(1, 2))
+    # image 0: its best caption (0.9) ties with text 2 (0.9): rank 1 → not R@1, within R@2
+    # image 1: best caption 0.4 ties with text 3 (its own) and text 2 (its own): rank 1 → R@2 only
+    assert out["i2t_r1"] == 0.0 and out["i2t_r2"] == 100.0
+    # text→image: t0 0.9 vs 0.2 → rank 0; t1 0.1 vs 0.3 → rank 1; t2 0.9 vs 0.4 → rank 1; t3 0.5 vs 0.4 → rank 1
+    assert out["t2i_r1"] == 25.0 and out["t2i_r2"] == 100.0
+    assert out["r_mean"] == pytest.approx((50.0 + 62.5) / 2)
+    constant = retrieval_recall(np.zeros((3, 3)), [0, 1, 2], ks=(1,))
+    assert constant["i2t_r1"] == constant["t2i_r1"] == 0.0  # ties give no credit
+
+
+def test_itm_rerank_reorders_only_the_top_k():
+    sim = np.array([[0.5, 0.4, 0.1]])
+    # the ITM head prefers text 1; text 2 is outside the top 2 and drops out
+    reranked = itm_rerank(sim, lambda row, cols: np.where(cols == 1, 1.0, 0.0), k=2)
+    assert np.isneginf(reranked[0, 2])
+    assert reranked[0].argmax() == 1
+    assert reranked[0, 0] == pytest.approx(0.5) and reranked[0, 1] == pytest.approx(1.4)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
+def test_caption_scores_equal_pycocoevalcap_directly():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    refs = {
+        1: ["A red circle.", "a red circle on the left"],
+        2: ["Two blue squares!", "two squares"],
+        3: ["a yellow star", "one star"],
+    }
+    preds = {1: "a red circle", 2: "two squares", 3: "a green star"}
+    ours = caption_scores(preds, refs, spice=False)
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": c}] for k, c in preds.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    direct = {f"Bleu_{i + 1}": b for i, b in enumerate(bleu)}
+    direct["METEOR"] = Meteor().compute_score(gts, res)[0]
+    direct["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    direct["CIDEr"] = Cider().compute_score(gts, res)[0]
+    assert set(ours) == set(direct)
+    for key, value in direct.items():
+        assert ours[key] == pytest.approx(100 * value), key
+    assert ours["CIDEr"] > 10  # ×100 scale, not the raw fraction
