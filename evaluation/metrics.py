@@ -193,9 +193,9 @@ def nlvr2_scores(predictions: dict[str, bool], labels: dict[str, bool]) -> dict:
 # -- captions -------------------------------------------------------------------------------------
 def spice_available() -> bool:
     """SPICE needs Stanford CoreNLP jars in pycocoevalcap's spice/lib (it would download them)."""
-    import pycocoevalcap
+    from pycocoevalcap.spice import spice
 
-    lib = Path(pycocoevalcap.__file__).parent / "spice" / "lib"
+    lib = Path(spice.__file__).parent / "lib"
     return any(lib.glob("stanford-corenlp-*-models.jar"))
 
 

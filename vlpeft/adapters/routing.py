@@ -85,7 +85,7 @@ def routing_inputs(x_r: torch.Tensor | dict[str, torch.Tensor]) -> Iterator[None
         _ROUTING_INPUTS.reset(token)
 
 
-def current_x_r(layer_name: str, batch: int) -> torch.Tensor:
+def current_x_r(layer_name: str, batch: int, expected_dim: int | None = None) -> torch.Tensor:
     """The x_R of the layer ``layer_name`` for a text batch of ``batch`` rows (beam-expanded)."""
     inputs = _ROUTING_INPUTS.get()
     keys = [
@@ -97,6 +97,12 @@ def current_x_r(layer_name: str, batch: int) -> torch.Tensor:
             "`with vlpeft.adapters.routing.routing_inputs(x_r):` (vlpeft VL models do this)"
         )
     x_r = inputs[max(keys, key=len)]
+    if expected_dim is not None and x_r.shape[-1] != expected_dim:
+        raise ValueError(
+            f"routed layer {layer_name!r} maps x_R with a ({expected_dim} → r) matrix but x_R has "
+            f"dim {x_r.shape[-1]}: use separate_mapping=True with visual_dim={x_r.shape[-1]}, or "
+            "route only layers whose input width equals x_R's"
+        )
     if x_r.shape[0] != batch:
         if batch % x_r.shape[0]:
             raise ValueError(
@@ -165,11 +171,10 @@ class RoutedLoRALinear(LoRALinear):
 
     def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         tokens, squeezed = _as_tokens(x)
-        x_r = current_x_r(self.layer_name, tokens.shape[0]).to(tokens.dtype)
+        mapping = self.lora_A if self.lora_A_visual is None else self.lora_A_visual
+        x_r = current_x_r(self.layer_name, tokens.shape[0], mapping.shape[1]).to(tokens.dtype)
         x_t = F.linear(self.dropout(tokens), self.lora_A)
-        x_v = F.linear(
-            self.dropout(x_r), self.lora_A if self.lora_A_visual is None else self.lora_A_visual
-        )
+        x_v = F.linear(self.dropout(x_r), mapping)
         s = (self.n_slices, self.r)
         routed = route(
             self.kind, x_t.unflatten(-1, s).transpose(-2, -3), x_v.unflatten(-1, s).movedim(-2, 1)
@@ -194,8 +199,9 @@ class RoutedBottleneckAdapter(BottleneckAdapter):
 
     def bottleneck_activations(self, y: torch.Tensor) -> torch.Tensor:
         tokens, squeezed = _as_tokens(y)
-        x_r = current_x_r(self.layer_name, tokens.shape[0]).to(tokens.dtype)
-        x_v = (self.down_visual or self.down)(x_r)
+        mapping = self.down_visual or self.down
+        x_r = current_x_r(self.layer_name, tokens.shape[0], mapping.in_features).to(tokens.dtype)
+        x_v = mapping(x_r)
         routed = route(self.kind, self.down(tokens), x_v)
         return self.act(routed.squeeze(1) if squeezed else routed)
 

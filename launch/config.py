@@ -1,0 +1,191 @@
+"""The training config: one YAML file per experiment, validated on load, written back resolved.
+
+Sections (every key has a default except ``model.family`` and ``data.file``)::
+
+    model:    {family: clip-bart, preset: tiny, overrides: {}}
+    adapters: {<set name>: {method: lora, r: 8, routing: proj, components: [encoder, decoder],
+               kinds: [q, v], …method fields}}
+    data:     {file: data/tasks.yaml, tasks: {vqa: {batch_size: 16, adapter: default}, …}}
+    sampler:  {mode: proportional, temperature: 2.0, seed: 0}
+    train:    {steps: 300, lr: 1e-3, weight_decay: 0.01, warmup: 0.1, grad_clip: 1.0, …}
+    resora:   null | {kind: linear, weight: 0.1, start_step: 0, samples: tokens}
+    eval:     {splits: [test], val_every: 0, max_records: null, max_new_tokens: 10, num_beams: 1, itm_k: 16}
+    deepspeed: {enabled: false, config: launch/ds_zero2.json}
+
+An unknown or misspelled key is an error naming it and the nearest valid key.
+``key=value`` overrides address nested keys with dots (``train.steps=50``; values parse as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad training config: the message names the key and the nearest valid one."""
+
+
+@dataclasses.dataclass
+class ModelSection:
+    family: str = ""
+    preset: str = "tiny"
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataSection:
+    file: str = ""
+    tasks: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SamplerSection:
+    mode: str = "proportional"
+    temperature: float = 2.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainSection:
+    steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # a fraction of the steps (< 1) or a number of steps
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass
+class EvalSection:
+    splits: list = dataclasses.field(default_factory=lambda: ["test"])
+    val_every: int = 0
+    max_records: int | None = None
+    max_new_tokens: int = 10
+    num_beams: int = 1
+    itm_k: int = 16
+
+
+@dataclasses.dataclass
+class DeepSpeedSection:
+    enabled: bool = False
+    config: str = "launch/ds_zero2.json"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    adapters: dict = dataclasses.field(default_factory=dict)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    sampler: SamplerSection = dataclasses.field(default_factory=SamplerSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    resora: dict | None = None
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _nearest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls, data: Any, where: str):
+    """The dataclass ``cls`` from ``data``, recursing into dataclass-valued fields."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{_nearest(key, fields)}; valid: {sorted(fields)}"
+            )
+        factory = fields[key].default_factory
+        template = factory() if factory is not dataclasses.MISSING else None
+        nested = dataclasses.is_dataclass(template)
+        kwargs[key] = _build(type(template), value, f"{where}.{key}") if nested else value
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["train.steps=50", "model.preset=base"]`` → nested updates (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def validate(config: TrainConfig, where: str) -> TrainConfig:
+    """Checks values that the dataclasses cannot (family, methods, sampler mode, precision)."""
+    from tasks.sampler import SamplerConfig
+    from vlpeft.adapters.base import MethodConfig
+    from vlpeft.models import get_family
+
+    if not config.model.family:
+        raise ConfigError(f"{where}: model.family is required")
+    try:
+        get_family(config.model.family)
+        SamplerConfig(**dataclasses.asdict(config.sampler))
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if not config.data.file:
+        raise ConfigError(
+            f"{where}: data.file is required (a task-router YAML, e.g. the synthetic set's tasks.yaml)"
+        )
+    if not config.data.tasks:
+        raise ConfigError(f"{where}: data.tasks is empty: name the tasks to train")
+    if config.train.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"{where}: train.precision {config.train.precision!r}: fp32 or bf16")
+    for name, spec in config.adapters.items():
+        spec = {k: v for k, v in dict(spec).items() if k not in ("components", "kinds")}
+        try:
+            MethodConfig.from_dict({"targets": ["_"], **spec}, where=f"{where}: adapters.{name}")
+        except (KeyError, ValueError, TypeError) as err:
+            raise ConfigError(str(err)) from None
+    if config.resora is not None:
+        from vlpeft.adapters import ReSoRAConfig
+
+        valid = {f.name for f in dataclasses.fields(ReSoRAConfig)}
+        for key in config.resora:
+            if key not in valid:
+                raise ConfigError(f"{where}: unknown key resora.{key}{_nearest(key, valid)}")
+    return config
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), data: dict | None = None
+) -> TrainConfig:
+    """Reads, overrides and validates a training config (``data`` instead of a file for tests)."""
+    where = str(path) if path else "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: malformed YAML ({err})") from None
+    data = apply_overrides(dict(data or {}), list(overrides))
+    return validate(_build(TrainConfig, data, where), where)

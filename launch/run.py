@@ -1,0 +1,65 @@
+"""Building a run from its config, and loading a finished run back (evaluation, export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import vlpeft
+from launch.config import ConfigError, TrainConfig, load_config
+from tasks.router import TaskRouter, load_yaml
+from tasks.vqa import answer_vocabulary
+from vlpeft.adapters.base import MethodConfig
+
+
+def build_router(config: TrainConfig) -> TaskRouter:
+    """The configured tasks: entries of ``data.file`` updated by ``data.tasks``."""
+    path = Path(config.data.file)
+    entries = load_yaml(path) or {}
+    merged = {}
+    for name, settings in config.data.tasks.items():
+        if name not in entries:
+            raise ConfigError(f"data.tasks.{name}: not in {path} (it has {sorted(entries)})")
+        merged[name] = {**entries[name], **(settings or {})}
+    return TaskRouter.from_dict(merged, path.parent, where=str(path))
+
+
+def build_model(config: TrainConfig, router: TaskRouter):
+    """The backbone with every adapter set of ``config.adapters`` injected."""
+    overrides = dict(config.model.overrides)
+    if config.model.family == "roberta-vit" and "answers" not in overrides:
+        records = [
+            r
+            for name, t in router.tasks.items()
+            if t.name in ("vqa", "gqa")
+            for r in t.read("train")
+        ]
+        overrides["answers"] = answer_vocabulary(records, overrides.get("num_answers", 3129))
+        config.model.overrides = overrides  # the resolved config records the vocabulary
+    model = vlpeft.build_model(config.model.family, config.model.preset, **overrides)
+    sets = router.adapter_sets()
+    missing = [s for s in sets if s not in config.adapters]
+    if missing:
+        raise ConfigError(
+            f"tasks {[sets[m] for m in missing]} train adapter set(s) {missing}, not defined under adapters"
+        )
+    for name, spec in config.adapters.items():
+        spec = dict(spec)
+        components, kinds = spec.pop("components", None), spec.pop("kinds", None)
+        method = MethodConfig.from_dict({"targets": ["_"], **spec}, where=f"adapters.{name}")
+        vlpeft.add_adapter(model, model.adapter_config(method, components, kinds), name=name)
+    return model
+
+
+def load_run(run_dir: str | Path):
+    """(model with the run's final adapters, router, config) of a finished run."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    router = build_router(config)
+    model = build_model(config, router)
+    adapters = run_dir / "adapters"
+    if not (adapters / "adapter_config.json").exists() and not any(
+        adapters.glob("*/adapter_config.json")
+    ):
+        raise FileNotFoundError(f"{adapters}: no trained adapters (did the run finish?)")
+    vlpeft.load_adapter(model, adapters)
+    return model.eval(), router, config

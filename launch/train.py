@@ -1,0 +1,371 @@
+"""Multitask training: ``python -m launch.train --config FILE [--out RUN_DIR] [key=value …]``.
+
+One process (plain PyTorch loop), or several under ``torchrun`` / ``deepspeed`` (DeepSpeed engine
+when ``deepspeed.enabled``; ZeRO stages in ``launch/ds_zero*.json``, "auto" values filled from this
+config). Each step: the sampler picks a task, the router activates its adapter set and routing
+function, task loss + ReSoRA penalty, backward, clip, step. Progress with tqdm, scalars to
+TensorBoard and ``metrics.jsonl``; atomic checkpoints of trainable tensors, optimizer, scheduler,
+sampler position and RNG states (``--resume`` continues from the newest); at the end the test
+splits are evaluated and ``run.json`` + ``leaderboard.md`` written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+import vlpeft
+from launch.config import TrainConfig, load_config
+from launch.run import build_model, build_router
+from tasks.router import take
+from tasks.sampler import MultitaskSampler, SamplerConfig
+from vlpeft.checkpoint import atomic_write, write_json, write_safetensors
+
+log = logging.getLogger("vlpeft.train")
+
+
+# -- distributed ----------------------------------------------------------------------------------
+def distributed_env() -> tuple[int, int]:
+    """(rank, world size); sets the variables DeepSpeed needs even for one process."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def init_distributed(config: TrainConfig, world: int) -> None:
+    if config.deepspeed.enabled:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    elif world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+
+
+# -- optimisation ---------------------------------------------------------------------------------
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases and normalisation weights (every tensor with < 2 dims)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_linear(steps: int, warmup: float):
+    """Linear warm-up (a fraction of the steps when < 1) then linear decay to 0."""
+    n_warm = int(warmup * steps) if warmup < 1 else int(warmup)
+
+    def factor(step: int) -> float:
+        if step < n_warm:
+            return (step + 1) / n_warm
+        return max(0.0, (steps - step) / max(1, steps - n_warm))
+
+    return factor
+
+
+def deepspeed_config(config: TrainConfig, world: int) -> dict:
+    """The ds_config JSON with "auto" filled from our config (one source of truth)."""
+    path = Path(config.deepspeed.config)
+    ds = json.loads(path.read_text())
+    filled = {
+        "train_micro_batch_size_per_gpu": 1,  # one sampler step = one task batch
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world,
+        "gradient_clipping": config.train.grad_clip,
+    }
+    for key, value in filled.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.setdefault("bf16", {})["enabled"] = config.train.precision == "bf16"
+    return ds
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The optimizer state as (tensors for safetensors, JSON-able rest) — no pickle."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, rest: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in {**tensors, **rest["scalars"]}.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model, optimizer, scheduler, position, keep: int
+) -> None:
+    """Writes checkpoints/step_<n>/ through a temp directory + rename; keeps the last ``keep``."""
+    root = run_dir / "checkpoints"
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tensors, rest = optimizer_tensors(optimizer)
+    write_safetensors(tmp / "trainable.safetensors", trainable_state(model))
+    write_safetensors(tmp / "optimizer.safetensors", tensors)
+    write_safetensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
+    write_json(tmp / "state.json", {"step": step, "position": list(position), "optimizer": rest,
+                                    "scheduler": scheduler.state_dict(), "python_rng": random.getstate()})  # fmt: skip
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, tuple[int, int]]:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    trainable = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    for name, value in trainable.items():
+        params[name].data.copy_(value)
+    restore_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return state["step"], tuple(state["position"])
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def batches(sampler: MultitaskSampler, position: tuple[int, int]):
+    """Sampler steps from ``position`` = (epoch, step within epoch), forever."""
+    epoch, skip = position
+    while True:
+        for i, item in enumerate(sampler.epoch(epoch)):
+            if i >= skip:
+                yield (epoch, i + 1), item
+        epoch, skip = epoch + 1, 0
+
+
+class Logger:
+    """metrics.jsonl + TensorBoard (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(run_dir / "tensorboard")
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.writer:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.writer:
+            self.writer.close()
+
+
+def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Runs training (and the final evaluation); returns the run summary written to run.json."""
+    rank, world = distributed_env()
+    init_distributed(config, world)
+    config.data.file = str(Path(config.data.file).resolve())
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
+    router = build_router(config)
+    model = build_model(config, router)
+    datasets = {name: router.dataset(name, "train", model) for name in router.tasks}
+    sampler = MultitaskSampler(
+        {n: len(d) for n, d in datasets.items()},
+        {n: router[n].config.batch_size for n in datasets},
+        SamplerConfig(**vars(config.sampler)),
+        rank=rank,
+        world_size=world,
+    )
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.train.weight_decay), lr=config.train.lr
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear(config.train.steps, config.train.warmup)
+    )
+    engine = None
+    if config.deepspeed.enabled:
+        import deepspeed
+
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(config, world),
+        )
+    elif world > 1:
+        raise SystemExit(
+            "several processes need deepspeed.enabled=true (gradients are averaged by DeepSpeed)"
+        )
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(
+            run_dir / "config.yaml",
+            lambda t: Path(t).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)),
+        )
+    step, position = 0, (0, 0)
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    if resume and checkpoints:
+        step, position = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        log.info("resumed from %s", checkpoints[-1])
+    resora = vlpeft.ReSoRAConfig(**config.resora) if config.resora else None
+    if resora:
+        vlpeft.enable_resora(model)
+    logger = Logger(run_dir, rank == 0, config.train.tensorboard)
+    started = time.time()
+    stream = batches(sampler, position)
+    bar = tqdm(total=config.train.steps, initial=step, desc="train", disable=rank != 0)
+    model.train()
+    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
+                              enabled=config.train.precision == "bf16")  # fmt: skip
+    while step < config.train.steps:
+        position, (task, indices) = next(stream)
+        router.activate(model, task)
+        with autocast:
+            loss = model.loss(take(datasets[task], indices))
+            penalty = vlpeft.resora_penalty(model, resora, step) if resora else torch.zeros(())
+        total = loss + penalty
+        if engine is not None:
+            engine.backward(total)
+            engine.step()
+        else:
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.train.grad_clip
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            values = {
+                "train/loss": loss.item(),
+                f"train/loss_{task}": loss.item(),
+                "train/lr": scheduler.get_last_lr()[0],
+            }
+            if resora:
+                values["train/resora"] = penalty.item()
+            logger.log(step, values)
+            bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
+        if (
+            rank == 0
+            and config.train.checkpoint_every
+            and step % config.train.checkpoint_every == 0
+        ):
+            save_checkpoint(
+                run_dir, step, model, optimizer, scheduler, position, config.train.keep_checkpoints
+            )
+        if config.eval.val_every and step % config.eval.val_every == 0 and rank == 0:
+            run_evaluation(model, router, config, run_dir, ["val"], logger, step)
+            model.train()
+    bar.close()
+    seconds = time.time() - started
+    summary = {}
+    if rank == 0:
+        if resora:
+            vlpeft.enable_resora(model, False)
+        vlpeft.save_adapter(model, run_dir / "adapters")
+        results = run_evaluation(model, router, config, run_dir, config.eval.splits, logger, step)
+        trainable, total_params = vlpeft.count_parameters(model)
+        summary = {
+            "run": run_dir.name, "family": config.model.family, "preset": config.model.preset,
+            "method": method_name(config), "trainable": trainable, "total": total_params,
+            "train_seconds": round(seconds, 1), "steps": step, "results": results,
+        }  # fmt: skip
+        write_json(run_dir / "run.json", summary)
+        from evaluation.leaderboard import render_markdown
+
+        atomic_write(
+            run_dir / "leaderboard.md", lambda t: Path(t).write_text(render_markdown([summary]))
+        )
+    logger.close()
+    return summary
+
+
+def method_name(config: TrainConfig) -> str:
+    """A short description of the adapter sets, e.g. ``lora r=8 proj``."""
+    parts = []
+    for spec in config.adapters.values():
+        words = [spec.get("method", "?")]
+        for key in ("r", "bottleneck", "routing"):
+            if spec.get(key) is not None:
+                words.append(f"{key}={spec[key]}" if key != "routing" else str(spec[key]))
+        parts.append(" ".join(words))
+    name = " + ".join(dict.fromkeys(parts))
+    return name + (f" + resora {config.resora.get('kind', 'linear')}" if config.resora else "")
+
+
+def run_evaluation(
+    model, router, config: TrainConfig, run_dir: Path, splits, logger, step: int
+) -> dict:
+    from evaluation.evaluate import evaluate_task
+
+    results = {}
+    for name in router.tasks:
+        for split in splits:
+            record = evaluate_task(model, router, name, split, run_dir / "eval", config.eval)
+            results[f"{name}/{split}"] = record["headline"]
+            logger.log(step, {f"{split}/{name}_{record['metric']}": record["headline"]})
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description="Multitask PEFT training (plain loop or DeepSpeed)."
+    )
+    parser.add_argument("--config", required=True, type=Path, help="training YAML")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="run directory (default runs/<config stem>)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # deepspeed passes it
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = load_config(args.config, args.overrides)
+    run_dir = args.out or Path("runs") / args.config.stem
+    return train(config, run_dir, args.resume)
+
+
+if __name__ == "__main__":
+    main()
