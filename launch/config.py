@@ -18,6 +18,7 @@ An unknown or misspelled key is an error naming it and the nearest valid key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from pathlib import Path
@@ -187,5 +188,5 @@ def load_config(
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: malformed YAML ({err})") from None
-    data = apply_overrides(dict(data or {}), list(overrides))
+    data = apply_overrides(copy.deepcopy(data or {}), list(overrides))
     return validate(_build(TrainConfig, data, where), where)

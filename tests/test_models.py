@@ -332,3 +332,12 @@ def test_convert_original_blip_checkpoint(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     with pytest.raises(SystemExit, match="no such checkpoint"):
         main([str(tmp_path / "missing.pth"), str(tmp_path / "x"), "--head", "vqa"])
+
+
+def test_random_weights_are_a_function_of_the_seed():
+    state = torch.get_rng_state()
+    a, b = build_model("gpt2-vit", "tiny"), build_model("gpt2-vit", "tiny")
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = build_model("gpt2-vit", "tiny", seed=1)
+    assert not torch.equal(a.gpt2.transformer.wte.weight, c.gpt2.transformer.wte.weight)

@@ -125,7 +125,9 @@ def build_model(family: str, preset: str | Path = "tiny", **overrides: Any) -> V
     cls = get_family(family)
     data = _deep_merge(load_preset(family, preset), overrides)
     config = cls.config_class.from_dict(data, where=f"{family} preset {preset!r}")
-    return cls(config)
+    with torch.random.fork_rng(devices=[]):  # random weights are a function of the seed alone
+        torch.manual_seed(config.seed)
+        return cls(config)
 
 
 @dataclasses.dataclass
@@ -137,12 +139,15 @@ class ModelConfig:
         pretrained: load the weights named in ``weights``; ``False`` keeps the random init.
         weights: component → weight source (local path, hub id or open_clip tag).
         max_text_length: texts are truncated to this many tokens.
+        seed: seeds the random initialisation (same preset + seed = same weights), without
+            touching the caller's RNG state.
     """
 
     tokenizer: str = "tiny"
     pretrained: bool = False
     weights: dict[str, str] = dataclasses.field(default_factory=dict)
     max_text_length: int = 40
+    seed: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model config") -> ModelConfig:

@@ -1,0 +1,124 @@
+"""The launcher end to end on the synthetic set: config errors, exact resume, evaluate, leaderboard."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import launch.train as train_module
+from evaluation import evaluate, leaderboard
+from launch.config import ConfigError, load_config
+from tasks.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, images=40, seed=0, size=32)
+    return root
+
+
+def clip_bart_config(data, **train):
+    return {
+        "model": {"family": "clip-bart", "preset": "tiny", "overrides": {"image_size": 32}},
+        "adapters": {"default": {"method": "lora", "r": 4, "routing": "mul", "dropout": 0.1}},
+        "data": {"file": str(data / "tasks.yaml"),
+                 "tasks": {"vqa": {"batch_size": 4}, "gqa": {"batch_size": 4}, "nlvr2": {"batch_size": 2}}},
+        "train": {"steps": 6, "lr": 1e-2, "checkpoint_every": 3, "log_every": 1, "tensorboard": False, **train},
+        "eval": {"splits": [], "max_records": 6, "max_new_tokens": 3},
+    }  # fmt: skip
+
+
+def test_config_errors_name_the_key(data):
+    good = clip_bart_config(data)
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        load_config(None, ["train.stpes=3"], data=good)
+    with pytest.raises(ConfigError, match="did you mean 'alpha'"):
+        load_config(None, ["adapters.default.alpah=3"], data=good)
+    with pytest.raises(ConfigError, match="model.family is required"):
+        load_config(None, ["model.family="], data=good)
+    with pytest.raises(ConfigError, match="mode"):
+        load_config(None, ["sampler.mode=roundrobin"], data=good)
+    config = load_config(None, ["train.steps=9", "eval.splits=[val]"], data=good)
+    assert config.train.steps == 9 and config.eval.splits == ["val"]
+
+
+def run(data, out, resume=False, **train):
+    config = load_config(None, data=clip_bart_config(data, **train))
+    return train_module.train(config, out, resume=resume)
+
+
+def test_killed_run_resumes_to_identical_weights(data, tmp_path, monkeypatch):
+    run(data, tmp_path / "whole")
+    calls = {"n": 0}
+    real_take = train_module.take
+
+    def dying_take(dataset, indices):
+        calls["n"] += 1
+        if calls["n"] == 5:  # dies during step 5, after the step-3 checkpoint
+            raise KeyboardInterrupt("killed")
+        return real_take(dataset, indices)
+
+    monkeypatch.setattr(train_module, "take", dying_take)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, tmp_path / "resumed")
+    monkeypatch.setattr(train_module, "take", real_take)
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step_*")] == [
+        "step_0000003"
+    ]
+    run(data, tmp_path / "resumed", resume=True)
+    whole = load_file(tmp_path / "whole" / "adapters" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapters" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    kept = sorted(p.name for p in (tmp_path / "whole" / "checkpoints").glob("*"))
+    assert kept == ["step_0000003", "step_0000006"]  # nothing half-written left behind
+
+
+def test_evaluate_and_leaderboard(data, tmp_path):
+    summary = run(data, tmp_path / "a", steps=2)
+    assert summary["trainable"] > 0 and summary["results"] == {}
+    evaluate.main([str(tmp_path / "a"), "--split", "test"])
+    vqa = json.loads((tmp_path / "a" / "eval" / "vqa_test.json").read_text())
+    assert vqa["metric"] == "accuracy" and 0 <= vqa["headline"] <= 100
+    assert set(vqa["scores"]["perAnswerType"]) <= {"yes/no", "number", "other"}
+    predictions = json.loads((tmp_path / "a" / "eval" / "vqa_test_predictions.json").read_text())
+    assert len(predictions) == 6 and set(predictions[0]) == {"question_id", "answer"}
+    gqa = json.loads((tmp_path / "a" / "eval" / "gqa_test_predictions.json").read_text())
+    assert set(gqa[0]) == {"questionId", "prediction"}
+    nlvr = (tmp_path / "a" / "eval" / "nlvr2_test_predictions.csv").read_text().splitlines()
+    assert all(line.split(",")[1] in ("True", "False") for line in nlvr)
+    # two runs in one table (the second: the same run under another name, other numbers)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name, value in (("a", 10.0), ("b", 30.0)):
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        info.update(run=name, results={"vqa/test": value, "nlvr2/test": value + 40})
+        (tmp_path / name / "run.json").write_text(json.dumps(info))
+    out = tmp_path / "board.md"
+    markdown = leaderboard.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    assert "| a | lora r=4 mul |" in markdown and "| 50.00 | 10.00 | 30.00 |" in markdown
+    assert (tmp_path / "board.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads((tmp_path / "board.json").read_text())
+    assert [r["average"] for r in table["rows"]] == [30.0, 50.0]
+    assert (tmp_path / "board.csv").read_text().startswith("run,method,backbone")
+
+
+def test_blip_retrieval_run_with_null_lora_and_resora(data, tmp_path):
+    config = load_config(None, data={
+        "model": {"family": "blip", "preset": "tiny", "overrides": {"heads": ["retrieval"]}},
+        "adapters": {"default": {"method": "null_lora", "min_rank": 2, "max_rank": 4,
+                                 "components": ["vision", "text_encoder"], "kinds": ["q", "v", "qkv"]}},
+        "data": {"file": str(data / "tasks.yaml"), "tasks": {"retrieval": {"batch_size": 8}}},
+        "resora": {"kind": "linear", "weight": 0.1},
+        "train": {"steps": 3, "checkpoint_every": 0, "tensorboard": False},
+        "eval": {"splits": ["test"], "max_records": 4, "itm_k": 2},
+    })  # fmt: skip
+    summary = train_module.train(config, tmp_path / "blip")
+    scores = json.loads((tmp_path / "blip" / "eval" / "retrieval_test.json").read_text())["scores"]
+    assert {"i2t_r1", "t2i_r1", "r_mean"} <= set(scores)
+    assert summary["results"]["retrieval/test"] == scores["r_mean"]
+    lines = [json.loads(x) for x in (tmp_path / "blip" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/resora" in line for line in lines)
