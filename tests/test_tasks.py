@@ -385,3 +385,23 @@ def test_missing_and_unreadable_images(vqa_dir, caplog):
 def test_task_config_requires_reader_and_root():
     with pytest.raises(DataError, match="missing key 'root'"):
         TaskConfig.from_dict({"reader": "vqa"}, "tasks.vqa")
+
+
+def test_feature_cache_gives_the_pixel_numbers(tmp_path):
+    import torch
+
+    from tasks.features import read_feature_cache, write_feature_cache
+
+    generate(tmp_path, images=40, seed=2)
+    router = TaskRouter.from_yaml(tmp_path / "tasks.yaml", only=["nlvr2", "vqa"])
+    model = build_model("clip-bart", "tiny").eval()
+    for task in ("vqa", "nlvr2"):
+        cache = read_feature_cache(
+            write_feature_cache(model, router, task, ["val"], tmp_path / f"{task}.safetensors")
+        )
+        pixels = take(router.dataset(task, "val", model), [0, 1])
+        cached = take(router.dataset(task, "val", model, features=cache), [0, 1])
+        assert "images" not in cached and cached["features"].shape[-2:] == (4, model.feature_dim)
+        assert torch.allclose(
+            model.loss(pixels), model.loss(cached), atol=1e-6
+        )  # batched CNN: float-level
