@@ -46,6 +46,14 @@ def karpathy_images(task: Task, split: str) -> list[dict]:
     return images
 
 
+def karpathy_records(task: Task, split: str) -> list[dict]:
+    """Train: one record per (image, caption) pair; val/test: one per image with all captions."""
+    images = karpathy_images(task, split)
+    if split != "train":
+        return images
+    return [{**im, "id": f"{im['id']}-{j}", "caption": c} for im in images for j, c in enumerate(im["captions"])]
+
+
 @register_task("caption")
 class Caption(Task):
     kind = "generate"

@@ -8,7 +8,7 @@ are images with their captions, scored as a gallery by ``evaluation``.
 from __future__ import annotations
 
 from .base import Task, register_task
-from .caption import karpathy_images
+from .caption import karpathy_records
 
 
 @register_task("retrieval")
