@@ -51,7 +51,11 @@ def karpathy_records(task: Task, split: str) -> list[dict]:
     images = karpathy_images(task, split)
     if split != "train":
         return images
-    return [{**im, "id": f"{im['id']}-{j}", "caption": c} for im in images for j, c in enumerate(im["captions"])]
+    return [
+        {**im, "id": f"{im['id']}-{j}", "caption": c}
+        for im in images
+        for j, c in enumerate(im["captions"])
+    ]
 
 
 @register_task("caption")
