@@ -65,14 +65,7 @@ class Caption(Task):
     metric = "CIDEr"
 
     def read_split(self, split: str) -> list[dict]:
-        images = karpathy_images(self, split)
-        if split != "train":
-            return images
-        return [
-            {**im, "id": f"{im['id']}-{j}", "caption": c}
-            for im in images
-            for j, c in enumerate(im["captions"])
-        ]
+        return karpathy_records(self, split)
 
     def collate(self, records, images):
         return {
