@@ -29,9 +29,7 @@ from vlpeft.checkpoint import atomic_write, write_json
 
 def _batches(router, name: str, split: str, model, max_records: int | None):
     task = router[name]
-    if max_records:
-        task.config.max_records = max_records
-    loader = router.loader(name, split, model)
+    loader = router.loader(name, split, model, limit=max_records)
     return task, loader.dataset.records, tqdm(loader, desc=f"eval {name}/{split}", leave=False)
 
 

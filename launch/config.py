@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from vlpeft.adapters.base import nearest_hint
 
 
 class ConfigError(ValueError):
@@ -97,11 +98,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _nearest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _build(cls, data: Any, where: str):
     """The dataclass ``cls`` from ``data``, recursing into dataclass-valued fields."""
     if data is None:
@@ -113,7 +109,7 @@ def _build(cls, data: Any, where: str):
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(
-                f"{where}: unknown key {key!r}{_nearest(key, fields)}; valid: {sorted(fields)}"
+                f"{where}: unknown key {key!r}{nearest_hint(key, fields)}; valid: {sorted(fields)}"
             )
         factory = fields[key].default_factory
         template = factory() if factory is not dataclasses.MISSING else None
@@ -171,7 +167,7 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
         valid = {f.name for f in dataclasses.fields(ReSoRAConfig)}
         for key in config.resora:
             if key not in valid:
-                raise ConfigError(f"{where}: unknown key resora.{key}{_nearest(key, valid)}")
+                raise ConfigError(f"{where}: unknown key resora.{key}{nearest_hint(key, valid)}")
     return config
 
 

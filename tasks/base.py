@@ -10,7 +10,6 @@ record and the field.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
+
+from vlpeft.adapters.base import nearest_hint
 
 log = logging.getLogger(__name__)
 _TASKS: dict[str, type[Task]] = {}
@@ -45,15 +46,10 @@ def list_tasks() -> list[str]:
 
 def get_task(name: str) -> type[Task]:
     if name not in _TASKS:
-        close = difflib.get_close_matches(name, list(_TASKS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DataError(f"unknown task reader {name!r}{hint}; known: {list_tasks()}")
+        raise DataError(
+            f"unknown task reader {name!r}{nearest_hint(name, _TASKS)}; known: {list_tasks()}"
+        )
     return _TASKS[name]
-
-
-def nearest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # -- careful reading ------------------------------------------------------------------------------
@@ -139,7 +135,7 @@ class TaskConfig:
         for key in data:
             if key not in valid:
                 raise DataError(
-                    f"{where}: unknown key {key!r}{nearest(key, valid)}; valid: {sorted(valid)}"
+                    f"{where}: unknown key {key!r}{nearest_hint(key, valid)}; valid: {sorted(valid)}"
                 )
         for key in ("reader", "root"):
             if key not in data:
@@ -206,11 +202,14 @@ class Task:
             )
         return self.config.splits[split]
 
-    def read(self, split: str) -> list[dict]:
-        """Records of ``split`` (checked: non-empty, images present or skipped with a report)."""
+    def read(self, split: str, limit: int | None = None) -> list[dict]:
+        """Records of ``split`` (checked: non-empty, images present or skipped with a report).
+
+        At most ``limit`` records (default: the config's ``max_records``)."""
         records = self.read_split(self.split_name(split))
-        if self.config.max_records:
-            records = records[: self.config.max_records]
+        limit = limit or self.config.max_records
+        if limit:
+            records = records[:limit]
         if not records:
             raise DataError(
                 f"task {self.name}: split {split!r} ({self.split_name(split)}) is empty under {self.root}"

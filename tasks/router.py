@@ -98,17 +98,19 @@ class TaskRouter:
         if config.routing:
             set_routing(model, config.routing)
 
-    def dataset(self, name: str, split: str, model, features: dict | None = None) -> TaskDataset:
+    def dataset(
+        self, name: str, split: str, model, features: dict | None = None, limit: int | None = None
+    ) -> TaskDataset:
         task = self[name]
         cfg = model.config
         transform = image_transform(cfg.image_size, cfg.image_mean, cfg.image_std)
-        return TaskDataset(task, task.read(split), transform, features)
+        return TaskDataset(task, task.read(split, limit), transform, features)
 
     def loader(
-        self, name: str, split: str, model, features: dict | None = None
+        self, name: str, split: str, model, features: dict | None = None, limit: int | None = None
     ) -> torch.utils.data.DataLoader:
         """An evaluation loader over ``split`` in file order (``eval_batch_size``)."""
-        dataset = self.dataset(name, split, model, features)
+        dataset = self.dataset(name, split, model, features, limit)
         return torch.utils.data.DataLoader(
             dataset, batch_size=self[name].config.eval_batch_size, collate_fn=dataset.collate
         )

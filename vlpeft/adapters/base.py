@@ -47,12 +47,13 @@ def get_method(name: str) -> type[MethodConfig]:
     """The config class of a registered method; an unknown name lists the known ones."""
     if name not in _METHODS:
         raise KeyError(
-            f"unknown method {name!r}{_nearest_hint(name, _METHODS)}; known: {list_methods()}"
+            f"unknown method {name!r}{nearest_hint(name, _METHODS)}; known: {list_methods()}"
         )
     return _METHODS[name]
 
 
-def _nearest_hint(key: str, valid) -> str:
+def nearest_hint(key: str, valid) -> str:
+    """For error messages: ``(did you mean 'x'?)`` naming the closest of ``valid``, or ``""``."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -102,7 +103,7 @@ class MethodConfig:
         for key in data:
             if key not in valid:
                 raise ValueError(
-                    f"{where}: unknown key {key!r} for method {method!r}{_nearest_hint(key, valid)}; "
+                    f"{where}: unknown key {key!r} for method {method!r}{nearest_hint(key, valid)}; "
                     f"valid keys: {sorted(valid)}"
                 )
         return config_cls(**data)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.base import MethodConfig, _nearest_hint
+from ..adapters.base import MethodConfig, nearest_hint
 from .tokenizer import PRESETS, load_tokenizer
 
 _FAMILIES: dict[str, type[VLModel]] = {}
@@ -69,7 +69,7 @@ def list_families() -> list[str]:
 def get_family(name: str) -> type[VLModel]:
     if name not in _FAMILIES:
         raise KeyError(
-            f"unknown model family {name!r}{_nearest_hint(name, _FAMILIES)}; known: {list_families()}"
+            f"unknown model family {name!r}{nearest_hint(name, _FAMILIES)}; known: {list_families()}"
         )
     return _FAMILIES[name]
 
@@ -155,7 +155,7 @@ class ModelConfig:
         for key in data:
             if key not in valid:
                 raise ValueError(
-                    f"{where}: unknown key {key!r}{_nearest_hint(key, valid)}; valid keys: "
+                    f"{where}: unknown key {key!r}{nearest_hint(key, valid)}; valid keys: "
                     f"{sorted(valid)}"
                 )
         return cls(**data)
@@ -242,7 +242,7 @@ class VLModel(nn.Module):
             for name in chosen:
                 if name not in valid:
                     raise ValueError(
-                        f"{self.family}: unknown {what} {name!r}{_nearest_hint(name, valid)}; "
+                        f"{self.family}: unknown {what} {name!r}{nearest_hint(name, valid)}; "
                         f"valid: {sorted(valid)}"
                     )
         where = "|".join(self.components[c] for c in components)
