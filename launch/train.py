@@ -29,9 +29,11 @@ from launch.config import TrainConfig, load_config
 from launch.run import build_model, build_router
 from tasks.router import take
 from tasks.sampler import MultitaskSampler, SamplerConfig
+from vlpeft.adapters.base import gathered
 from vlpeft.checkpoint import atomic_write, write_json, write_safetensors
 
 log = logging.getLogger("vlpeft.train")
+REPO = Path(__file__).resolve().parent.parent
 
 
 # -- distributed ----------------------------------------------------------------------------------
@@ -52,6 +54,15 @@ def init_distributed(config: TrainConfig, world: int) -> None:
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     elif world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+
+
+def global_mean(value: torch.Tensor, world: int) -> float:
+    """The mean of a scalar over all processes (every rank must call it)."""
+    if world > 1:
+        value = value.float().clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return value.item()
 
 
 # -- optimisation ---------------------------------------------------------------------------------
@@ -79,21 +90,39 @@ def warmup_linear(steps: int, warmup: float):
     return factor
 
 
-def deepspeed_config(config: TrainConfig, world: int) -> dict:
+def deepspeed_config(config: TrainConfig, world: int, micro: int = 1) -> dict:
     """The ds_config JSON with "auto" filled from our config (one source of truth)."""
-    path = Path(config.deepspeed.config)
-    ds = json.loads(path.read_text())
+    path = resolve_ds_path(config.deepspeed.config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{path}: malformed JSON ({err})") from None
+    # One sampler step = one task batch per process (``micro``: the largest task batch);
+    # DeepSpeed uses the batch sizes only for reporting, since we feed it our own batches.
     filled = {
-        "train_micro_batch_size_per_gpu": 1,  # one sampler step = one task batch
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": world,
+        "train_batch_size": micro * world,
         "gradient_clipping": config.train.grad_clip,
     }
     for key, value in filled.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
-    ds.setdefault("bf16", {})["enabled"] = config.train.precision == "bf16"
+    bf16 = ds.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = config.train.precision == "bf16"
     return ds
+
+
+def resolve_ds_path(name: str) -> Path:
+    """A ds_config path as given, else relative to the repository (``launch/ds_zero2.json``)."""
+    path = Path(name)
+    if not path.is_file() and (REPO / name).is_file():
+        path = REPO / name
+    if not path.is_file():
+        found = sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").glob("ds_zero*.json"))
+        raise SystemExit(f"deepspeed.config {name!r}: file not found; shipped: {found}")
+    return path
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -122,40 +151,102 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, rest: dic
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
 
 
+def barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
 def save_checkpoint(
-    run_dir: Path, step: int, model, optimizer, scheduler, position, keep: int
-) -> None:
-    """Writes checkpoints/step_<n>/ through a temp directory + rename; keeps the last ``keep``."""
+    run_dir: Path, step: int, model, optimizer, scheduler, position, keep: int,
+    engine=None, rank: int = 0, world: int = 1,
+) -> None:  # fmt: skip
+    """Writes checkpoints/step_<n>/ through a temp directory + rename; keeps the last ``keep``.
+
+    Every rank calls it. The plain loop's optimizer state goes to safetensors + JSON; under
+    DeepSpeed the engine writes its (partitioned) optimizer and scheduler states, trainable
+    tensors only, into ``deepspeed/`` (DeepSpeed's own format, read back only by this launcher).
+    """
     root = run_dir / "checkpoints"
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tensors, rest = optimizer_tensors(optimizer)
-    write_safetensors(tmp / "trainable.safetensors", trainable_state(model))
-    write_safetensors(tmp / "optimizer.safetensors", tensors)
-    write_safetensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
-    write_json(tmp / "state.json", {"step": step, "position": list(position), "optimizer": rest,
-                                    "scheduler": scheduler.state_dict(), "python_rng": random.getstate()})  # fmt: skip
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    write_safetensors(tmp / f"rng_rank{rank}.safetensors", {"torch": torch.get_rng_state()})
+    if engine is not None:
+        engine.save_checkpoint(
+            str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True
+        )
+    state = {"step": step, "position": list(position), "python_rng": random.getstate()}
+    with gathered(trainable_state(model).values()):
+        if rank == 0:
+            write_safetensors(tmp / "trainable.safetensors", trainable_state(model))
+    if rank == 0:
+        if engine is None:
+            tensors, state["optimizer"] = optimizer_tensors(optimizer)
+            write_safetensors(tmp / "optimizer.safetensors", tensors)
+            state["scheduler"] = scheduler.state_dict()
+        write_json(tmp / "state.json", state)
+    barrier(world)
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
+    barrier(world)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, tuple[int, int]]:
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, engine=None, rank: int = 0
+) -> tuple[int, tuple[int, int]]:
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
-    trainable = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    for name, value in trainable.items():
-        params[name].data.copy_(value)
-    restore_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
+    if engine is not None:
+        engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False)
+    else:
+        params = dict(model.named_parameters())
+        for name, value in load_file(path / "trainable.safetensors").items():
+            params[name].data.copy_(value)
+        restore_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    rng = path / f"rng_rank{rank}.safetensors"
+    if not rng.is_file():
+        raise SystemExit(f"{path}: no {rng.name}: the checkpoint was written by fewer processes")
+    torch.set_rng_state(load_file(rng)["torch"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return state["step"], tuple(state["position"])
+
+
+class RankZero:
+    """Runs work on rank 0 with a whole model while the other ranks wait.
+
+    ZeRO-3 partitions every parameter and its forward hooks are collectives, so a forward on one
+    rank alone would hang: there rank 0 evaluates a replica (built once, like the training model)
+    into which the trainable tensors are gathered from all ranks. Otherwise the model itself.
+    """
+
+    def __init__(self, model, rank: int, world: int, replica_factory=None) -> None:
+        self.model, self.rank, self.world = model, rank, world
+        self.replica_factory, self.replica = replica_factory, None
+
+    def run(self, work):
+        """``work(model)`` on rank 0; returns its result there (None elsewhere)."""
+        target = self.model
+        trainable = trainable_state(self.model)
+        with gathered(trainable.values()):
+            if self.rank == 0 and self.replica_factory is not None:
+                if self.replica is None:
+                    self.replica = self.replica_factory()
+                params = dict(self.replica.named_parameters())
+                for name, value in trainable.items():
+                    params[name].data.copy_(value.data)
+                target = self.replica
+        result = work(target) if self.rank == 0 else None
+        barrier(self.world)
+        return result
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -228,27 +319,39 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(config, world),
+            config=deepspeed_config(
+                config, world, max(router[n].config.batch_size for n in router.tasks)
+            ),
         )
     elif world > 1:
         raise SystemExit(
             "several processes need deepspeed.enabled=true (gradients are averaged by DeepSpeed)"
         )
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    if not resume and (checkpoints or (run_dir / "metrics.jsonl").exists()):
+        raise SystemExit(
+            f"{run_dir} holds a run already: pass --resume to continue it, or another --out"
+        )
+    barrier(world)  # every rank has looked before rank 0 writes
+    step, position = 0, (0, 0)
+    if resume and checkpoints:
+        step, position = load_checkpoint(
+            checkpoints[-1], model, optimizer, scheduler, engine, rank
+        )
+        log.info("resumed from %s", checkpoints[-1])
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(
             run_dir / "config.yaml",
             lambda t: Path(t).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)),
         )
-    step, position = 0, (0, 0)
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
-    if resume and checkpoints:
-        step, position = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-        log.info("resumed from %s", checkpoints[-1])
+        truncate_metrics(run_dir / "metrics.jsonl", step)
     resora = vlpeft.ReSoRAConfig(**config.resora) if config.resora else None
     if resora:
         vlpeft.enable_resora(model)
     logger = Logger(run_dir, rank == 0, config.train.tensorboard)
+    zero3 = engine is not None and engine.zero_optimization_stage() == 3
+    rank0 = RankZero(model, rank, world, (lambda: build_model(config, router)) if zero3 else None)
     started = time.time()
     stream = batches(sampler, position)
     bar = tqdm(total=config.train.steps, initial=step, desc="train", disable=rank != 0)
@@ -276,38 +379,37 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         step += 1
         bar.update(1)
         if step % config.train.log_every == 0 or step == config.train.steps:
+            value = global_mean(loss.detach(), world)
             values = {
-                "train/loss": loss.item(),
-                f"train/loss_{task}": loss.item(),
+                "train/loss": value,
+                f"train/loss_{task}": value,
                 "train/lr": scheduler.get_last_lr()[0],
             }
             if resora:
                 values["train/resora"] = penalty.item()
             logger.log(step, values)
-            bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
-        if (
-            rank == 0
-            and config.train.checkpoint_every
-            and step % config.train.checkpoint_every == 0
-        ):
+            bar.set_postfix(task=task, loss=f"{value:.3f}")
+        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
             save_checkpoint(
-                run_dir, step, model, optimizer, scheduler, position, config.train.keep_checkpoints
-            )
-        if config.eval.val_every and step % config.eval.val_every == 0 and rank == 0:
-            run_evaluation(model, router, config, run_dir, ["val"], logger, step)
+                run_dir, step, model, optimizer, scheduler, position,
+                config.train.keep_checkpoints, engine, rank, world,
+            )  # fmt: skip
+        if config.eval.val_every and step % config.eval.val_every == 0:
+            rank0.run(lambda m: run_evaluation(m, router, config, run_dir, ["val"], logger, step))
             model.train()
     bar.close()
     seconds = time.time() - started
-    summary = {}
-    if rank == 0:
-        if resora:
-            vlpeft.enable_resora(model, False)
+    if resora:
+        vlpeft.enable_resora(model, False)
+
+    def finish(model) -> dict:
         vlpeft.save_adapter(model, run_dir / "adapters")
         results = run_evaluation(model, router, config, run_dir, config.eval.splits, logger, step)
         trainable, total_params = vlpeft.count_parameters(model)
         summary = {
             "run": run_dir.name, "family": config.model.family, "preset": config.model.preset,
             "method": method_name(config), "trainable": trainable, "total": total_params,
+            "processes": world, "deepspeed": config.deepspeed.enabled,
             "train_seconds": round(seconds, 1), "steps": step, "results": results,
         }  # fmt: skip
         write_json(run_dir / "run.json", summary)
@@ -316,8 +418,19 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         atomic_write(
             run_dir / "leaderboard.md", lambda t: Path(t).write_text(render_markdown([summary]))
         )
+        return summary
+
+    summary = rank0.run(finish) or {}
     logger.close()
     return summary
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drops the lines a killed run logged after its last checkpoint (they are logged again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    atomic_write(path, lambda t: Path(t).write_text("".join(line + "\n" for line in kept)))
 
 
 def method_name(config: TrainConfig) -> str:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters.base import MethodConfig
+from .adapters.base import MethodConfig, gathered
 from .adapters.lora import is_conv1d
 from .inject import adapted_layers, adapter_configs, add_adapter, trainable_extra_names
 
@@ -89,11 +89,12 @@ def _save_one(module: nn.Module, directory: Path, name: str) -> None:
     configs = adapter_configs(module)
     if name not in configs:
         raise KeyError(f"no adapter named {name!r}; this module has {sorted(configs)}")
-    state = adapter_state_dict(module, name)
+    with gathered(module.parameters()):  # ZeRO-3: save whole tensors, not placeholders
+        state = adapter_state_dict(module, name)
+        write_safetensors(
+            directory / WEIGHTS_NAME, state, metadata={"format": "pt", "adapter_name": name}
+        )
     extras = trainable_extra_names(module, configs[name])
-    write_safetensors(
-        directory / WEIGHTS_NAME, state, metadata={"format": "pt", "adapter_name": name}
-    )
     write_json(
         directory / CONFIG_NAME,
         {

@@ -13,6 +13,7 @@ dense ΔW in the base weight's shape); a LoRA-reducible one gives ``lora_factors
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -228,3 +229,24 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}, merged={list(self.merged)}"
+
+
+@contextlib.contextmanager
+def gathered(params, modifier_rank: int | None = None):
+    """Makes DeepSpeed ZeRO-3 partitioned parameters whole for the duration (a collective: every
+    rank must enter); a no-op for ordinary tensors, so library code can use it unconditionally.
+
+    ZeRO-3 leaves each rank an empty placeholder (``ds_id`` marks one): an SVD of it, or a saved
+    copy, would silently be of nothing (peft #2892). Parameters already gathered are skipped, so
+    code inside an outer ``gathered`` (entered by every rank) may run on one rank only.
+    """
+    partitioned = [
+        p for p in params if hasattr(p, "ds_id") and getattr(p.ds_status, "name", "") != "AVAILABLE"
+    ]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield

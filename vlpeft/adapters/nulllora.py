@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterModule, MethodConfig, register_method
+from .base import AdapterModule, MethodConfig, gathered, register_method
 from .lora import is_conv1d, linear_shape
 
 
@@ -156,7 +156,8 @@ class NullLoRALinear(AdapterModule):
     def __init__(self, base: nn.Module, config: NullLoRAConfig, layer_name: str) -> None:
         super().__init__()
         d_in, d_out = linear_shape(base)
-        ns = cached_null_space(base_matrix(base), config)
+        with gathered([base.weight]):  # ZeRO-3: the SVD needs the whole weight
+            ns = cached_null_space(base_matrix(base), config)
         h = ns["half_rank"]
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.register_buffer("null_left", ns["left"].to(**kw))

@@ -302,17 +302,24 @@ class VLModel(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Token-mean cross entropy of next-token ``logits`` (B, L, V) against ``labels`` (B, L).
+    """Cross entropy of next-token ``logits`` (B, L, V) against ``labels`` (B, L): the mean over
+    examples of each example's token mean (VL-T5's reduction).
 
     ``labels`` are already aligned with ``logits`` (label t is predicted by logit t); positions
-    equal to -100 (padding, prefixes) are ignored.
+    equal to -100 (padding, prefixes) are ignored. Averaging per example first makes the loss of a
+    batch the mean of its halves' losses, so data-parallel training (gradients averaged over
+    processes) equals one process on the whole batch.
     """
-    return F.cross_entropy(
+    tokens = F.cross_entropy(
         logits.flatten(0, 1).float(),
         labels.flatten(),
         ignore_index=IGNORE,
         label_smoothing=smoothing,
-    )
+        reduction="none",
+    ).view(labels.shape)
+    counts = (labels != IGNORE).sum(1)
+    kept = counts > 0
+    return (tokens.sum(1)[kept] / counts[kept]).mean()
 
 
 def pad_to_ignore(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

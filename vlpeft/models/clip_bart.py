@@ -212,12 +212,15 @@ class ClipBart(VLModel):
         target = self.tokenize(batch["targets"])
         labels = pad_to_ignore(target["input_ids"], target["attention_mask"])
         from transformers.modeling_outputs import BaseModelOutput
+        from transformers.models.bart.modeling_bart import shift_tokens_right
 
+        cfg = self.bart.config
+        starts = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
         with routing_inputs(self._decoder_x_r(hidden, mask)):
             logits = self.bart(
                 encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
                 attention_mask=mask,
-                labels=labels,
+                decoder_input_ids=starts,
             ).logits
         return lm_loss(logits, labels)
 
