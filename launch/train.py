@@ -335,9 +335,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     barrier(world)  # every rank has looked before rank 0 writes
     step, position = 0, (0, 0)
     if resume and checkpoints:
-        step, position = load_checkpoint(
-            checkpoints[-1], model, optimizer, scheduler, engine, rank
-        )
+        step, position = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, engine, rank)
         log.info("resumed from %s", checkpoints[-1])
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# DeepSpeed compiles its shared-memory comm op once; keep it in the repository (git-ignored)
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".torch_extensions")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

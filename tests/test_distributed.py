@@ -1,0 +1,144 @@
+"""The launcher as processes: DeepSpeed ZeRO-2/3 with two ranks (gloo, CPU) against one process,
+DeepSpeed resume, and a run killed with SIGKILL and resumed against an uninterrupted one."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import launch.train as train_module
+from launch.config import load_config
+from tasks.synthetic import generate
+
+REPO = Path(__file__).resolve().parent.parent
+NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, images=32, seed=0, size=32)
+    return root
+
+
+def config(data, batch, adapter=None, **train):
+    """6 steps over VQA and captions; no dropout anywhere, so ranks see the same function."""
+    return {
+        "model": {"family": "clip-bart", "preset": "tiny",
+                  "overrides": {"image_size": 32, "text": NO_DROPOUT}},
+        "adapters": {"default": adapter or {"method": "lora", "r": 4, "dropout": 0.0}},
+        "data": {"file": str(data / "tasks.yaml"),
+                 "tasks": {"vqa": {"batch_size": batch}, "caption": {"batch_size": batch}}},
+        "train": {"steps": 6, "lr": 1e-2, "warmup": 0, "checkpoint_every": 3, "keep_checkpoints": 2,
+                  "log_every": 1, "tensorboard": False, **train},
+        "eval": {"splits": [], "max_records": 4, "max_new_tokens": 3},
+    }  # fmt: skip
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["train/loss"] for line in lines if "train/loss" in line]
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapters" / "adapter_model.safetensors")
+
+
+def one_process(data, out: Path, **kw) -> None:
+    train_module.train(load_config(None, data=config(data, **kw)), out)
+
+
+def launch(cfg: dict, out: Path, *args: str, nproc: int = 0) -> subprocess.Popen:
+    """``python -m launch.train`` (under torchrun with ``nproc`` ranks when given)."""
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = [sys.executable, *(runner if nproc else []), "-m", "launch.train"]
+    return subprocess.Popen(
+        [*command, "--config", str(path), "--out", str(out), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen) -> None:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+
+
+def assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol), (key, (a[key] - b[key]).abs().max())
+
+
+def test_zero2_two_ranks_match_one_process_and_resume(data, tmp_path):
+    """Global batch 4: one plain process with batch 4 == two ZeRO-2 ranks with 2 each."""
+    one_process(data, tmp_path / "one", batch=4)
+    ds = {"enabled": True, "config": "launch/ds_zero2.json"}
+    finish(launch({**config(data, batch=2), "deepspeed": ds}, tmp_path / "two", nproc=2))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"), atol=1e-5)
+    state = json.loads(
+        (tmp_path / "two" / "checkpoints" / "step_0000006" / "state.json").read_text()
+    )
+    assert state["step"] == 6 and "optimizer" not in state  # the engine holds ZeRO's states
+
+    # a run that died after its step-3 checkpoint: the engine restores partitioned optimizer
+    # states, the scheduler, sampler position and each rank's RNG
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000006")
+    shutil.rmtree(resumed / "adapters")
+    finish(launch({**config(data, batch=2), "deepspeed": ds}, resumed, "--resume", nproc=2))
+    assert losses(resumed) == losses(tmp_path / "two")
+    assert_close(adapter(resumed), adapter(tmp_path / "two"), atol=0)
+
+
+def test_zero3_gathers_for_null_lora_svd_and_saving(data, tmp_path):
+    """Under ZeRO-3 every rank holds a placeholder of each weight: Null-LoRA's SVD and the saved
+    adapter must still be of the whole tensors, so they equal a one-process run's."""
+    spec = {"method": "null_lora", "components": ["encoder", "decoder"], "kinds": ["q", "v"]}
+    one_process(data, tmp_path / "one", batch=4, adapter=spec)
+    cfg = config(data, batch=2, adapter=spec)
+    cfg["deepspeed"] = {"enabled": True, "config": "launch/ds_zero3.json"}
+    cfg["eval"]["splits"] = ["test"]  # evaluation on rank 0 while the weights are partitioned
+    finish(launch(cfg, tmp_path / "three", nproc=2))
+    saved = adapter(tmp_path / "three")
+    assert all(t.numel() > 0 for t in saved.values())
+    assert_close(saved, adapter(tmp_path / "one"), atol=1e-5)
+    assert losses(tmp_path / "three") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    results = json.loads((tmp_path / "three" / "run.json").read_text())["results"]
+    assert set(results) == {"vqa/test", "caption/test"}
+
+
+def test_sigkill_at_any_step_resumes_to_the_uninterrupted_run(data, tmp_path):
+    """A real SIGKILL while training (wherever it lands after the first checkpoint): resuming
+    gives the same metrics and adapter, bit for bit (plain loop)."""
+    cfg = config(data, batch=4, steps=40, checkpoint_every=4)
+    finish(launch(cfg, tmp_path / "whole"))
+    victim = launch(cfg, tmp_path / "killed")
+    first = tmp_path / "killed" / "checkpoints" / "step_0000004"
+    deadline = time.time() + 300
+    while not first.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "run.json").exists(), "the run ended before the kill"
+    left = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert all(name.startswith(("step_", ".tmp_step_")) for name in left)
+    finish(launch(cfg, tmp_path / "killed", "--resume"))
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+    assert_close(adapter(tmp_path / "killed"), adapter(tmp_path / "whole"), atol=0)
