@@ -393,7 +393,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
                 config.train.keep_checkpoints, engine, rank, world,
             )  # fmt: skip
         if config.eval.val_every and step % config.eval.val_every == 0:
-            rank0.run(lambda m: run_evaluation(m, router, config, run_dir, ["val"], logger, step))
+            rank0.run(
+                lambda m, s=step: run_evaluation(m, router, config, run_dir, ["val"], logger, s)
+            )
             model.train()
     bar.close()
     seconds = time.time() - started

@@ -95,8 +95,7 @@ class TaskRouter:
         config = self[name].config
         if any(True for _ in vlpeft.adapted_layers(model)):
             vlpeft.set_active_adapter(model, config.adapter)
-        if config.routing:
-            set_routing(model, config.routing)
+            set_routing(model, config.routing)  # None: the set's configured function
 
     def dataset(
         self, name: str, split: str, model, features: dict | None = None, limit: int | None = None

@@ -405,3 +405,27 @@ def test_feature_cache_gives_the_pixel_numbers(tmp_path):
         assert torch.allclose(
             model.loss(pixels), model.loss(cached), atol=1e-6
         )  # batched CNN: float-level
+
+
+def test_router_activation_restores_the_configured_routing(tmp_path):
+    """A task that names no routing function runs the set's own, not the previous task's."""
+    import vlpeft
+    from vlpeft.adapters.routing import ROUTED
+
+    router = TaskRouter.from_dict(
+        {
+            "a": {"reader": "gqa", "root": ".", "routing": "add"},
+            "b": {"reader": "gqa", "root": "."},
+        },
+        tmp_path,
+    )
+    model = vlpeft.build_model("clip-bart", "tiny")
+    vlpeft.add_adapter(
+        model, model.adapter_config(vlpeft.LoRAConfig(targets=["_"], r=2, routing="mul"))
+    )
+    kinds = lambda: {a.kind for m in model.modules() for a in getattr(m, "adapters", {}).values()  # noqa: E731
+                     if isinstance(a, ROUTED)}  # fmt: skip
+    router.activate(model, "a")
+    assert kinds() == {"add"}
+    router.activate(model, "b")
+    assert kinds() == {"mul"}

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import launch.train as train_module
 from evaluation import evaluate, leaderboard
 from launch.config import ConfigError, load_config
+from tasks.router import take
 from tasks.synthetic import generate
 
 
@@ -122,3 +123,49 @@ def test_blip_retrieval_run_with_null_lora_and_resora(data, tmp_path):
     assert summary["results"]["retrieval/test"] == scores["r_mean"]
     lines = [json.loads(x) for x in (tmp_path / "blip" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/resora" in line for line in lines)
+
+
+def test_export_then_reload_predicts_like_the_run(data, tmp_path):
+    """Two adapter sets, per-task routing: each exported task, loaded into a freshly built base
+    model, gives the run's predictions and loss (vlpeft format and, for plain LoRA, peft's)."""
+    from launch.export import export_task, load_exported, main
+    from launch.run import load_run
+
+    spec = clip_bart_config(data, steps=4, checkpoint_every=0)
+    spec["adapters"] = {
+        "routed": {"method": "lora", "r": 4, "routing": "mul", "dropout": 0.0},
+        "plain": {"method": "lora", "r": 4, "dropout": 0.0, "trainable": ["layer_norm"]},
+    }
+    spec["data"]["tasks"] = {
+        "vqa": {"batch_size": 4, "adapter": "routed", "routing": "add"},
+        "gqa": {"batch_size": 4, "adapter": "routed"},
+        "nlvr2": {"batch_size": 2, "adapter": "plain"},
+    }
+    run_dir = tmp_path / "run"
+    train_module.train(load_config(None, data=spec), run_dir)
+    model, router, _ = load_run(run_dir)
+    for task, fmt in [("vqa", "vlpeft"), ("gqa", "vlpeft"), ("nlvr2", "peft-lora")]:
+        out = tmp_path / f"{task}-{fmt}"
+        if task == "gqa":
+            main([str(run_dir), "--task", task, "--out", str(out)])  # the CLI
+        else:
+            export_task(run_dir, task, out, fmt)
+        fresh, info = load_exported(out)
+        assert info["task"] == task and info["format"] == fmt
+        batch = take(router.dataset(task, "test", model, limit=4), range(4))
+        router.activate(model, task)
+        with torch.no_grad():
+            assert torch.allclose(fresh.loss(batch), model.loss(batch), atol=1e-6), task
+            assert fresh.generate(batch, max_new_tokens=4) == model.generate(
+                batch, max_new_tokens=4
+            )
+    saved = json.loads((tmp_path / "vqa-vlpeft" / "adapter_config.json").read_text())
+    assert saved["config"]["routing"] == "add"  # the task's routing, not the set's default
+    with pytest.raises(TypeError, match="cannot be written as a plain peft LoRA"):
+        export_task(run_dir, "vqa", tmp_path / "bad", "peft-lora")
+    spec["adapters"]["plain"]["trainable"] = ["shared"]  # tied to the embeddings and lm_head
+    train_module.train(load_config(None, data=spec), tmp_path / "tied")
+    with pytest.raises(ValueError, match="tied to .*vlpeft format"):
+        export_task(tmp_path / "tied", "nlvr2", tmp_path / "bad", "peft-lora")
+    with pytest.raises(KeyError, match="no task 'caption'"):
+        export_task(run_dir, "caption", tmp_path / "bad", "vlpeft")

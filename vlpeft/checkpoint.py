@@ -223,7 +223,20 @@ def export_peft_lora(
         tensors[f"base_model.model.{rel}.lora_B.weight"] = b
         ranks[rel] = a.shape[0]
         conv1d |= is_conv1d(layer.base_layer)
-    owners = _extra_owner_modules(module, trainable_extra_names(module, configs[name]), lead)
+    extras = trainable_extra_names(module, configs[name])
+    aliases: dict[int, list[str]] = {}
+    for full, param in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(full)
+    params = dict(module.named_parameters())
+    for full in extras:
+        tied = aliases[id(params[full])]
+        if len(tied) > 1:
+            raise ValueError(
+                f"trained parameter {full} is tied to {[n for n in tied if n != full]}: peft's "
+                "modules_to_save copies one module, so the tied copies would keep the old "
+                "weights; export this adapter in the vlpeft format instead"
+            )
+    owners = _extra_owner_modules(module, extras, lead)
     for owner in owners:
         for key, tensor in (
             module.get_submodule(lead + owner if lead else owner).state_dict().items()

@@ -124,12 +124,14 @@ def routed_layers(module: nn.Module) -> list[str]:
     ]
 
 
-def set_routing(module: nn.Module, kind: str) -> int:
-    """Switches the routing function of every active routed adapter in ``module`` to ``kind``.
+def set_routing(module: nn.Module, kind: str | None) -> int:
+    """Switches the routing function of every active routed adapter in ``module`` to ``kind``
+    (None: back to each adapter's configured function).
 
-    Returns the number of adapters switched (a task router calls this per task).
+    Returns the number of adapters switched (a task router calls this per task, so a task that
+    names no routing function runs the configured one, not the previous task's).
     """
-    if kind not in KINDS:
+    if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown routing function {kind!r}; choose one of {list(KINDS)}")
     from .base import AdaptedLayer
 
@@ -139,7 +141,7 @@ def set_routing(module: nn.Module, kind: str) -> int:
             for name in layer.active:
                 adapter = layer.adapters[name] if name in layer.adapters else None
                 if isinstance(adapter, ROUTED):
-                    adapter.kind = kind
+                    adapter.kind = kind or adapter.configured_kind
                     switched += 1
     return switched
 
@@ -158,6 +160,7 @@ class RoutedLoRALinear(LoRALinear):
     def __init__(self, base: nn.Module, config, layer_name: str) -> None:
         super().__init__(base, config, layer_name)
         self.kind, self.layer_name = config.routing, layer_name
+        self.configured_kind = config.routing
         self.lora_A_visual = None
         if config.separate_mapping:
             d_r = config.visual_dim or self.lora_A.shape[1]
@@ -191,6 +194,7 @@ class RoutedBottleneckAdapter(BottleneckAdapter):
     ) -> None:
         super().__init__(dim, bottleneck, activation, **kw)
         self.kind, self.layer_name = config.routing, layer_name
+        self.configured_kind = config.routing
         self.down_visual = (
             nn.Linear(config.visual_dim or dim, bottleneck, **kw)
             if config.separate_mapping
