@@ -114,8 +114,27 @@ def _build(cls, data: Any, where: str):
         factory = fields[key].default_factory
         template = factory() if factory is not dataclasses.MISSING else None
         nested = dataclasses.is_dataclass(template)
-        kwargs[key] = _build(type(template), value, f"{where}.{key}") if nested else value
+        if nested:
+            kwargs[key] = _build(type(template), value, f"{where}.{key}")
+        else:
+            kwargs[key] = _typed(value, fields[key].type, f"{where}.{key}")
     return cls(**kwargs)
+
+
+def _typed(value: Any, annotation: str, where: str) -> Any:
+    """``value`` checked against a scalar field's type; numbers written as strings (YAML reads
+    ``3e-3`` as a string) are converted."""
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(annotation))
+    if kind is None or value is None or isinstance(value, kind):
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -42,8 +42,11 @@ def test_config_errors_name_the_key(data):
         load_config(None, ["model.family="], data=good)
     with pytest.raises(ConfigError, match="mode"):
         load_config(None, ["sampler.mode=roundrobin"], data=good)
-    config = load_config(None, ["train.steps=9", "eval.splits=[val]"], data=good)
+    with pytest.raises(ConfigError, match="train.steps: expected int, got 'many'"):
+        load_config(None, ["train.steps=many"], data=good)
+    config = load_config(None, ["train.steps=9", "eval.splits=[val]", "train.lr=3e-3"], data=good)
     assert config.train.steps == 9 and config.eval.splits == ["val"]
+    assert config.train.lr == 0.003  # YAML 1.1 reads 3e-3 as a string
 
 
 def run(data, out, resume=False, **train):
