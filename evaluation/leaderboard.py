@@ -34,7 +34,7 @@ def rows(summaries: list[dict], split: str = "test") -> tuple[list[str], list[di
         scores = {t: s["results"].get(f"{t}/{split}") for t in tasks}
         present = [v for v in scores.values() if v is not None]
         table.append({
-            "run": s["run"], "method": s["method"], "backbone": f"{s['family']} ({s['preset']})",
+            "run": s["run"], "method": s["method"], "backbone": s.get("backbone") or f"{s['family']} ({s['preset']})",
             "trainable": s["trainable"], "train_s": s["train_seconds"], **scores,
             "average": sum(present) / len(present) if present else None,
         })  # fmt: skip

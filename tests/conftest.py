@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from launch.demo import VOCAB, tiny_backbone  # noqa: E402
+from launch.demo_methods import VOCAB, tiny_backbone  # noqa: E402
 
 
 def tiny_bart():

@@ -117,7 +117,9 @@ def test_zero3_gathers_for_null_lora_svd_and_saving(data, tmp_path):
     finish(launch(cfg, tmp_path / "three", nproc=2))
     saved = adapter(tmp_path / "three")
     assert all(t.numel() > 0 for t in saved.values())
-    assert_close(saved, adapter(tmp_path / "one"), atol=1e-5)
+    # ZeRO-3 reduce-scatters in another order than one process sums: with lr 1e-2 (6 steps move a
+    # weight up to 6e-2), 1e-4 is 1 % of one Adam step
+    assert_close(saved, adapter(tmp_path / "one"), atol=1e-4)
     assert losses(tmp_path / "three") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     results = json.loads((tmp_path / "three" / "run.json").read_text())["results"]
     assert set(results) == {"vqa/test", "caption/test"}

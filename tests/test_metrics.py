@@ -1,10 +1,12 @@
 """Metrics against hand-worked cases and against pycocoevalcap called directly."""
 
 import shutil
+from itertools import permutations, product
 
 import numpy as np
 import pytest
 
+from evaluation.baselines import random_ranking_recall
 from evaluation.metrics import (
     caption_scores,
     exact_match_accuracy,
@@ -151,3 +153,21 @@ def test_caption_scores_equal_pycocoevalcap_directly():
     for key, value in direct.items():
         assert ours[key] == pytest.approx(100 * value), key
     assert ours["CIDEr"] > 10  # ×100 scale, not the raw fraction
+
+
+def test_random_ranking_recall_is_the_expectation_over_all_rankings():
+    """The closed form against every ranking of a small case (2 images; 3 + 1 captions)."""
+    owner = [0, 0, 0, 1]
+    expected = random_ranking_recall([3, 1], ks=(1, 2, 3))
+    i2t = [
+        retrieval_recall(np.array([p, p], dtype=float), owner, ks=(1, 2, 3))
+        for p in permutations(range(4))
+    ]
+    t2i = [
+        retrieval_recall(np.array(cols, dtype=float).T, owner, ks=(1, 2, 3))
+        for cols in product(permutations(range(2)), repeat=4)
+    ]
+    for k in (1, 2, 3):
+        assert np.isclose(np.mean([r[f"i2t_r{k}"] for r in i2t]), expected[f"i2t_r{k}"])
+        assert np.isclose(np.mean([r[f"t2i_r{k}"] for r in t2i]), expected[f"t2i_r{k}"])
+    assert np.isclose(expected["i2t_r1"], 100 * (3 / 4 + 1 / 4) / 2)  # by hand

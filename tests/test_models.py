@@ -341,3 +341,22 @@ def test_random_weights_are_a_function_of_the_seed():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     c = build_model("gpt2-vit", "tiny", seed=1)
     assert not torch.equal(a.gpt2.transformer.wte.weight, c.gpt2.transformer.wte.weight)
+
+
+def visual_features(model, family, im):
+    """What each family hands its language model for an image."""
+    if family == "clip-bart":
+        return model.visual_tokens({"images": im})
+    if family == "blip":
+        return model.encode_images(im)[0]  # the ITC embedding (from [CLS])
+    return model.visual(model.vit, im)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_tiny_models_see_the_image(family):
+    """Random weights still tell images apart. (transformers' BLIP vision init has std 1e-10 and
+    open_clip's ResNet init shrinks layer4 to ~1e-4: every image gave the same features.)"""
+    model = build_model(family, "tiny").eval()
+    with torch.no_grad():
+        a, b = (visual_features(model, family, images(family, 1, seed=s)) for s in (1, 2))
+    assert (a - b).norm() > 0.05 * a.norm(), family

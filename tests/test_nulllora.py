@@ -151,3 +151,26 @@ def test_config_validation():
         vlpeft.add_adapter(
             torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1)), NullLoRAConfig(targets=["0"])
         )
+
+
+@pytest.mark.parametrize("shape", [(48, 12), (12, 48), (20, 16)])
+def test_null_space_matches_the_full_svd(shape):
+    """The thin SVD + seeded complement spans what a full SVD's trailing directions span."""
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=torch.float64)
+    d_out, d_in = shape
+    config = NullLoRAConfig(targets=["x"], min_rank=2 * min(d_out, d_in), max_rank=64)
+    ns = nl.null_space(w.float(), config)
+    h = ns["half_rank"]
+    left, right = ns["left"].double(), ns["right"].double()
+    eye = torch.eye(h, dtype=torch.float64)
+    torch.testing.assert_close(left.T @ left, eye, atol=1e-6, rtol=0)
+    torch.testing.assert_close(right @ right.T, eye, atol=1e-6, rtol=0)
+    w32 = w.float().double()
+    u, _, vh = torch.linalg.svd(w32, full_matrices=True)
+    for ours, ref, matrix in ((left, u.flip(1)[:, :h], w32), (right.T, vh.flip(0)[:h].T, w32.T)):
+        n, k = matrix.shape[0], min(shape)
+        if h >= n - k:  # the subspace is unique (distinct singular values): the same projector
+            torch.testing.assert_close(ours @ ours.T, ref @ ref.T, atol=1e-5, rtol=0)
+        else:  # some of the structural null space: any basis of it will do
+            assert (matrix.T @ ours).abs().max() < 1e-5

@@ -92,7 +92,7 @@ def null_space(w: torch.Tensor, config: NullLoRAConfig) -> dict:
     """
     d_out, d_in = w.shape
     w = w.detach().to("cpu", torch.float64)
-    u, s, vh = torch.linalg.svd(w, full_matrices=True)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # thin: min(d_out, d_in) directions
     rtol = (
         config.rtol
         if config.rtol is not None
@@ -106,9 +106,10 @@ def null_space(w: torch.Tensor, config: NullLoRAConfig) -> dict:
         d_out,
         d_in,
     )
-    # columns of U / rows of Vh ordered by singular value, ascending; structural directions first
-    left = u.flip(1)[:, :half]
-    right = vh.flip(0)[:half]
+    # ordered like the columns of a full SVD's U / rows of Vh read backwards: the structural null
+    # directions of a non-square W0 first, then the singular directions, smallest value first
+    left = smallest_directions(u, half)
+    right = smallest_directions(vh.T, half).T
     return {
         "left": left.float().contiguous(),
         "right": right.float().contiguous(),
@@ -117,6 +118,29 @@ def null_space(w: torch.Tensor, config: NullLoRAConfig) -> dict:
         "half_rank": half,
         "singular_values": s.float(),
     }
+
+
+def smallest_directions(basis: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` orthonormal columns: first the orthogonal complement of ``basis`` (n × k, orthonormal
+    columns, k ≤ n), then ``basis``'s own columns from the last.
+
+    The complement is what a full SVD adds to a thin one (the structural null space of a
+    non-square matrix); any orthonormal basis of it is as good, so it is taken from a seeded
+    Gaussian matrix projected off ``basis`` twice (re-orthogonalised) and QR-factorised. This
+    avoids the n × n factor a ``full_matrices=True`` SVD computes, which dominates the cost of
+    a 3072 × 768 FFN weight.
+    """
+    n, k = basis.shape
+    extra = min(count, n - k)
+    parts = []
+    if extra > 0:
+        g = torch.Generator().manual_seed(n * 1_000_003 + k)
+        x = torch.randn(n, extra, generator=g, dtype=basis.dtype)
+        for _ in range(2):
+            x = x - basis @ (basis.T @ x)
+        parts.append(torch.linalg.qr(x).Q)
+    parts.append(basis.flip(1)[:, : count - extra])
+    return torch.cat(parts, dim=1)
 
 
 def _cache_key(w: torch.Tensor, config: NullLoRAConfig) -> str:

@@ -147,6 +147,9 @@ class Blip(VLModel):
                 "eos_token_id": tok.sep_token_id,
             }
             blip["text_config"] = {**ids, **blip.get("text_config", {})}
+        # transformers' BlipVisionConfig initialises with std 1e-10 (its weights are always
+        # loaded): a random ViT would give every image the same features and no gradient
+        blip["vision_config"] = {"initializer_range": 0.02, **blip.get("vision_config", {})}
         cfg = transformers.BlipConfig(**blip)
         self.text_config = cfg.text_config
         needed = {part for head in config.heads for part in PARTS[head]}

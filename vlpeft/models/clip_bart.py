@@ -78,14 +78,30 @@ def build_resnet(vision: dict, weights: str | None):
         if model_cfg is None or not isinstance(model_cfg["vision_cfg"].get("layers"), list):
             raise ValueError(f"clip-bart vision.model {name!r} is not an open_clip ResNet config")
         cfg = model_cfg["vision_cfg"]
-        return ModifiedResNet(
-            layers=cfg["layers"],
-            output_dim=model_cfg["embed_dim"],
-            heads=cfg["width"] * 32 // cfg.get("head_width", 64),
-            image_size=cfg["image_size"],
-            width=cfg["width"],
+        return init_random_resnet(
+            ModifiedResNet(
+                layers=cfg["layers"],
+                output_dim=model_cfg["embed_dim"],
+                heads=cfg["width"] * 32 // cfg.get("head_width", 64),
+                image_size=cfg["image_size"],
+                width=cfg["width"],
+            )
         )
-    return ModifiedResNet(**vision)
+    return init_random_resnet(ModifiedResNet(**vision))
+
+
+def init_random_resnet(resnet: nn.Module) -> nn.Module:
+    """torchvision's ResNet initialisation (Kaiming-normal convolutions, BatchNorm 1 / 0) for a
+    randomly initialised ModifiedResNet. open_clip's own zero-initialises each block's last
+    BatchNorm and leaves the convolutions at PyTorch's default, which in eval mode shrinks the
+    signal to ~1e-4 by layer4: every image would give nearly the same frozen features."""
+    for module in resnet.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return resnet
 
 
 def text_ids_from_tokenizer(tokenizer) -> dict[str, int]:
