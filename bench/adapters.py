@@ -46,7 +46,8 @@ def bart_base():
 def blip_base(image_size: int):
     from transformers import BlipConfig, BlipForImageTextRetrieval
 
-    config = BlipConfig(vision_config={"image_size": image_size})
+    # BlipVisionConfig initialises with std 1e-10 (it expects loaded weights); 0.02 like the text
+    config = BlipConfig(vision_config={"image_size": image_size, "initializer_range": 0.02})
     return BlipForImageTextRetrieval(config)
 
 

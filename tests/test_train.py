@@ -172,3 +172,39 @@ def test_export_then_reload_predicts_like_the_run(data, tmp_path):
         export_task(tmp_path / "tied", "nlvr2", tmp_path / "bad", "peft-lora")
     with pytest.raises(KeyError, match="no task 'caption'"):
         export_task(run_dir, "caption", tmp_path / "bad", "vlpeft")
+
+
+def test_text_infilling_masks_runs_as_one_token():
+    import random
+
+    from launch.pretrain_text import infill
+
+    ids = list(range(10, 30))
+    assert infill(ids, 0, 0.0, random.Random(0)) == ids
+    assert infill(ids, 0, 0.999999, random.Random(0)) == [0]
+    noisy = infill(ids, 0, 0.5, random.Random(1))
+    assert all(not (a == b == 0) for a, b in zip(noisy, noisy[1:]))  # no two masks in a row
+    kept = [t for t in noisy if t]
+    assert kept == sorted(kept) and set(kept) < set(ids)  # the rest in order, some masked
+
+
+def test_denoising_warm_start_learns_and_loads_as_pretrained(data, tmp_path):
+    from launch.pretrain_text import pretrain
+    from launch.run import build_model, build_router
+
+    config = load_config(None, data=clip_bart_config(data))
+    report = pretrain(config, tmp_path / "bart", steps=40, batch_size=16, lr=3e-3)
+    assert report["loss_last"] < 0.7 * report["loss_first"]
+    config.model.overrides.update(pretrained=True, weights={"text": str(tmp_path / "bart")})
+    model = build_model(config, build_router(config))
+    from transformers import BartForConditionalGeneration
+
+    saved = BartForConditionalGeneration.from_pretrained(tmp_path / "bart").state_dict()
+    ours = {k.replace(".base_layer", ""): v for k, v in model.bart.state_dict().items()}
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, ours[name]), name
+    with pytest.raises(ConfigError, match="written for clip-bart"):
+        other = clip_bart_config(data)
+        other["model"] = {"family": "blip", "preset": "tiny"}
+        other["adapters"] = {"default": {"method": "lora", "r": 4}}
+        pretrain(load_config(None, data=other), tmp_path / "x", steps=1)
