@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: the machine, medians after warm-up, results as JSON + Markdown."""
+"""Shared benchmark plumbing: the machine, paired ratios after warm-up, results as JSON + Markdown."""
 
 from __future__ import annotations
 
@@ -32,20 +32,6 @@ def machine(device: str) -> dict:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def median_time(fn: Callable[[], object], device: str, repeats: int, warmup: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def verdict(value: float, target: float) -> str:

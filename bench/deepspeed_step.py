@@ -15,13 +15,13 @@ import copy
 import torch
 
 from bench.adapters import Step, bart_base, inputs, with_method
-from bench.common import machine, median_time, verdict, write
+from bench.common import machine, paired, verdict, write
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", type=int, default=2, choices=[0, 1, 2])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args(argv)
     import deepspeed
@@ -62,12 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine.backward(loss)
         engine.step()
 
-    times = {}
-    for _ in range(2):  # alternate, so drift hits both
-        times.setdefault("plain", []).append(median_time(plain_step, device, args.repeats, 2))
-        times.setdefault("engine", []).append(median_time(engine_step, device, args.repeats, 2))
-    plain_s, engine_s = min(times["plain"]), min(times["engine"])
-    ratio = engine_s / plain_s
+    ratio, engine_s, plain_s = paired(engine_step, plain_step, device, args.repeats, 2)
     result = {"machine": machine(device), "stage": args.stage, "batch": args.batch,
               "plain_s": plain_s, "engine_s": engine_s, "ratio": ratio}  # fmt: skip
     m = result["machine"]
@@ -75,8 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"# DeepSpeed engine step vs plain loop ({m['cores']}-core CPU, one process, gloo)",
         "",
         f"BART-base size, vlpeft LoRA r=8 on q/v, batch {args.batch}; ZeRO-{args.stage} "
-        f"(`launch/ds_zero{args.stage}.json`); medians of {args.repeats} steps after warm-up, "
-        "best of two alternating rounds.",
+        f"(`launch/ds_zero{args.stage}.json`); median ratio of {args.repeats} alternating pairs "
+        "after warm-up.",
         "",
         "| figure | target | measured | verdict |",
         "|---|---|---|---|",

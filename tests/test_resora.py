@@ -38,7 +38,7 @@ def test_independent_subspaces_have_no_redundancy():
 
 
 def test_bad_shapes():
-    with pytest.raises(ValueError, match=r"z \(N, r\) and b \(d_out, r\)"):
+    with pytest.raises(ValueError, match=r"z \(..., N, r\) and b \(..., d_out, r\)"):
         subspace_penalty(torch.ones(3, 2), torch.ones(4, 3))
     with pytest.raises(ValueError, match="kind must be one of"):
         ReSoRAConfig(kind="gaussian")
@@ -53,8 +53,10 @@ METHODS = [
 ]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("row", METHODS, ids=[m[0] for m in METHODS])
-def test_model_penalty_is_mean_over_layers_of_recorded_components(row):
+def test_model_penalty_is_mean_over_layers_of_recorded_components(row, kind):
+    """Layers of one shape are penalised in one batch: the result is still the per-layer mean."""
     _, config, make_inputs = row
     model = tiny_bart()
     vlpeft.add_adapter(model, config)
@@ -73,9 +75,9 @@ def test_model_penalty_is_mean_over_layers_of_recorded_components(row):
     ]
     assert all(r is not None for r in recorded)
     expected = torch.stack(
-        [subspace_penalty(z.reshape(-1, z.shape[-1]), b, "linear") for z, b, _ in recorded]
+        [subspace_penalty(z.reshape(-1, z.shape[-1]), b, kind) for z, b, _ in recorded]
     ).mean()
-    penalty = vlpeft.resora_penalty(model, ReSoRAConfig(weight=0.5))
+    penalty = vlpeft.resora_penalty(model, ReSoRAConfig(kind=kind, weight=0.5))
     torch.testing.assert_close(penalty, 0.5 * expected)
     penalty.backward()
     assert any(p.grad is not None for n, p in model.named_parameters() if ".adapters." in n)

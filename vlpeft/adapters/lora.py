@@ -179,6 +179,13 @@ class LoRALinear(AdapterModule):
         h = self.bottleneck(x)
         if self.record:
             self.record_components(h, self._dense_b() * self.scaling)
+        if self.slice_index is None and h.dtype == y.dtype and y.dim() >= 2:
+            # y + (α/r)·B·h as one GEMM that accumulates into a copy of y: no (…, d_out)-sized
+            # temporaries for the product, the scaling and the sum (peft makes all three)
+            rows = y.reshape(-1, y.shape[-1])
+            return torch.addmm(
+                rows, h.reshape(-1, h.shape[-1]), self.lora_B.T, alpha=self.scaling
+            ).view(y.shape)
         return y + self.expand(h).to(y.dtype)
 
     def _dense_b(self) -> torch.Tensor:

@@ -92,39 +92,41 @@ class ReSoRAConfig:
 
 
 def _pair_sum(m: torch.Tensor) -> torch.Tensor:
-    """Σ_{i<j} m_ij of a square matrix."""
-    return torch.triu(m, diagonal=1).sum()
+    """Σ_{i<j} m_ij of (..., r, r) square matrices: (...)."""
+    return torch.triu(m, diagonal=1).sum((-2, -1))
 
 
 def _cos_gram(m: torch.Tensor) -> torch.Tensor:
-    """Cosine Gram of the columns of m."""
-    n = F.normalize(m, dim=0, eps=EPS)
-    return n.T @ n
+    """Cosine Gram of the columns of (..., n, r) matrices: (..., r, r)."""
+    n = F.normalize(m, dim=-2, eps=EPS)
+    return n.mT @ n
 
 
 def subsample(z: torch.Tensor, cap: int, seed: int) -> torch.Tensor:
-    """At most ``cap`` rows of z, chosen with a fixed generator (all rows when N ≤ cap)."""
-    if z.shape[0] <= cap:
+    """At most ``cap`` rows (dim -2) of z, chosen with a fixed generator (all when N ≤ cap)."""
+    if z.shape[-2] <= cap:
         return z
-    idx = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))[:cap]
-    return z[idx.to(z.device)]
+    idx = torch.randperm(z.shape[-2], generator=torch.Generator().manual_seed(seed))[:cap]
+    return z[..., idx.to(z.device), :]
 
 
 def _kernel_bandwidth(pair_dist: torch.Tensor, sigma_frac: float) -> torch.Tensor:
-    """σ per subspace from (r, N, N) distances: sigma_frac × median over pairs p < q, as a constant."""
+    """σ per subspace from (..., r, N, N) distances: sigma_frac × median over pairs p < q, as a
+    constant."""
     n = pair_dist.shape[-1]
     iu = torch.triu_indices(n, n, offset=1, device=pair_dist.device)
-    med = pair_dist[:, iu[0], iu[1]].detach().median(dim=-1).values
+    med = pair_dist[..., iu[0], iu[1]].detach().median(dim=-1).values
     return (sigma_frac * med).clamp_min(EPS)
 
 
 def _centered_alignment(k: torch.Tensor) -> torch.Tensor:
-    """Σ_{i<j} HSIC(K_i, K_j)/√(HSIC_ii HSIC_jj) for kernels k (r, N, N), centring in closed form."""
+    """Σ_{i<j} HSIC(K_i, K_j)/√(HSIC_ii HSIC_jj) for kernels k (..., r, N, N), centring in closed
+    form."""
     kc = k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-1, -2), keepdim=True)
-    flat = kc.flatten(1)
-    t = flat @ flat.T  # tr(K_i M K_j M) = <M K_i M, M K_j M>
-    d = t.diagonal().clamp_min(EPS).sqrt()
-    return _pair_sum(t / (d[:, None] * d[None, :]))
+    flat = kc.flatten(-2)
+    t = flat @ flat.mT  # tr(K_i M K_j M) = <M K_i M, M K_j M>
+    d = t.diagonal(dim1=-2, dim2=-1).clamp_min(EPS).sqrt()
+    return _pair_sum(t / (d[..., :, None] * d[..., None, :]))
 
 
 def subspace_penalty(
@@ -133,22 +135,28 @@ def subspace_penalty(
     """ReSoRA redundancy penalty of the rank-1 components Δh_i = b_i z_i, from r×r Gram matrices.
 
     Args:
-        z: (N, r) bottleneck activations over N samples.
-        b: (d_out, r) up-projection columns.
+        z: (..., N, r) bottleneck activations over N samples.
+        b: (..., d_out, r) up-projection columns (the same leading dimensions: a batch of layers
+            of one shape, penalised in one set of kernels).
         kind: euclidean, cosine, linear or kernel.
         **params: beta (euclidean), sigma_frac, max_samples, seed (kernel).
 
     Returns:
-        A scalar tensor, differentiable in z and b.
+        A tensor of the leading shape (a scalar for 2-D inputs), differentiable in z and b.
 
     Example:
         >>> z = torch.tensor([[1.0, 2.0], [2.0, 4.0]])  # both columns parallel: fully redundant
         >>> subspace_penalty(z, torch.eye(2), "linear")
         tensor(1.)
     """
-    if z.dim() != 2 or b.dim() != 2 or z.shape[1] != b.shape[1]:
+    if (
+        z.dim() < 2
+        or z.dim() != b.dim()
+        or z.shape[-1] != b.shape[-1]
+        or z.shape[:-2] != b.shape[:-2]
+    ):
         raise ValueError(
-            f"subspace_penalty needs z (N, r) and b (d_out, r), got {tuple(z.shape)} and {tuple(b.shape)}"
+            f"subspace_penalty needs z (..., N, r) and b (..., d_out, r), got {tuple(z.shape)} and {tuple(b.shape)}"
         )
     dtype = torch.promote_types(torch.promote_types(z.dtype, b.dtype), torch.float32)
     z, b = z.to(dtype), b.to(dtype)
@@ -156,22 +164,20 @@ def subspace_penalty(
         return _pair_sum(_cos_gram(z) ** 2)
     if kind == "cosine":
         s = torch.sign(z)
-        return _pair_sum(_cos_gram(b) * (s.T @ s) / z.shape[0])
+        return _pair_sum(_cos_gram(b) * (s.mT @ s) / z.shape[-2])
     if kind == "euclidean":
-        g = b.T @ b
-        gd = g.diagonal()
-        sq = z.square() * gd  # z_ni² G_ii
-        dist = (sq[:, :, None] + sq[:, None, :] - 2 * z[:, :, None] * z[:, None, :] * g).clamp_min(
-            0
-        )
-        return _pair_sum(torch.exp(-params.get("beta", 1.0) * dist).mean(0))
+        g = b.mT @ b  # (..., r, r)
+        sq = z.square() * g.diagonal(dim1=-2, dim2=-1)[..., None, :]  # z_ni² G_ii
+        cross = z[..., :, :, None] * z[..., :, None, :] * g[..., None, :, :]  # (..., N, r, r)
+        dist = (sq[..., :, :, None] + sq[..., :, None, :] - 2 * cross).clamp_min(0)
+        return _pair_sum(torch.exp(-params.get("beta", 1.0) * dist).mean(-3))
     if kind == "kernel":
         z = subsample(z, params.get("max_samples", 512), params.get("seed", 0))
-        norms = b.norm(dim=0)
-        zt = z.T  # (r, N)
-        dist = (zt[:, :, None] - zt[:, None, :]).abs() * norms[:, None, None]  # ‖Δh_i^p − Δh_i^q‖
+        norms = b.norm(dim=-2)  # (..., r)
+        zt = z.mT  # (..., r, N)
+        dist = (zt[..., :, :, None] - zt[..., :, None, :]).abs() * norms[..., :, None, None]
         sigma = _kernel_bandwidth(dist, params.get("sigma_frac", 0.5))
-        return _centered_alignment(torch.exp(-dist.square() / (2 * sigma[:, None, None] ** 2)))
+        return _centered_alignment(torch.exp(-dist.square() / (2 * sigma[..., None, None] ** 2)))
     raise ValueError(f"unknown ReSoRA kind {kind!r}; choose one of {list(KINDS)}")
 
 
@@ -202,9 +208,10 @@ def samples_from_activations(
     """(N, r) samples from recorded activations (..., L, r): non-padding tokens, or per-example means."""
     if z.dim() == 2:
         return z
-    mask = mask if mask is not None else torch.ones(z.shape[:-1], dtype=torch.bool, device=z.device)
-    if mode == "tokens":
-        return z[mask]
+    if mode == "tokens":  # without a mask a reshape (boolean indexing synchronises a GPU)
+        return z[mask] if mask is not None else z.reshape(-1, z.shape[-1])
+    if mask is None:
+        return z.mean(-2).reshape(-1, z.shape[-1])
     m = mask.to(z.dtype).unsqueeze(-1)
     pooled = (z * m).sum(-2) / m.sum(-2).clamp_min(1)
     return pooled.reshape(-1, z.shape[-1])
@@ -250,7 +257,7 @@ def resora_penalty(
     Returns:
         A scalar tensor (0 before ``start_step`` or when no layer has a component pair).
     """
-    terms = []
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     active = step is None or step >= config.start_step
     for layer, name, adapter in _adapter_modules(module):
         if config.samples == "weight":
@@ -265,7 +272,21 @@ def resora_penalty(
             z, b, mask = recorded
             z = samples_from_activations(z, config.samples, mask)
         if z.shape[1] >= 2 and z.shape[0] >= 1:
-            terms.append(subspace_penalty(z, b, config.kind, **config.params()))
-    if not terms:
+            key = (tuple(z.shape), tuple(b.shape), z.dtype, b.dtype, z.device)
+            groups.setdefault(key, []).append((z, b))
+    if not groups:
         return torch.zeros(())
-    return config.weight * torch.stack(terms).mean()
+    # layers of one shape are penalised together: a few batched kernels instead of a few per
+    # layer (on a GPU the per-layer version is bound by kernel launches)
+    total, count = 0, 0
+    for pairs in groups.values():
+        zs, bs = zip(*pairs)
+        if len(pairs) == 1:
+            total = total + subspace_penalty(zs[0], bs[0], config.kind, **config.params())
+        else:
+            stacked = subspace_penalty(
+                torch.stack(zs), torch.stack(bs), config.kind, **config.params()
+            )
+            total = total + stacked.sum()
+        count += len(pairs)
+    return config.weight * total / count
