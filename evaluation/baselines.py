@@ -27,7 +27,7 @@ from tasks.router import TaskRouter
 def most_common(values, what: str):
     counts = Counter(values)
     if not counts:
-        raise ValueError(f"no training {what} to take the majority of")
+        raise ValueError(f"{what}: none in the training split to take the majority of")
     return counts.most_common(1)[0][0]
 
 
@@ -59,15 +59,15 @@ def baseline_scores(router: TaskRouter, name: str, split: str = "test") -> tuple
         return "random ranking", scores, scores["r_mean"]
     train = task.read("train")
     if task.name == "nlvr2":
-        label = most_common((bool(r["label"]) for r in train), "labels")
+        label = most_common((bool(r["label"]) for r in train), f"task {name}: labels")
         scores = metrics.nlvr2_scores(
             {r["id"]: label for r in records}, {r["id"]: bool(r["label"]) for r in records}
         )
         return f"always {label}", scores, scores["accuracy"]
     if task.name == "caption":
-        answer = most_common((c for r in train for c in r["captions"]), "captions")
+        answer = most_common((c for r in train for c in r["captions"]), f"task {name}: captions")
     else:
-        answer = most_common((r["target"] for r in train), "answers")
+        answer = most_common((r["target"] for r in train), f"task {name}: answers")
     _, scores, headline = SCORERS[task.name](records, [answer] * len(records))
     return f"always {answer!r}", scores, headline
 

@@ -69,15 +69,22 @@ def synthetic_data(out: Path, images: int, seed: int = 0) -> Path:
 
 
 def warm_start(config_path: Path, overrides: list[str], out: Path, settings: dict) -> None:
-    """OUT (a transformers BART directory), trained unless one of the same settings is there."""
-    report = out / "pretrain.json"
-    if report.is_file():
-        done = json.loads(report.read_text())
-        if all(done.get(k) == v for k, v in settings.items()):
-            print(f"reusing {out} (loss {done['loss_first']:.2f} -> {done['loss_last']:.2f})")
-            return
+    """OUT (a transformers BART directory), trained unless one made from the same settings, model
+    section and data is there."""
     config = load_config(config_path, overrides)
+    data = Path(config.data.file).parent / "settings.json"
+    made_from = {
+        "warm_start": settings,
+        "model": {k: v for k, v in config.model.overrides.items() if k != "weights"},
+        "data": json.loads(data.read_text()) if data.is_file() else None,
+    }
+    stamp = out / "demo-settings.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == made_from:
+        done = json.loads((out / "pretrain.json").read_text())
+        print(f"reusing {out} (loss {done['loss_first']:.2f} -> {done['loss_last']:.2f})")
+        return
     result = pretrain(config, out, **settings)
+    stamp.write_text(json.dumps(made_from))
     print(
         f"wrote {out}: denoising loss {result['loss_first']:.2f} -> {result['loss_last']:.2f} "
         f"in {result['seconds']:.0f} s"

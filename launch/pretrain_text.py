@@ -70,6 +70,15 @@ def infill(ids: list[int], mask_id: int, p: float, rng: random.Random) -> list[i
     return out
 
 
+def corrupt(
+    ids: list[int], special: set[int], mask_id: int, p: float, rng: random.Random
+) -> list[int]:
+    """:func:`infill` on the words of ``ids``, keeping its leading and trailing special tokens."""
+    start = next((i for i, t in enumerate(ids) if t not in special), len(ids))
+    end = len(ids) - next((i for i, t in enumerate(reversed(ids)) if t not in special), 0)
+    return ids[:start] + infill(ids[start:end], mask_id, p, rng) + ids[end:]
+
+
 def pretrain(
     config: TrainConfig,
     out: Path,
@@ -110,12 +119,7 @@ def pretrain(
     losses, begin = [], time.perf_counter()
     for _ in tqdm(range(steps), desc="denoising warm start", mininterval=2):
         rows = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
-        noisy = [
-            [t for t in ids if t in special][:1]
-            + infill([t for t in ids if t not in special], tokenizer.mask_token_id, mask, rng)
-            + [t for t in ids if t in special][1:]
-            for ids in rows
-        ]
+        noisy = [corrupt(ids, special, tokenizer.mask_token_id, mask, rng) for ids in rows]
         inputs = tokenizer.pad({"input_ids": noisy}, return_tensors="pt")
         targets = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
         labels = pad_to_ignore(targets["input_ids"], targets["attention_mask"])

@@ -177,7 +177,7 @@ def test_export_then_reload_predicts_like_the_run(data, tmp_path):
 def test_text_infilling_masks_runs_as_one_token():
     import random
 
-    from launch.pretrain_text import infill
+    from launch.pretrain_text import corrupt, infill
 
     ids = list(range(10, 30))
     assert infill(ids, 0, 0.0, random.Random(0)) == ids
@@ -186,6 +186,8 @@ def test_text_infilling_masks_runs_as_one_token():
     assert all(not (a == b == 0) for a, b in zip(noisy, noisy[1:]))  # no two masks in a row
     kept = [t for t in noisy if t]
     assert kept == sorted(kept) and set(kept) < set(ids)  # the rest in order, some masked
+    # the special tokens around a sentence ([CLS] … [SEP]) are never masked
+    assert corrupt([2, *ids, 3], {2, 3}, 0, 0.999999, random.Random(0)) == [2, 0, 3]
 
 
 def test_denoising_warm_start_learns_and_loads_as_pretrained(data, tmp_path):
