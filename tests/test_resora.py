@@ -122,3 +122,53 @@ def test_weight_level_variant_uses_the_rank1_weight_components():
     got = vlpeft.resora_penalty(net, ReSoRAConfig(samples="weight", kind="cosine", weight=1.0))
     # ΔW_i = b_i a_iᵀ: the increments for the inputs e_k are b_i·A[i, k]
     torch.testing.assert_close(got, naive(ad.lora_A.T.detach(), ad.lora_B.detach(), "cosine"))
+
+
+def test_vl_models_announce_their_padding_to_resora():
+    """Encoder, decoder and cross-attention layers of CLIP-BART record the mask of their own
+    sequence (text + visual tokens, targets); outside the collection nothing is announced."""
+    from vlpeft.adapters.resora import collect_token_masks
+    from vlpeft.models import build_model
+
+    model = build_model("clip-bart", "tiny").eval()
+    vlpeft.add_adapter(
+        model, model.adapter_config(LoRAConfig(r=2, targets=["x"]), kinds=["q", "v"])
+    )
+    vlpeft.enable_resora(model)
+    batch = {
+        "images": torch.randn(2, 3, 64, 64),
+        "text": ["vqa: what color is the big circle on the left?", "vqa: how many?"],
+        "targets": ["red", "two small blue squares"],
+    }
+    with collect_token_masks():
+        model.loss(batch)
+    text = model.tokenize(batch["text"])["attention_mask"].bool()
+    encoder = torch.cat([text, torch.ones(2, 4, dtype=torch.bool)], 1)  # 2 × 2 visual tokens
+    decoder = model.tokenize(batch["targets"])["attention_mask"].bool()
+    assert encoder.shape[1] != decoder.shape[1] and not encoder.all() and not decoder.all()
+    seen = {}
+    for name, layer in vlpeft.adapted_layers(model):
+        _, _, mask = layer.adapters["default"].recorded
+        reads_encoder = ".encoder." in name or "encoder_attn.v_proj" in name
+        assert torch.equal(mask, encoder if reads_encoder else decoder), name
+        seen[reads_encoder] = True
+    assert seen == {True: True, False: True}
+    model.loss(batch)  # no collection: every position counts
+    assert all(
+        layer.adapters["default"].recorded[2] is None for _, layer in vlpeft.adapted_layers(model)
+    )
+
+
+def test_ambiguous_announced_masks_are_not_used():
+    from vlpeft.adapters.resora import _mask_for, collect_token_masks, register_token_mask
+
+    z = torch.zeros(2, 3, 4)
+    a, b = torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.ones(2, 3)
+    with collect_token_masks():
+        register_token_mask(a)
+        assert torch.equal(_mask_for(z), a.bool())
+        register_token_mask(a.clone())
+        assert torch.equal(_mask_for(z), a.bool())  # the same mask twice is no ambiguity
+        register_token_mask(b)
+        assert _mask_for(z) is None
+    assert _mask_for(z) is None

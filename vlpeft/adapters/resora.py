@@ -43,6 +43,9 @@ EPS = 1e-12
 _TOKEN_MASKS: contextvars.ContextVar[tuple[torch.Tensor, ...]] = contextvars.ContextVar(
     "vlpeft_token_masks", default=()
 )
+_COLLECTED: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
+    "vlpeft_collected_token_masks", default=None
+)
 
 
 @dataclasses.dataclass
@@ -186,7 +189,8 @@ def token_masks(*masks: torch.Tensor) -> Iterator[None]:
     """Marks non-padding positions for ReSoRA's "tokens"/"pooled" samples during the ``with`` block.
 
     A layer's activations (B, L, r) use the mask of shape (B, L) among those given (the first that
-    matches); a layer with no matching mask uses every position. VL models set this for each forward.
+    matches); a layer with no matching mask uses every position. (The VL models announce their own
+    masks instead, see :func:`collect_token_masks`.)
     """
     token = _TOKEN_MASKS.set(tuple(m.bool() for m in masks))
     try:
@@ -195,10 +199,37 @@ def token_masks(*masks: torch.Tensor) -> Iterator[None]:
         _TOKEN_MASKS.reset(token)
 
 
+@contextlib.contextmanager
+def collect_token_masks() -> Iterator[None]:
+    """Within the block, the masks VL models announce with :func:`register_token_mask` (text
+    padding masks from their tokenizer, all-ones masks for image tokens) mark ReSoRA's samples.
+
+    A layer's activations (B, L, r) take the announced mask of shape (B, L); when several of that
+    shape differ (a text as long as the image tokens), none is used. Masks given to
+    :func:`token_masks` take precedence. The training launcher wraps each step's forward in this.
+    """
+    token = _COLLECTED.set([])
+    try:
+        yield
+    finally:
+        _COLLECTED.reset(token)
+
+
+def register_token_mask(mask: torch.Tensor) -> None:
+    """Announces a (B, L) mask of real positions (no-op outside :func:`collect_token_masks`)."""
+    collected = _COLLECTED.get()
+    if collected is not None:
+        collected.append(mask.bool())
+
+
 def _mask_for(z: torch.Tensor) -> torch.Tensor | None:
+    shape = tuple(z.shape[:-1])
     for m in _TOKEN_MASKS.get():
-        if tuple(m.shape) == tuple(z.shape[:-1]):
+        if tuple(m.shape) == shape:
             return m
+    found = [m for m in _COLLECTED.get() or () if tuple(m.shape) == shape]
+    if found and all(m is found[0] or torch.equal(m, found[0]) for m in found[1:]):
+        return found[0]
     return None
 
 

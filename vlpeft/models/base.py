@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import MethodConfig, nearest_hint
+from ..adapters.resora import register_token_mask
 from .tokenizer import PRESETS, load_tokenizer
 
 _FAMILIES: dict[str, type[VLModel]] = {}
@@ -220,10 +221,9 @@ class VLModel(nn.Module):
             max_length=self.config.max_text_length,
             return_tensors="pt",
         )
-        return {
-            "input_ids": out["input_ids"].to(self.device),
-            "attention_mask": out["attention_mask"].to(self.device),
-        }
+        mask = out["attention_mask"].to(self.device)
+        register_token_mask(mask)  # ReSoRA's samples skip the padding
+        return {"input_ids": out["input_ids"].to(self.device), "attention_mask": mask}
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.resora import register_token_mask
 from ..adapters.routing import routing_inputs
 from .base import (
     ModelConfig,
@@ -215,6 +216,7 @@ class ClipBart(VLModel):
         mask = torch.cat(
             [text["attention_mask"], text["attention_mask"].new_ones(visual.shape[:2])], 1
         )
+        register_token_mask(mask)
         with routing_inputs({ENCODER: visual.mean(1)}):
             hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return hidden, mask

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..adapters.resora import register_token_mask
 from ..adapters.routing import routing_inputs
 from .base import IGNORE, ModelConfig, VLModel, lm_loss, register_family
 from .vit import (
@@ -120,6 +121,7 @@ class Gpt2Vit(VLModel):
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         ids, mask, labels = self._sequences(batch)
         prefix, embeds, mask = self._embed(batch, ids, mask)
+        register_token_mask(mask)
         with routing_inputs({"gpt2": prefix}):
             logits = self.gpt2(inputs_embeds=embeds, attention_mask=mask).logits
         # logit t predicts token t+1: prefix position predicts bos (ignored), so align on ids

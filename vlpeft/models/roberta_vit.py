@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.resora import register_token_mask
 from ..adapters.routing import routing_inputs
 from .base import ModelConfig, VLModel, register_family
 from .vit import (
@@ -106,6 +107,7 @@ class RobertaVit(VLModel):
         embeds = self.roberta.embeddings.word_embeddings(text["input_ids"])
         embeds = torch.cat([visual[:, None].to(embeds.dtype), embeds], dim=1)
         mask = F.pad(text["attention_mask"], (1, 0), value=1)
+        register_token_mask(mask)
         with routing_inputs({"roberta": visual}):
             hidden = self.roberta(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return self.classifier(hidden[:, 1])
