@@ -38,6 +38,24 @@ def verdict(value: float, target: float) -> str:
     return "met" if value <= target else "MISSED"
 
 
+def report(title: str, intro: str, figures: list[tuple], after: str = "") -> str:
+    """Markdown: the title, an intro paragraph and a table of figures against their targets.
+
+    ``figures``: (figure, target as written, measured as written, value, limit) rows; the verdict
+    is ``met`` when value ≤ limit.
+    """
+    lines = [
+        f"# {title}",
+        "",
+        intro,
+        "",
+        "| figure | target | measured | verdict |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {f} | {t} | {m} | {verdict(v, lim)} |" for f, t, m, v, lim in figures]
+    return "\n".join([*lines, "", *([after, ""] if after else [])])
+
+
 def write(name: str, data: dict, markdown: str) -> Path:
     """bench/results/<name>.json and .md (a device suffix keeps CPU and GPU figures apart)."""
     RESULTS.mkdir(parents=True, exist_ok=True)

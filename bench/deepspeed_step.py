@@ -15,7 +15,7 @@ import copy
 import torch
 
 from bench.adapters import Step, bart_base, inputs, with_method
-from bench.common import machine, paired, verdict, write
+from bench.common import machine, paired, report, write
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,19 +66,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine(device), "stage": args.stage, "batch": args.batch,
               "plain_s": plain_s, "engine_s": engine_s, "ratio": ratio}  # fmt: skip
     m = result["machine"]
-    markdown = "\n".join([
-        f"# DeepSpeed engine step vs plain loop ({m['cores']}-core CPU, one process, gloo)",
-        "",
+    markdown = report(
+        f"DeepSpeed engine step vs plain loop ({m['cores']}-core CPU, one process, gloo)",
         f"BART-base size, vlpeft LoRA r=8 on q/v, batch {args.batch}; ZeRO-{args.stage} "
         f"(`launch/ds_zero{args.stage}.json`); median ratio of {args.repeats} alternating pairs "
         "after warm-up.",
-        "",
-        "| figure | target | measured | verdict |",
-        "|---|---|---|---|",
-        f"| engine step / plain loop | ≤ 1.05 | {ratio:.3f} ({engine_s:.3f} s / {plain_s:.3f} s) "
-        f"| {verdict(ratio, 1.05)} |",
-        "",
-    ])  # fmt: skip
+        [("engine step / plain loop", "≤ 1.05",
+          f"{ratio:.3f} ({engine_s:.3f} s / {plain_s:.3f} s)", ratio, 1.05)],
+    )  # fmt: skip
     write(f"deepspeed_step_zero{args.stage}", result, markdown)
     return result
 

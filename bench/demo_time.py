@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, verdict, write
+from bench.common import machine, report, write
 
 TARGET_S = 300.0
 
@@ -37,20 +37,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine("cpu"), "seconds": seconds, "target_s": TARGET_S,
               "leaderboard": table}  # fmt: skip
     m = result["machine"]
-    markdown = "\n".join([
-        f"# `make demo` wall time ({m['cores']}-core CPU, {m['threads']} threads)",
-        "",
+    markdown = report(
+        f"`make demo` wall time ({m['cores']}-core CPU, {m['threads']} threads)",
         "`python -m launch.demo` into an empty folder: data, BART warm start, two runs, evaluation.",
-        "",
-        "| figure | target | measured | verdict |",
-        "|---|---|---|---|",
-        f"| wall time | ≤ {TARGET_S:.0f} s | {seconds:.0f} s | {verdict(seconds, TARGET_S)} |",
-        "",
-        "Its leaderboard:",
-        "",
-        table,
-        "",
-    ])  # fmt: skip
+        [("wall time", f"≤ {TARGET_S:.0f} s", f"{seconds:.0f} s", seconds, TARGET_S)],
+        "Its leaderboard:\n\n" + table,
+    )
     write("demo_time", result, markdown)
     return result
 

@@ -17,7 +17,7 @@ import torch
 
 import vlpeft
 from bench.adapters import blip_base
-from bench.common import machine, verdict, write
+from bench.common import machine, report, write
 from vlpeft.adapters import NullLoRAConfig
 
 TARGETS = r".*(encoder|vision_model)\..*\.(qkv|projection|fc1|fc2|query|key|value|dense)"
@@ -48,18 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
         "cached_s": times[1],
     }
     m = result["machine"]
-    markdown = "\n".join([
-        f"# Null-LoRA initialisation, BLIP-base size ({m['cores']}-core CPU, {m['threads']} threads)",
-        "",
+    markdown = report(
+        f"Null-LoRA initialisation, BLIP-base size ({m['cores']}-core CPU, {m['threads']} threads)",
         f"{adapted} target layers (every attention and FFN linear of the vision and text encoders),"
         f" rank {args.rank}; float64 SVD of each weight.",
-        "",
-        "| figure | target | measured | verdict |",
-        "|---|---|---|---|",
-        f"| first initialisation (SVDs) | ≤ 60 s | {times[0]:.1f} s | {verdict(times[0], 60)} |",
-        f"| cached (second run) | ≈ 0 s | {times[1]:.2f} s | {verdict(times[1], 2.0)} |",
-        "",
-    ])  # fmt: skip
+        [("first initialisation (SVDs)", "≤ 60 s", f"{times[0]:.1f} s", times[0], 60),
+         ("cached (second run)", "≈ 0 s", f"{times[1]:.2f} s", times[1], 2.0)],
+    )  # fmt: skip
     write("nulllora_init", result, markdown)
     return result
 
