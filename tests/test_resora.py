@@ -172,3 +172,32 @@ def test_ambiguous_announced_masks_are_not_used():
         register_token_mask(b)
         assert _mask_for(z) is None
     assert _mask_for(z) is None
+
+
+def test_blip_vision_tokens_are_all_real_and_text_skips_padding():
+    from vlpeft.adapters.resora import collect_token_masks
+    from vlpeft.models import build_model
+
+    model = build_model("blip", "tiny", heads=["retrieval"]).eval()
+    config = model.adapter_config(
+        LoRAConfig(r=2, targets=["x"]), ["vision", "text_encoder"], ["qkv", "q"]
+    )
+    vlpeft.add_adapter(model, config)
+    vlpeft.enable_resora(model)
+    texts = ["a small red circle on the left and a blue square", "two shapes"]
+    batch = {
+        "kind": "retrieval",
+        "images": torch.randn(2, 3, 32, 32),
+        "text": texts,
+        "image_ids": [0, 1],
+    }
+    with collect_token_masks():
+        model.loss(batch)
+    text = model.tokenize(texts)["attention_mask"].bool()
+    for name, layer in vlpeft.adapted_layers(model):
+        _, _, mask = layer.adapters["default"].recorded
+        if name.startswith("vision_model"):
+            assert mask.shape == (2, 1 + 16) and mask.all(), name
+        elif ".attention." in name:  # the last forward was ITM: positive and negative pairs
+            assert mask.shape[1] == text.shape[1] and not mask.all(), name
+            assert all(any(torch.equal(row, t) for t in text) for row in mask), name

@@ -301,6 +301,12 @@ class VLModel(nn.Module):
         return ids
 
 
+def announce_vit_tokens(images: torch.Tensor, patch_size: int) -> None:
+    """Tells ReSoRA that every one of a ViT's [CLS] + patch tokens of ``images`` is real."""
+    patches = (images.shape[-1] // patch_size) * (images.shape[-2] // patch_size)
+    register_token_mask(images.new_ones(images.shape[0], 1 + patches, dtype=torch.bool))
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """Cross entropy of next-token ``logits`` (B, L, V) against ``labels`` (B, L): the mean over
     examples of each example's token mean (VL-T5's reduction).

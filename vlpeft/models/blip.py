@@ -31,9 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.resora import register_token_mask
 from ..adapters.routing import routed_layers, routing_inputs
-from .base import ModelConfig, VLModel, lm_loss, missing_weights, pad_to_ignore, register_family
+from .base import (
+    ModelConfig,
+    VLModel,
+    announce_vit_tokens,
+    lm_loss,
+    missing_weights,
+    pad_to_ignore,
+    register_family,
+)
 from .clip_bart import CLIP_MEAN, CLIP_STD
 
 HEADS = ("retrieval", "vqa", "caption")
@@ -192,9 +199,7 @@ class Blip(VLModel):
     def image_states(self, images: torch.Tensor) -> torch.Tensor:
         """ViT last hidden state (B, 1 + patches, d); [CLS] first."""
         dtype = next(self.vision_model.parameters()).dtype
-        patch = self.vision_model.config.patch_size
-        tokens = 1 + (images.shape[-1] // patch) * (images.shape[-2] // patch)
-        register_token_mask(images.new_ones(images.shape[0], tokens, dtype=torch.bool))
+        announce_vit_tokens(images, self.vision_model.config.patch_size)
         return self.vision_model(pixel_values=images.to(self.device, dtype)).last_hidden_state
 
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters.resora import register_token_mask
-from .base import missing_weights
+from .base import announce_vit_tokens, missing_weights
 
 VIT_COMPONENT = r"vit\.layers\.\d+"
 VIT_KINDS = {
@@ -48,9 +47,6 @@ class VisualToken(nn.Module):
 
     def forward(self, vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
         dtype = self.proj.weight.dtype
-        patches = (images.shape[-1] // vit.config.patch_size) * (
-            images.shape[-2] // vit.config.patch_size
-        )
-        register_token_mask(images.new_ones(images.shape[0], 1 + patches, dtype=torch.bool))
+        announce_vit_tokens(images, vit.config.patch_size)
         pooled = vit(pixel_values=images.to(self.proj.weight.device, dtype)).pooler_output
         return self.proj(pooled)
