@@ -44,10 +44,7 @@ def random_ranking_recall(positives: list[int], ks=(1, 5, 10)) -> dict[str, floa
             / images
         )
         scores[f"t2i_r{k}"] = 100 * min(k, images) / images
-    for direction in ("i2t", "t2i"):
-        scores[f"{direction}_mean"] = sum(scores[f"{direction}_r{k}"] for k in ks) / len(ks)
-    scores["r_mean"] = (scores["i2t_mean"] + scores["t2i_mean"]) / 2
-    return scores
+    return metrics.with_recall_means(scores, ks)
 
 
 def baseline_scores(router: TaskRouter, name: str, split: str = "test") -> tuple[str, dict, float]:

@@ -276,9 +276,15 @@ def retrieval_recall(
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
             out[f"{name}_r{k}"] = 100 * float((ranks < k).mean())
-        out[f"{name}_mean"] = float(np.mean([out[f"{name}_r{k}"] for k in ks]))
-    out["r_mean"] = (out["i2t_mean"] + out["t2i_mean"]) / 2
-    return out
+    return with_recall_means(out, ks)
+
+
+def with_recall_means(recalls: dict, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Adds ``i2t_mean``, ``t2i_mean`` (over R@ks) and ``r_mean`` (their average) to ``recalls``."""
+    for name in ("i2t", "t2i"):
+        recalls[f"{name}_mean"] = float(np.mean([recalls[f"{name}_r{k}"] for k in ks]))
+    recalls["r_mean"] = (recalls["i2t_mean"] + recalls["t2i_mean"]) / 2
+    return recalls
 
 
 def itm_rerank(similarity, itm: Callable[[int, np.ndarray], np.ndarray], k: int) -> np.ndarray:
