@@ -25,7 +25,6 @@ import torch
 import vlpeft
 from bench.common import machine, paired, verdict, write
 from vlpeft.adapters import FLoRAConfig, LoRAConfig, NullLoRAConfig, ReSoRAConfig
-from vlpeft.adapters.routing import routing_inputs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RANK = 8
@@ -111,7 +110,7 @@ class Step:
     def __call__(self) -> None:
         with (
             torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16"),
-            routing_inputs(self.x_r),
+            vlpeft.routing_inputs(self.model, self.x_r),
         ):
             loss = loss_of(self.name, self.model, self.batch)
             if self.resora:

@@ -27,7 +27,6 @@ from vlpeft.adapters import (  # noqa: E402
     NullLoRAConfig,
     ReSoRAConfig,
 )
-from vlpeft.adapters.routing import routing_inputs  # noqa: E402
 
 VOCAB = 64
 
@@ -123,7 +122,7 @@ def forward(model: torch.nn.Module, batch: dict):
         model.config.hidden_size,
         generator=torch.Generator().manual_seed(1),
     )
-    with routing_inputs(x_r):
+    with vlpeft.routing_inputs(model, x_r):
         return model(**batch)
 
 

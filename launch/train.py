@@ -30,7 +30,6 @@ from launch.run import build_model, build_router
 from tasks.router import take
 from tasks.sampler import MultitaskSampler, SamplerConfig
 from vlpeft.adapters.base import gathered
-from vlpeft.adapters.resora import collect_token_masks
 from vlpeft.checkpoint import atomic_write, write_json, write_safetensors
 
 log = logging.getLogger("vlpeft.train")
@@ -360,8 +359,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     while step < config.train.steps:
         position, (task, indices) = next(stream)
         router.activate(model, task)
-        with autocast, collect_token_masks():  # ReSoRA samples only real tokens
-            loss = model.loss(take(datasets[task], indices))
+        with autocast:
+            loss = (engine or model)(take(datasets[task], indices)).loss
             penalty = vlpeft.resora_penalty(model, resora, step) if resora else torch.zeros(())
         total = loss + penalty
         if engine is not None:

@@ -1,5 +1,7 @@
 """ReSoRA: every closed form against its naive definition (materialising each Δh_i), values and gradients."""
 
+import re
+
 import pytest
 import torch
 from conftest import bart_inputs, perturb_adapters, run, tiny_bart, with_x_r
@@ -7,7 +9,7 @@ from conftest import bart_inputs, perturb_adapters, run, tiny_bart, with_x_r
 import vlpeft
 from bench.resora import naive_penalty as naive
 from vlpeft.adapters import AdapterConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig, ReSoRAConfig
-from vlpeft.adapters.resora import KINDS, subspace_penalty
+from vlpeft.adapters.resora import KINDS, recorder_of, subspace_penalty
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -53,29 +55,35 @@ METHODS = [
 ]
 
 
+def kept_calls(model):
+    """[(list of (z, mask) per call, b)] per adapter layer, as the recorder holds them."""
+    return [(calls, b) for _, _, calls, b in recorder_of(model).calls.values()]
+
+
+def training_bart(config):
+    model = tiny_bart().train()
+    vlpeft.add_adapter(model, config)
+    perturb_adapters(model)
+    return model
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("row", METHODS, ids=[m[0] for m in METHODS])
 def test_model_penalty_is_mean_over_layers_of_recorded_components(row, kind):
     """Layers of one shape are penalised in one batch: the result is still the per-layer mean."""
     _, config, make_inputs = row
-    model = tiny_bart()
-    vlpeft.add_adapter(model, config)
-    perturb_adapters(model)
+    model = training_bart(config)
     inputs = make_inputs()
     run(model, inputs)
-    assert all(
-        getattr(a, "recorded", None) is None
-        for _, layer in vlpeft.adapted_layers(model)
-        for a in layer.adapters.values()
-    )
+    assert recorder_of(model) is None  # not enabled: nothing kept, nothing to pay
     vlpeft.enable_resora(model)
+    torch.manual_seed(0)  # the same dropout masks in both forwards below
     run(model, inputs)
-    recorded = [
-        a.recorded for _, layer in vlpeft.adapted_layers(model) for a in layer.adapters.values()
-    ]
-    assert all(r is not None for r in recorded)
+    calls = kept_calls(model)
+    assert len(calls) == len(list(vlpeft.adapted_layers(model)))
+    assert all(len(c) == 1 for c, _ in calls)
     expected = torch.stack(
-        [subspace_penalty(z.reshape(-1, z.shape[-1]), b, kind) for z, b, _ in recorded]
+        [subspace_penalty(c[0][0].reshape(-1, c[0][0].shape[-1]), b, kind) for c, b in calls]
     ).mean()
     penalty = vlpeft.resora_penalty(model, ReSoRAConfig(kind=kind, weight=0.5))
     torch.testing.assert_close(penalty, 0.5 * expected)
@@ -83,14 +91,105 @@ def test_model_penalty_is_mean_over_layers_of_recorded_components(row, kind):
     assert any(p.grad is not None for n, p in model.named_parameters() if ".adapters." in n)
     # consumed: a second call without a forward has nothing left
     assert vlpeft.resora_penalty(model, ReSoRAConfig()).item() == 0
+    summed = ReSoRAConfig(kind=kind, weight=0.5, reduction="sum")
+    torch.manual_seed(0)
+    run(model, inputs)
+    torch.testing.assert_close(
+        vlpeft.resora_penalty(model, summed).detach(), 0.5 * expected.detach() * len(calls)
+    )
+
+
+def test_penalty_without_enabling_is_an_error_naming_enable_resora():
+    model = training_bart(LoRAConfig(targets=["q_proj"], r=2))
+    run(model, bart_inputs())
+    with pytest.raises(RuntimeError, match=r"enable_resora\(model\)"):
+        vlpeft.resora_penalty(model, ReSoRAConfig())
+    # the weight level needs no recording
+    assert vlpeft.resora_penalty(model, ReSoRAConfig(samples="weight")).item() > 0
+
+
+def test_eval_and_no_grad_passes_record_nothing():
+    """An evaluation pass of another adapter set before a training step leaves that step's
+    penalty and gradients exactly as without it."""
+    model = training_bart(LoRAConfig(targets=["q_proj", "v_proj"], r=3))
+    vlpeft.add_adapter(model, LoRAConfig(targets=["q_proj", "v_proj"], r=3), name="other")
+    perturb_adapters(model, seed=7)
+    vlpeft.enable_resora(model)
+    inputs, config = bart_inputs(), ReSoRAConfig(weight=1.0)
+
+    def step(evaluate_first: bool):
+        vlpeft.set_active_adapter(model, "default")
+        if evaluate_first:
+            vlpeft.set_active_adapter(model, "other")
+            model.eval()
+            run(model, inputs)  # eval mode, grad on
+            with torch.no_grad():
+                model.train()
+                run(model, inputs)  # training mode, no grad
+            vlpeft.set_active_adapter(model, "default")
+            model.train()
+        torch.manual_seed(0)
+        run(model, inputs)
+        penalty = vlpeft.resora_penalty(model, config)
+        params = [p for n, p in model.named_parameters() if ".default." in n]
+        grads = torch.autograd.grad(penalty, params, allow_unused=True, materialize_grads=True)
+        return penalty.detach(), grads
+
+    plain, plain_grads = step(False)
+    after_eval, eval_grads = step(True)
+    assert plain.item() > 0
+    torch.testing.assert_close(after_eval, plain)
+    for a, b in zip(eval_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+
+
+class TwiceCalled(torch.nn.Module):
+    """One layer applied to two sequences in one forward (as BLIP's text encoder: ITC, then ITM)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(6, 6)
+
+    def forward(self, a, b):
+        return self.proj(a).sum() + self.proj(b).sum()
+
+
+def test_both_calls_of_a_twice_called_layer_count():
+    net = TwiceCalled().train()
+    vlpeft.add_adapter(net, LoRAConfig(targets=["proj"], r=3))
+    perturb_adapters(net)
+    vlpeft.enable_resora(net)
+    a, b = torch.randn(2, 4, 6), torch.randn(3, 5, 6)
+    net(a, b)
+    ad = net.proj.adapters["default"]
+    z = torch.cat([(a @ ad.lora_A.T).reshape(-1, 3), (b @ ad.lora_A.T).reshape(-1, 3)])
+    got = vlpeft.resora_penalty(net, ReSoRAConfig(weight=1.0))
+    torch.testing.assert_close(got, subspace_penalty(z, ad.lora_B * ad.scaling, "linear"))
+
+
+def test_gradient_checkpointing_recompute_is_not_recorded_twice():
+    from torch.utils.checkpoint import checkpoint
+
+    net = TwiceCalled().train()
+    vlpeft.add_adapter(net, LoRAConfig(targets=["proj"], r=3))
+    perturb_adapters(net)
+    vlpeft.enable_resora(net)
+    a, b = torch.randn(2, 4, 6), torch.randn(3, 5, 6)
+    config = ReSoRAConfig(weight=1.0)
+    grads = []
+    for checkpointed in (False, True):
+        out = checkpoint(net, a, b, use_reentrant=False) if checkpointed else net(a, b)
+        assert len(recorder_of(net)) == 2
+        total = out + vlpeft.resora_penalty(net, config)
+        grads.append(torch.autograd.grad(total, [p for p in net.parameters() if p.requires_grad]))
+        assert len(recorder_of(net)) == 0  # the recompute during backward kept nothing
+    for plain, ckpt in zip(*grads):
+        torch.testing.assert_close(plain, ckpt)
 
 
 def test_two_stage_schedule_and_padding_mask():
-    from vlpeft.adapters.resora import token_masks
-
-    model = tiny_bart()
-    vlpeft.add_adapter(model, LoRAConfig(targets=["encoder.layers.0.self_attn.q_proj"], r=3))
-    perturb_adapters(model)
+    model = training_bart(LoRAConfig(targets=["encoder.layers.0.self_attn.q_proj"], r=3))
     vlpeft.enable_resora(model)
     inputs = bart_inputs()
     mask = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
@@ -98,19 +197,28 @@ def test_two_stage_schedule_and_padding_mask():
     config = ReSoRAConfig(start_step=10, samples="tokens")
     run(model, inputs)
     assert vlpeft.resora_penalty(model, config, step=9).item() == 0
-    with token_masks(mask):
-        run(model, inputs)
-    z, b, m = next(
-        a for _, layer in vlpeft.adapted_layers(model) for a in layer.adapters.values()
-    ).recorded
+    assert len(recorder_of(model)) == 0  # released before start_step too
+    vlpeft.set_token_masks(model, mask)
+    torch.manual_seed(0)  # the same dropout in both forwards
+    run(model, inputs)
+    ((calls, b),) = kept_calls(model)
+    z, m = calls[0]
     assert torch.equal(m, mask)
     got = vlpeft.resora_penalty(model, config, step=10)
     torch.testing.assert_close(got, 0.1 * subspace_penalty(z[mask], b, "linear"))
-    with token_masks(mask):
-        run(model, inputs)
+    torch.manual_seed(0)
+    run(model, inputs)
     pooled = vlpeft.resora_penalty(model, ReSoRAConfig(samples="pooled"))
     means = torch.stack([z[0, :4].mean(0), z[1].mean(0)])
     torch.testing.assert_close(pooled, 0.1 * subspace_penalty(means, b, "linear"))
+
+
+def test_a_mask_of_another_sequence_is_an_error_naming_the_layer():
+    model = training_bart(LoRAConfig(targets=["encoder.layers.0.self_attn.q_proj"], r=3))
+    vlpeft.enable_resora(model)
+    vlpeft.set_token_masks(model, torch.ones(2, 5))  # the decoder's length, not the encoder's
+    with pytest.raises(ValueError, match=r"encoder\.layers\.0\.self_attn\.q_proj.*\(2, 5\)"):
+        run(model, bart_inputs())
 
 
 def test_weight_level_variant_uses_the_rank1_weight_components():
@@ -124,63 +232,52 @@ def test_weight_level_variant_uses_the_rank1_weight_components():
     torch.testing.assert_close(got, naive(ad.lora_A.T.detach(), ad.lora_B.detach(), "cosine"))
 
 
-def test_vl_models_announce_their_padding_to_resora():
-    """Encoder, decoder and cross-attention layers of CLIP-BART record the mask of their own
-    sequence (text + visual tokens, targets); outside the collection nothing is announced."""
-    from vlpeft.adapters.resora import collect_token_masks
-    from vlpeft.models import build_model
-
-    model = build_model("clip-bart", "tiny").eval()
-    vlpeft.add_adapter(
-        model, model.adapter_config(LoRAConfig(r=2, targets=["x"]), kinds=["q", "v"])
-    )
-    vlpeft.enable_resora(model)
-    batch = {
+def vl_batch():
+    return {
         "images": torch.randn(2, 3, 64, 64),
         "text": ["vqa: what color is the big circle on the left?", "vqa: how many?"],
         "targets": ["red", "two small blue squares"],
     }
-    with collect_token_masks():
-        model.loss(batch)
+
+
+def test_clip_bart_sets_each_components_padding_mask():
+    """Encoder, decoder and cross-attention layers of CLIP-BART record the mask of their own
+    sequence (text + visual tokens, targets); an evaluation pass records nothing."""
+    from vlpeft.models import build_model
+
+    model = build_model("clip-bart", "tiny").train()
+    vlpeft.add_adapter(
+        model, model.adapter_config(LoRAConfig(r=2, targets=["x"]), kinds=["q", "k", "v"])
+    )
+    vlpeft.enable_resora(model)
+    batch = vl_batch()
+    model(batch)
     text = model.tokenize(batch["text"])["attention_mask"].bool()
     encoder = torch.cat([text, torch.ones(2, 4, dtype=torch.bool)], 1)  # 2 × 2 visual tokens
     decoder = model.tokenize(batch["targets"])["attention_mask"].bool()
     assert encoder.shape[1] != decoder.shape[1] and not encoder.all() and not decoder.all()
-    seen = {}
-    for name, layer in vlpeft.adapted_layers(model):
-        _, _, mask = layer.adapters["default"].recorded
-        reads_encoder = ".encoder." in name or "encoder_attn.v_proj" in name
+    seen = set()
+    for layer, _, calls, _ in recorder_of(model).calls.values():
+        ((_, mask),) = calls
+        name = layer.layer_name
+        reads_encoder = ".encoder." in name or re.search(r"encoder_attn\.[kv]_proj", name)
         assert torch.equal(mask, encoder if reads_encoder else decoder), name
-        seen[reads_encoder] = True
-    assert seen == {True: True, False: True}
-    model.loss(batch)  # no collection: every position counts
-    assert all(
-        layer.adapters["default"].recorded[2] is None for _, layer in vlpeft.adapted_layers(model)
-    )
+        seen.add(bool(reads_encoder))
+    assert seen == {True, False}
+    vlpeft.resora_penalty(model, ReSoRAConfig())
+    model.eval()
+    model(batch)
+    assert len(recorder_of(model)) == 0
 
 
-def test_ambiguous_announced_masks_are_not_used():
-    from vlpeft.adapters.resora import _mask_for, collect_token_masks, register_token_mask
-
-    z = torch.zeros(2, 3, 4)
-    a, b = torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.ones(2, 3)
-    with collect_token_masks():
-        register_token_mask(a)
-        assert torch.equal(_mask_for(z), a.bool())
-        register_token_mask(a.clone())
-        assert torch.equal(_mask_for(z), a.bool())  # the same mask twice is no ambiguity
-        register_token_mask(b)
-        assert _mask_for(z) is None
-    assert _mask_for(z) is None
-
-
-def test_blip_vision_tokens_are_all_real_and_text_skips_padding():
-    from vlpeft.adapters.resora import collect_token_masks
+def test_blip_records_both_text_encoder_calls_with_their_masks():
+    """Retrieval runs the text encoder twice (ITC texts, then ITM pairs): both calls count, each
+    with its own padding mask; image tokens are all real."""
     from vlpeft.models import build_model
 
-    model = build_model("blip", "tiny", heads=["retrieval"]).eval()
+    model = build_model("blip", "tiny", heads=["retrieval"]).train()
     config = model.adapter_config(
-        LoRAConfig(r=2, targets=["x"]), ["vision", "text_encoder"], ["qkv", "q"]
+        LoRAConfig(r=2, targets=["x"]), ["vision", "text_encoder"], ["qkv", "q", "v"]
     )
     vlpeft.add_adapter(model, config)
     vlpeft.enable_resora(model)
@@ -191,16 +288,22 @@ def test_blip_vision_tokens_are_all_real_and_text_skips_padding():
         "text": texts,
         "image_ids": [0, 1],
     }
-    with collect_token_masks():
-        model.loss(batch)
+    model(batch)
     text = model.tokenize(texts)["attention_mask"].bool()
-    for name, layer in vlpeft.adapted_layers(model):
-        _, _, mask = layer.adapters["default"].recorded
+    for layer, _, calls, _ in recorder_of(model).calls.values():
+        name = layer.layer_name
         if name.startswith("vision_model"):
-            assert mask.shape == (2, 1 + 16) and mask.all(), name
-        elif ".attention." in name:  # the last forward was ITM: positive and negative pairs
-            assert mask.shape[1] == text.shape[1] and not mask.all(), name
-            assert all(any(torch.equal(row, t) for t in text) for row in mask), name
+            assert len(calls) == 1 and calls[0][1] is None, name
+        elif re.search(r"crossattention\.self\.(key|value)", name):  # ITM, on image states
+            assert len(calls) == 1 and calls[0][1] is None, name
+        elif "crossattention" in name:  # ITM only: the pairs' texts
+            assert len(calls) == 1 and calls[0][0].shape[0] == 6 and not calls[0][1].all(), name
+        else:  # ITC on the texts, then ITM on positive and negative pairs
+            assert len(calls) == 2, name
+            (z_itc, itc), (z_itm, itm) = calls
+            assert torch.equal(itc, text) and z_itc.shape[0] == 2, name
+            assert z_itm.shape[0] == 6 and not itm.all(), name
+            assert all(any(torch.equal(row, t) for t in text) for row in itm), name
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -410,7 +410,6 @@ def test_feature_cache_gives_the_pixel_numbers(tmp_path):
 def test_router_activation_restores_the_configured_routing(tmp_path):
     """A task that names no routing function runs the set's own, not the previous task's."""
     import vlpeft
-    from vlpeft.adapters.routing import ROUTED
 
     router = TaskRouter.from_dict(
         {
@@ -423,8 +422,8 @@ def test_router_activation_restores_the_configured_routing(tmp_path):
     vlpeft.add_adapter(
         model, model.adapter_config(vlpeft.LoRAConfig(targets=["_"], r=2, routing="mul"))
     )
-    kinds = lambda: {a.kind for m in model.modules() for a in getattr(m, "adapters", {}).values()  # noqa: E731
-                     if isinstance(a, ROUTED)}  # fmt: skip
+    kinds = lambda: {a.routing.kind for _, layer in vlpeft.adapted_layers(model)  # noqa: E731
+                     for a in layer.adapters.values()}  # fmt: skip
     router.activate(model, "a")
     assert kinds() == {"add"}
     router.activate(model, "b")

@@ -12,8 +12,8 @@ from .adapters import (
     ReSoRAConfig,
     list_methods,
 )
-from .adapters.resora import enable_resora, resora_penalty
-from .adapters.routing import routing_inputs
+from .adapters.resora import enable_resora, resora_penalty, set_token_masks
+from .adapters.routing import routing_inputs, set_routing, set_routing_inputs
 from .checkpoint import export_peft_lora, load_adapter, save_adapter
 from .inject import (
     active_adapters,
@@ -38,6 +38,9 @@ __all__ = [
     "enable_resora",
     "resora_penalty",
     "routing_inputs",
+    "set_routing",
+    "set_routing_inputs",
+    "set_token_masks",
     "active_adapters",
     "adapted_layers",
     "adapters",

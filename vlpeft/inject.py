@@ -17,21 +17,22 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .adapters.base import AdaptedLayer, MethodConfig
+from .adapters.base import AdaptedLayer, MethodConfig, adapted_layers, adapter_configs
+from .adapters.resora import recorder_of
 
-_CONFIGS_ATTR = "_vlpeft_configs"
-
-
-def adapter_configs(module: nn.Module) -> dict[str, MethodConfig]:
-    """Name → config of every adapter added to ``module`` (empty when none)."""
-    return module.__dict__.setdefault(_CONFIGS_ATTR, {})
-
-
-def adapted_layers(module: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    """(dotted name, layer) for every injected layer."""
-    for path, sub in module.named_modules():
-        if isinstance(sub, AdaptedLayer):
-            yield path, sub
+__all__ = [
+    "active_adapters",
+    "adapted_layers",
+    "adapter_configs",
+    "add_adapter",
+    "count_parameters",
+    "find_targets",
+    "freeze_except_adapters",
+    "merge_adapter",
+    "set_active_adapter",
+    "trainable_extra_names",
+    "unmerge_adapter",
+]
 
 
 def _candidate_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -94,10 +95,12 @@ def add_adapter(module: nn.Module, config: MethodConfig, name: str = "default") 
         raise ValueError(
             f"adapter {name!r} already exists in this module; names in use: {sorted(configs)}"
         )
+    recorder = recorder_of(module)  # adapters added after enable_resora join its recorder
     for path, sub in find_targets(module, config.targets):
         layer = sub if isinstance(sub, AdaptedLayer) else AdaptedLayer(sub, path)
         layer.adapters[name] = config.build(layer.base_layer, path)
         if layer is not sub:
+            layer.recorder = recorder
             module.set_submodule(path, layer)
     configs[name] = config
     freeze_except_adapters(module)

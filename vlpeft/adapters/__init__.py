@@ -1,8 +1,14 @@
-"""PEFT methods, one file each; importing this package registers them all."""
+"""PEFT methods, one file each; importing this package registers them all.
+
+The core — :mod:`.base` (the layer protocol, traversal, the method registry) and :mod:`.routing`
+(routing functions, x_R per model) — is imported by every method file; methods never import each
+other. :mod:`.resora` is the regulariser and its recorder.
+"""
 
 from . import resora, routing
 from .adapter import AdapterConfig
 from .base import (
+    METHODS,
     AdaptedLayer,
     AdapterModule,
     MethodConfig,
@@ -14,8 +20,10 @@ from .flora import FLoRAConfig
 from .lora import LoRAConfig
 from .nulllora import NullLoRAConfig
 from .resora import ReSoRAConfig
+from .routing import RoutableConfig
 
 __all__ = [
+    "METHODS",
     "AdaptedLayer",
     "AdapterConfig",
     "AdapterModule",
@@ -24,6 +32,7 @@ __all__ = [
     "MethodConfig",
     "NullLoRAConfig",
     "ReSoRAConfig",
+    "RoutableConfig",
     "get_method",
     "list_methods",
     "register_method",

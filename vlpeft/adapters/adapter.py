@@ -4,6 +4,9 @@ y' = y + up(act(down(y))), with ``up`` zero-initialised so injection changes no 
 VL-Adapter (Sung et al., CVPR 2022) puts one after the attention output projection and one after the
 second FFN linear of every layer, with bottleneck d/8 (768/8 = 96 for BART-base); the target
 suffixes for that recipe on BART are ``["self_attn.out_proj", "encoder_attn.out_proj", "fc2"]``.
+
+With ``routing`` (Qu et al. 2024) the down-projections of y and x_R (bias included) are routed
+before the activation: y + up(act(route(down(y), down(x_R)))).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from .base import AdapterModule, register_method
-from .lora import RoutableConfig, is_conv1d
+from .base import AdaptedLayer, AdapterModule, factory_kwargs, is_conv1d, register_method
+from .routing import RoutableConfig, make_routing
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -49,7 +52,7 @@ class AdapterConfig(RoutableConfig):
         reduction_factor: used when ``bottleneck`` is None (VL-Adapter: 8).
         activation: one of relu, gelu, silu, tanh, identity.
         dim: output width of the target module; inferred from Linear/Conv1D/LayerNorm when None.
-        routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.lora.RoutableConfig`;
+        routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`;
             routing acts on the down-projections before the activation.
     """
 
@@ -74,36 +77,49 @@ class AdapterConfig(RoutableConfig):
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
         dim = self.dim or output_features(base_layer, layer_name)
         bottleneck = self.bottleneck or max(1, dim // self.reduction_factor)
-        weight = next(base_layer.parameters(), None)
-        kw = {"dtype": weight.dtype, "device": weight.device} if weight is not None else {}
-        if self.routing:
-            from .routing import RoutedBottleneckAdapter
-
-            return RoutedBottleneckAdapter(dim, bottleneck, self.activation, self, layer_name, **kw)
-        return BottleneckAdapter(dim, bottleneck, self.activation, **kw)
+        return BottleneckAdapter(
+            dim, bottleneck, self.activation, make_routing(self, layer_name, dim),
+            **factory_kwargs(base_layer),
+        )  # fmt: skip
 
 
 class BottleneckAdapter(AdapterModule):
-    """x + up(act(down(x))) on the base output; not mergeable (the activation is nonlinear)."""
+    """y + up(act(down(y))) on the base output; not mergeable (the activation is nonlinear).
+    ``down_visual`` is the separate mapping of x_R of a routed adapter that has one."""
 
     mergeable = False
 
-    def __init__(self, dim: int, bottleneck: int, activation: str, **kw) -> None:
+    def __init__(self, dim: int, bottleneck: int, activation: str, routing=None, **kw) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck, **kw)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(bottleneck, dim, **kw)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.routing = routing
+        self.down_visual = None
+        if routing is not None and routing.separate:
+            self.down_visual = nn.Linear(routing.visual_dim, bottleneck, **kw)
 
     @property
     def rank(self) -> int:
         return self.down.out_features
 
-    def bottleneck_activations(self, y: torch.Tensor) -> torch.Tensor:
-        return self.act(self.down(y))
+    def visual_bottleneck(self, x_r: torch.Tensor) -> torch.Tensor:
+        return (self.down_visual or self.down)(x_r)
 
-    def forward(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.bottleneck_activations(y)
-        self.record_components(h, self.up.weight)
+    def bottleneck_activations(self, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        h = self.down(y)
+        if self.routing is not None:
+            h = self.routing(h, layer, self.visual_bottleneck)
+        return self.act(h)
+
+    def forward(
+        self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
+    ) -> torch.Tensor:
+        h = self.bottleneck_activations(y, layer)
+        layer.record(self, h, self.up.weight)
         return y + self.up(h)
+
+    def weight_components(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.down.weight.T, self.up.weight

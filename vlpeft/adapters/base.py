@@ -1,66 +1,88 @@
-"""The adapter protocol shared by every PEFT method.
+"""The adapter core: the layer protocol every PEFT method implements, and module traversal.
 
 Every injected layer is an :class:`AdaptedLayer`: it keeps the original module as ``.base_layer``
 (frozen) and holds one :class:`AdapterModule` per named adapter. Each method (one file in this
-package) contributes a config dataclass, registered with :func:`register_method`, whose ``build``
-makes the adapter module for one target layer.
+package, importing only this core and :mod:`.routing`) contributes a config dataclass, registered
+in :data:`METHODS`, whose ``build`` makes the adapter module for one target layer.
 
-An adapter module transforms the base layer's output: ``forward(base_layer, x, y) -> y'`` with ``x``
-the base layer's input and ``y`` its output. A mergeable method also gives ``delta_weight`` (the
-dense ΔW in the base weight's shape); a LoRA-reducible one gives ``lora_factors`` (A, B) with
-ΔW = B·A, which is what the peft export writes.
+An adapter module transforms the base layer's output: ``forward(base_layer, x, y, layer) -> y'``
+with ``x`` the base layer's input, ``y`` its output and ``layer`` the :class:`AdaptedLayer` calling
+it, which carries the *forward context* of this layer — nothing about a forward is process-global:
+
+- ``layer.routing_input``: x_R of the routed adapters, set by the model that owns the layer
+  (:func:`vlpeft.set_routing_inputs`) and kept until its next forward, so a backward after the
+  forward, including a gradient-checkpointing recompute, sees the same x_R;
+- ``layer.token_mask``: which positions of this layer's input are real (ReSoRA's samples);
+- ``layer.recorder``: ReSoRA's recorder when enabled; ``layer.record(adapter, z, b)`` hands it the
+  rank-1 components of a call (training mode with grad only, never a recompute).
+
+A mergeable method also gives ``delta_weight`` (the dense ΔW in the base weight's shape); a
+LoRA-reducible one gives ``lora_factors`` (A, B) with ΔW = B·A, which is what the peft export
+writes; ``weight_components`` gives the weight-level rank-1 components ReSoRA can penalise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-_METHODS: dict[str, type[MethodConfig]] = {}
+from ..config import Config, ConfigError
+from ..registry import Registry, nearest_hint
+
+METHODS: Registry = Registry("method", attribute="method")
+register_method = METHODS.register
+list_methods = METHODS.names
+get_method = METHODS.get
+
+__all__ = [
+    "METHODS",
+    "AdaptedLayer",
+    "AdapterModule",
+    "MethodConfig",
+    "adapted_layers",
+    "adapter_configs",
+    "by_longest_prefix",
+    "gathered",
+    "get_method",
+    "in_backward",
+    "is_conv1d",
+    "linear_shape",
+    "list_methods",
+    "nearest_hint",
+    "register_method",
+]
 
 
-def register_method(name: str) -> Callable[[type[MethodConfig]], type[MethodConfig]]:
-    """Class decorator: registers a method config under ``name`` (refuses duplicates)."""
-
-    def decorate(cls: type[MethodConfig]) -> type[MethodConfig]:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__name__}")
-        cls.method = name
-        _METHODS[name] = cls
-        return cls
-
-    return decorate
+# -- base-layer shapes ------------------------------------------------------------------------------
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D`` (y = x·W + b, W of shape (in, out)), without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
-def list_methods() -> list[str]:
-    """Names of the registered PEFT methods."""
-    return sorted(_METHODS)
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
 
-def get_method(name: str) -> type[MethodConfig]:
-    """The config class of a registered method; an unknown name lists the known ones."""
-    if name not in _METHODS:
-        raise KeyError(
-            f"unknown method {name!r}{nearest_hint(name, _METHODS)}; known: {list_methods()}"
-        )
-    return _METHODS[name]
+def factory_kwargs(module: nn.Module) -> dict[str, Any]:
+    """``dtype``/``device`` of a module's first parameter, for building adapter tensors beside it."""
+    weight = next(module.parameters(), None)
+    return {"dtype": weight.dtype, "device": weight.device} if weight is not None else {}
 
 
-def nearest_hint(key: str, valid) -> str:
-    """For error messages: ``(did you mean 'x'?)`` naming the closest of ``valid``, or ``""``."""
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
+# -- configs ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class MethodConfig:
+class MethodConfig(Config):
     """Fields every method shares.
 
     Args:
@@ -88,51 +110,43 @@ class MethodConfig:
         """The adapter module of this method for one target layer."""
         raise NotImplementedError
 
-    # -- serialisation: JSON/YAML round trip, unknown keys are errors naming the nearest valid one
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "adapter config") -> MethodConfig:
+    def from_dict(cls, data: Any, where: str = "adapter config") -> MethodConfig:
         """Builds the config of ``data["method"]`` (or of ``cls`` when called on a method class)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
         data = dict(data)
         method = data.pop("method", None) or cls.method
         if not method:
-            raise ValueError(f"{where}: missing key 'method' (one of {list_methods()})")
-        config_cls = get_method(method)
-        valid = {f.name for f in dataclasses.fields(config_cls)}
-        for key in data:
-            if key not in valid:
-                raise ValueError(
-                    f"{where}: unknown key {key!r} for method {method!r}{nearest_hint(key, valid)}; "
-                    f"valid keys: {sorted(valid)}"
-                )
-        return config_cls(**data)
+            raise ConfigError(f"{where}: missing key 'method' (one of {list_methods()})")
+        config_cls = get_method(method)  # an unknown name: KeyError naming the nearest method
+        return Config.from_dict.__func__(config_cls, data, f"{where} (method {method!r})")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+# -- the layer protocol -----------------------------------------------------------------------------
 class AdapterModule(nn.Module):
-    """One method's adapter on one layer. Subclasses set ``mergeable`` and implement ``forward``."""
+    """One method's adapter on one layer. Subclasses set ``mergeable`` and implement ``forward``.
 
-    mergeable: ClassVar[bool] = False
-    lora_reducible: ClassVar[bool] = False
-    record: bool = False  # set by ReSoRA: keep (z, b) of the last forward
+    ``routing`` is the adapter's routing function (a :class:`vlpeft.adapters.routing.Routing`) when
+    its config names one; a routed adapter is neither mergeable nor LoRA-reducible.
+    """
 
-    def record_components(self, z: torch.Tensor, b: torch.Tensor) -> None:
-        """Keeps the rank-1 components Δh_i = b_i z_i of this forward for ReSoRA (when recording).
+    mergeable: bool = False
+    lora_reducible: bool = False
 
-        Args:
-            z: (..., r) bottleneck activations.
-            b: (d_out, r) up-projection columns, scale included.
-        """
-        if self.record:
-            from .resora import _mask_for
+    def __init__(self) -> None:
+        super().__init__()
+        self.routing: nn.Module | None = None  # an instance entry: a class attribute would hide it
 
-            self.recorded = (z, b, _mask_for(z))
-
-    def forward(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     @property
@@ -146,6 +160,17 @@ class AdapterModule(nn.Module):
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in peft's shapes with the scale folded in: ΔW = B·A (LoRA-reducible methods)."""
         raise TypeError(f"{type(self).__name__} cannot be written as a plain LoRA")
+
+    def weight_components(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Aᵀ (d_in, r), B (d_out, r)) of the weight-level rank-1 components ΔW = Σ_i b_i a_iᵀ."""
+        a, b = self.lora_factors(base_layer)
+        return a.flatten(1).T, b.flatten(1)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward there is a gradient-checkpointing
+    recompute of a call that already ran (reentrant or not)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _map_first(y: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -165,6 +190,7 @@ class AdaptedLayer(nn.Module):
         adapters: ``nn.ModuleDict`` of adapter name → :class:`AdapterModule`.
         active: names applied in the forward, in order.
         merged: names whose ΔW is currently folded into ``base_layer``'s weight.
+        routing_input, token_mask, recorder: this layer's forward context (module docstring).
     """
 
     def __init__(self, base_layer: nn.Module, layer_name: str = "") -> None:
@@ -174,6 +200,9 @@ class AdaptedLayer(nn.Module):
         self.layer_name = layer_name
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
+        self.routing_input: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None
+        self.recorder = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -201,6 +230,37 @@ class AdaptedLayer(nn.Module):
         """Dense ΔW of adapter ``name`` (default: the one active adapter) in the base weight's shape."""
         return self._adapter(name).delta_weight(self.base_layer)
 
+    # -- the forward context -------------------------------------------------------------------
+    @property
+    def recording(self) -> bool:
+        """Whether this call's components go to ReSoRA: a recorder is attached, the layer is in
+        training mode with grad enabled, and this is not a recompute during backward."""
+        return (
+            self.recorder is not None
+            and self.training
+            and torch.is_grad_enabled()
+            and not in_backward()
+        )
+
+    def record(self, adapter: AdapterModule, z: torch.Tensor, b: torch.Tensor) -> None:
+        """Hands the rank-1 components Δh_i = b_i z_i of one call to the recorder (if recording).
+
+        Args:
+            adapter: the adapter that made them.
+            z: (..., r) bottleneck activations; their leading shape must be the token mask's.
+            b: (d_out, r) up-projection columns, scale included.
+        """
+        if not self.recording:
+            return
+        mask = self.token_mask
+        if mask is not None and tuple(mask.shape) != tuple(z.shape[:-1]):
+            raise ValueError(
+                f"{self.layer_name}: the token mask set for this layer has shape "
+                f"{tuple(mask.shape)} but its activations are {tuple(z.shape[:-1])} positions: "
+                "the model set the mask of another sequence (set_token_masks)"
+            )
+        self.recorder.add(self, adapter, z, b, mask)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         y = self.base_layer(*args, **kwargs)
         pending = [n for n in self.active if n in self.adapters and n not in self.merged]
@@ -209,7 +269,7 @@ class AdaptedLayer(nn.Module):
         x = args[0] if args else next(iter(kwargs.values()))
         for name in pending:
             adapter = self.adapters[name]
-            y = _map_first(y, lambda out, a=adapter: a(self.base_layer, x, out))
+            y = _map_first(y, lambda out, a=adapter: a(self.base_layer, x, out, self))
         return y
 
     @torch.no_grad()
@@ -231,6 +291,39 @@ class AdaptedLayer(nn.Module):
         return f"active={list(self.active)}, merged={list(self.merged)}"
 
 
+# -- traversal --------------------------------------------------------------------------------------
+_CONFIGS_ATTR = "_vlpeft_configs"
+
+
+def adapter_configs(module: nn.Module) -> dict[str, MethodConfig]:
+    """Name → config of every adapter added to ``module`` (empty when none)."""
+    return module.__dict__.setdefault(_CONFIGS_ATTR, {})
+
+
+def adapted_layers(module: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """(dotted name relative to ``module``, layer) for every injected layer."""
+    for path, sub in module.named_modules():
+        if isinstance(sub, AdaptedLayer):
+            yield path, sub
+
+
+def by_longest_prefix(path: str, values: dict[str, Any]) -> tuple[bool, Any]:
+    """(found, value) of the key of ``values`` that is the longest module-path prefix of ``path``
+    (``""`` prefixes every path; ``"a.b"`` prefixes ``a.b`` and ``a.b.c``, not ``a.bc``)."""
+    keys = [k for k in values if k == "" or path == k or path.startswith(k + ".")]
+    if not keys:
+        return False, None
+    return True, values[max(keys, key=len)]
+
+
+def set_layer_context(module: nn.Module, attribute: str, value: Any) -> None:
+    """Sets ``attribute`` of every adapted layer of ``module``: one value for all, or a dict of module
+    paths relative to ``module`` → values (longest prefix wins; layers no key covers get None)."""
+    values = value if isinstance(value, dict) else {"": value}
+    for path, layer in adapted_layers(module):
+        setattr(layer, attribute, by_longest_prefix(path, values)[1])
+
+
 @contextlib.contextmanager
 def gathered(params, modifier_rank: int | None = None):
     """Makes DeepSpeed ZeRO-3 partitioned parameters whole for the duration (a collective: every
@@ -246,7 +339,7 @@ def gathered(params, modifier_rank: int | None = None):
     if not partitioned:
         yield
         return
-    import deepspeed
+    import deepspeed  # heavy and optional: only a ZeRO-3 run reaches this line
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield

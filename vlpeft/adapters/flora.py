@@ -11,6 +11,12 @@ matrices kaiming-normal (a=√3), so injection changes no output.
   size (in_channels // groups) × r_in, which makes grouped and depthwise convolutions work (the
   official code sizes it in_channels and fails there). The forward convolves with ΔW using the base
   layer's stride, padding, dilation, groups and padding mode.
+
+FLoRA-linear takes a routing function (Qu et al. 2024, composed as for every bottleneck method): its
+bottleneck z = x·A_in·G is routed with z_v = x_R·A_in·G (or x_R·A_in,v·G with a separate trainable
+A_in,v, kaiming-normal like A_in); the branch is s·route(z, z_v)·A_outᵀ and starts at zero (G = 0).
+A routed FLoRA is neither mergeable nor exported to peft. Routing needs a bottleneck of tokens, so a
+routed FLoRA on a Conv2d is an error.
 """
 
 from __future__ import annotations
@@ -22,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterModule, MethodConfig, register_method
-from .lora import is_conv1d, linear_shape
+from .base import AdaptedLayer, AdapterModule, is_conv1d, linear_shape, register_method
+from .routing import RoutableConfig, make_routing
 
 
 @register_method("flora")
 @dataclasses.dataclass
-class FLoRAConfig(MethodConfig):
+class FLoRAConfig(RoutableConfig):
     """FLoRA.
 
     Args:
@@ -37,6 +43,8 @@ class FLoRAConfig(MethodConfig):
         r_in: input-mode rank, overriding ``r``.
         r_out: output-mode rank, overriding ``r``.
         r_kernel: rank of each kernel mode of a conv (r₃ ∈ {1, 2} for 3×3 kernels), clipped to the kernel size.
+        routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`
+            (linear layers only).
     """
 
     r: int = 8
@@ -54,9 +62,11 @@ class FLoRAConfig(MethodConfig):
 
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
         if isinstance(base_layer, nn.Conv2d):
+            if self.routing:
+                raise TypeError(f"{layer_name}: routed FLoRA supports Linear and Conv1D layers")
             return FLoRAConv2d(base_layer, self)
         if isinstance(base_layer, nn.Linear) or is_conv1d(base_layer):
-            return FLoRALinear(base_layer, self)
+            return FLoRALinear(base_layer, self, layer_name)
         raise TypeError(
             f"FLoRA target {layer_name!r} is a {type(base_layer).__name__}; it supports nn.Linear, Conv1D and nn.Conv2d"
         )
@@ -74,7 +84,7 @@ class FLoRALinear(AdapterModule):
     mergeable = True
     lora_reducible = True
 
-    def __init__(self, base: nn.Module, config: FLoRAConfig) -> None:
+    def __init__(self, base: nn.Module, config: FLoRAConfig, layer_name: str = "") -> None:
         super().__init__()
         d_in, d_out = linear_shape(base)
         r_in, r_out = config.r_in or config.r, config.r_out or config.r
@@ -84,21 +94,37 @@ class FLoRALinear(AdapterModule):
         self.core = nn.Parameter(torch.zeros(r_in, r_out, **kw))
         self.s = config.scale
         self.transposed = is_conv1d(base)
+        self.routing = make_routing(config, layer_name, d_in)
+        self.a_in_visual = None
+        if self.routing is not None:
+            self.mergeable = self.lora_reducible = False
+            if self.routing.separate:
+                self.a_in_visual = _factor(self.routing.visual_dim, r_in, **kw)
 
     @property
     def rank(self) -> int:
         return self.core.shape[1]
 
-    def forward(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def visual_bottleneck(self, x_r: torch.Tensor) -> torch.Tensor:
+        a_in = self.a_in if self.a_in_visual is None else self.a_in_visual
+        return (x_r @ a_in) @ self.core
+
+    def forward(
+        self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
+    ) -> torch.Tensor:
         z = (x @ self.a_in) @ self.core
+        if self.routing is not None:
+            z = self.routing(z, layer, self.visual_bottleneck)
         b = self.a_out * self.s
-        self.record_components(z, b)
+        layer.record(self, z, b)
         return y + F.linear(z, b).to(y.dtype)
 
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.a_in @ self.core).T, self.a_out * self.s
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        if self.routing is not None:
+            return super().delta_weight(base_layer)
         a, b = self.lora_factors(base_layer)
         delta = b @ a
         return delta.T if self.transposed else delta
@@ -135,5 +161,10 @@ class FLoRAConv2d(AdapterModule):
             "abcd,ia,ob,hc,wd->oihw", self.core, self.a_in, self.a_out, self.a_kh, self.a_kw
         )
 
-    def forward(self, base_layer: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def weight_components(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        raise TypeError("FLoRA on a Conv2d has no rank-1 weight components (a Tucker core)")
+
+    def forward(
+        self, base_layer: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
+    ) -> torch.Tensor:
         return y + base_layer._conv_forward(x, self.delta_weight(base_layer), None).to(y.dtype)

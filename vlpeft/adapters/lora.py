@@ -4,6 +4,9 @@ Supported base layers: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2; weight st
 and ``nn.Conv2d`` (A is a conv with the base kernel, B a 1×1 conv, as in peft). For a fused
 projection such as GPT-2's ``c_attn`` (q|k|v), ``slices`` puts an independent rank-r LoRA on chosen
 equal parts of the output only, e.g. ``slices={"c_attn": {"parts": 3, "use": [0, 2]}}`` for q and v.
+
+With ``routing`` (Qu et al. 2024) the bottleneck A·x is routed with A·x_R (or a separate mapping):
+the branch is (α/r)·B·route(A·x, A·x_R), per slice for fused layers; see :mod:`.routing`.
 """
 
 from __future__ import annotations
@@ -16,49 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterModule, MethodConfig, register_method
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style ``Conv1D`` (y = x·W + b, W of shape (in, out)), without importing it."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
-
-
-@dataclasses.dataclass
-class RoutableConfig(MethodConfig):
-    """Fields of the methods that take a routing function (LoRA and Adapter).
-
-    Args:
-        routing: a routing function of :mod:`vlpeft.adapters.routing` (``"mul"``, ``"add"``,
-            ``"proj"``, ``"expand"``, ``"relu_proj"``, ...) in the bottleneck; None: plain method.
-        separate_mapping: x_R gets its own down-projection instead of sharing the text one.
-        visual_dim: width of x_R with ``separate_mapping`` (default: the bottleneck's input width).
-    """
-
-    routing: str | None = None
-    separate_mapping: bool = False
-    visual_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        from .routing import KINDS
-
-        name = type(self).__name__
-        if self.routing is not None and self.routing not in KINDS:
-            raise ValueError(
-                f"{name}.routing must be one of {list(KINDS)} or None, got {self.routing!r}"
-            )
-        if self.separate_mapping and not self.routing:
-            raise ValueError(f"{name}.separate_mapping needs a routing function")
+from .base import AdaptedLayer, AdapterModule, is_conv1d, linear_shape, register_method
+from .routing import RoutableConfig, make_routing
 
 
 @register_method("lora")
@@ -72,6 +34,7 @@ class LoRAConfig(RoutableConfig):
         dropout: dropout probability on the LoRA branch's input.
         slices: module-name suffix → ``{"parts": P, "use": [i, ...]}``: split the output of a fused
             projection into P equal parts and adapt only parts ``use`` (one rank-r LoRA each).
+        routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`.
     """
 
     r: int = 8
@@ -102,13 +65,11 @@ class LoRAConfig(RoutableConfig):
         return None
 
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
-        if isinstance(base_layer, nn.Conv2d) and not self.routing:
+        if isinstance(base_layer, nn.Conv2d):
+            if self.routing:
+                raise TypeError(f"{layer_name}: routed LoRA supports Linear and Conv1D layers")
             return LoRAConv2d(base_layer, self, layer_name)
         if isinstance(base_layer, nn.Linear) or is_conv1d(base_layer):
-            if self.routing:
-                from .routing import RoutedLoRALinear
-
-                return RoutedLoRALinear(base_layer, self, layer_name)
             return LoRALinear(base_layer, self, layer_name)
         raise TypeError(
             f"LoRA target {layer_name!r} is a {type(base_layer).__name__}; "
@@ -120,7 +81,8 @@ class LoRALinear(AdapterModule):
     """LoRA on a Linear or Conv1D, optionally on equal output slices of a fused projection.
 
     Parameters: ``lora_A`` (S·r, in) and ``lora_B`` (S·d_s, r) for S adapted slices of width d_s
-    (S = 1 and d_s = out without slices).
+    (S = 1 and d_s = out without slices); ``lora_A_visual`` (S·r, visual_dim) with a separate
+    mapping of x_R.
     """
 
     mergeable = True
@@ -150,6 +112,15 @@ class LoRALinear(AdapterModule):
         for a in self.lora_A.view(n_slices, config.r, d_in):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.routing = make_routing(config, layer_name, d_in, n_slices)
+        self.lora_A_visual = None
+        if self.routing is not None:
+            self.mergeable = self.lora_reducible = False
+            if self.routing.separate:
+                d_r = self.routing.visual_dim
+                self.lora_A_visual = nn.Parameter(torch.empty(n_slices * config.r, d_r, **kw))
+                for a in self.lora_A_visual.view(n_slices, config.r, d_r):
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     @property
     def rank(self) -> int:
@@ -158,6 +129,11 @@ class LoRALinear(AdapterModule):
     def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         """A·dropout(x): (..., S·r)."""
         return F.linear(self.dropout(x), self.lora_A)
+
+    def visual_bottleneck(self, x_r: torch.Tensor) -> torch.Tensor:
+        """x_R through A (or the separate mapping): (..., S·r)."""
+        mapping = self.lora_A if self.lora_A_visual is None else self.lora_A_visual
+        return F.linear(self.dropout(x_r), mapping)
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         """(α/r)·B·h placed in the full output width: (..., d_out)."""
@@ -175,10 +151,14 @@ class LoRALinear(AdapterModule):
         full[..., self.slice_index, :] = parts
         return full.flatten(-2)
 
-    def forward(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
+    ) -> torch.Tensor:
         h = self.bottleneck(x)
-        if self.record:
-            self.record_components(h, self._dense_b() * self.scaling)
+        if self.routing is not None:
+            h = self.routing(h, layer, self.visual_bottleneck)
+        if layer.recording:
+            layer.record(self, h, self._dense_b() * self.scaling)
         if self.slice_index is None and h.dtype == y.dtype and y.dim() >= 2:
             # y + (α/r)·B·h as one GEMM that accumulates into a copy of y: no (…, d_out)-sized
             # temporaries for the product, the scaling and the sum (peft makes all three)
@@ -199,6 +179,8 @@ class LoRALinear(AdapterModule):
         return self.lora_A, self._dense_b() * self.scaling
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        if self.routing is not None:
+            return super().delta_weight(base_layer)
         a, b = self.lora_factors(base_layer)
         delta = b @ a
         return delta.T if self.transposed else delta
@@ -233,7 +215,9 @@ class LoRAConv2d(AdapterModule):
     def rank(self) -> int:
         return self.r
 
-    def forward(self, base_layer: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, base_layer: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
+    ) -> torch.Tensor:
         h = F.conv2d(
             self.dropout(x),
             self.lora_A,

@@ -20,6 +20,12 @@ Default ``rtol`` (None): max(d_out, d_in)·ε(float32), the numerical-rank thres
 ``numpy.linalg.matrix_rank``/``torch.linalg.matrix_rank``: a singular value below it is zero to the
 precision the weights are stored in, so "exact" in the report means W0ᵀΔW = 0 to float tolerance.
 Raise it (e.g. 1e-3) to count the nearly-inactive directions of real checkpoints as null space.
+
+With ``routing`` (Qu et al. 2024, composed as for every bottleneck method) the 2h-wide bottleneck z
+is routed with the same map of x_R, z_v = [diag(s₁)·A_f·x_R, diag(s₂)·A·x_R] (or a separate
+trainable map ``lora_A_visual``, initialised like [A_f; A]: orthonormal-random rows then zeros, so
+the routed branch starts at zero too); the branch is B_eq·route(z, z_v). A routed Null-LoRA depends
+on the input, so it is neither mergeable nor exported to peft.
 """
 
 from __future__ import annotations
@@ -34,13 +40,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterModule, MethodConfig, gathered, register_method
-from .lora import is_conv1d, linear_shape
+from .base import (
+    AdaptedLayer,
+    AdapterModule,
+    adapted_layers,
+    gathered,
+    is_conv1d,
+    linear_shape,
+    register_method,
+)
+from .routing import RoutableConfig, make_routing
 
 
 @register_method("null_lora")
 @dataclasses.dataclass
-class NullLoRAConfig(MethodConfig):
+class NullLoRAConfig(RoutableConfig):
     """Null-LoRA.
 
     Args:
@@ -49,6 +63,7 @@ class NullLoRAConfig(MethodConfig):
         max_rank: largest rank (even) of a layer.
         cache_dir: directory caching each layer's null-space bases, keyed by the weight's content
             (a second run skips the SVDs); None: no cache.
+        routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`.
     """
 
     rtol: float | None = None
@@ -190,6 +205,14 @@ class NullLoRALinear(AdapterModule):
         self.lora_A = nn.Parameter(torch.zeros(h, d_in, **kw))
         self.scale = nn.Parameter(torch.ones(2 * h, **kw))
         self.transposed = is_conv1d(base)
+        self.routing = make_routing(config, layer_name, d_in)
+        self.lora_A_visual = None
+        if self.routing is not None:
+            self.mergeable = self.lora_reducible = False
+            if self.routing.separate:
+                visual = torch.zeros(2 * h, self.routing.visual_dim, **kw)
+                nn.init.orthogonal_(visual[:h])
+                self.lora_A_visual = nn.Parameter(visual)
         self.report = {
             "layer": layer_name,
             "shape": [d_out, d_in],
@@ -216,9 +239,19 @@ class NullLoRALinear(AdapterModule):
         """z = [diag(s₁)·A_f·x, diag(s₂)·A·x] (..., 2h)."""
         return F.linear(x, torch.cat([self.null_right, self.lora_A], dim=0)) * self.scale
 
-    def forward(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def visual_bottleneck(self, x_r: torch.Tensor) -> torch.Tensor:
+        """z_v: x_R through [A_f; A] (or the separate mapping), scaled by s."""
+        if self.lora_A_visual is None:
+            return self.bottleneck(x_r)
+        return F.linear(x_r, self.lora_A_visual) * self.scale
+
+    def forward(
+        self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
+    ) -> torch.Tensor:
         z, b = self.bottleneck(x), self.up_columns()
-        self.record_components(z, b)
+        if self.routing is not None:
+            z = self.routing(z, layer, self.visual_bottleneck)
+        layer.record(self, z, b)
         return y + F.linear(z, b).to(y.dtype)
 
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +259,8 @@ class NullLoRALinear(AdapterModule):
         return a, self.up_columns()
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        if self.routing is not None:
+            return super().delta_weight(base_layer)
         a, b = self.lora_factors(base_layer)
         delta = b @ a
         return delta.T if self.transposed else delta
@@ -233,8 +268,6 @@ class NullLoRALinear(AdapterModule):
 
 def rank_report(module: nn.Module, name: str = "default") -> list[dict]:
     """Per-layer Null-LoRA report: layer, shape, nullities, chosen rank, exact or near-null."""
-    from ..inject import adapted_layers
-
     rows = []
     for _, layer in adapted_layers(module):
         adapter = layer.adapters[name] if name in layer.adapters else None

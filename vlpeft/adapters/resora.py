@@ -20,36 +20,37 @@ i < j and reduce to r×r Gram matrices — the d_out-sized Δh_i are never built
 ``samples="weight"`` is the weight-level variant: the components of ΔW = Σ_i b_i a_iᵀ themselves,
 i.e. the penalties with z = Aᵀ (the increments for the basis inputs e_k), which needs no forward data.
 
-Layers keep (z, b) of the last forward only while ReSoRA is enabled (:func:`enable_resora`); with it
-off they store nothing. :func:`resora_penalty` returns λ × the mean over the adapter layers and
-releases what they kept; before ``start_step`` it is 0 (the paper's two-stage schedule).
+**The recorder.** :func:`enable_resora` attaches a :class:`Recorder` to the adapted layers of a
+model. It keeps (z, b, padding mask) of every call of an active adapter made in training mode with
+grad enabled — all calls of a layer called twice in one forward (BLIP's text encoder for ITC, then
+ITM), but not a gradient-checkpointing recompute of a call already kept, and nothing from an
+evaluation or ``no_grad`` pass. The padding mask of each call is the one the model set on that
+layer for that forward (:func:`set_token_masks`, per component); nothing is matched by shape.
+:func:`resora_penalty` takes what was kept since its last call: each layer's calls become one
+sample set, the penalty is λ × the mean (``reduction="sum"``: the sum) over the layers; before
+``start_step`` it is 0 (the paper's two-stage schedule). Asking for an activation-level penalty of a
+model whose recorder was never enabled is an error naming :func:`enable_resora`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Config
+from .base import AdaptedLayer, AdapterModule, adapted_layers, set_layer_context
+
 KINDS = ("euclidean", "cosine", "linear", "kernel")
 SAMPLES = ("tokens", "pooled", "weight")
+REDUCTIONS = ("mean", "sum")
 EPS = 1e-12
-
-_TOKEN_MASKS: contextvars.ContextVar[tuple[torch.Tensor, ...]] = contextvars.ContextVar(
-    "vlpeft_token_masks", default=()
-)
-_COLLECTED: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
-    "vlpeft_collected_token_masks", default=None
-)
 
 
 @dataclasses.dataclass
-class ReSoRAConfig:
+class ReSoRAConfig(Config):
     """ReSoRA regulariser settings.
 
     Args:
@@ -62,6 +63,7 @@ class ReSoRAConfig:
         sigma_frac: σ of the kernel kind as a fraction of the median pairwise distance.
         max_samples: cap on N for the kernel kind (subsampled with a fixed seed).
         seed: seed of that subsampling.
+        reduction: "mean" (default) or "sum" over the adapter layers.
     """
 
     kind: str = "linear"
@@ -72,8 +74,13 @@ class ReSoRAConfig:
     sigma_frac: float = 0.5
     max_samples: int = 512
     seed: int = 0
+    reduction: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(
+                f"ReSoRAConfig.reduction must be one of {list(REDUCTIONS)}, got {self.reduction!r}"
+            )
         if self.kind not in KINDS:
             raise ValueError(f"ReSoRAConfig.kind must be one of {list(KINDS)}, got {self.kind!r}")
         if self.samples not in SAMPLES:
@@ -187,53 +194,19 @@ def subspace_penalty(
     raise ValueError(f"unknown ReSoRA kind {kind!r}; choose one of {list(KINDS)}")
 
 
-@contextlib.contextmanager
-def token_masks(*masks: torch.Tensor) -> Iterator[None]:
-    """Marks non-padding positions for ReSoRA's "tokens"/"pooled" samples during the ``with`` block.
-
-    A layer's activations (B, L, r) use the mask of shape (B, L) among those given (the first that
-    matches); a layer with no matching mask uses every position. (The VL models announce their own
-    masks instead, see :func:`collect_token_masks`.)
-    """
-    token = _TOKEN_MASKS.set(tuple(m.bool() for m in masks))
-    try:
-        yield
-    finally:
-        _TOKEN_MASKS.reset(token)
-
-
-@contextlib.contextmanager
-def collect_token_masks() -> Iterator[None]:
-    """Within the block, the masks VL models announce with :func:`register_token_mask` (text
-    padding masks from their tokenizer, all-ones masks for image tokens) mark ReSoRA's samples.
-
-    A layer's activations (B, L, r) take the announced mask of shape (B, L); when several of that
-    shape differ (a text as long as the image tokens), none is used. Masks given to
-    :func:`token_masks` take precedence. The training launcher wraps each step's forward in this.
-    """
-    token = _COLLECTED.set([])
-    try:
-        yield
-    finally:
-        _COLLECTED.reset(token)
-
-
-def register_token_mask(mask: torch.Tensor) -> None:
-    """Announces a (B, L) mask of real positions (no-op outside :func:`collect_token_masks`)."""
-    collected = _COLLECTED.get()
-    if collected is not None:
-        collected.append(mask.bool())
-
-
-def _mask_for(z: torch.Tensor) -> torch.Tensor | None:
-    shape = tuple(z.shape[:-1])
-    for m in _TOKEN_MASKS.get():
-        if tuple(m.shape) == shape:
-            return m
-    found = [m for m in _COLLECTED.get() or () if tuple(m.shape) == shape]
-    if found and all(m is found[0] or torch.equal(m, found[0]) for m in found[1:]):
-        return found[0]
-    return None
+def set_token_masks(
+    module: nn.Module, masks: torch.Tensor | dict[str, torch.Tensor | None] | None
+) -> None:
+    """Sets which input positions of ``module``'s adapted layers are real, for ReSoRA's samples,
+    until the next call: one (B, L) mask for every layer, or a dict of module paths relative to
+    ``module`` → masks (longest prefix wins; None: every position is real). The VL models set the
+    mask of each component's own sequence in their forward (text padding; cross-attention keys and
+    values read the other sequence)."""
+    if isinstance(masks, dict):
+        masks = {k: (None if m is None else m.bool()) for k, m in masks.items()}
+    elif masks is not None:
+        masks = masks.bool()
+    set_layer_context(module, "token_mask", masks)
 
 
 def samples_from_activations(
@@ -251,60 +224,105 @@ def samples_from_activations(
     return pooled.reshape(-1, z.shape[-1])
 
 
-def weight_components(
-    adapter: nn.Module, base_layer: nn.Module
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Aᵀ, B) of an adapter's weight-level rank-1 components ΔW = Σ_i b_i a_iᵀ."""
-    from .adapter import BottleneckAdapter
+class Recorder:
+    """What the adapted layers of one model handed over since the last :meth:`take`: per
+    (layer, adapter), the (z, mask) of each call and the up-projection columns b."""
 
-    if isinstance(adapter, BottleneckAdapter):
-        return adapter.down.weight.T, adapter.up.weight
-    a, b = adapter.lora_factors(base_layer)  # routed LoRA inherits LoRA's factors
-    return a.flatten(1).T, b.flatten(1)
+    def __init__(self) -> None:
+        self.calls: dict[int, tuple[AdaptedLayer, AdapterModule, list, torch.Tensor]] = {}
 
+    def add(
+        self,
+        layer: AdaptedLayer,
+        adapter: AdapterModule,
+        z: torch.Tensor,
+        b: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> None:
+        key = id(adapter)
+        if key in self.calls:
+            self.calls[key][2].append((z, mask))
+        else:
+            self.calls[key] = (layer, adapter, [(z, mask)], b)
 
-def _adapter_modules(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
-    from ..inject import adapted_layers
+    def take(self, layers: set[int] | None = None) -> list[tuple[AdaptedLayer, list, torch.Tensor]]:
+        """The kept calls (of the layers whose ids are in ``layers``; all when None), released."""
+        out, kept = [], {}
+        for key, (layer, adapter, calls, b) in self.calls.items():
+            if layers is None or id(layer) in layers:
+                out.append((layer, calls, b))
+            else:
+                kept[key] = (layer, adapter, calls, b)
+        self.calls = kept
+        return out
 
-    for _, layer in adapted_layers(module):
-        for name, adapter in layer.adapters.items():
-            yield layer, name, adapter
+    def __len__(self) -> int:
+        return sum(len(c[2]) for c in self.calls.values())
 
 
 def enable_resora(module: nn.Module, enabled: bool = True) -> None:
-    """Turns recording of (z, b) in every adapter layer on or off (off: zero cost)."""
-    for _, _, adapter in _adapter_modules(module):
-        adapter.record = enabled
-        adapter.recorded = None
+    """Attaches a recorder to every adapted layer of ``module`` (``enabled=False``: detaches it;
+    nothing is then kept and the layers pay nothing). Adapters added later join the recorder."""
+    recorder = Recorder() if enabled else None
+    module.__dict__["_vlpeft_recorder"] = recorder
+    for _, layer in adapted_layers(module):
+        layer.recorder = recorder
+
+
+def recorder_of(module: nn.Module) -> Recorder | None:
+    """The recorder attached to ``module``'s adapted layers by :func:`enable_resora` (or None)."""
+    for _, layer in adapted_layers(module):
+        if layer.recorder is not None:
+            return layer.recorder
+    return None
+
+
+def _layer_samples(config: ReSoRAConfig, module: nn.Module, active: bool):
+    """(z (N, r), b) per adapter layer for the penalty; releases the recorder's calls."""
+    recorder = recorder_of(module)
+    layers = {id(layer) for _, layer in adapted_layers(module)}
+    calls = recorder.take(layers) if recorder is not None else []
+    if config.samples == "weight":
+        if not active:
+            return []
+        return [
+            layer.adapters[name].weight_components(layer.base_layer)
+            for _, layer in adapted_layers(module)
+            for name in layer.active
+            if name in layer.adapters
+        ]
+    if recorder is None:
+        raise RuntimeError(
+            "resora_penalty: ReSoRA was not enabled on this model, so no activations were "
+            "recorded; call vlpeft.enable_resora(model) before the training forward (or use "
+            "samples='weight', which needs none)"
+        )
+    if not active:
+        return []
+    out = []
+    for _, layer_calls, b in calls:
+        z = [samples_from_activations(z, config.samples, mask) for z, mask in layer_calls]
+        out.append((z[0] if len(z) == 1 else torch.cat(z), b))
+    return out
 
 
 def resora_penalty(
     module: nn.Module, config: ReSoRAConfig, step: int | None = None
 ) -> torch.Tensor:
-    """λ × the mean ReSoRA penalty over the adapter layers used in the last forward.
+    """λ × the mean (or sum) ReSoRA penalty over the adapter layers recorded since the last call.
 
     Args:
-        module: the adapted model; for activation samples, its last forward ran with recording on.
+        module: the adapted model; for activation samples, :func:`enable_resora` was called on it
+            and a training forward ran since the last penalty.
         config: the regulariser settings.
         step: the current training step, for ``start_step``; None applies the penalty.
 
     Returns:
         A scalar tensor (0 before ``start_step`` or when no layer has a component pair).
     """
-    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     active = step is None or step >= config.start_step
-    for layer, name, adapter in _adapter_modules(module):
-        if config.samples == "weight":
-            if not active or name not in layer.active:
-                continue
-            z, b = weight_components(adapter, layer.base_layer)
-        else:
-            recorded = getattr(adapter, "recorded", None)
-            adapter.recorded = None
-            if recorded is None or not active:
-                continue
-            z, b, mask = recorded
-            z = samples_from_activations(z, config.samples, mask)
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for z, b in _layer_samples(config, module, active):
         if z.shape[1] >= 2 and z.shape[0] >= 1:
             key = (tuple(z.shape), tuple(b.shape), z.dtype, b.dtype, z.device)
             groups.setdefault(key, []).append((z, b))
@@ -323,4 +341,4 @@ def resora_penalty(
             )
             total = total + stacked.sum()
         count += len(pairs)
-    return config.weight * total / count
+    return config.weight * (total / count if config.reduction == "mean" else total)

@@ -9,14 +9,24 @@ several visual tokens are mean-pooled first), the bottleneck becomes ``route(kin
 - ``expand`` x_t x_v'' = (Σ_k x_t,k) x_v      ("matrix multiplication 2", x_v'' = x_v expanded to r×r)
 - ``relu_<kind>``: ReLU on the first two factors, e.g. relu_proj = ReLU(x_t) ReLU(x_v)ᵀ x_v (Sec. 6).
 
-A routed LoRA's whole branch is (α/r)·B·route(A·x, A·x_R) — the plain B·A·x term is not added; a
-routed Adapter routes the down-projections (bias included) before the activation. With
-``separate_mapping`` x_R gets its own down-projection (and may have another width than x_H).
+**Routing by composition.** A routing function is a small module (:class:`Routing`) that every
+bottleneck method *uses*: ``routing`` / ``separate_mapping`` / ``visual_dim`` are fields of
+:class:`RoutableConfig`, which LoRA, Adapter, Null-LoRA and FLoRA-linear configs inherit. The method
+computes its own x_t (its bottleneck of x_H) and gives the routing module the function that maps x_R
+the same way (or its separate mapping); the routed bottleneck replaces the plain one. So a routed
+LoRA's whole branch is (α/r)·B·route(A·x, A·x_R) — the plain B·A·x term is not added — and a routed
+Adapter routes its down-projections (bias included) before the activation.
 
-x_R reaches the layers through :func:`routing_inputs`, a context the VL model sets for each forward.
-Its keys are module-path prefixes ("" for all): a layer reads the value of the longest key that
-prefixes its name, so an encoder and a decoder can route on different x_R. When the text batch is
-B·k (beam search) and x_R has B rows, each row is repeated k times, as generation expands inputs.
+**x_R belongs to the model, not to the process.** Each adapted layer holds its own x_R
+(``layer.routing_input``). :func:`set_routing_inputs` sets it on the layers of one module (one
+tensor, or a dict of module paths relative to that module → tensors; the longest prefix wins,
+``""`` covers all) until the next call; :func:`routing_inputs` does the same for a ``with`` block and
+clears on exit. The VL models set their own layers' x_R inside ``forward`` (the decoder's as soon as
+the encoder output exists), so the backward after a forward, gradient-checkpointing recomputes
+included, sees it; two models in one thread never see each other's. When the text batch is B·k
+(beam search) and x_R has B rows, each row is repeated k times, as generation expands inputs.
+A layer called several times in one forward with different x_R would be recomputed with the last
+one under gradient checkpointing: the VL models call each routed layer once per forward.
 
 GPT-2's fused ``c_attn`` with LoRA ``slices``: routing acts on each adapted projection's own
 bottleneck (q and v separately). The official Routing_VLPEFT code routes over the concatenated q|v
@@ -27,21 +37,28 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
-from collections.abc import Iterator
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import BottleneckAdapter
-from .lora import LoRALinear
+from .base import (
+    AdaptedLayer,
+    MethodConfig,
+    adapted_layers,
+    by_longest_prefix,
+    set_layer_context,
+)
 
 BASE_KINDS = ("mul", "add", "proj", "expand")
 KINDS = BASE_KINDS + tuple(f"relu_{k}" for k in BASE_KINDS)
 
-_ROUTING_INPUTS: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.ContextVar(
-    "vlpeft_routing_inputs", default=None
+# the deprecated module-less routing_inputs(x_r): read only by layers whose model set no x_R
+_LEGACY: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.ContextVar(
+    "vlpeft_legacy_routing_inputs", default=None
 )
 
 
@@ -70,58 +87,182 @@ def route(kind: str, x_t: torch.Tensor, x_v: torch.Tensor) -> torch.Tensor:
     return t.sum(-1, keepdim=True) * v  # expand
 
 
-@contextlib.contextmanager
-def routing_inputs(x_r: torch.Tensor | dict[str, torch.Tensor]) -> Iterator[None]:
-    """Makes x_R available to routed layers during the ``with`` block.
+@dataclasses.dataclass
+class RoutableConfig(MethodConfig):
+    """Fields of every bottleneck method (LoRA, Adapter, Null-LoRA, FLoRA-linear).
 
     Args:
-        x_r: one tensor (B, d) or (B, K, d) for every routed layer, or a dict mapping module-path
-            prefixes to such tensors (longest matching prefix wins; "" matches every layer).
+        routing: a routing function (``"mul"``, ``"add"``, ``"proj"``, ``"expand"``,
+            ``"relu_proj"``, ...) in the bottleneck; None: the plain method.
+        separate_mapping: x_R gets its own down-projection instead of sharing the text one.
+        visual_dim: width of x_R with ``separate_mapping`` (default: the bottleneck's input width).
     """
-    token = _ROUTING_INPUTS.set(x_r if isinstance(x_r, dict) else {"": x_r})
+
+    routing: str | None = None
+    separate_mapping: bool = False
+    visual_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if self.routing is not None and self.routing not in KINDS:
+            raise ValueError(
+                f"{name}.routing must be one of {list(KINDS)} or None, got {self.routing!r}"
+            )
+        if self.separate_mapping and not self.routing:
+            raise ValueError(f"{name}.separate_mapping needs a routing function")
+        if self.visual_dim is not None and not self.separate_mapping:
+            raise ValueError(f"{name}.visual_dim is the width of a separate mapping's input")
+
+
+class Routing(nn.Module):
+    """The routing function of one adapter: ``forward(x_t, layer, map_visual)`` routes the
+    method's bottleneck x_t (..., L, G·r) with x_v = ``map_visual``(x_R of ``layer``).
+
+    Args:
+        kind: the routing function.
+        layer_name: for error messages.
+        visual_dim: the width ``map_visual`` expects (x_R's width is checked against it).
+        groups: independent bottlenecks in the last dimension (LoRA slices), routed separately.
+        separate: whether the method maps x_R with its own parameters (``separate_mapping``).
+    """
+
+    def __init__(
+        self, kind: str, layer_name: str, visual_dim: int, groups: int = 1, separate: bool = False
+    ) -> None:
+        super().__init__()
+        self.kind = self.configured_kind = kind
+        self.layer_name, self.visual_dim, self.groups = layer_name, visual_dim, groups
+        self.separate = separate
+
+    def x_r(self, layer: AdaptedLayer, batch: int) -> torch.Tensor:
+        """x_R of ``layer`` for a text batch of ``batch`` rows (beam-expanded)."""
+        x_r = layer.routing_input
+        if x_r is None:
+            found, x_r = by_longest_prefix(self.layer_name, _LEGACY.get() or {})
+            if not found:
+                raise RuntimeError(
+                    f"routed layer {self.layer_name!r} was called without x_R: set it with "
+                    "`vlpeft.set_routing_inputs(model, x_r)` or run the forward inside "
+                    "`with vlpeft.routing_inputs(model, x_r):` (vlpeft VL models do this)"
+                )
+        if x_r.shape[-1] != self.visual_dim:
+            raise ValueError(
+                f"routed layer {self.layer_name!r} maps x_R with a ({self.visual_dim} → r) matrix "
+                f"but x_R has dim {x_r.shape[-1]}: use separate_mapping=True with "
+                f"visual_dim={x_r.shape[-1]}, or route only layers whose input width equals x_R's"
+            )
+        if x_r.shape[0] != batch:
+            if batch % x_r.shape[0]:
+                raise ValueError(
+                    f"{self.layer_name}: text batch {batch} is not a multiple of the x_R batch "
+                    f"{x_r.shape[0]}"
+                )
+            x_r = x_r.repeat_interleave(batch // x_r.shape[0], dim=0)
+        return x_r
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        layer: AdaptedLayer,
+        map_visual: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        squeezed = x_t.dim() == 2  # (B, r): one token per example
+        tokens = x_t.unsqueeze(1) if squeezed else x_t
+        x_v = map_visual(self.x_r(layer, tokens.shape[0]).to(tokens.dtype))
+        if self.groups == 1:
+            routed = route(self.kind, tokens, x_v)
+        else:
+            s = (self.groups, tokens.shape[-1] // self.groups)
+            routed = route(
+                self.kind,
+                tokens.unflatten(-1, s).transpose(-2, -3),  # (B, G, L, r)
+                x_v.unflatten(-1, s).movedim(-2, 1),  # (B, G, r) or (B, G, K, r)
+            )
+            routed = routed.transpose(-2, -3).flatten(-2)  # back to (B, L, G·r)
+        return routed.squeeze(1) if squeezed else routed
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, groups={self.groups}, separate={self.separate}"
+
+
+def make_routing(
+    config: MethodConfig, layer_name: str, input_dim: int, groups: int = 1
+) -> Routing | None:
+    """The :class:`Routing` a bottleneck method builds from its config (None when not routed).
+    ``input_dim`` is the width the method's own mapping reads; a separate mapping reads
+    ``config.visual_dim`` (default: the same width)."""
+    kind = getattr(config, "routing", None)
+    if not kind:
+        return None
+    visual_dim = (config.visual_dim or input_dim) if config.separate_mapping else input_dim
+    return Routing(kind, layer_name, visual_dim, groups, config.separate_mapping)
+
+
+# -- x_R of a module --------------------------------------------------------------------------------
+def set_routing_inputs(
+    module: nn.Module, x_r: torch.Tensor | dict[str, torch.Tensor] | None
+) -> None:
+    """Sets x_R on the adapted layers of ``module`` until the next call (None clears).
+
+    Args:
+        module: the model (or any submodule) whose layers route.
+        x_r: one tensor (B, d) or (B, K, d) for every layer, or a dict mapping module paths relative
+            to ``module`` (as ``module.named_modules()`` names them) to such tensors; the longest
+            matching prefix wins and ``""`` matches every layer. Layers no key covers are cleared.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = vlpeft.add_adapter(net, vlpeft.LoRAConfig(targets=["0"], r=2, routing="mul"))
+        >>> vlpeft.set_routing_inputs(net, torch.randn(3, 4))
+        >>> net(torch.randn(3, 5, 4)).shape
+        torch.Size([3, 5, 4])
+    """
+    set_layer_context(module, "routing_input", x_r)
+
+
+@contextlib.contextmanager
+def routing_inputs(
+    module: nn.Module | torch.Tensor | dict, x_r: torch.Tensor | dict | None = None
+) -> Iterator[None]:
+    """x_R for the routed layers of ``module`` during the ``with`` block (forward and backward
+    inside it see it); cleared on exit. Same ``x_r`` forms as :func:`set_routing_inputs`.
+
+    ``routing_inputs(x_r)`` without a module is the deprecated process-wide form: it is read only by
+    routed layers whose model set no x_R, with keys relative to the module adapters were added to.
+    """
+    if not isinstance(module, nn.Module):
+        warnings.warn(
+            "routing_inputs(x_r) without a module is deprecated: use "
+            "routing_inputs(model, x_r) or set_routing_inputs(model, x_r)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        token = _LEGACY.set(module if isinstance(module, dict) else {"": module})
+        try:
+            yield
+        finally:
+            _LEGACY.reset(token)
+        return
+    set_routing_inputs(module, x_r)
     try:
         yield
     finally:
-        _ROUTING_INPUTS.reset(token)
+        set_routing_inputs(module, None)
 
 
-def current_x_r(layer_name: str, batch: int, expected_dim: int | None = None) -> torch.Tensor:
-    """The x_R of the layer ``layer_name`` for a text batch of ``batch`` rows (beam-expanded)."""
-    inputs = _ROUTING_INPUTS.get()
-    keys = [
-        k for k in (inputs or {}) if k == "" or layer_name == k or layer_name.startswith(k + ".")
-    ]
-    if not keys:
-        raise RuntimeError(
-            f"routed layer {layer_name!r} was called without x_R: run the forward inside "
-            "`with vlpeft.adapters.routing.routing_inputs(x_r):` (vlpeft VL models do this)"
-        )
-    x_r = inputs[max(keys, key=len)]
-    if expected_dim is not None and x_r.shape[-1] != expected_dim:
-        raise ValueError(
-            f"routed layer {layer_name!r} maps x_R with a ({expected_dim} → r) matrix but x_R has "
-            f"dim {x_r.shape[-1]}: use separate_mapping=True with visual_dim={x_r.shape[-1]}, or "
-            "route only layers whose input width equals x_R's"
-        )
-    if x_r.shape[0] != batch:
-        if batch % x_r.shape[0]:
-            raise ValueError(
-                f"{layer_name}: text batch {batch} is not a multiple of the x_R batch {x_r.shape[0]}"
-            )
-        x_r = x_r.repeat_interleave(batch // x_r.shape[0], dim=0)
-    return x_r
+# -- switching ---------------------------------------------------------------------------------------
+def _active_routings(module: nn.Module) -> Iterator[tuple[str, Routing]]:
+    for path, layer in adapted_layers(module):
+        for name in layer.active:
+            adapter = layer.adapters[name] if name in layer.adapters else None
+            if adapter is not None and adapter.routing is not None:
+                yield path, adapter.routing
 
 
 def routed_layers(module: nn.Module) -> list[str]:
     """Names of the layers in ``module`` whose active adapters are routed (they need x_R)."""
-    from .base import AdaptedLayer
-
-    return [
-        name
-        for name, layer in module.named_modules()
-        if isinstance(layer, AdaptedLayer)
-        and any(isinstance(layer.adapters[a], ROUTED) for a in layer.active if a in layer.adapters)
-    ]
+    return list(dict.fromkeys(path for path, _ in _active_routings(module)))
 
 
 def set_routing(module: nn.Module, kind: str | None) -> int:
@@ -133,81 +274,8 @@ def set_routing(module: nn.Module, kind: str | None) -> int:
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown routing function {kind!r}; choose one of {list(KINDS)}")
-    from .base import AdaptedLayer
-
     switched = 0
-    for layer in module.modules():
-        if isinstance(layer, AdaptedLayer):
-            for name in layer.active:
-                adapter = layer.adapters[name] if name in layer.adapters else None
-                if isinstance(adapter, ROUTED):
-                    adapter.kind = kind or adapter.configured_kind
-                    switched += 1
+    for _, routing in _active_routings(module):
+        routing.kind = kind or routing.configured_kind
+        switched += 1
     return switched
-
-
-def _as_tokens(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(B, L, d) view of a layer input; a (B, d) input is one token per example."""
-    return (x.unsqueeze(1), True) if x.dim() == 2 else (x, False)
-
-
-class RoutedLoRALinear(LoRALinear):
-    """LoRA whose bottleneck is routed: (α/r)·B·route(A·x, A·x_R) (per slice for fused layers)."""
-
-    mergeable = False
-    lora_reducible = False
-
-    def __init__(self, base: nn.Module, config, layer_name: str) -> None:
-        super().__init__(base, config, layer_name)
-        self.kind, self.layer_name = config.routing, layer_name
-        self.configured_kind = config.routing
-        self.lora_A_visual = None
-        if config.separate_mapping:
-            d_r = config.visual_dim or self.lora_A.shape[1]
-            self.lora_A_visual = nn.Parameter(
-                torch.empty(
-                    self.lora_A.shape[0], d_r, dtype=self.lora_A.dtype, device=self.lora_A.device
-                )
-            )
-            for a in self.lora_A_visual.view(self.n_slices, self.r, d_r):
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-
-    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, squeezed = _as_tokens(x)
-        mapping = self.lora_A if self.lora_A_visual is None else self.lora_A_visual
-        x_r = current_x_r(self.layer_name, tokens.shape[0], mapping.shape[1]).to(tokens.dtype)
-        x_t = F.linear(self.dropout(tokens), self.lora_A)
-        x_v = F.linear(self.dropout(x_r), mapping)
-        s = (self.n_slices, self.r)
-        routed = route(
-            self.kind, x_t.unflatten(-1, s).transpose(-2, -3), x_v.unflatten(-1, s).movedim(-2, 1)
-        )
-        routed = routed.transpose(-2, -3).flatten(-2)  # back to (B, L, S·r)
-        return routed.squeeze(1) if squeezed else routed
-
-
-class RoutedBottleneckAdapter(BottleneckAdapter):
-    """Adapter with routing before the activation: y + up(act(route(down(y), down(x_R))))."""
-
-    def __init__(
-        self, dim: int, bottleneck: int, activation: str, config, layer_name: str, **kw
-    ) -> None:
-        super().__init__(dim, bottleneck, activation, **kw)
-        self.kind, self.layer_name = config.routing, layer_name
-        self.configured_kind = config.routing
-        self.down_visual = (
-            nn.Linear(config.visual_dim or dim, bottleneck, **kw)
-            if config.separate_mapping
-            else None
-        )
-
-    def bottleneck_activations(self, y: torch.Tensor) -> torch.Tensor:
-        tokens, squeezed = _as_tokens(y)
-        mapping = self.down_visual or self.down
-        x_r = current_x_r(self.layer_name, tokens.shape[0], mapping.in_features).to(tokens.dtype)
-        x_v = mapping(x_r)
-        routed = route(self.kind, self.down(tokens), x_v)
-        return self.act(routed.squeeze(1) if squeezed else routed)
-
-
-ROUTED = (RoutedLoRALinear, RoutedBottleneckAdapter)

@@ -2,7 +2,8 @@
 
 One interface serves every task, whatever the family (the task router only ever calls these):
 
-- ``model.loss(batch) -> Tensor``: the training loss of one batch.
+- ``model(batch) -> VLOutput``: the forward of one batch, with ``.loss`` (so DDP, FSDP or a
+  DeepSpeed engine can wrap the model); ``model.loss(batch)`` is a shortcut for ``model(batch).loss``.
 - ``model.generate(batch, max_new_tokens=20, num_beams=1) -> list[str]``: one text per example
   (answers, captions; a classifier family returns its top answer).
 - ``model.score_choices(batch, choices) -> Tensor (B, len(choices))``: logits of fixed single-token
@@ -25,14 +26,24 @@ A batch is a dict. Keys a family reads (the task's collate function writes them)
 Adapter placement: each family names its ``components`` (module-path regexes of vision encoder,
 text encoder, decoder) and ``module_kinds`` (q, k, v, o, ffn_in, ffn_out, …);
 :meth:`VLModel.adapter_config` fills a method config's ``targets`` from them and adds the family's
-declared-trainable parameters (visual projection, heads). Routed adapters get x_R through
-:func:`vlpeft.routing_inputs`, which the family's forward sets per component.
+declared-trainable parameters (visual projection, heads).
+
+The forward context: in each forward a family sets, on its own layers, x_R of the routed adapters
+(:func:`vlpeft.set_routing_inputs`, per component; the decoder's as soon as the encoder output
+exists) and the padding mask of each component's sequence (:func:`vlpeft.set_token_masks`, for
+ReSoRA). Both stay until the next forward, so the backward — gradient-checkpointing recomputes
+included — sees what the forward saw; nothing is process-global.
+
+What a family can serve is ``capabilities`` (read when a training config loads: a task needs one
+of them, see ``tasks``): ``answer`` (short answers: VQA, GQA), ``caption``, ``choices`` (fixed
+one-token answers, NLVR²), ``retrieval``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,38 +52,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.base import MethodConfig, nearest_hint
-from ..adapters.resora import register_token_mask
+from ..adapters.base import MethodConfig, adapted_layers
+from ..config import Config
+from ..registry import Registry, nearest_hint
 from .tokenizer import PRESETS, load_tokenizer
 
-_FAMILIES: dict[str, type[VLModel]] = {}
+FAMILIES: Registry = Registry("model family", attribute="family")
+register_family = FAMILIES.register
+list_families = FAMILIES.names
+get_family = FAMILIES.get
 IGNORE = -100
-
-
-def register_family(name: str) -> Callable[[type[VLModel]], type[VLModel]]:
-    """Class decorator: registers a VL-model family under ``name`` (refuses duplicates)."""
-
-    def decorate(cls: type[VLModel]) -> type[VLModel]:
-        if name in _FAMILIES:
-            raise ValueError(f"family {name!r} is already registered by {_FAMILIES[name].__name__}")
-        cls.family = name
-        _FAMILIES[name] = cls
-        return cls
-
-    return decorate
-
-
-def list_families() -> list[str]:
-    """Names of the registered backbone families."""
-    return sorted(_FAMILIES)
-
-
-def get_family(name: str) -> type[VLModel]:
-    if name not in _FAMILIES:
-        raise KeyError(
-            f"unknown model family {name!r}{nearest_hint(name, _FAMILIES)}; known: {list_families()}"
-        )
-    return _FAMILIES[name]
 
 
 def list_presets(family: str) -> list[str]:
@@ -125,14 +114,14 @@ def build_model(family: str, preset: str | Path = "tiny", **overrides: Any) -> V
     """
     cls = get_family(family)
     data = _deep_merge(load_preset(family, preset), overrides)
-    config = cls.config_class.from_dict(data, where=f"{family} preset {preset!r}")
+    config = cls.config_class.from_dict(data, where=f"{family} preset {str(preset)!r}")
     with torch.random.fork_rng(devices=[]):  # random weights are a function of the seed alone
         torch.manual_seed(config.seed)
         return cls(config)
 
 
 @dataclasses.dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """Fields every family config shares.
 
     Args:
@@ -150,20 +139,6 @@ class ModelConfig:
     max_text_length: int = 40
     seed: int = 0
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "model config") -> ModelConfig:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in valid:
-                raise ValueError(
-                    f"{where}: unknown key {key!r}{nearest_hint(key, valid)}; valid keys: "
-                    f"{sorted(valid)}"
-                )
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def missing_weights(what: str, source: str, err: Exception) -> FileNotFoundError:
     """The error for absent pretrained weights: which, where they were looked for, how to get them."""
@@ -176,10 +151,19 @@ def missing_weights(what: str, source: str, err: Exception) -> FileNotFoundError
     )
 
 
+@dataclasses.dataclass
+class VLOutput:
+    """What a VL model's forward returns: the training loss of the batch (and, where a family has
+    them, its logits)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
 class VLModel(nn.Module):
     """Base class of the families: tokenisation, adapter placement, the shared losses.
 
-    Subclasses set the class attributes below and implement ``loss`` and ``generate``.
+    Subclasses set the class attributes below and implement ``forward`` and ``generate``.
     """
 
     family: ClassVar[str] = ""
@@ -222,7 +206,6 @@ class VLModel(nn.Module):
             return_tensors="pt",
         )
         mask = out["attention_mask"].to(self.device)
-        register_token_mask(mask)  # ReSoRA's samples skip the padding
         return {"input_ids": out["input_ids"].to(self.device), "attention_mask": mask}
 
     def decode(self, ids: torch.Tensor) -> list[str]:
@@ -276,9 +259,24 @@ class VLModel(nn.Module):
             config, targets=self.adapter_targets(components, kinds), trainable=trainable
         )
 
+    @classmethod
+    def capabilities_of(cls, config: ModelConfig | dict | None = None) -> tuple[str, ...]:
+        """What a model of this family built from ``config`` (a config or its override dict) can
+        serve; the family's ``capabilities`` unless a config narrows them (BLIP's heads)."""
+        return cls.capabilities
+
+    def paths(self, pattern: str, within: nn.Module | None = None) -> list[str]:
+        """Adapted-layer paths (relative to ``within``, default the model) matching the regex
+        ``pattern`` (a family's own constant): where a component reads another sequence."""
+        return [p for p, _ in adapted_layers(within or self) if re.search(pattern, p)]
+
     # -- the task interface --------------------------------------------------------------------
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any]) -> VLOutput:
         raise NotImplementedError
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss of ``batch``: ``model(batch).loss``."""
+        return self(batch).loss
 
     def generate(
         self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1
@@ -299,12 +297,6 @@ class VLModel(nn.Module):
                 )
             ids.append(pieces[0])
         return ids
-
-
-def announce_vit_tokens(images: torch.Tensor, patch_size: int) -> None:
-    """Tells ReSoRA that every one of a ViT's [CLS] + patch tokens of ``images`` is real."""
-    patches = (images.shape[-1] // patch_size) * (images.shape[-2] // patch_size)
-    register_token_mask(images.new_ones(images.shape[0], 1 + patches, dtype=torch.bool))
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:

@@ -11,7 +11,9 @@ BLIP), ``"vqa"`` (question → text encoder over the image; answer → decoder) 
 (``text`` is the prompt, e.g. ``"a picture of"``, ``targets`` the captions; the prompt is not
 trained on). x_R for routed adapters is the image [CLS] state. ITC text features are computed
 without the image (that is what makes retrieval over a gallery cheap), so routed adapters belong in
-the decoder, or in the text encoder only for VQA/ITM.
+the decoder, or in the text encoder only for VQA/ITM. Token masks (ReSoRA): image tokens are all
+real; a text component's layers take its text's padding mask, their cross-attention keys/values
+the mask of what they read (image states: all real; the VQA question: its padding).
 
 Pretrained weights: ``weights`` maps a head to a checkpoint (hub id or directory) of
 ``BlipForImageTextRetrieval`` / ``BlipForQuestionAnswering`` / ``BlipForConditionalGeneration``;
@@ -31,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.routing import routed_layers, routing_inputs
+from ..adapters.resora import set_token_masks
+from ..adapters.routing import routed_layers, set_routing_inputs
 from .base import (
     ModelConfig,
     VLModel,
-    announce_vit_tokens,
+    VLOutput,
     lm_loss,
     missing_weights,
     pad_to_ignore,
@@ -67,6 +70,8 @@ _VISION_RENAMES = (
     (r"\.attn\.", ".self_attn."),
     (r"\.norm([12])\.", r".layer_norm\1."),
 )
+CROSS_KV = r"crossattention\.self\.(?:key|value)$"  # text layers that read the other sequence
+CAPABILITY = {"retrieval": "retrieval", "vqa": "answer", "caption": "caption"}
 # training-only state of the original checkpoints: momentum encoders, queues, temperature
 _DROPPED = re.compile(r"(_m\.|_m$|_queue$|^temp$|^idx_queue|^ptr_queue)")
 
@@ -121,7 +126,7 @@ class BlipConfig(ModelConfig):
 @register_family("blip")
 class Blip(VLModel):
     config_class = BlipConfig
-    capabilities = ("generate", "retrieval")
+    capabilities = ("answer", "caption", "retrieval")
     components = {
         "vision": r"vision_model\.encoder\.layers\.\d+",
         "text_encoder": r"text_encoder\.encoder\.layer\.\d+",
@@ -177,6 +182,16 @@ class Blip(VLModel):
         for part in [p for p in builders if p in needed]:  # a fixed order: reproducible init
             setattr(self, part, parts[part] if part in parts else builders[part]())
 
+    @classmethod
+    def capabilities_of(cls, config=None) -> tuple[str, ...]:
+        """Those of the configured ``heads`` (all three by default)."""
+        heads = (
+            config.get("heads", HEADS)
+            if isinstance(config, dict)
+            else getattr(config, "heads", HEADS)
+        )
+        return tuple(CAPABILITY[h] for h in heads if h in CAPABILITY)
+
     def _pretrained_parts(self, needed: set[str]) -> dict[str, nn.Module]:
         import transformers
 
@@ -199,7 +214,7 @@ class Blip(VLModel):
     def image_states(self, images: torch.Tensor) -> torch.Tensor:
         """ViT last hidden state (B, 1 + patches, d); [CLS] first."""
         dtype = next(self.vision_model.parameters()).dtype
-        announce_vit_tokens(images, self.vision_model.config.patch_size)
+        set_token_masks(self.vision_model, None)  # [CLS] and every patch are real
         return self.vision_model(pixel_values=images.to(self.device, dtype)).last_hidden_state
 
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,30 +232,45 @@ class Blip(VLModel):
                 "another adapter set for retrieval (vlpeft.set_active_adapter)"
             )
         text = self.tokenize(texts)
+        set_token_masks(self.text_encoder, text["attention_mask"])
         hidden = self.text_encoder(**text).last_hidden_state
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
+    def _set_context(
+        self,
+        part: nn.Module,
+        image_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        read_mask: torch.Tensor | None = None,
+    ) -> None:
+        """x_R (the image [CLS]) and token masks of a text part's layers for one call; their
+        cross-attention keys/values read a sequence with mask ``read_mask`` (None: all real)."""
+        set_routing_inputs(part, image_states[:, 0])
+        set_token_masks(
+            part, {"": text_mask, **dict.fromkeys(self.paths(CROSS_KV, part), read_mask)}
+        )
+
+    def _encode_text_over(
+        self, image_states: torch.Tensor, texts
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoder over ``texts`` cross-attending to the images: (hidden, text mask)."""
+        text = self.tokenize(texts)
+        self._set_context(self.text_encoder, image_states, text["attention_mask"])
+        mask = image_states.new_ones(image_states.shape[:2], dtype=torch.long)
+        hidden = self.text_encoder(
+            **text, encoder_hidden_states=image_states, encoder_attention_mask=mask
+        ).last_hidden_state
+        return hidden, text["attention_mask"]
+
     def match(self, image_states: torch.Tensor, texts) -> torch.Tensor:
         """ITM logits (B, 2) of pairs (image_states[i], texts[i]); column 1 = "match"."""
-        text = self.tokenize(texts)
-        mask = image_states.new_ones(image_states.shape[:2], dtype=torch.long)
-        with routing_inputs(image_states[:, 0]):
-            hidden = self.text_encoder(
-                **text, encoder_hidden_states=image_states, encoder_attention_mask=mask
-            ).last_hidden_state
-        return self.itm_head(hidden[:, 0])
+        return self.itm_head(self._encode_text_over(image_states, texts)[0][:, 0])
 
     def _decoder_context(self, batch: dict[str, Any], states: torch.Tensor):
         """What the decoder cross-attends to: image states (caption) or the question (VQA)."""
         if self._kind(batch) == "caption":
             return states, states.new_ones(states.shape[:2], dtype=torch.long)
-        question = self.tokenize(batch["text"])
-        mask = states.new_ones(states.shape[:2], dtype=torch.long)
-        with routing_inputs(states[:, 0]):
-            hidden = self.text_encoder(
-                **question, encoder_hidden_states=states, encoder_attention_mask=mask
-            ).last_hidden_state
-        return hidden, question["attention_mask"]
+        return self._encode_text_over(states, batch["text"])
 
     def _kind(self, batch: dict[str, Any]) -> str:
         kind = batch.get("kind") or self.config.heads[0]
@@ -267,18 +297,23 @@ class Blip(VLModel):
             labels[i, 1 : 1 + n] = -100
         return {"input_ids": ids, "attention_mask": tokens["attention_mask"]}, labels
 
+    def _decoder_read_mask(self, batch: dict[str, Any], context_mask: torch.Tensor):
+        return None if self._kind(batch) == "caption" else context_mask
+
     # -- the task interface -------------------------------------------------------------------
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any]) -> VLOutput:
         if self._kind(batch) == "retrieval":
-            return self.retrieval_loss(batch)
+            return VLOutput(loss=self.retrieval_loss(batch))
         states = self.image_states(batch["images"])
         context, context_mask = self._decoder_context(batch, states)
         inputs, labels = self._decoder_inputs(batch)
-        with routing_inputs(states[:, 0]):
-            logits = self.text_decoder(
-                **inputs, encoder_hidden_states=context, encoder_attention_mask=context_mask
-            ).logits
-        return lm_loss(logits[:, :-1], labels[:, 1:], self.config.label_smoothing)
+        read = self._decoder_read_mask(batch, context_mask)
+        self._set_context(self.text_decoder, states, inputs["attention_mask"], read)
+        logits = self.text_decoder(
+            **inputs, encoder_hidden_states=context, encoder_attention_mask=context_mask
+        ).logits
+        loss = lm_loss(logits[:, :-1], labels[:, 1:], self.config.label_smoothing)
+        return VLOutput(loss=loss, logits=logits)
 
     def retrieval_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """ITC (positives = same ``image_ids``) + ITM on positives and similarity-sampled hard
@@ -337,15 +372,15 @@ class Blip(VLModel):
                 raise ValueError(f"blip captioning: one prompt per batch, got {sorted(prompts)}")
             prompt = self.tokenizer(prompts.pop(), add_special_tokens=False)["input_ids"]
         start = torch.tensor([[self.text_config.bos_token_id, *prompt]] * n, device=self.device)
-        with routing_inputs(states[:, 0]):
-            ids = self.text_decoder.generate(
-                input_ids=start,
-                encoder_hidden_states=context,
-                encoder_attention_mask=context_mask,
-                eos_token_id=self.text_config.sep_token_id,
-                pad_token_id=self.text_config.pad_token_id,
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=False,
-            )
+        set_routing_inputs(self.text_decoder, states[:, 0])
+        ids = self.text_decoder.generate(
+            input_ids=start,
+            encoder_hidden_states=context,
+            encoder_attention_mask=context_mask,
+            eos_token_id=self.text_config.sep_token_id,
+            pad_token_id=self.text_config.pad_token_id,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+        )
         return self.decode(ids[:, start.shape[1] :])

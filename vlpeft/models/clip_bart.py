@@ -12,7 +12,9 @@ them). NLVR² gives two images: 2 × grid² tokens with order ids 0 and 1, and i
 the ``"true"``/``"false"`` logits at the first decoding step (:meth:`score_choices`).
 
 x_R for routed adapters: encoder layers get the mean of the visual tokens; decoder layers the mean
-of the last encoder hidden state (over non-padding positions).
+of the last encoder hidden state (over non-padding positions), set as soon as the encoder output
+exists. Token masks (ReSoRA): the encoder's text + visual mask in the encoder and in the decoder's
+cross-attention keys/values; the target mask in the rest of the decoder.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.resora import register_token_mask
-from ..adapters.routing import routing_inputs
+from ..adapters.resora import set_token_masks
+from ..adapters.routing import set_routing_inputs
 from .base import (
     ModelConfig,
     VLModel,
+    VLOutput,
     lm_loss,
     masked_mean,
     missing_weights,
@@ -38,6 +41,7 @@ from .base import (
 
 ENCODER = "bart.model.encoder"
 DECODER = "bart.model.decoder"
+CROSS_KV = r"encoder_attn\.(?:k_proj|v_proj)$"  # decoder layers that read the encoder's sequence
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -115,10 +119,17 @@ def text_ids_from_tokenizer(tokenizer) -> dict[str, int]:
     }
 
 
+def encoder_output(hidden: torch.Tensor):
+    """transformers' encoder-output wrapper of a last hidden state (what BART's decoder takes)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    return BaseModelOutput(last_hidden_state=hidden)
+
+
 @register_family("clip-bart")
 class ClipBart(VLModel):
     config_class = ClipBartConfig
-    capabilities = ("generate", "choices")
+    capabilities = ("answer", "caption", "choices")
     components = {
         "vision": r"visual\..*",
         "encoder": rf"{ENCODER}\.layers\.\d+",
@@ -139,7 +150,7 @@ class ClipBart(VLModel):
 
     def __init__(self, config: ClipBartConfig) -> None:
         super().__init__(config)
-        from transformers import BartConfig, BartForConditionalGeneration
+        from transformers import BartConfig, BartForConditionalGeneration  # heavy: lazy
 
         self.visual = build_resnet(
             config.vision, config.weights.get("vision") if config.pretrained else None
@@ -216,47 +227,50 @@ class ClipBart(VLModel):
         mask = torch.cat(
             [text["attention_mask"], text["attention_mask"].new_ones(visual.shape[:2])], 1
         )
-        register_token_mask(mask)
-        with routing_inputs({ENCODER: visual.mean(1)}):
-            hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        set_routing_inputs(encoder, visual.mean(1))
+        set_token_masks(encoder, mask)
+        hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return hidden, mask
 
-    def _decoder_x_r(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {DECODER: masked_mean(hidden, mask)}
+    def _set_decoder_context(
+        self, hidden: torch.Tensor, mask: torch.Tensor, target_mask: torch.Tensor | None = None
+    ) -> None:
+        """x_R (the mean encoder state) and token masks of the decoder's layers."""
+        decoder = self.bart.model.decoder
+        set_routing_inputs(decoder, masked_mean(hidden, mask))
+        cross = dict.fromkeys(self.paths(CROSS_KV, decoder), mask)
+        set_token_masks(decoder, {"": target_mask, **cross})
 
     # -- the task interface -----------------------------------------------------------------------
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any]) -> VLOutput:
+        from transformers.models.bart.modeling_bart import shift_tokens_right
+
         hidden, mask = self.encode(batch)
         target = self.tokenize(batch["targets"])
         labels = pad_to_ignore(target["input_ids"], target["attention_mask"])
-        from transformers.modeling_outputs import BaseModelOutput
-        from transformers.models.bart.modeling_bart import shift_tokens_right
-
         cfg = self.bart.config
         starts = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
-        with routing_inputs(self._decoder_x_r(hidden, mask)):
-            logits = self.bart(
-                encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-                attention_mask=mask,
-                decoder_input_ids=starts,
-            ).logits
-        return lm_loss(logits, labels)
+        self._set_decoder_context(hidden, mask, target["attention_mask"])
+        logits = self.bart(
+            encoder_outputs=encoder_output(hidden),
+            attention_mask=mask,
+            decoder_input_ids=starts,
+        ).logits
+        return VLOutput(loss=lm_loss(logits, labels), logits=logits)
 
     @torch.no_grad()
     def generate(
         self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1
     ) -> list[str]:
-        from transformers.modeling_outputs import BaseModelOutput
-
         hidden, mask = self.encode(batch)
-        with routing_inputs(self._decoder_x_r(hidden, mask)):
-            ids = self.bart.generate(
-                encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=False,
-            )
+        self._set_decoder_context(hidden, mask)
+        ids = self.bart.generate(
+            encoder_outputs=encoder_output(hidden),
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+        )
         return self.decode(ids)
 
     def score_choices(self, batch: dict[str, Any], choices) -> torch.Tensor:
@@ -266,14 +280,12 @@ class ClipBart(VLModel):
         start = self.bart.config.decoder_start_token_id
         lead = [start, *self._leading_specials()]
         decoder_ids = torch.tensor([lead] * hidden.shape[0], device=self.device)
-        from transformers.modeling_outputs import BaseModelOutput
-
-        with routing_inputs(self._decoder_x_r(hidden, mask)):
-            logits = self.bart(
-                encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-                attention_mask=mask,
-                decoder_input_ids=decoder_ids,
-            ).logits
+        self._set_decoder_context(hidden, mask, torch.ones_like(decoder_ids))
+        logits = self.bart(
+            encoder_outputs=encoder_output(hidden),
+            attention_mask=mask,
+            decoder_input_ids=decoder_ids,
+        ).logits
         return logits[:, -1, ids]
 
     def _leading_specials(self) -> list[int]:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..adapters.resora import register_token_mask
-from ..adapters.routing import routing_inputs
-from .base import IGNORE, ModelConfig, VLModel, lm_loss, register_family
+from ..adapters.resora import set_token_masks
+from ..adapters.routing import set_routing_inputs
+from .base import IGNORE, ModelConfig, VLModel, VLOutput, lm_loss, register_family
 from .vit import (
     VIT_COMPONENT,
     VIT_KINDS,
@@ -53,7 +53,7 @@ class Gpt2VitConfig(ModelConfig):
 @register_family("gpt2-vit")
 class Gpt2Vit(VLModel):
     config_class = Gpt2VitConfig
-    capabilities = ("generate",)
+    capabilities = ("caption", "answer")
     components = {"vision": VIT_COMPONENT, "decoder": r"gpt2\.transformer\.h\.\d+"}
     module_kinds = {
         **VIT_KINDS,
@@ -118,14 +118,14 @@ class Gpt2Vit(VLModel):
             F.pad(mask, (1, 0), value=1),
         )
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any]) -> VLOutput:
         ids, mask, labels = self._sequences(batch)
         prefix, embeds, mask = self._embed(batch, ids, mask)
-        register_token_mask(mask)
-        with routing_inputs({"gpt2": prefix}):
-            logits = self.gpt2(inputs_embeds=embeds, attention_mask=mask).logits
+        set_routing_inputs(self.gpt2, prefix)
+        set_token_masks(self.gpt2, mask)
+        logits = self.gpt2(inputs_embeds=embeds, attention_mask=mask).logits
         # logit t predicts token t+1: prefix position predicts bos (ignored), so align on ids
-        return lm_loss(logits[:, 1:-1], labels[:, 1:])
+        return VLOutput(loss=lm_loss(logits[:, 1:-1], labels[:, 1:]), logits=logits)
 
     @torch.no_grad()
     def generate(
@@ -138,14 +138,14 @@ class Gpt2Vit(VLModel):
             [[self.tokenizer.bos_token_id, *prompts[0]]] * len(prompts), device=self.device
         )
         prefix, embeds, mask = self._embed(batch, start, torch.ones_like(start))
-        with routing_inputs({"gpt2": prefix}):
-            ids = self.gpt2.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=False,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.eos_token_id,
-            )
+        set_routing_inputs(self.gpt2, prefix)
+        ids = self.gpt2.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.eos_token_id,
+        )
         return self.decode(ids)

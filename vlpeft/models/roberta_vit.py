@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.resora import register_token_mask
-from ..adapters.routing import routing_inputs
-from .base import ModelConfig, VLModel, register_family
+from ..adapters.resora import set_token_masks
+from ..adapters.routing import set_routing_inputs
+from .base import ModelConfig, VLModel, VLOutput, register_family
 from .vit import (
     VIT_COMPONENT,
     VIT_KINDS,
@@ -61,7 +61,7 @@ class RobertaVitConfig(ModelConfig):
 @register_family("roberta-vit")
 class RobertaVit(VLModel):
     config_class = RobertaVitConfig
-    capabilities = ("classify",)
+    capabilities = ("answer",)  # by classification over the answer vocabulary
     components = {"vision": VIT_COMPONENT, "text": r"roberta\.encoder\.layer\.\d+"}
     module_kinds = {
         "q": rf"(?:attention\.self\.query|{VIT_KINDS['q']})",
@@ -107,9 +107,9 @@ class RobertaVit(VLModel):
         embeds = self.roberta.embeddings.word_embeddings(text["input_ids"])
         embeds = torch.cat([visual[:, None].to(embeds.dtype), embeds], dim=1)
         mask = F.pad(text["attention_mask"], (1, 0), value=1)
-        register_token_mask(mask)
-        with routing_inputs({"roberta": visual}):
-            hidden = self.roberta(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        set_routing_inputs(self.roberta, visual)
+        set_token_masks(self.roberta, mask)
+        hidden = self.roberta(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return self.classifier(hidden[:, 1])
 
     def targets(self, answer_scores) -> torch.Tensor:
@@ -121,10 +121,11 @@ class RobertaVit(VLModel):
                     out[row, self.answer_index[answer]] = score
         return out
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any]) -> VLOutput:
         logits = self.logits(batch).float()
         target = self.targets(batch["answer_scores"])
-        return F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
+        loss = F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
+        return VLOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(

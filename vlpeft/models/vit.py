@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import announce_vit_tokens, missing_weights
+from ..adapters.resora import set_token_masks
+from .base import missing_weights
 
 VIT_COMPONENT = r"vit\.layers\.\d+"
 VIT_KINDS = {
@@ -47,6 +48,6 @@ class VisualToken(nn.Module):
 
     def forward(self, vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
         dtype = self.proj.weight.dtype
-        announce_vit_tokens(images, vit.config.patch_size)
+        set_token_masks(vit, None)  # [CLS] and every patch are real
         pooled = vit(pixel_values=images.to(self.proj.weight.device, dtype)).pooler_output
         return self.proj(pooled)

@@ -1,0 +1,90 @@
+"""One config base for every typed config of the project: method, model, task and training configs.
+
+A config is a dataclass that inherits :class:`Config`. ``from_dict`` builds it from a mapping (YAML,
+JSON) with errors that name the key and the nearest valid one, converts numbers written as strings
+(YAML reads ``3e-3`` as a string), recurses into dataclass-valued fields and reports missing required
+keys; ``to_dict`` is its inverse. Validation by meaning stays in each config's ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, TypeVar
+
+from .registry import nearest_hint
+
+C = TypeVar("C", bound="Config")
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+class ConfigError(ValueError):
+    """A bad config value or key: the message names where it is and what was expected."""
+
+
+def _nested_template(f: dataclasses.Field) -> Any:
+    factory = f.default_factory
+    return factory() if factory is not dataclasses.MISSING else None
+
+
+def typed(value: Any, annotation: Any, where: str, error: type[Exception] = ConfigError) -> Any:
+    """``value`` checked against a scalar field annotation (``int``, ``float``, ``bool``, ``str``);
+    other annotations pass through. An int is a float; a numeric string is converted."""
+    kind = _SCALARS.get(
+        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    )
+    if kind is None or value is None or isinstance(value, kind):
+        if kind is int and isinstance(value, bool):
+            raise error(f"{where}: expected int, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise error(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+class Config:
+    """Mixin for config dataclasses: ``from_dict`` / ``to_dict`` with nearest-key errors."""
+
+    error: ClassVar[type[Exception]] = ConfigError
+
+    @classmethod
+    def from_dict(cls: type[C], data: Any, where: str = "config") -> C:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise cls.error(f"{where}: expected a mapping, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in fields:
+                raise cls.error(
+                    f"{where}: unknown key {key!r}{nearest_hint(str(key), fields)}; "
+                    f"valid keys: {sorted(fields)}"
+                )
+            template = _nested_template(fields[key])
+            if isinstance(template, Config):
+                kwargs[key] = type(template).from_dict(value, f"{where}.{key}")
+            else:
+                kwargs[key] = typed(value, fields[key].type, f"{where}.{key}", cls.error)
+        missing = [
+            name
+            for name, f in fields.items()
+            if name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise cls.error(f"{where}: missing key {missing[0]!r}")
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as err:
+            if isinstance(err, cls.error) or str(err).startswith(where):
+                raise
+            raise cls.error(f"{where}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
