@@ -61,13 +61,13 @@ def image_inputs(seed=1):
 
 
 def run(model, inputs):
-    """Forward; an ``x_r`` entry is handed to routed layers through the routing context."""
-    from vlpeft.adapters.routing import routing_inputs
+    """Forward; an ``x_r`` entry is handed to the model's routed layers for the call."""
+    import vlpeft
 
     inputs = dict(inputs)
     x_r = inputs.pop("x_r", None)
     if x_r is not None:
-        with routing_inputs(x_r):
+        with vlpeft.routing_inputs(model, x_r):
             out = model(**inputs)
     else:
         out = model(**inputs)

@@ -104,6 +104,34 @@ ROWS = [
         text_inputs,
     ),
     (
+        "routed-null-lora-bart-add",
+        lambda: NullLoRAConfig(targets=["q_proj", "fc1"], min_rank=4, routing="add"),
+        tiny_bart,
+        with_x_r(bart_inputs),
+    ),
+    (
+        "routed-null-lora-gpt2-proj-separate",
+        lambda: NullLoRAConfig(
+            targets=["c_fc"], min_rank=4, routing="proj", separate_mapping=True, visual_dim=12
+        ),
+        tiny_gpt2,
+        with_x_r(text_inputs, dim=12),
+    ),
+    (
+        "routed-flora-bart-mul",
+        lambda: FLoRAConfig(targets=["k_proj", "fc1"], r=4, scale=0.5, routing="mul"),
+        tiny_bart,
+        with_x_r(bart_inputs, tokens=3),
+    ),
+    (
+        "routed-flora-gpt2-expand-separate",
+        lambda: FLoRAConfig(
+            targets=["c_attn"], r=3, routing="expand", separate_mapping=True, visual_dim=10
+        ),
+        tiny_gpt2,
+        with_x_r(text_inputs, dim=10),
+    ),
+    (
         "flora-bart",
         lambda: FLoRAConfig(targets=["k_proj", "fc2"], r=4, scale=0.5),
         tiny_bart,

@@ -19,6 +19,8 @@ METHODS = {
     "routed-adapter": AdapterConfig(bottleneck=8, routing="relu_mul", targets=["x"]),
     "null-lora": NullLoRAConfig(min_rank=2, max_rank=4, targets=["x"]),
     "flora": FLoRAConfig(r=4, targets=["x"]),
+    "routed-null-lora": NullLoRAConfig(min_rank=2, max_rank=4, routing="add", targets=["x"]),
+    "routed-flora": FLoRAConfig(r=4, routing="mul", targets=["x"]),
 }
 TEXT = {  # components routed adapters may use (x_R comes from the vision encoder)
     "clip-bart": ["encoder", "decoder"],

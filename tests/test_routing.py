@@ -6,7 +6,7 @@ from conftest import perturb_adapters, text_inputs, tiny_bart, tiny_gpt2
 
 import vlpeft
 from vlpeft.adapters import AdapterConfig, LoRAConfig
-from vlpeft.adapters.routing import KINDS, route, routing_inputs
+from vlpeft.adapters.routing import KINDS, route
 
 L, R = 5, 4
 
@@ -78,7 +78,7 @@ def test_routed_lora_is_scaled_b_of_routed_bottleneck(separate):
     net = routed_linear(config)
     ad = net[0].adapters["default"]
     x, x_r = torch.randn(2, L, 6), torch.randn(2, 3 if separate else 6)
-    with routing_inputs(x_r):
+    with vlpeft.routing_inputs(net, x_r):
         y = net(x)
     a_v = ad.lora_A_visual if separate else ad.lora_A
     x_t, x_v = x @ ad.lora_A.T, x_r @ a_v.T
@@ -92,7 +92,7 @@ def test_routed_adapter_routes_down_projections_before_activation():
     )
     ad = net[0].adapters["default"]
     x, x_r = torch.randn(2, L, 6), torch.randn(2, 5)
-    with routing_inputs(x_r):
+    with vlpeft.routing_inputs(net, x_r):
         y = net(x)
     h = net[0].base_layer(x)
     expected = h + ad.up(torch.nn.functional.gelu(route("mul", ad.down(h), ad.down(x_r))))
@@ -115,7 +115,7 @@ def test_gpt2_qv_slices_route_each_projection_separately():
     layer = model.transformer.h[0].attn.c_attn
     ad = layer.adapters["default"]
     x, x_r = torch.randn(2, L, 32), torch.randn(2, 32)
-    with routing_inputs(x_r):
+    with vlpeft.routing_inputs(model, x_r):
         y = layer(x)
     base = layer.base_layer(x)
     for s, part in enumerate([0, 2]):
@@ -138,12 +138,15 @@ def test_x_r_by_longest_module_prefix():
     perturb_adapters(net)
     x = torch.randn(1, 3, 4)
     enc, dec = torch.randn(1, 4), torch.randn(1, 4)
-    with routing_inputs({"": dec, "0": enc}):
+    with vlpeft.routing_inputs(net, {"": dec, "0": enc}):
         both = net(x)
-    with routing_inputs(enc):
+    with vlpeft.routing_inputs(net, enc):
         h = net[0](x)
-    with routing_inputs(dec):
+    with vlpeft.routing_inputs(net, dec):
         torch.testing.assert_close(net[1](h), both)
+    with pytest.warns(DeprecationWarning, match="without a module is deprecated"):
+        with vlpeft.routing_inputs({"": dec, "0": enc}):  # the old process-wide form still routes
+            torch.testing.assert_close(net(x), both)
 
 
 def test_routed_layers_refuse_merge_and_export(tmp_path):
@@ -157,11 +160,11 @@ def test_routed_layers_refuse_merge_and_export(tmp_path):
 def test_beam_expanded_batch_repeats_x_r_per_beam():
     net = routed_linear(LoRAConfig(targets=["0"], r=2, routing="proj"))
     x, x_r = torch.randn(2, L, 6), torch.randn(2, 6)
-    with routing_inputs(x_r):
+    with vlpeft.routing_inputs(net, x_r):
         single = net(x)
         beams = net(x.repeat_interleave(3, dim=0))
     torch.testing.assert_close(beams, single.repeat_interleave(3, dim=0))
-    with routing_inputs(x_r), pytest.raises(ValueError, match="not a multiple"):
+    with vlpeft.routing_inputs(net, x_r), pytest.raises(ValueError, match="not a multiple"):
         net(torch.randn(3, L, 6))
 
 
@@ -173,12 +176,12 @@ def test_beam_search_generation_through_a_routed_model():
     ids = text_inputs(batch=2, length=6)["input_ids"]
     x_r = torch.randn(2, 32, generator=torch.Generator().manual_seed(9))
     kw = {"num_beams": 3, "max_new_tokens": 6, "do_sample": False, "early_stopping": True}
-    with routing_inputs(x_r):
+    with vlpeft.routing_inputs(model, x_r):
         batch_out = model.generate(input_ids=ids, **kw)
     for i in range(2):
-        with routing_inputs(x_r[i : i + 1]):
+        with vlpeft.routing_inputs(model, x_r[i : i + 1]):
             alone = model.generate(input_ids=ids[i : i + 1], **kw)
         n = alone.shape[1]
         assert torch.equal(batch_out[i, :n], alone[0])
-    with routing_inputs(torch.zeros_like(x_r)):
+    with vlpeft.routing_inputs(model, torch.zeros_like(x_r)):
         assert not torch.equal(model.generate(input_ids=ids, **kw), batch_out)

@@ -19,8 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters.base import MethodConfig, gathered
-from .adapters.base import is_conv1d
+from .adapters.base import MethodConfig, gathered, is_conv1d
 from .inject import adapted_layers, adapter_configs, add_adapter, trainable_extra_names
 
 CONFIG_NAME = "adapter_config.json"
