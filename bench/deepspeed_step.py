@@ -16,6 +16,8 @@ import torch
 
 from bench.adapters import Step, bart_base, inputs, with_method
 from bench.common import machine, paired, report, write
+from launch.config import load_config
+from launch.train import deepspeed_config, distributed_env
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,10 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args(argv)
-    import deepspeed
-
-    from launch.config import load_config
-    from launch.train import deepspeed_config, distributed_env
+    import deepspeed  # heavy and optional
 
     distributed_env()
     deepspeed.init_distributed(dist_backend="gloo")

@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 from vlpeft.checkpoint import atomic_write, write_json
@@ -20,7 +21,7 @@ from vlpeft.checkpoint import atomic_write, write_json
 def load_summary(run_dir: Path) -> dict:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
-        raise SystemExit(f"{path}: not found (is {run_dir} a finished run?)")
+        raise FileNotFoundError(f"{path}: not found (is {run_dir} a finished run?)")
     return json.loads(path.read_text())
 
 
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--split", default="test")
     args = parser.parse_args(argv)
-    markdown = write_all([load_summary(r) for r in args.runs], args.out, args.split)
+    try:
+        summaries = [load_summary(r) for r in args.runs]
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+    markdown = write_all(summaries, args.out, args.split)
     print(markdown)
     return markdown
 

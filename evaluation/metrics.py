@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -285,6 +286,23 @@ def with_recall_means(recalls: dict, ks: Sequence[int] = (1, 5, 10)) -> dict:
         recalls[f"{name}_mean"] = float(np.mean([recalls[f"{name}_r{k}"] for k in ks]))
     recalls["r_mean"] = (recalls["i2t_mean"] + recalls["t2i_mean"]) / 2
     return recalls
+
+
+def random_ranking_recall(positives: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Expected recall (in %) of a uniformly random ranking, exactly: ``positives[i]`` = captions of
+    image i; t2i R@K = K/N images, i2t R@K = 1 − C(T − n, K) / C(T, K) for an image with n of the T
+    captions."""
+    images, texts = len(positives), sum(positives)
+    scores = {}
+    for k in ks:
+        kk = min(k, texts)
+        scores[f"i2t_r{k}"] = (
+            100
+            * sum(1 - math.comb(texts - n, kk) / math.comb(texts, kk) for n in positives)
+            / images
+        )
+        scores[f"t2i_r{k}"] = 100 * min(k, images) / images
+    return with_recall_means(scores, ks)
 
 
 def itm_rerank(similarity, itm: Callable[[int, np.ndarray], np.ndarray], k: int) -> np.ndarray:

@@ -21,39 +21,42 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from vlpeft.adapters.base import nearest_hint
+from tasks.base import DataError, get_task
+from tasks.router import load_yaml
+from tasks.sampler import SamplerConfig
+from vlpeft.adapters import ReSoRAConfig
+from vlpeft.adapters.base import MethodConfig
+from vlpeft.config import Config, ConfigError
+from vlpeft.models import get_family, preset_config
 
-
-class ConfigError(ValueError):
-    """A bad training config: the message names the key and the nearest valid one."""
+__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "load_config", "validate"]
 
 
 @dataclasses.dataclass
-class ModelSection:
+class ModelSection(Config):
     family: str = ""
     preset: str = "tiny"
     overrides: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
-class DataSection:
+class DataSection(Config):
     file: str = ""
     tasks: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
-class SamplerSection:
+class SamplerSection(Config):
     mode: str = "proportional"
     temperature: float = 2.0
     seed: int = 0
 
 
 @dataclasses.dataclass
-class TrainSection:
+class TrainSection(Config):
     steps: int = 300
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -68,7 +71,7 @@ class TrainSection:
 
 
 @dataclasses.dataclass
-class EvalSection:
+class EvalSection(Config):
     splits: list = dataclasses.field(default_factory=lambda: ["test"])
     val_every: int = 0
     max_records: int | None = None
@@ -78,13 +81,13 @@ class EvalSection:
 
 
 @dataclasses.dataclass
-class DeepSpeedSection:
+class DeepSpeedSection(Config):
     enabled: bool = False
     config: str = "launch/ds_zero2.json"
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Config):
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     adapters: dict = dataclasses.field(default_factory=dict)
     data: DataSection = dataclasses.field(default_factory=DataSection)
@@ -93,48 +96,6 @@ class TrainConfig:
     resora: dict | None = None
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _build(cls, data: Any, where: str):
-    """The dataclass ``cls`` from ``data``, recursing into dataclass-valued fields."""
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(
-                f"{where}: unknown key {key!r}{nearest_hint(key, fields)}; valid: {sorted(fields)}"
-            )
-        factory = fields[key].default_factory
-        template = factory() if factory is not dataclasses.MISSING else None
-        nested = dataclasses.is_dataclass(template)
-        if nested:
-            kwargs[key] = _build(type(template), value, f"{where}.{key}")
-        else:
-            kwargs[key] = _typed(value, fields[key].type, f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def _typed(value: Any, annotation: str, where: str) -> Any:
-    """``value`` checked against a scalar field's type; numbers written as strings (YAML reads
-    ``3e-3`` as a string) are converted."""
-    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(annotation))
-    if kind is None or value is None or isinstance(value, kind):
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind in (int, float) and isinstance(value, str):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -153,12 +114,41 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def validate(config: TrainConfig, where: str) -> TrainConfig:
-    """Checks values that the dataclasses cannot (family, methods, sampler mode, precision)."""
-    from tasks.sampler import SamplerConfig
-    from vlpeft.adapters.base import MethodConfig
-    from vlpeft.models import get_family
+def check_tasks_fit_model(config: TrainConfig, where: str) -> None:
+    """Refuses a task the model cannot serve (e.g. BLIP + NLVR²: BLIP scores no fixed choices),
+    naming both. Reads the task readers from ``data.file`` when it exists (otherwise the router
+    reports the missing file when the run starts)."""
+    path = Path(config.data.file)
+    if not path.is_file():
+        return
+    try:
+        entries = load_yaml(path) or {}
+        family = get_family(config.model.family)
+        model_config = preset_config(
+            config.model.family, config.model.preset, **config.model.overrides
+        )
+    except (DataError, KeyError, ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+    capabilities = family.capabilities_of(model_config)
+    for name, settings in config.data.tasks.items():
+        entry = {**(entries.get(name) or {}), **(settings or {})}
+        if "reader" not in entry:
+            continue  # the router names the missing entry or key
+        try:
+            task = get_task(entry["reader"])
+        except DataError as err:
+            raise ConfigError(f"{where}: data.tasks.{name}: {err}") from None
+        if not task.serves(capabilities):
+            raise ConfigError(
+                f"{where}: task {name!r} (reader {task.name}) needs a model that serves "
+                f"{task.needs!r}, but model {config.model.family!r} (preset "
+                f"{config.model.preset!r}) serves {list(capabilities)}"
+            )
 
+
+def validate(config: TrainConfig, where: str) -> TrainConfig:
+    """Checks values that the dataclasses cannot (family, methods, sampler mode, precision) and
+    that the model can serve every task."""
     if not config.model.family:
         raise ConfigError(f"{where}: model.family is required")
     try:
@@ -181,12 +171,8 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
         except (KeyError, ValueError, TypeError) as err:
             raise ConfigError(str(err)) from None
     if config.resora is not None:
-        from vlpeft.adapters import ReSoRAConfig
-
-        valid = {f.name for f in dataclasses.fields(ReSoRAConfig)}
-        for key in config.resora:
-            if key not in valid:
-                raise ConfigError(f"{where}: unknown key resora.{key}{nearest_hint(key, valid)}")
+        ReSoRAConfig.from_dict(config.resora, f"{where}: resora")
+    check_tasks_fit_model(config, where)
     return config
 
 
@@ -204,4 +190,4 @@ def load_config(
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: malformed YAML ({err})") from None
     data = apply_overrides(copy.deepcopy(data or {}), list(overrides))
-    return validate(_build(TrainConfig, data, where), where)
+    return validate(TrainConfig.from_dict(data, where), where)

@@ -28,31 +28,24 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers.models.bart.modeling_bart import shift_tokens_right
 
 import vlpeft
 from launch.config import ConfigError, TrainConfig, load_config
 from launch.run import build_router
+from launch.train import linear_schedule
 from vlpeft.models.base import lm_loss, pad_to_ignore
-
-TEXT_FIELDS = ("question", "sentence")  # task input text; captions are targets, taken as they are
 
 
 def training_text(config: TrainConfig) -> list[str]:
-    """Every distinct input sentence (with its task prompt) and caption of the tasks' train splits."""
+    """Every distinct input text of the tasks' train splits, as each task feeds it to the model
+    (``Task.input_texts``: questions and statements with their prompts, captions as they are)."""
     router = build_router(config)
     seen: dict[str, None] = {}
-    for name, task in router.tasks.items():
+    for task in router.tasks.values():
         for record in task.read("train"):
-            if "captions" in record:
-                for caption in record["captions"]:
-                    seen.setdefault(caption)
-                continue
-            body = next((record[f] for f in TEXT_FIELDS if f in record), None)
-            if body is None:
-                raise ConfigError(
-                    f"task {name}: record {record.get('id')!r} has none of the text fields {TEXT_FIELDS}"
-                )
-            seen.setdefault(task.text(body))
+            for text in task.input_texts(record):
+                seen.setdefault(text)
     if not seen:
         raise ConfigError(f"{config.data.file}: the configured tasks have no training text")
     return list(seen)
@@ -108,12 +101,9 @@ def pretrain(
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(bart.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps)
-    )
+    schedule = linear_schedule(optimizer, steps, 0.1)
     pad = bart.config.pad_token_id
     start = bart.config.decoder_start_token_id
-    from transformers.models.bart.modeling_bart import shift_tokens_right
 
     bart.train()
     losses, begin = [], time.perf_counter()

@@ -7,8 +7,13 @@ from pathlib import Path
 import vlpeft
 from launch.config import ConfigError, TrainConfig, load_config
 from tasks.router import TaskRouter, load_yaml
-from tasks.vqa import answer_vocabulary
+from tasks.vqa import most_frequent_answers
 from vlpeft.adapters.base import MethodConfig
+from vlpeft.models import get_family
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked (missing files, a run already there)."""
 
 
 def build_router(config: TrainConfig) -> TaskRouter:
@@ -24,17 +29,15 @@ def build_router(config: TrainConfig) -> TaskRouter:
 
 
 def build_model(config: TrainConfig, router: TaskRouter):
-    """The backbone with every adapter set of ``config.adapters`` injected."""
+    """The backbone with every adapter set of ``config.adapters`` injected.
+
+    A classifier family (``classifies_answers``) gets the answer vocabulary of the tasks' training
+    answers unless the config names one; the resolved config records it."""
     overrides = dict(config.model.overrides)
-    if config.model.family == "roberta-vit" and "answers" not in overrides:
-        records = [
-            r
-            for name, t in router.tasks.items()
-            if t.name in ("vqa", "gqa")
-            for r in t.read("train")
-        ]
-        overrides["answers"] = answer_vocabulary(records, overrides.get("num_answers", 3129))
-        config.model.overrides = overrides  # the resolved config records the vocabulary
+    if get_family(config.model.family).classifies_answers and "answers" not in overrides:
+        answers = [a for task in router.tasks.values() for a in task.answers(task.read("train"))]
+        overrides["answers"] = most_frequent_answers(answers, overrides.get("num_answers", 3129))
+        config.model.overrides = overrides
     model = vlpeft.build_model(config.model.family, config.model.preset, **overrides)
     sets = router.adapter_sets()
     missing = [s for s in sets if s not in config.adapters]
@@ -53,13 +56,15 @@ def build_model(config: TrainConfig, router: TaskRouter):
 def load_run(run_dir: str | Path):
     """(model with the run's final adapters, router, config) of a finished run."""
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"{run_dir}: no config.yaml (is it a run directory of launch.train?)")
     config = load_config(run_dir / "config.yaml")
     router = build_router(config)
-    model = build_model(config, router)
     adapters = run_dir / "adapters"
     if not (adapters / "adapter_config.json").exists() and not any(
         adapters.glob("*/adapter_config.json")
     ):
-        raise FileNotFoundError(f"{adapters}: no trained adapters (did the run finish?)")
+        raise RunError(f"{adapters}: no trained adapters (did the run finish?)")
+    model = build_model(config, router)
     vlpeft.load_adapter(model, adapters)
     return model.eval(), router, config

@@ -12,22 +12,28 @@ splits are evaluated and ``run.json`` + ``leaderboard.md`` written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 import vlpeft
-from launch.config import TrainConfig, load_config
-from launch.run import build_model, build_router
-from tasks.router import take
+from evaluation.evaluate import evaluate_all
+from evaluation.leaderboard import render_markdown
+from launch.config import ConfigError, TrainConfig, load_config
+from launch.run import RunError, build_model, build_router
+from tasks.base import DataError
+from tasks.router import TaskRouter, take
 from tasks.sampler import MultitaskSampler, SamplerConfig
 from vlpeft.adapters.base import gathered
 from vlpeft.checkpoint import atomic_write, write_json, write_safetensors
@@ -78,16 +84,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def warmup_linear(steps: int, warmup: float):
-    """Linear warm-up (a fraction of the steps when < 1) then linear decay to 0."""
-    n_warm = int(warmup * steps) if warmup < 1 else int(warmup)
+def warmup_steps(steps: int, warmup: float) -> int:
+    """The number of warm-up steps: a fraction of ``steps`` when ``warmup`` < 1, else a count."""
+    return int(warmup * steps) if warmup < 1 else int(warmup)
 
-    def factor(step: int) -> float:
-        if step < n_warm:
-            return (step + 1) / n_warm
-        return max(0.0, (steps - step) / max(1, steps - n_warm))
 
-    return factor
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float):
+    """transformers' linear warm-up from 0 then linear decay to 0 (the papers' schedule)."""
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps(steps, warmup), steps)
 
 
 def deepspeed_config(config: TrainConfig, world: int, micro: int = 1) -> dict:
@@ -96,7 +100,7 @@ def deepspeed_config(config: TrainConfig, world: int, micro: int = 1) -> dict:
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise SystemExit(f"{path}: malformed JSON ({err})") from None
+        raise ConfigError(f"deepspeed.config {path}: malformed JSON ({err})") from None
     # One sampler step = one task batch per process (``micro``: the largest task batch);
     # DeepSpeed uses the batch sizes only for reporting, since we feed it our own batches.
     filled = {
@@ -121,7 +125,7 @@ def resolve_ds_path(name: str) -> Path:
         path = REPO / name
     if not path.is_file():
         found = sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").glob("ds_zero*.json"))
-        raise SystemExit(f"deepspeed.config {name!r}: file not found; shipped: {found}")
+        raise ConfigError(f"deepspeed.config {name!r}: file not found; shipped: {found}")
     return path
 
 
@@ -213,7 +217,7 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng_rank{rank}.safetensors"
     if not rng.is_file():
-        raise SystemExit(f"{path}: no {rng.name}: the checkpoint was written by fewer processes")
+        raise RunError(f"{path}: no {rng.name}: the checkpoint was written by fewer processes")
     torch.set_rng_state(load_file(rng)["torch"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
@@ -288,11 +292,39 @@ class Logger:
             self.writer.close()
 
 
-def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
-    """Runs training (and the final evaluation); returns the run summary written to run.json."""
-    rank, world = distributed_env()
-    init_distributed(config, world)
-    config.data.file = str(Path(config.data.file).resolve())
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds between its phases."""
+
+    config: TrainConfig
+    run_dir: Path
+    rank: int
+    world: int
+    router: TaskRouter
+    model: torch.nn.Module
+    datasets: dict
+    sampler: MultitaskSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    engine: object = None
+    resora: vlpeft.ReSoRAConfig | None = None
+    step: int = 0
+    position: tuple[int, int] = (0, 0)
+
+
+def check_run_dir(run_dir: Path, resume: bool, world: int) -> None:
+    """A fresh run refuses a directory that already holds one, before any heavy work."""
+    used = any((run_dir / "checkpoints").glob("step_*")) or (run_dir / "metrics.jsonl").exists()
+    if used and not resume:
+        raise RunError(
+            f"{run_dir} holds a run already: pass --resume to continue it, or another --out"
+        )
+    barrier(world)  # every rank has looked before rank 0 writes
+
+
+def setup(config: TrainConfig, run_dir: Path, rank: int, world: int) -> Run:
+    """Router, model with adapters, data sets, sampler, optimizer and schedule (DeepSpeed's engine
+    when enabled)."""
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     router = build_router(config)
@@ -308,119 +340,150 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     optimizer = torch.optim.AdamW(
         param_groups(model, config.train.weight_decay), lr=config.train.lr
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear(config.train.steps, config.train.warmup)
-    )
+    scheduler = linear_schedule(optimizer, config.train.steps, config.train.warmup)
     engine = None
     if config.deepspeed.enabled:
-        import deepspeed
+        import deepspeed  # heavy and optional: only DeepSpeed runs load it
 
+        micro = max(router[n].config.batch_size for n in router.tasks)
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(
-                config, world, max(router[n].config.batch_size for n in router.tasks)
-            ),
-        )
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(config, world, micro),
+        )  # fmt: skip
     elif world > 1:
-        raise SystemExit(
+        raise ConfigError(
             "several processes need deepspeed.enabled=true (gradients are averaged by DeepSpeed)"
         )
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
-    if not resume and (checkpoints or (run_dir / "metrics.jsonl").exists()):
-        raise SystemExit(
-            f"{run_dir} holds a run already: pass --resume to continue it, or another --out"
-        )
-    barrier(world)  # every rank has looked before rank 0 writes
-    step, position = 0, (0, 0)
-    if resume and checkpoints:
-        step, position = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, engine, rank)
-        log.info("resumed from %s", checkpoints[-1])
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(
-            run_dir / "config.yaml",
-            lambda t: Path(t).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)),
-        )
-        truncate_metrics(run_dir / "metrics.jsonl", step)
     resora = vlpeft.ReSoRAConfig(**config.resora) if config.resora else None
-    if resora:
-        vlpeft.enable_resora(model)
+    if resora and resora.samples != "weight":
+        vlpeft.enable_resora(model)  # the recorder keeps each training forward's activations
+    return Run(config, run_dir, rank, world, router, model, datasets, sampler, optimizer,
+               scheduler, engine, resora)  # fmt: skip
+
+
+def resume_or_start(run: Run, resume: bool) -> None:
+    """Loads the newest checkpoint when resuming; writes the resolved config (rank 0)."""
+    checkpoints = sorted((run.run_dir / "checkpoints").glob("step_*"))
+    if resume and checkpoints:
+        run.step, run.position = load_checkpoint(
+            checkpoints[-1], run.model, run.optimizer, run.scheduler, run.engine, run.rank
+        )
+        log.info("resumed from %s", checkpoints[-1])
+    if run.rank == 0:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(run.config.to_dict(), sort_keys=False)
+        atomic_write(run.run_dir / "config.yaml", lambda t: Path(t).write_text(text))
+        truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
+
+
+def train_step(run: Run, task: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on ``task``'s batch: (task loss, ReSoRA penalty), both detached."""
+    config = run.config
+    run.router.activate(run.model, task)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = config.train.precision == "bf16"
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        loss = (run.engine or run.model)(take(run.datasets[task], indices)).loss
+        penalty = (
+            vlpeft.resora_penalty(run.model, run.resora, run.step)
+            if run.resora
+            else torch.zeros(())
+        )
+    total = loss + penalty
+    if run.engine is not None:
+        run.engine.backward(total)
+        run.engine.step()
+    else:
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in run.model.parameters() if p.requires_grad], config.train.grad_clip
+        )
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss.detach(), penalty.detach()
+
+
+def after_step(run: Run, task: str, loss, penalty, logger, bar, rank0) -> None:
+    """Logs, checkpoints and evaluates on validation as the config's intervals ask."""
+    config, step = run.config, run.step
+    if step % config.train.log_every == 0 or step == config.train.steps:
+        value = global_mean(loss, run.world)
+        values = {
+            "train/loss": value,
+            f"train/loss_{task}": value,
+            "train/lr": run.scheduler.get_last_lr()[0],
+        }
+        if run.resora:
+            values["train/resora"] = penalty.item()
+        logger.log(step, values)
+        bar.set_postfix(task=task, loss=f"{value:.3f}")
+    if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+        save_checkpoint(
+            run.run_dir, step, run.model, run.optimizer, run.scheduler, run.position,
+            config.train.keep_checkpoints, run.engine, run.rank, run.world,
+        )  # fmt: skip
+    if config.eval.val_every and step % config.eval.val_every == 0:
+        rank0.run(
+            lambda m: run_evaluation(m, run.router, config, run.run_dir, ["val"], logger, step)
+        )
+        run.model.train()
+
+
+def finish(run: Run, model, seconds: float, logger) -> dict:
+    """Saves the adapters, evaluates the test splits, writes run.json and leaderboard.md."""
+    config, run_dir = run.config, run.run_dir
+    vlpeft.save_adapter(model, run_dir / "adapters")
+    results = run_evaluation(
+        model, run.router, config, run_dir, config.eval.splits, logger, run.step
+    )
+    trainable, total_params = vlpeft.count_parameters(model)
+    summary = {
+        "run": run_dir.name, "family": config.model.family, "preset": config.model.preset,
+        "method": method_name(config), "trainable": trainable, "total": total_params,
+        "processes": run.world, "deepspeed": config.deepspeed.enabled,
+        "train_seconds": round(seconds, 1), "steps": run.step, "results": results,
+    }  # fmt: skip
+    write_json(run_dir / "run.json", summary)
+    markdown = render_markdown([summary])
+    atomic_write(run_dir / "leaderboard.md", lambda t: Path(t).write_text(markdown))
+    return summary
+
+
+def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Runs training (and the final evaluation); returns the run summary written to run.json.
+
+    Raises :class:`ConfigError`, :class:`RunError` or :class:`tasks.base.DataError` for what the
+    user has to fix; ``main`` turns them into an exit code."""
+    # setup
+    rank, world = distributed_env()
+    init_distributed(config, world)
+    check_run_dir(run_dir, resume, world)
+    config.data.file = str(Path(config.data.file).resolve())
+    run = setup(config, run_dir, rank, world)
+    # resume
+    resume_or_start(run, resume)
     logger = Logger(run_dir, rank == 0, config.train.tensorboard)
-    zero3 = engine is not None and engine.zero_optimization_stage() == 3
-    rank0 = RankZero(model, rank, world, (lambda: build_model(config, router)) if zero3 else None)
+    zero3 = run.engine is not None and run.engine.zero_optimization_stage() == 3
+    replica = (lambda: build_model(config, run.router)) if zero3 else None
+    rank0 = RankZero(run.model, rank, world, replica)
+    # steps, with logging, checkpoints and validation
     started = time.time()
-    stream = batches(sampler, position)
-    bar = tqdm(total=config.train.steps, initial=step, desc="train", disable=rank != 0)
-    model.train()
-    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
-                              enabled=config.train.precision == "bf16")  # fmt: skip
-    while step < config.train.steps:
-        position, (task, indices) = next(stream)
-        router.activate(model, task)
-        with autocast:
-            loss = (engine or model)(take(datasets[task], indices)).loss
-            penalty = vlpeft.resora_penalty(model, resora, step) if resora else torch.zeros(())
-        total = loss + penalty
-        if engine is not None:
-            engine.backward(total)
-            engine.step()
-        else:
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], config.train.grad_clip
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
+    stream = batches(run.sampler, run.position)
+    bar = tqdm(total=config.train.steps, initial=run.step, desc="train", disable=rank != 0)
+    run.model.train()
+    while run.step < config.train.steps:
+        run.position, (task, indices) = next(stream)
+        loss, penalty = train_step(run, task, indices)
         bar.update(1)
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            value = global_mean(loss.detach(), world)
-            values = {
-                "train/loss": value,
-                f"train/loss_{task}": value,
-                "train/lr": scheduler.get_last_lr()[0],
-            }
-            if resora:
-                values["train/resora"] = penalty.item()
-            logger.log(step, values)
-            bar.set_postfix(task=task, loss=f"{value:.3f}")
-        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
-            save_checkpoint(
-                run_dir, step, model, optimizer, scheduler, position,
-                config.train.keep_checkpoints, engine, rank, world,
-            )  # fmt: skip
-        if config.eval.val_every and step % config.eval.val_every == 0:
-            rank0.run(
-                lambda m, s=step: run_evaluation(m, router, config, run_dir, ["val"], logger, s)
-            )
-            model.train()
+        after_step(run, task, loss, penalty, logger, bar, rank0)
     bar.close()
     seconds = time.time() - started
-    if resora:
-        vlpeft.enable_resora(model, False)
-
-    def finish(model) -> dict:
-        vlpeft.save_adapter(model, run_dir / "adapters")
-        results = run_evaluation(model, router, config, run_dir, config.eval.splits, logger, step)
-        trainable, total_params = vlpeft.count_parameters(model)
-        summary = {
-            "run": run_dir.name, "family": config.model.family, "preset": config.model.preset,
-            "method": method_name(config), "trainable": trainable, "total": total_params,
-            "processes": world, "deepspeed": config.deepspeed.enabled,
-            "train_seconds": round(seconds, 1), "steps": step, "results": results,
-        }  # fmt: skip
-        write_json(run_dir / "run.json", summary)
-        from evaluation.leaderboard import render_markdown
-
-        atomic_write(
-            run_dir / "leaderboard.md", lambda t: Path(t).write_text(render_markdown([summary]))
-        )
-        return summary
-
-    summary = rank0.run(finish) or {}
+    if run.resora:
+        vlpeft.enable_resora(run.model, False)
+    # finish
+    summary = rank0.run(lambda model: finish(run, model, seconds, logger)) or {}
     logger.close()
     return summary
 
@@ -449,15 +512,13 @@ def method_name(config: TrainConfig) -> str:
 def run_evaluation(
     model, router, config: TrainConfig, run_dir: Path, splits, logger, step: int
 ) -> dict:
-    from evaluation.evaluate import evaluate_task
-
-    results = {}
-    for name in router.tasks:
-        for split in splits:
-            record = evaluate_task(model, router, name, split, run_dir / "eval", config.eval)
-            results[f"{name}/{split}"] = record["headline"]
-            logger.log(step, {f"{split}/{name}_{record['metric']}": record["headline"]})
-    return results
+    """Evaluates every task on ``splits``; logs and returns ``{"<task>/<split>": headline}``."""
+    records = evaluate_all(model, router, splits, run_dir / "eval", config.eval)
+    for record in records.values():
+        logger.log(
+            step, {f"{record['split']}/{record['task']}_{record['metric']}": record["headline"]}
+        )
+    return {key: record["headline"] for key, record in records.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -475,9 +536,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = load_config(args.config, args.overrides)
     run_dir = args.out or Path("runs") / args.config.stem
-    return train(config, run_dir, args.resume)
+    try:
+        return train(load_config(args.config, args.overrides), run_dir, args.resume)
+    except (ConfigError, RunError, DataError) as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

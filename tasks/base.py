@@ -1,10 +1,19 @@
 """What every task shares: its config, the task registry, careful file reading, images, data sets.
 
-A task (one file each: ``vqa``, ``gqa``, ``nlvr2``, ``caption``, ``retrieval``) reads the official
-files of a split into *records* — plain dicts with ``id``, ``images`` (list of paths) and its own
-fields — and turns a list of records plus their image tensors into a model batch (``collate``;
-batch keys: ``vlpeft/models/base.py``). Bad input is a :class:`DataError` naming the file, the
-record and the field.
+A task (one file each: ``vqa``, ``gqa``, ``nlvr2``, ``caption``, ``retrieval``) owns everything about
+itself, so adding a task is one file and one registry entry:
+
+- its reader: the official files of a split → *records* (plain dicts with ``id``, ``images`` — a list
+  of paths — and its own fields); bad input is a :class:`DataError` naming file, record and field;
+- ``collate``: records + image tensors → a model batch (batch keys: ``vlpeft/models/base.py``);
+- ``needs``: the model capability it asks for (``answer``, ``caption``, ``choices``, ``retrieval``);
+  a family without it is refused when the training config loads;
+- ``predict``: how predictions are made (``predicts``: generate / choices / classify / rank);
+- ``score``: which function of :mod:`evaluation.metrics` scores them, and the headline ``metric``;
+- ``submission``: the official submission file of its predictions;
+- ``baseline``: its no-image baseline (scored like a model);
+- ``input_texts`` / ``answers``: the text it feeds the model and its training answers (the text
+  warm start, the answer vocabulary of a classifier).
 """
 
 from __future__ import annotations
@@ -12,44 +21,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
-from vlpeft.adapters.base import nearest_hint
+from vlpeft.config import Config
+from vlpeft.registry import Registry
 
 log = logging.getLogger(__name__)
-_TASKS: dict[str, type[Task]] = {}
 
 
 class DataError(ValueError):
     """Bad input data: the message names the file, the record and the field."""
 
 
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    def decorate(cls: type[Task]) -> type[Task]:
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered by {_TASKS[name].__name__}")
-        cls.name = name
-        _TASKS[name] = cls
-        return cls
-
-    return decorate
-
-
-def list_tasks() -> list[str]:
-    return sorted(_TASKS)
-
-
-def get_task(name: str) -> type[Task]:
-    if name not in _TASKS:
-        raise DataError(
-            f"unknown task reader {name!r}{nearest_hint(name, _TASKS)}; known: {list_tasks()}"
-        )
-    return _TASKS[name]
+TASKS: Registry = Registry("task reader", attribute="name", error=DataError)
+register_task = TASKS.register
+list_tasks = TASKS.names
+get_task = TASKS.get
 
 
 # -- careful reading ------------------------------------------------------------------------------
@@ -94,7 +87,7 @@ def field(record: dict, name: str, where: str, kind: type | tuple = object) -> A
 
 # -- configuration ---------------------------------------------------------------------------------
 @dataclasses.dataclass
-class TaskConfig:
+class TaskConfig(Config):
     """One task of a run (a ``tasks:`` entry of the training YAML).
 
     Args:
@@ -127,20 +120,7 @@ class TaskConfig:
     max_records: int | None = None
     options: dict = dataclasses.field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, data: dict, where: str) -> TaskConfig:
-        if not isinstance(data, dict):
-            raise DataError(f"{where}: expected a mapping, got {type(data).__name__}")
-        valid = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in valid:
-                raise DataError(
-                    f"{where}: unknown key {key!r}{nearest_hint(key, valid)}; valid: {sorted(valid)}"
-                )
-        for key in ("reader", "root"):
-            if key not in data:
-                raise DataError(f"{where}: missing key {key!r}")
-        return cls(**data)
+    error: ClassVar[type[Exception]] = DataError
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -177,23 +157,57 @@ def readable(path: str | Path) -> bool:
 
 
 # -- the task base class ---------------------------------------------------------------------------
-class Task:
-    """A task: reads records of a split and collates them for the model.
+def most_common(values, what: str):
+    """The most frequent of ``values`` (first seen on ties); none is a DataError naming ``what``."""
+    counts = Counter(values)
+    if not counts:
+        raise DataError(f"{what}: none in the training split to take the majority of")
+    return counts.most_common(1)[0][0]
 
-    Subclasses set ``kind`` (what the model is asked: ``generate``, ``choices``, ``classify``,
-    ``retrieval``), ``default_prompt``, and implement ``read_split`` and ``collate``.
+
+PREDICTIONS = ("generate", "choices", "classify", "rank")
+
+
+class Task:
+    """A task: reads records of a split, collates them, predicts, scores and submits.
+
+    Subclasses set the class attributes and implement ``read_split``, ``collate``, ``score`` and
+    ``submission``; the defaults below serve short-answer generation tasks.
+
+    Attributes:
+        needs: the model capability the task asks for (``VLModel.capabilities``).
+        predicts: how predictions are made: ``generate`` (texts), ``choices`` (fixed one-token
+            answers), ``classify`` (a classifier's top answer), ``rank`` (a gallery).
+        metric: the name of the headline score.
+        submission_format: ``json`` or ``csv``, the official submission file's format.
+        default_prompt: the task prompt prepended to its text.
     """
 
     name: ClassVar[str] = ""
-    kind: ClassVar[str] = "generate"
-    default_prompt: ClassVar[str] = ""
+    needs: ClassVar[str] = "answer"
+    predicts: ClassVar[str] = "generate"
     metric: ClassVar[str] = "accuracy"
+    submission_format: ClassVar[str] = "json"
+    default_prompt: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.predicts not in PREDICTIONS or cls.submission_format not in ("json", "csv"):
+            raise TypeError(
+                f"task {cls.__name__}: predicts must be one of {PREDICTIONS} and "
+                f"submission_format json or csv"
+            )
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
         self.root = Path(config.root)
         self.image_root = Path(config.images or config.root)
         self.prompt = self.default_prompt if config.prompt is None else config.prompt
+
+    @classmethod
+    def serves(cls, capabilities) -> bool:
+        """Whether a model with ``capabilities`` can train and predict this task."""
+        return cls.needs in capabilities
 
     def split_name(self, split: str) -> str:
         if split not in self.config.splits:
@@ -244,6 +258,46 @@ class Task:
 
     def collate(self, records: list[dict], images: torch.Tensor) -> dict[str, Any]:
         raise NotImplementedError
+
+    # -- text the task feeds the model, answers it trains on ----------------------------------------
+    def input_texts(self, record: dict) -> list[str]:
+        """The text inputs of one record as the model reads them (task prompt applied)."""
+        return [self.text(record["question"])]
+
+    def answers(self, records: list[dict]) -> list[str]:
+        """The training answers of ``records`` (one per record; none for tasks without answers)."""
+        return [r["target"] for r in records if r.get("target")]
+
+    # -- predictions, scores, submissions ------------------------------------------------------------
+    def predict(self, model, records: list[dict], batches: Iterable[dict], settings) -> list:
+        """One prediction per record, in order. ``settings`` carries ``max_new_tokens``,
+        ``num_beams`` and ``itm_k`` (a training config's ``eval`` section)."""
+        answers: list[str] = []
+        for batch in batches:
+            answers += model.generate(
+                batch, max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams
+            )
+        return answers
+
+    def score(self, records: list[dict], predictions) -> tuple[dict, float]:
+        """(every score, the headline) of ``predictions`` by the official metric."""
+        raise NotImplementedError
+
+    def submission(self, records: list[dict], predictions) -> Any:
+        """The official submission file's content (JSON-able, or CSV text)."""
+        raise NotImplementedError
+
+    def baseline_predictions(self, train: list[dict], records: list[dict]) -> tuple[str, list]:
+        """(what it does, predictions) of the no-image baseline: the most frequent training answer."""
+        answer = most_common(self.answers(train), f"task {self.name}: answers")
+        return f"always {answer!r}", [answer] * len(records)
+
+    def baseline(self, split: str = "test") -> tuple[str, dict, float]:
+        """(what it does, all scores, headline) of the no-image baseline on ``split``, scored like
+        a model's predictions."""
+        records = self.read(split)
+        note, predictions = self.baseline_predictions(self.read("train"), records)
+        return (note, *self.score(records, predictions))
 
 
 class TaskDataset(torch.utils.data.Dataset):

@@ -4,9 +4,14 @@
 ``restval`` counts as train. Training records are (image, sentence) pairs; val/test records are
 images with all their reference captions. Images: ``<images>/<filepath>/<filename>`` (Flickr30k
 has no filepath). ``options.file`` picks the file (default ``dataset_coco.json``).
+
+Predictions: generated captions, scored by the COCO caption metrics (CIDEr the headline);
+submission ``[{"image_id", "caption"}]``; baseline: the most frequent training caption.
 """
 
 from __future__ import annotations
+
+from evaluation import metrics
 
 from .base import DataError, Task, field, read_json, register_task
 
@@ -60,7 +65,8 @@ def karpathy_records(task: Task, split: str) -> list[dict]:
 
 @register_task("caption")
 class Caption(Task):
-    kind = "generate"
+    needs = "caption"
+    predicts = "generate"
     default_prompt = "caption:"
     metric = "CIDEr"
 
@@ -75,3 +81,19 @@ class Caption(Task):
             "targets": [r.get("caption", r["captions"][0]) for r in records],
             "ids": [r["image_id"] for r in records],
         }
+
+    def input_texts(self, record):
+        return list(record["captions"])  # targets, taken as they are
+
+    def answers(self, records):
+        return [c for r in records for c in r["captions"]]
+
+    def submission(self, records, predictions):
+        return [{"image_id": r["image_id"], "caption": c} for r, c in zip(records, predictions)]
+
+    def score(self, records, predictions):
+        scores = metrics.caption_scores(
+            {r["image_id"]: c for r, c in zip(records, predictions)},
+            {r["image_id"]: r["captions"] for r in records},
+        )
+        return scores, scores["CIDEr"]

@@ -2,17 +2,22 @@
 
 ``<root>/<split>_balanced_questions.json`` → ``{question_id: {"imageId", "question", "answer",
 "fullAnswer", "types", …}}`` (``<split>``: train, val, testdev); images ``<images>/<imageId>.jpg``.
-Accuracy is exact match; papers report testdev_balanced.
+Accuracy is exact match; papers report testdev_balanced. Submission ``[{"questionId",
+"prediction"}]``; baseline: the most frequent training answer. A classifier family trains on the
+answer as a one-hot soft score.
 """
 
 from __future__ import annotations
+
+from evaluation import metrics
 
 from .base import DataError, Task, field, read_json, register_task
 
 
 @register_task("gqa")
 class GQA(Task):
-    kind = "generate"
+    needs = "answer"
+    predicts = "generate"
     default_prompt = "gqa:"
 
     def read_split(self, split: str) -> list[dict]:
@@ -45,5 +50,16 @@ class GQA(Task):
             "images": images,
             "text": [self.text(r["question"]) for r in records],
             "targets": [r["target"] for r in records],
+            "answer_scores": [{r["target"]: 1.0} for r in records],
             "ids": [r["id"] for r in records],
         }
+
+    def submission(self, records, predictions):
+        return [{"questionId": r["id"], "prediction": a} for r, a in zip(records, predictions)]
+
+    def score(self, records, predictions):
+        accuracy = metrics.exact_match_accuracy(
+            {r["id"]: a for r, a in zip(records, predictions)},
+            {r["id"]: r["target"] for r in records},
+        )
+        return {"accuracy": accuracy}, accuracy

@@ -4,12 +4,19 @@
 "dev-850-0-0", "sentence", "label": "True"|"False", "directory"?}``. The left/right images are
 named from the identifier without its last field: ``dev-850-0-img0.png`` / ``-img1.png``, under
 ``<images>/<split>/`` (plus ``<directory>/`` when the record has one, as train does).
-The model predicts by comparing the ``"true"`` and ``"false"`` logits (``score_choices``).
+The model predicts by comparing the ``"true"`` and ``"false"`` logits (``score_choices``); the
+submission is the official CSV ``identifier,True|False``; baseline: the more frequent training
+label for every statement.
 """
 
 from __future__ import annotations
 
-from .base import DataError, Task, field, read_jsonl, register_task
+import csv
+import io
+
+from evaluation import metrics
+
+from .base import DataError, Task, field, most_common, read_jsonl, register_task
 
 CHOICES = ("true", "false")
 
@@ -21,7 +28,9 @@ def image_names(identifier: str) -> tuple[str, str]:
 
 @register_task("nlvr2")
 class NLVR2(Task):
-    kind = "choices"
+    needs = "choices"
+    predicts = "choices"
+    submission_format = "csv"
     default_prompt = "nlvr:"
     choices = CHOICES
 
@@ -57,3 +66,32 @@ class NLVR2(Task):
             "targets": [r["target"] for r in records],
             "ids": [r["id"] for r in records],
         }
+
+    def input_texts(self, record):
+        return [self.text(record["sentence"])]
+
+    def answers(self, records):
+        return []  # labels, not answers: a classifier's vocabulary takes none of them
+
+    def predict(self, model, records, batches, settings):
+        said: list[bool] = []
+        for batch in batches:
+            logits = model.score_choices(batch, list(self.choices))
+            said += (logits[:, 0] > logits[:, 1]).tolist()  # choices = ("true", "false")
+        return said
+
+    def score(self, records, predictions):
+        scores = metrics.nlvr2_scores(
+            {r["id"]: bool(p) for r, p in zip(records, predictions)},
+            {r["id"]: bool(r["label"]) for r in records},
+        )
+        return scores, scores["accuracy"]
+
+    def submission(self, records, predictions):
+        text = io.StringIO()
+        csv.writer(text).writerows([(r["id"], str(bool(p))) for r, p in zip(records, predictions)])
+        return text.getvalue()
+
+    def baseline_predictions(self, train, records):
+        label = most_common((bool(r["label"]) for r in train), f"task {self.name}: labels")
+        return f"always {label}", [label] * len(records)

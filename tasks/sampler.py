@@ -20,11 +20,13 @@ import math
 import random
 from collections.abc import Iterator
 
+from vlpeft.config import Config
+
 MODES = ("proportional", "balanced", "temperature")
 
 
 @dataclasses.dataclass
-class SamplerConfig:
+class SamplerConfig(Config):
     """Args:
     mode: ``proportional`` | ``balanced`` | ``temperature``.
     temperature: T of temperature sampling.

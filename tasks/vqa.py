@@ -11,12 +11,18 @@ as train).
 
 Soft target scores: an answer given by k of the 10 annotators scores the mean over the 10
 leave-one-out subsets of min(1, matches / 3) — 0, .3, .6, .9, 1 for k = 0, 1, 2, 3, ≥ 4.
+
+Predictions: generated answers (a classifier family's top answer); scored by the official VQA
+accuracy (:func:`evaluation.metrics.vqa_accuracy`: overall, per answer type and question type);
+submission ``[{"question_id", "answer"}]``; baseline: the most frequent training answer.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+
+from evaluation import metrics
 
 from .base import DataError, Task, field, read_json, register_task
 
@@ -35,10 +41,15 @@ def answer_scores(answers: list[str]) -> dict[str, float]:
     return {a: soft_score(k, len(answers)) for a, k in counts.items()}
 
 
-def answer_vocabulary(records: list[dict], size: int = 3129) -> list[str]:
-    """The ``size`` most frequent ``multiple_choice_answer`` values (ties broken by name)."""
-    counts = Counter(r["target"] for r in records if r.get("target"))
+def most_frequent_answers(answers: list[str], size: int = 3129) -> list[str]:
+    """The ``size`` most frequent of ``answers`` (ties broken by name): a classifier's vocabulary."""
+    counts = Counter(a for a in answers if a)
     return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+
+
+def answer_vocabulary(records: list[dict], size: int = 3129) -> list[str]:
+    """The ``size`` most frequent ``multiple_choice_answer`` values of ``records``."""
+    return most_frequent_answers([r.get("target") for r in records], size)
 
 
 def coco_image(root: Path, split: str, image_id: int) -> Path:
@@ -47,7 +58,8 @@ def coco_image(root: Path, split: str, image_id: int) -> Path:
 
 @register_task("vqa")
 class VQA(Task):
-    kind = "generate"
+    needs = "answer"
+    predicts = "generate"
     default_prompt = "vqa:"
 
     def read_split(self, split: str) -> list[dict]:
@@ -132,3 +144,17 @@ class VQA(Task):
             "answer_scores": [r.get("label", {}) for r in records],
             "ids": [r["id"] for r in records],
         }
+
+    def submission(self, records, predictions):
+        return [
+            {"question_id": r["question_id"], "answer": a} for r, a in zip(records, predictions)
+        ]
+
+    def score(self, records, predictions):
+        annotations = [
+            {"question_id": r["question_id"], "answers": [{"answer": a} for a in r["answers"]],
+             "answer_type": r["answer_type"], "question_type": r["question_type"]}
+            for r in records
+        ]  # fmt: skip
+        scores = metrics.vqa_accuracy(self.submission(records, predictions), annotations)
+        return scores, scores["overall"]

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import launch.train as train_module
-from evaluation import evaluate, leaderboard
+from evaluation import leaderboard
+from launch import evaluate
 from launch.config import ConfigError, load_config
 from tasks.router import take
 from tasks.synthetic import generate
@@ -44,6 +45,12 @@ def test_config_errors_name_the_key(data):
         load_config(None, ["sampler.mode=roundrobin"], data=good)
     with pytest.raises(ConfigError, match="train.steps: expected int, got 'many'"):
         load_config(None, ["train.steps=many"], data=good)
+    blip = {**good, "model": {"family": "blip", "preset": "tiny"}}
+    with pytest.raises(ConfigError, match=r"task 'nlvr2' \(reader nlvr2\).*'choices'.*'blip'"):
+        load_config(None, data=blip)  # refused when the config loads, not at its first nlvr2 step
+    retrieval_only = {**blip, "model": {**blip["model"], "overrides": {"heads": ["retrieval"]}}}
+    with pytest.raises(ConfigError, match=r"task 'vqa' \(reader vqa\).*'answer'"):
+        load_config(None, ["data.tasks={vqa: {}}"], data=retrieval_only)
     config = load_config(None, ["train.steps=9", "eval.splits=[val]", "train.lr=3e-3"], data=good)
     assert config.train.steps == 9 and config.eval.splits == ["val"]
     assert config.train.lr == 0.003  # YAML 1.1 reads 3e-3 as a string
@@ -209,4 +216,5 @@ def test_denoising_warm_start_learns_and_loads_as_pretrained(data, tmp_path):
         other = clip_bart_config(data)
         other["model"] = {"family": "blip", "preset": "tiny"}
         other["adapters"] = {"default": {"method": "lora", "r": 4}}
+        other["data"]["tasks"] = {"vqa": {}, "gqa": {}}
         pretrain(load_config(None, data=other), tmp_path / "x", steps=1)

@@ -25,6 +25,7 @@ from .inject import adapted_layers, adapter_configs, add_adapter, trainable_extr
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."  # PeftModel → LoraModel → the wrapped backbone
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -218,8 +219,10 @@ def export_peft_lora(
             raise ValueError(f"layer {path} is outside the backbone prefix {prefix!r}")
         rel = path[len(lead) :]
         a, b = adapter.lora_factors(layer.base_layer)
-        tensors[f"base_model.model.{rel}.lora_A.weight"] = a
-        tensors[f"base_model.model.{rel}.lora_B.weight"] = b
+        # peft's saved-state names: the PeftModel prefix, the layer, lora_A / lora_B without the
+        # adapter name (what ``get_peft_model_state_dict`` writes and ``from_pretrained`` reads)
+        tensors[f"{PEFT_PREFIX}{rel}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{rel}.lora_B.weight"] = b
         ranks[rel] = a.shape[0]
         conv1d |= is_conv1d(layer.base_layer)
     extras = trainable_extra_names(module, configs[name])
@@ -240,30 +243,38 @@ def export_peft_lora(
         for key, tensor in (
             module.get_submodule(lead + owner if lead else owner).state_dict().items()
         ):
-            tensors[f"base_model.model.{owner}.{key}"] = tensor
-    top = max(ranks.values())
+            tensors[f"{PEFT_PREFIX}{owner}.{key}"] = tensor
     write_safetensors(Path(directory) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     write_json(
         Path(directory) / CONFIG_NAME,
-        {
-            "peft_type": "LORA",
-            "task_type": None,
-            "base_model_name_or_path": base_model_name_or_path,
-            "target_modules": sorted(ranks),
-            "r": top,
-            "lora_alpha": top,
-            "rank_pattern": ranks,
-            "alpha_pattern": ranks,
-            "lora_dropout": 0.0,
-            "fan_in_fan_out": conv1d,
-            "bias": "none",
-            "modules_to_save": owners or None,
-            "init_lora_weights": True,
-            "use_rslora": False,
-            "use_dora": False,
-            "inference_mode": True,
-        },
+        peft_lora_config(ranks, conv1d, owners, base_model_name_or_path),
     )
+
+
+def peft_lora_config(
+    ranks: dict[str, int], fan_in_fan_out: bool, modules_to_save: list[str], base_model: str | None
+) -> dict[str, Any]:
+    """peft's own ``LoraConfig`` of an export, as the dict its ``save_pretrained`` writes: each layer
+    a LoRA of its own rank with α = rank (the scale is folded into B)."""
+    from peft import LoraConfig  # heavy and optional: only the peft export needs it
+
+    top = max(ranks.values())
+    config = LoraConfig(
+        r=top,
+        lora_alpha=top,
+        target_modules=sorted(ranks),
+        rank_pattern=dict(ranks),
+        alpha_pattern=dict(ranks),
+        lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        modules_to_save=modules_to_save or None,
+        init_lora_weights=True,
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+    )
+    data = config.to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
 
 
 def _extra_owner_modules(module: nn.Module, param_names: list[str], lead: str) -> list[str]:

@@ -12,6 +12,7 @@ before the activation: y + up(act(route(down(y), down(x_R)))).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -55,6 +56,8 @@ class AdapterConfig(RoutableConfig):
         routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`;
             routing acts on the down-projections before the activation.
     """
+
+    placement: ClassVar[str] = "adapter"  # after the attention output and the second FFN linear
 
     bottleneck: int | None = None
     reduction_factor: int = 8

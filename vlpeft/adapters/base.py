@@ -96,6 +96,9 @@ class MethodConfig(Config):
     trainable: list[str] = dataclasses.field(default_factory=list)
 
     method: ClassVar[str] = ""
+    # which default module kinds of a backbone family the method takes (``VLModel.default_kinds``):
+    # "lora" — the projections (q, v); "adapter" — the sublayer outputs (o, ffn_out)
+    placement: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):

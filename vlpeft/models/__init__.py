@@ -15,6 +15,7 @@ from .base import (
     list_families,
     list_presets,
     load_preset,
+    preset_config,
     register_family,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "list_families",
     "list_presets",
     "load_preset",
+    "preset_config",
     "register_family",
 ]

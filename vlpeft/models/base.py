@@ -95,6 +95,13 @@ def load_preset(family: str, preset: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
+def preset_config(family: str, preset: str | Path = "tiny", **overrides: Any) -> ModelConfig:
+    """The config :func:`build_model` would build from (no weights are touched): a preset plus
+    overrides, validated. What a family can serve depends on it (``capabilities_of``)."""
+    data = _deep_merge(load_preset(family, preset), overrides)
+    return get_family(family).config_class.from_dict(data, where=f"{family} preset {str(preset)!r}")
+
+
 def build_model(family: str, preset: str | Path = "tiny", **overrides: Any) -> VLModel:
     """Builds a VL model of a registered family from a preset plus overrides.
 
@@ -113,8 +120,7 @@ def build_model(family: str, preset: str | Path = "tiny", **overrides: Any) -> V
         torch.Size([])
     """
     cls = get_family(family)
-    data = _deep_merge(load_preset(family, preset), overrides)
-    config = cls.config_class.from_dict(data, where=f"{family} preset {str(preset)!r}")
+    config = preset_config(family, preset, **overrides)
     with torch.random.fork_rng(devices=[]):  # random weights are a function of the seed alone
         torch.manual_seed(config.seed)
         return cls(config)
@@ -177,6 +183,7 @@ class VLModel(nn.Module):
         "adapter": ("o", "ffn_out"),
     }
     vision_components: ClassVar[tuple[str, ...]] = ("vision",)
+    classifies_answers: ClassVar[bool] = False  # needs an answer vocabulary (config ``answers``)
     trainable_patterns: ClassVar[tuple[str, ...]] = ()
     wrap_text: ClassVar[bool] = True
 
@@ -245,7 +252,7 @@ class VLModel(nn.Module):
         so routed configs may not target a vision component.
         """
         if kinds is None:
-            kinds = self.default_kinds["adapter" if config.method == "adapter" else "lora"]
+            kinds = self.default_kinds[config.placement]
         components = list(components or self.default_components)
         if getattr(config, "routing", None):
             bad = [c for c in components if c in self.vision_components]

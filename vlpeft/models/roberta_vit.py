@@ -74,6 +74,7 @@ class RobertaVit(VLModel):
     }
     default_components = ("text",)
     trainable_patterns = (r"^visual\.", r"^classifier\.")
+    classifies_answers = True
 
     def __init__(self, config: RobertaVitConfig) -> None:
         super().__init__(config)
