@@ -2,9 +2,11 @@
 
 - :func:`vqa_accuracy`: the official VQA evaluation (answer normalisation in the official order and
   conditions; leave-one-out accuracy over the 10 answers; overall, per answer type and per question
-  type, 0–100). VL-T5/VL-Adapter always normalise the prediction; the official script normalises
-  prediction and answers only when the ten answers are not all identical — we follow the official
-  script, and compare case-insensitively (FORMATS.md).
+  type, 0–100). VL-T5/VL-Adapter always normalise the prediction; the official script
+  (GT-Vision-Lab/VQA ``vqaEval.py``, since its "Fixed processing answers bug" commit) normalises
+  prediction and answers — lower-casing included, inside ``processDigitArticle`` — only when the
+  ten answers are not all identical, and otherwise compares the stripped prediction verbatim:
+  "No" against ten "no" scores 0, as on the evaluation server. We follow the official script.
 - :func:`exact_match_accuracy` (GQA), :func:`nlvr2_scores` (accuracy and consistency).
 - :func:`caption_scores`: pycocoevalcap's PTB tokenizer and BLEU-1..4, METEOR, ROUGE-L, CIDEr, all
   ×100; SPICE only when its Stanford CoreNLP models are present.
@@ -117,14 +119,17 @@ def _clean(text: str) -> str:
 
 
 def vqa_question_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Mean over the 10 leave-one-out subsets of min(1, #subset answers equal to prediction / 3)."""
+    """Mean over the 10 leave-one-out subsets of min(1, #subset answers equal to prediction / 3).
+
+    As the official script: answers and prediction are stripped of newlines, tabs and surrounding
+    spaces; only when the answers are not all identical are both normalised (punctuation, then
+    lower-case, number words, articles, contractions); otherwise the comparison is verbatim.
+    """
     answers = [_clean(a) for a in answers]
     prediction = _clean(prediction)
     if len(set(answers)) > 1:  # the official condition: normalise only when annotators disagree
         answers = [vqa_normalize(a) for a in answers]
         prediction = vqa_normalize(prediction)
-    answers = [a.lower() for a in answers]
-    prediction = prediction.lower()
     matches = [a == prediction for a in answers]
     total = sum(matches)
     return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)

@@ -43,10 +43,45 @@ def test_vqa_normalisation_edge_cases(raw, normal):
 def test_vqa_normalisation_only_when_annotators_disagree():
     # all ten say "2": no normalisation, so "two." is not "2" (the official condition)
     assert vqa_question_accuracy("two.", ["2"] * 10) == 0.0
-    assert vqa_question_accuracy("Two", ["two"] * 10) == 1.0  # case-insensitive comparison
+    assert vqa_question_accuracy("Two", ["two"] * 10) == 0.0  # verbatim, case included
+    assert vqa_question_accuracy("No", ["no"] * 10) == 0.0  # as the evaluation server scores it
+    assert vqa_question_accuracy(" no\n", ["no"] * 10) == 1.0  # only whitespace is stripped
     # annotators disagree: both sides are normalised, "two." == "2" == "two"
     answers = ["2"] * 2 + ["two"] * 2 + ["3"] * 6
     assert vqa_question_accuracy("two.", answers) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
+        # unanimous answers: compared verbatim after stripping, whatever the normalisation would do
+        ("Yes", ["yes"] * 10, 0.0),
+        ("yes.", ["yes"] * 10, 0.0),
+        ("2", ["two"] * 10, 0.0),
+        ("\tyes ", ["yes"] * 10, 1.0),
+        # mixed answers: both sides normalised, lower-casing included
+        ("Yes", ["yes"] * 9 + ["no"], 1.0),
+        ("YES!", ["yes"] * 3 + ["no"] * 7, 0.9),
+        ("Two", ["2"] * 4 + ["3"] * 6, 1.0),  # number word → digit, case folded
+        ("one thousand", ["1,000"] * 5 + ["100"] * 5, 0.0),  # only none/zero…ten are mapped
+        ("1,000", ["1000"] * 5 + ["100"] * 5, 1.0),  # digit,digit comma: punctuation removed
+        ("3.5", ["3.5"] * 4 + ["3"] * 6, 1.0),  # a period before a digit stays
+        ("3 .", ["3"] * 4 + ["2"] * 6, 1.0),  # a period not before a digit goes
+        ("a Red apple", ["red apple"] * 4 + ["apple"] * 6, 1.0),  # articles dropped
+        ("The dog", ["dog"] * 2 + ["cat"] * 8, 0.6),
+        ("dont", ["don't"] * 3 + ["no"] * 7, 0.9),  # contractions restored
+        (
+            "black-and-white",
+            ["black and white"] * 4 + ["gray"] * 6,
+            1.0,
+        ),  # '-' touching no space: a space
+        ("left - right", ["left right"] * 4 + ["up"] * 6, 1.0),  # '-' touching a space: removed
+    ],
+)
+def test_vqa_official_rules_on_hand_worked_cases(prediction, answers, expected):
+    """Each case worked by hand from the official vqaEval.py rules (strip; normalise punctuation,
+    then digits/articles/case/contractions, only when the ten answers are not unanimous)."""
+    assert vqa_question_accuracy(prediction, answers) == pytest.approx(expected)
 
 
 def test_vqa_leave_one_out_by_hand():
