@@ -13,8 +13,10 @@ one more row.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from evaluation.metrics import random_ranking_recall
+from tasks.base import DataError
 from tasks.router import TaskRouter
 
 __all__ = ["baseline_scores", "baseline_summary", "random_ranking_recall"]
@@ -49,10 +51,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", nargs="*", help="task names (default: all in the file)")
     parser.add_argument("--split", default="test")
     args = parser.parse_args(argv)
-    router = TaskRouter.from_yaml(args.tasks_yaml, only=args.tasks or None)
+    try:
+        router = TaskRouter.from_yaml(args.tasks_yaml, only=args.tasks or None)
+        results = {name: baseline_scores(router, name, args.split) for name in router.tasks}
+    except DataError as err:
+        sys.exit(f"error: {err}")
     summary = {}
-    for name in router.tasks:
-        note, scores, headline = baseline_scores(router, name, args.split)
+    for name, (note, scores, headline) in results.items():
         summary[name] = {"baseline": note, "headline": headline, "scores": scores}
         print(f"{name}/{args.split}: {headline:.2f} ({note})")
     return summary

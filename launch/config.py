@@ -164,12 +164,26 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
         raise ConfigError(f"{where}: data.tasks is empty: name the tasks to train")
     if config.train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"{where}: train.precision {config.train.precision!r}: fp32 or bf16")
+    family = get_family(config.model.family)
     for name, spec in config.adapters.items():
-        spec = {k: v for k, v in dict(spec).items() if k not in ("components", "kinds")}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: adapters.{name}: expected a mapping of method settings")
+        placement = {k: spec.get(k) for k in ("components", "kinds")}
+        method_spec = {k: v for k, v in spec.items() if k not in placement}
         try:
-            MethodConfig.from_dict({"targets": ["_"], **spec}, where=f"{where}: adapters.{name}")
-        except (KeyError, ValueError, TypeError) as err:
-            raise ConfigError(str(err)) from None
+            method = MethodConfig.from_dict(
+                {"targets": ["_"], **method_spec}, where=f"{where}: adapters.{name}"
+            )
+            kinds = placement["kinds"] or family.default_kinds[method.placement]
+            family.check_placement(
+                placement["components"] or family.default_components,
+                kinds,
+                routed=bool(getattr(method, "routing", None)),
+            )
+        except KeyError as err:
+            raise ConfigError(f"{where}: adapters.{name}: {err.args[0]}") from None
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{where}: adapters.{name}: {err}") from None
     if config.resora is not None:
         ReSoRAConfig.from_dict(config.resora, f"{where}: resora")
     check_tasks_fit_model(config, where)

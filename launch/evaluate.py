@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         records = evaluate_run(args.run_dir, args.task, args.split)
-    except (RunError, DataError, FileNotFoundError) as err:
+    except (RunError, DataError, FileNotFoundError, ValueError) as err:  # ConfigError too
         print(f"error: {err}", file=sys.stderr)
         return 1
     for record in records.values():

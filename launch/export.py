@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import vlpeft
-from launch.run import load_run
+from launch.run import RunError, load_run
+from tasks.base import DataError
 from vlpeft.checkpoint import write_json
 from vlpeft.inject import adapter_configs
 
@@ -103,7 +105,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--format", default="vlpeft", choices=FORMATS)
     args = parser.parse_args(argv)
-    out = export_task(args.run_dir, args.task, args.out, args.format)
+    try:
+        out = export_task(args.run_dir, args.task, args.out, args.format)
+    except (RunError, DataError, FileNotFoundError, KeyError, TypeError, ValueError) as err:
+        sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
     print(f"exported {args.task} ({args.format}) to {out}")
     return out
 

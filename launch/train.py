@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = args.out or Path("runs") / args.config.stem
     try:
         return train(load_config(args.config, args.overrides), run_dir, args.resume)
-    except (ConfigError, RunError, DataError) as err:
+    except (ConfigError, RunError, DataError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 
 

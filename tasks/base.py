@@ -265,7 +265,8 @@ class Task:
         return [self.text(record["question"])]
 
     def answers(self, records: list[dict]) -> list[str]:
-        """The training answers of ``records`` (one per record; none for tasks without answers)."""
+        """The training answers of ``records`` (the target of each record; every caption for
+        captioning; none for tasks without answers): a classifier's vocabulary, the baseline."""
         return [r["target"] for r in records if r.get("target")]
 
     # -- predictions, scores, submissions ------------------------------------------------------------

@@ -47,11 +47,6 @@ def most_frequent_answers(answers: list[str], size: int = 3129) -> list[str]:
     return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
 
 
-def answer_vocabulary(records: list[dict], size: int = 3129) -> list[str]:
-    """The ``size`` most frequent ``multiple_choice_answer`` values of ``records``."""
-    return most_frequent_answers([r.get("target") for r in records], size)
-
-
 def coco_image(root: Path, split: str, image_id: int) -> Path:
     return root / split / f"COCO_{split}_{image_id:012d}.jpg"
 

@@ -225,3 +225,59 @@ def test_model_call_returns_the_loss(family):
     torch.manual_seed(0)
     assert torch.equal(out.loss, model.loss(batch))
     assert out.loss.dim() == 0 and out.loss.requires_grad
+
+
+def test_a_forward_between_forward_and_checkpointed_backward_is_an_error():
+    """The recompute would route on the other forward's x_R: wrong gradients, so it refuses."""
+    from torch.utils.checkpoint import checkpoint
+
+    net = routed_tower().train()
+    x = torch.randn(2, 5, 8)
+    vlpeft.set_routing_inputs(net, torch.randn(2, 8))
+    out = checkpoint(net, x, use_reentrant=False)
+    with torch.no_grad():  # e.g. a generate for a metric, with its own x_R
+        vlpeft.set_routing_inputs(net, torch.randn(2, 8))
+        net(x)
+    with pytest.raises(RuntimeError, match="x_R was set again between the forward"):
+        out.sum().backward()
+
+
+def test_routing_inputs_block_restores_the_models_own_x_r():
+    net = routed_tower()
+    x, own, other = torch.randn(2, 4, 8), torch.randn(2, 8), torch.randn(2, 8)
+    vlpeft.set_routing_inputs(net, own)
+    before = net(x)
+    with vlpeft.routing_inputs(net, other):
+        assert not torch.allclose(net(x), before)
+    torch.testing.assert_close(net(x), before)
+
+
+def test_reentrant_checkpointing_cannot_feed_resora_and_says_so():
+    from torch.utils.checkpoint import checkpoint
+
+    from vlpeft.adapters import ReSoRAConfig
+
+    net = routed_tower().train()
+    vlpeft.enable_resora(net)
+    vlpeft.set_routing_inputs(net, torch.randn(2, 8))
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    checkpoint(net, x, use_reentrant=True).sum().backward()
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        vlpeft.resora_penalty(net, ReSoRAConfig())
+
+
+def test_a_trained_model_deep_copies_without_its_forward_context():
+    import copy
+
+    from vlpeft.adapters import ReSoRAConfig
+
+    model = build_model("clip-bart", "tiny").train()
+    vlpeft.add_adapter(model, model.adapter_config(LoRAConfig(r=2, routing="mul", targets=["x"])))
+    vlpeft.enable_resora(model)
+    model(FAMILY_BATCHES["clip-bart"]).loss.backward()
+    twin = copy.deepcopy(model)  # an EMA or best-model copy after a training step
+    layers = [layer for _, layer in vlpeft.adapted_layers(twin)]
+    assert all(layer.routing_input is None and layer.recorder is None for layer in layers)
+    assert vlpeft.resora_penalty(model, ReSoRAConfig()).item() > 0  # the original keeps its own
+    twin.eval()
+    assert twin.generate(FAMILY_BATCHES["clip-bart"], max_new_tokens=2)

@@ -160,11 +160,13 @@ def test_routed_layers_refuse_merge_and_export(tmp_path):
 def test_beam_expanded_batch_repeats_x_r_per_beam():
     net = routed_linear(LoRAConfig(targets=["0"], r=2, routing="proj"))
     x, x_r = torch.randn(2, L, 6), torch.randn(2, 6)
-    with vlpeft.routing_inputs(net, x_r):
+    with vlpeft.routing_inputs(net, x_r), torch.no_grad():  # generation
         single = net(x)
         beams = net(x.repeat_interleave(3, dim=0))
     torch.testing.assert_close(beams, single.repeat_interleave(3, dim=0))
-    with vlpeft.routing_inputs(net, x_r), pytest.raises(ValueError, match="not a multiple"):
+    with vlpeft.routing_inputs(net, x_r), pytest.raises(ValueError, match="does not match"):
+        net(x.repeat_interleave(3, dim=0))  # in training a batch mismatch is an error
+    with vlpeft.routing_inputs(net, x_r), torch.no_grad(), pytest.raises(ValueError):
         net(torch.randn(3, L, 6))
 
 

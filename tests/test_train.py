@@ -46,6 +46,13 @@ def test_config_errors_name_the_key(data):
     with pytest.raises(ConfigError, match="train.steps: expected int, got 'many'"):
         load_config(None, ["train.steps=many"], data=good)
     blip = {**good, "model": {"family": "blip", "preset": "tiny"}}
+    with pytest.raises(
+        ConfigError, match=r"adapters.default: blip: routed adapters cannot go into"
+    ):
+        load_config(None, data=blip)  # placement is checked on load too, before any model exists
+    blip["adapters"] = {"default": {"method": "lora", "r": 4}}
+    with pytest.raises(ConfigError, match=r"adapters.default: blip: unknown module kind 'qq'"):
+        load_config(None, ["adapters.default.kinds=[qq]"], data=blip)
     with pytest.raises(ConfigError, match=r"task 'nlvr2' \(reader nlvr2\).*'choices'.*'blip'"):
         load_config(None, data=blip)  # refused when the config loads, not at its first nlvr2 step
     retrieval_only = {**blip, "model": {**blip["model"], "overrides": {"heads": ["retrieval"]}}}

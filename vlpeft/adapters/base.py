@@ -172,7 +172,9 @@ class AdapterModule(nn.Module):
 
 def in_backward() -> bool:
     """True while autograd runs a backward pass: a forward there is a gradient-checkpointing
-    recompute of a call that already ran (reentrant or not)."""
+    recompute of a call that already ran. (Non-reentrant checkpointing records the first forward;
+    reentrant checkpointing runs it without grad, so nothing can be recorded: the recorder counts
+    those calls and the penalty says so.)"""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -204,8 +206,18 @@ class AdaptedLayer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
         self.routing_input: torch.Tensor | None = None
+        self.routing_version = 0  # bumped by each set_routing_inputs (stale-x_R check)
         self.token_mask: torch.Tensor | None = None
         self.recorder = None
+
+    _CONTEXT = ("routing_input", "token_mask", "recorder")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy for an EMA or best-model copy, pickling) starts without the forward
+        # context: x_R and masks hold the last forward's graph, the recorder belongs to the original
+        state = dict(super().__getstate__())
+        state.update(dict.fromkeys(self._CONTEXT))
+        return state
 
     @property
     def adapter_names(self) -> list[str]:
@@ -269,6 +281,8 @@ class AdaptedLayer(nn.Module):
         pending = [n for n in self.active if n in self.adapters and n not in self.merged]
         if not pending:
             return y
+        if self.recorder is not None and self.training and not torch.is_grad_enabled():
+            self.recorder.missed += 1  # e.g. reentrant checkpointing's grad-free first forward
         x = args[0] if args else next(iter(kwargs.values()))
         for name in pending:
             adapter = self.adapters[name]

@@ -22,9 +22,11 @@ i.e. the penalties with z = Aᵀ (the increments for the basis inputs e_k), whic
 
 **The recorder.** :func:`enable_resora` attaches a :class:`Recorder` to the adapted layers of a
 model. It keeps (z, b, padding mask) of every call of an active adapter made in training mode with
-grad enabled — all calls of a layer called twice in one forward (BLIP's text encoder for ITC, then
-ITM), but not a gradient-checkpointing recompute of a call already kept, and nothing from an
-evaluation or ``no_grad`` pass. The padding mask of each call is the one the model set on that
+grad enabled — all calls of a layer since the last penalty (so both calls of a layer called twice in
+one forward: BLIP's text encoder for ITC, then ITM), but not a gradient-checkpointing recompute of a
+call already kept, and nothing from an evaluation or ``no_grad`` pass. Reentrant checkpointing runs
+the first forward without grad, so nothing can be kept: the penalty is then an error that says so
+(use ``use_reentrant=False``). The padding mask of each call is the one the model set on that
 layer for that forward (:func:`set_token_masks`, per component); nothing is matched by shape.
 :func:`resora_penalty` takes what was kept since its last call: each layer's calls become one
 sample set, the penalty is λ × the mean (``reduction="sum"``: the sum) over the layers; before
@@ -230,6 +232,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: dict[int, tuple[AdaptedLayer, AdapterModule, list, torch.Tensor]] = {}
+        self.missed = 0  # training-mode calls of active adapters made without grad
 
     def add(
         self,
@@ -254,6 +257,7 @@ class Recorder:
             else:
                 kept[key] = (layer, adapter, calls, b)
         self.calls = kept
+        self.missed = 0
         return out
 
     def __len__(self) -> int:
@@ -264,7 +268,6 @@ def enable_resora(module: nn.Module, enabled: bool = True) -> None:
     """Attaches a recorder to every adapted layer of ``module`` (``enabled=False``: detaches it;
     nothing is then kept and the layers pay nothing). Adapters added later join the recorder."""
     recorder = Recorder() if enabled else None
-    module.__dict__["_vlpeft_recorder"] = recorder
     for _, layer in adapted_layers(module):
         layer.recorder = recorder
 
@@ -281,6 +284,7 @@ def _layer_samples(config: ReSoRAConfig, module: nn.Module, active: bool):
     """(z (N, r), b) per adapter layer for the penalty; releases the recorder's calls."""
     recorder = recorder_of(module)
     layers = {id(layer) for _, layer in adapted_layers(module)}
+    missed = recorder.missed if recorder is not None else 0
     calls = recorder.take(layers) if recorder is not None else []
     if config.samples == "weight":
         if not active:
@@ -296,6 +300,13 @@ def _layer_samples(config: ReSoRAConfig, module: nn.Module, active: bool):
             "resora_penalty: ReSoRA was not enabled on this model, so no activations were "
             "recorded; call vlpeft.enable_resora(model) before the training forward (or use "
             "samples='weight', which needs none)"
+        )
+    if not calls and missed:
+        raise RuntimeError(
+            f"resora_penalty: the adapters ran {missed} time(s) in training mode without grad and "
+            "nothing was recorded; reentrant gradient checkpointing runs the forward without grad "
+            "(use gradient_checkpointing_kwargs={'use_reentrant': False}), and a torch.no_grad() "
+            "pass has no penalty to train"
         )
     if not active:
         return []

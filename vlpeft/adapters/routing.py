@@ -50,6 +50,7 @@ from .base import (
     MethodConfig,
     adapted_layers,
     by_longest_prefix,
+    in_backward,
     set_layer_context,
 )
 
@@ -134,18 +135,20 @@ class Routing(nn.Module):
         self.kind = self.configured_kind = kind
         self.layer_name, self.visual_dim, self.groups = layer_name, visual_dim, groups
         self.separate = separate
+        self.seen_version: int | None = None  # see _check_fresh
 
     def x_r(self, layer: AdaptedLayer, batch: int) -> torch.Tensor:
-        """x_R of ``layer`` for a text batch of ``batch`` rows (beam-expanded)."""
-        x_r = layer.routing_input
-        if x_r is None:
-            found, x_r = by_longest_prefix(self.layer_name, _LEGACY.get() or {})
-            if not found:
+        """x_R of ``layer`` for a text batch of ``batch`` rows (beam-expanded when no grad)."""
+        found, x_r = by_longest_prefix(self.layer_name, _LEGACY.get() or {})
+        if not found:
+            x_r = layer.routing_input
+            if x_r is None:
                 raise RuntimeError(
                     f"routed layer {self.layer_name!r} was called without x_R: set it with "
                     "`vlpeft.set_routing_inputs(model, x_r)` or run the forward inside "
                     "`with vlpeft.routing_inputs(model, x_r):` (vlpeft VL models do this)"
                 )
+            self._check_fresh(layer)
         if x_r.shape[-1] != self.visual_dim:
             raise ValueError(
                 f"routed layer {self.layer_name!r} maps x_R with a ({self.visual_dim} → r) matrix "
@@ -153,13 +156,32 @@ class Routing(nn.Module):
                 f"visual_dim={x_r.shape[-1]}, or route only layers whose input width equals x_R's"
             )
         if x_r.shape[0] != batch:
-            if batch % x_r.shape[0]:
+            if batch % x_r.shape[0] or torch.is_grad_enabled():
                 raise ValueError(
-                    f"{self.layer_name}: text batch {batch} is not a multiple of the x_R batch "
-                    f"{x_r.shape[0]}"
+                    f"{self.layer_name}: text batch {batch} does not match the x_R batch "
+                    f"{x_r.shape[0]} (rows are repeated per beam only in generation, without grad; "
+                    "give one x_R row per text row)"
                 )
             x_r = x_r.repeat_interleave(batch // x_r.shape[0], dim=0)
         return x_r
+
+    def _check_fresh(self, layer: AdaptedLayer) -> None:
+        """A recompute during backward must see the x_R its forward saw: a forward of the model
+        without grad in between (a generate for a metric) sets another x_R and would silently give
+        wrong gradients, so it is an error. (Two forwards *with* grad before one backward are the
+        caller's to avoid, as for any module state under checkpointing. Not checked inside a
+        compiled graph: torch.compile guards its own inputs.)"""
+        if torch.compiler.is_compiling():
+            return
+        if not in_backward():
+            if torch.is_grad_enabled():
+                self.seen_version = layer.routing_version
+        elif self.seen_version is not None and self.seen_version != layer.routing_version:
+            raise RuntimeError(
+                f"routed layer {self.layer_name!r}: x_R was set again between the forward and its "
+                "gradient-checkpointing recompute (another forward of this model ran before "
+                "backward); run backward before the next forward"
+            )
 
     def forward(
         self,
@@ -219,6 +241,8 @@ def set_routing_inputs(
         torch.Size([3, 5, 4])
     """
     set_layer_context(module, "routing_input", x_r)
+    for _, layer in adapted_layers(module):
+        layer.routing_version += 1
 
 
 @contextlib.contextmanager
@@ -226,10 +250,11 @@ def routing_inputs(
     module: nn.Module | torch.Tensor | dict, x_r: torch.Tensor | dict | None = None
 ) -> Iterator[None]:
     """x_R for the routed layers of ``module`` during the ``with`` block (forward and backward
-    inside it see it); cleared on exit. Same ``x_r`` forms as :func:`set_routing_inputs`.
+    inside it see it); on exit each layer's previous x_R is restored. Same ``x_r`` forms as
+    :func:`set_routing_inputs`.
 
-    ``routing_inputs(x_r)`` without a module is the deprecated process-wide form: it is read only by
-    routed layers whose model set no x_R, with keys relative to the module adapters were added to.
+    ``routing_inputs(x_r)`` without a module is the deprecated process-wide form: while it is set it
+    wins over the layers' own x_R, with keys relative to the module adapters were added to.
     """
     if not isinstance(module, nn.Module):
         warnings.warn(
@@ -244,11 +269,15 @@ def routing_inputs(
         finally:
             _LEGACY.reset(token)
         return
+    layers = [layer for _, layer in adapted_layers(module)]
+    previous = [layer.routing_input for layer in layers]
     set_routing_inputs(module, x_r)
     try:
         yield
     finally:
-        set_routing_inputs(module, None)
+        for layer, value in zip(layers, previous):
+            layer.routing_input = value
+            layer.routing_version += 1
 
 
 # -- switching ---------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ The forward context: in each forward a family sets, on its own layers, x_R of th
 (:func:`vlpeft.set_routing_inputs`, per component; the decoder's as soon as the encoder output
 exists) and the padding mask of each component's sequence (:func:`vlpeft.set_token_masks`, for
 ReSoRA). Both stay until the next forward, so the backward — gradient-checkpointing recomputes
-included — sees what the forward saw; nothing is process-global.
+included — sees what the forward saw (a forward in between, such as a ``generate``, makes the
+recompute an error rather than a wrong gradient); nothing is process-global.
 
 What a family can serve is ``capabilities`` (read when a training config loads: a task needs one
 of them, see ``tasks``): ``answer`` (short answers: VQA, GQA), ``caption``, ``choices`` (fixed
@@ -219,22 +220,37 @@ class VLModel(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # -- adapter placement ---------------------------------------------------------------------
+    @classmethod
+    def check_placement(
+        cls, components: Sequence[str], kinds: Sequence[str], routed: bool = False
+    ) -> None:
+        """Refuses unknown components or module kinds (naming the nearest) and routed adapters in
+        a vision component (x_R comes from the vision encoder's output). A classmethod, so a
+        training config is checked when it loads, before any model is built."""
+        for what, chosen, valid in (
+            ("component", components, cls.components),
+            ("module kind", kinds, cls.module_kinds),
+        ):
+            for name in chosen:
+                if name not in valid:
+                    raise ValueError(
+                        f"{cls.family}: unknown {what} {name!r}{nearest_hint(name, valid)}; "
+                        f"valid: {sorted(valid)}"
+                    )
+        bad = [c for c in components if c in cls.vision_components]
+        if routed and bad:
+            raise ValueError(
+                f"{cls.family}: routed adapters cannot go into {bad}: x_R comes from the vision "
+                "encoder's output; route the text components only"
+            )
+
     def adapter_targets(
         self, components: Sequence[str] | None = None, kinds: Sequence[str] | None = None
     ) -> str:
         """A regex (for a config's ``targets``) selecting ``kinds`` inside ``components``."""
         components = list(components or self.default_components)
         kinds = list(kinds or self.default_kinds["lora"])
-        for what, chosen, valid in (
-            ("component", components, self.components),
-            ("module kind", kinds, self.module_kinds),
-        ):
-            for name in chosen:
-                if name not in valid:
-                    raise ValueError(
-                        f"{self.family}: unknown {what} {name!r}{nearest_hint(name, valid)}; "
-                        f"valid: {sorted(valid)}"
-                    )
+        self.check_placement(components, kinds)
         where = "|".join(self.components[c] for c in components)
         what = "|".join(self.module_kinds[k] for k in kinds)
         return rf"(?:{where})\.(?:{what})"
@@ -254,13 +270,7 @@ class VLModel(nn.Module):
         if kinds is None:
             kinds = self.default_kinds[config.placement]
         components = list(components or self.default_components)
-        if getattr(config, "routing", None):
-            bad = [c for c in components if c in self.vision_components]
-            if bad:
-                raise ValueError(
-                    f"{self.family}: routed adapters cannot go into {bad}: x_R comes from the vision "
-                    "encoder's output; route the text components only"
-                )
+        self.check_placement(components, kinds, routed=bool(getattr(config, "routing", None)))
         trainable = list(dict.fromkeys([*config.trainable, *self.trainable_patterns]))
         return dataclasses.replace(
             config, targets=self.adapter_targets(components, kinds), trainable=trainable
