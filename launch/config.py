@@ -4,7 +4,7 @@ Sections (every key has a default except ``model.family`` and ``data.file``)::
 
     model:    {family: clip-bart, preset: tiny, overrides: {}}
     adapters: {<set name>: {method: lora, r: 8, routing: proj, components: [encoder, decoder],
-               kinds: [q, v], …method fields}}
+               kinds: [q, v], route_components: [decoder], …method fields}}
     data:     {file: data/tasks.yaml, tasks: {vqa: {batch_size: 16, adapter: default}, …}}
     sampler:  {mode: proportional, temperature: 2.0, seed: 0}
     train:    {steps: 300, lr: 1e-3, weight_decay: 0.01, warmup: 0.1, grad_clip: 1.0, …}
@@ -33,6 +33,8 @@ from vlpeft.config import Config, ConfigError
 from vlpeft.models import get_family, preset_config
 
 __all__ = ["ConfigError", "TrainConfig", "apply_overrides", "load_config", "validate"]
+# keys of an adapter set that place it in the model (the rest are the method's fields)
+PLACEMENT_KEYS = ("components", "kinds", "route_components")
 
 
 @dataclasses.dataclass
@@ -168,17 +170,18 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
     for name, spec in config.adapters.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: adapters.{name}: expected a mapping of method settings")
-        placement = {k: spec.get(k) for k in ("components", "kinds")}
+        placement = {k: spec.get(k) for k in PLACEMENT_KEYS}
         method_spec = {k: v for k, v in spec.items() if k not in placement}
         try:
             method = MethodConfig.from_dict(
                 {"targets": ["_"], **method_spec}, where=f"{where}: adapters.{name}"
             )
-            kinds = placement["kinds"] or family.default_kinds[method.placement]
+            kinds = placement["kinds"] or family.default_kinds_for(method)
             family.check_placement(
                 placement["components"] or family.default_components,
                 kinds,
-                routed=bool(getattr(method, "routing", None)),
+                bool(getattr(method, "routing", None)),
+                placement["route_components"],
             )
         except KeyError as err:
             raise ConfigError(f"{where}: adapters.{name}: {err.args[0]}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import vlpeft
-from launch.config import ConfigError, TrainConfig, load_config
+from launch.config import PLACEMENT_KEYS, ConfigError, TrainConfig, load_config
 from tasks.router import TaskRouter, load_yaml
 from tasks.vqa import most_frequent_answers
 from vlpeft.adapters.base import MethodConfig
@@ -47,9 +47,9 @@ def build_model(config: TrainConfig, router: TaskRouter):
         )
     for name, spec in config.adapters.items():
         spec = dict(spec)
-        components, kinds = spec.pop("components", None), spec.pop("kinds", None)
+        placement = [spec.pop(key, None) for key in PLACEMENT_KEYS]
         method = MethodConfig.from_dict({"targets": ["_"], **spec}, where=f"adapters.{name}")
-        vlpeft.add_adapter(model, model.adapter_config(method, components, kinds), name=name)
+        vlpeft.add_adapter(model, model.adapter_config(method, *placement), name=name)
     return model
 
 

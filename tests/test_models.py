@@ -362,3 +362,57 @@ def test_random_tiny_models_see_the_image(family):
     with torch.no_grad():
         a, b = (visual_features(model, family, images(family, 1, seed=s)) for s in (1, 2))
     assert (a - b).norm() > 0.05 * a.norm(), family
+
+
+def test_blip_vqa_answer_does_not_depend_on_the_other_questions_padding():
+    """transformers' BLIP cross-attention drops its encoder mask (the decoder attended to padded
+    question positions); with the fix an example's logits are the same alone and in a batch."""
+    model = build_model("blip", "tiny").eval()
+    batch = {"kind": "vqa", "images": images("blip", 2),
+             "text": ["what color is the big circle on the left?", "how many?"],
+             "targets": ["red", "two"]}  # fmt: skip
+    with torch.no_grad():
+        together = model(batch).logits
+        alone = model({k: (v[1:] if k != "kind" else v) for k, v in batch.items()}).logits
+    torch.testing.assert_close(together[1, : alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_clip_bart_routes_the_decoder_by_default():
+    """Qu et al. Sec. 5.1: adapters in encoder and decoder, routing in the decoder only — one set."""
+    model = build_model("clip-bart", "tiny")
+    vlpeft.add_adapter(model, model.adapter_config(LoRAConfig(r=4, routing="proj", targets=["x"])))
+    routed = {n.split(".")[2] for n in vlpeft.adapters.routing.routed_layers(model)}
+    plain = {n.split(".")[2] for n, layer in vlpeft.adapted_layers(model)
+             if layer.adapters["default"].routing is None}  # fmt: skip
+    assert routed == {"decoder"} and plain == {"encoder"}
+    both = build_model("clip-bart", "tiny")
+    config = both.adapter_config(
+        LoRAConfig(r=4, routing="proj", targets=["x"]), routed_components=["encoder", "decoder"]
+    )
+    vlpeft.add_adapter(both, config)
+    assert {n.split(".")[2] for n in vlpeft.adapters.routing.routed_layers(both)} == {
+        "encoder",
+        "decoder",
+    }
+
+
+def test_gpt2_default_lora_leaves_the_key_projection_untouched():
+    """LoRA on q and v (Qu et al. Sec. 2.1): the k third of the fused c_attn keeps W0."""
+    model = build_model("gpt2-vit", "tiny").eval()
+    vlpeft.add_adapter(model, model.adapter_config(LoRAConfig(r=4, targets=["x"])))
+    perturb_adapters(model)
+    layer = model.gpt2.transformer.h[0].attn.c_attn
+    delta = layer.delta_weight()  # Conv1D: (in, out) with out = q | k | v
+    width = delta.shape[1] // 3
+    assert delta[:, width : 2 * width].abs().max() == 0
+    assert delta[:, :width].abs().max() > 0 and delta[:, 2 * width :].abs().max() > 0
+    adapter = layer.adapters["default"]
+    assert adapter.scaling == 1.0  # α = r by default
+
+
+def test_gpt2_vit_methods_without_slices_take_the_whole_c_attn():
+    model = build_model("gpt2-vit", "tiny")
+    config = model.adapter_config(NullLoRAConfig(min_rank=2, max_rank=4, targets=["x"]))
+    assert config.targets.endswith(r"(?:attn\.c_attn)")
+    with pytest.raises(ValueError, match="only LoRA can"):
+        model.adapter_config(NullLoRAConfig(targets=["x"]), kinds=["q", "v"])

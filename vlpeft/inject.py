@@ -17,7 +17,13 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .adapters.base import AdaptedLayer, MethodConfig, adapted_layers, adapter_configs
+from .adapters.base import (
+    AdaptedLayer,
+    MethodConfig,
+    adapted_layers,
+    adapter_configs,
+    matches_targets,
+)
 from .adapters.resora import recorder_of
 
 __all__ = [
@@ -46,16 +52,10 @@ def _candidate_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield path, sub
 
 
-def _matches(path: str, targets: list[str] | str) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, path) is not None
-    return any(path == t or path.endswith("." + t) for t in targets)
-
-
 def find_targets(module: nn.Module, targets: list[str] | str) -> list[tuple[str, nn.Module]]:
     """Modules named by ``targets``; nothing found is an error that lists the closest names."""
     candidates = list(_candidate_modules(module))
-    found = [(path, sub) for path, sub in candidates if _matches(path, targets)]
+    found = [(path, sub) for path, sub in candidates if matches_targets(path, targets)]
     if not found:
         names = [path for path, _ in candidates]
         leaves = sorted({path.rsplit(".", 1)[-1] for path in names})

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -54,6 +55,7 @@ __all__ = [
     "is_conv1d",
     "linear_shape",
     "list_methods",
+    "matches_targets",
     "nearest_hint",
     "register_method",
 ]
@@ -322,6 +324,14 @@ def adapted_layers(module: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     for path, sub in module.named_modules():
         if isinstance(sub, AdaptedLayer):
             yield path, sub
+
+
+def matches_targets(path: str, targets: list[str] | str) -> bool:
+    """Whether the module path ``path`` is named by ``targets``: a list of exact names or dotted
+    suffixes, or one regex string matched against the whole path."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
 
 
 def by_longest_prefix(path: str, values: dict[str, Any]) -> tuple[bool, Any]:

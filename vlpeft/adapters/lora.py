@@ -30,7 +30,8 @@ class LoRAConfig(RoutableConfig):
 
     Args:
         r: rank of the update.
-        alpha: scaling numerator; the branch is multiplied by alpha / r.
+        alpha: scaling numerator; the branch is multiplied by alpha / r. None (default): α = r,
+            scale 1 — what Qu et al. 2024 use and peft's defaults give (r = 8, α = 8).
         dropout: dropout probability on the LoRA branch's input.
         slices: module-name suffix → ``{"parts": P, "use": [i, ...]}``: split the output of a fused
             projection into P equal parts and adapt only parts ``use`` (one rank-r LoRA each).
@@ -38,7 +39,7 @@ class LoRAConfig(RoutableConfig):
     """
 
     r: int = 8
-    alpha: float = 16.0
+    alpha: float | None = None
     dropout: float = 0.0
     slices: dict[str, dict] = dataclasses.field(default_factory=dict)
 
@@ -46,6 +47,8 @@ class LoRAConfig(RoutableConfig):
         super().__post_init__()
         if self.r < 1:
             raise ValueError(f"LoRAConfig.r must be >= 1, got {self.r}")
+        if self.alpha is None:
+            self.alpha = float(self.r)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout}")
         for key, spec in self.slices.items():

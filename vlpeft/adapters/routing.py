@@ -51,6 +51,7 @@ from .base import (
     adapted_layers,
     by_longest_prefix,
     in_backward,
+    matches_targets,
     set_layer_context,
 )
 
@@ -97,11 +98,16 @@ class RoutableConfig(MethodConfig):
             ``"relu_proj"``, ...) in the bottleneck; None: the plain method.
         separate_mapping: x_R gets its own down-projection instead of sharing the text one.
         visual_dim: width of x_R with ``separate_mapping`` (default: the bottleneck's input width).
+        route_targets: the targets whose adapters route (names/suffixes, or one regex, like
+            ``targets``); the other targets get the plain method. None: all of them. This makes
+            CLIP-BART's setting — adapters in encoder and decoder, routing in the decoder only
+            (Qu et al. Sec. 5.1, Fig. 6) — one adapter set.
     """
 
     routing: str | None = None
     separate_mapping: bool = False
     visual_dim: int | None = None
+    route_targets: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,6 +120,10 @@ class RoutableConfig(MethodConfig):
             raise ValueError(f"{name}.separate_mapping needs a routing function")
         if self.visual_dim is not None and not self.separate_mapping:
             raise ValueError(f"{name}.visual_dim is the width of a separate mapping's input")
+        if self.route_targets is not None and not self.routing:
+            raise ValueError(f"{name}.route_targets needs a routing function")
+        if isinstance(self.route_targets, tuple):
+            self.route_targets = list(self.route_targets)
 
 
 class Routing(nn.Module):
@@ -217,6 +227,9 @@ def make_routing(
     kind = getattr(config, "routing", None)
     if not kind:
         return None
+    route_targets = getattr(config, "route_targets", None)
+    if route_targets is not None and not matches_targets(layer_name, route_targets):
+        return None  # a target of the set that takes the plain method
     visual_dim = (config.visual_dim or input_dim) if config.separate_mapping else input_dim
     return Routing(kind, layer_name, visual_dim, groups, config.separate_mapping)
 

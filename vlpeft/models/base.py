@@ -184,6 +184,7 @@ class VLModel(nn.Module):
         "adapter": ("o", "ffn_out"),
     }
     vision_components: ClassVar[tuple[str, ...]] = ("vision",)
+    default_routed_components: ClassVar[tuple[str, ...]] = ()  # () = every adapted component
     classifies_answers: ClassVar[bool] = False  # needs an answer vocabulary (config ``answers``)
     trainable_patterns: ClassVar[tuple[str, ...]] = ()
     wrap_text: ClassVar[bool] = True
@@ -221,12 +222,37 @@ class VLModel(nn.Module):
 
     # -- adapter placement ---------------------------------------------------------------------
     @classmethod
+    def default_kinds_for(cls, config: MethodConfig) -> tuple[str, ...]:
+        """The module kinds a method takes when none are named (``default_kinds[placement]``)."""
+        return cls.default_kinds[config.placement]
+
+    @classmethod
+    def routed_components_of(
+        cls, components: Sequence[str], routed: Sequence[str] | None = None
+    ) -> list[str]:
+        """The components whose adapters route: ``routed`` when given, else the family's
+        ``default_routed_components`` among ``components`` (all of them when it names none)."""
+        if routed is not None:
+            return list(routed)
+        return [c for c in cls.default_routed_components if c in components] or list(components)
+
+    @classmethod
     def check_placement(
-        cls, components: Sequence[str], kinds: Sequence[str], routed: bool = False
+        cls,
+        components: Sequence[str],
+        kinds: Sequence[str],
+        routed: bool = False,
+        routed_components: Sequence[str] | None = None,
     ) -> None:
         """Refuses unknown components or module kinds (naming the nearest) and routed adapters in
         a vision component (x_R comes from the vision encoder's output). A classmethod, so a
         training config is checked when it loads, before any model is built."""
+        unknown = [c for c in routed_components or () if c not in components]
+        if routed and unknown:
+            raise ValueError(
+                f"{cls.family}: routed components {unknown} are not among the adapted components "
+                f"{list(components)}"
+            )
         for what, chosen, valid in (
             ("component", components, cls.components),
             ("module kind", kinds, cls.module_kinds),
@@ -237,8 +263,9 @@ class VLModel(nn.Module):
                         f"{cls.family}: unknown {what} {name!r}{nearest_hint(name, valid)}; "
                         f"valid: {sorted(valid)}"
                     )
-        bad = [c for c in components if c in cls.vision_components]
-        if routed and bad:
+        chosen = cls.routed_components_of(components, routed_components) if routed else []
+        bad = [c for c in chosen if c in cls.vision_components]
+        if bad:
             raise ValueError(
                 f"{cls.family}: routed adapters cannot go into {bad}: x_R comes from the vision "
                 "encoder's output; route the text components only"
@@ -260,21 +287,38 @@ class VLModel(nn.Module):
         config: MethodConfig,
         components: Sequence[str] | None = None,
         kinds: Sequence[str] | None = None,
+        routed_components: Sequence[str] | None = None,
     ) -> MethodConfig:
         """``config`` with targets set from components × kinds and the family's trainable params.
 
         Defaults: the family's ``default_components``; kinds q, v for LoRA-like methods and o,
-        ffn_out for the bottleneck Adapter. Routing needs x_R, which the vision encoder produces,
-        so routed configs may not target a vision component.
+        ffn_out for the bottleneck Adapter. A routed config routes in ``routed_components``
+        (default: the family's ``default_routed_components``, e.g. CLIP-BART's decoder; all
+        adapted components when it names none) and is the plain method elsewhere. Routing needs
+        x_R, which the vision encoder produces, so no vision component routes.
         """
         if kinds is None:
-            kinds = self.default_kinds[config.placement]
+            kinds = self.default_kinds_for(config)
         components = list(components or self.default_components)
-        self.check_placement(components, kinds, routed=bool(getattr(config, "routing", None)))
+        routed = bool(getattr(config, "routing", None))
+        self.check_placement(components, kinds, routed, routed_components)
         trainable = list(dict.fromkeys([*config.trainable, *self.trainable_patterns]))
-        return dataclasses.replace(
-            config, targets=self.adapter_targets(components, kinds), trainable=trainable
-        )
+        changes: dict[str, Any] = {
+            "targets": self.adapter_targets(components, kinds),
+            "trainable": trainable,
+        }
+        chosen = self.routed_components_of(components, routed_components)
+        if routed and set(chosen) != set(components):
+            changes["route_targets"] = rf"(?:{'|'.join(self.components[c] for c in chosen)})\..*"
+        changes.update(self.placement_changes(config, components, kinds))
+        return dataclasses.replace(config, **changes)
+
+    def placement_changes(
+        self, config: MethodConfig, components: Sequence[str], kinds: Sequence[str]
+    ) -> dict[str, Any]:
+        """Method-config fields a family sets for a placement (GPT-2: the q/v slices of its fused
+        ``c_attn``); none by default."""
+        return {}
 
     @classmethod
     def capabilities_of(cls, config: ModelConfig | dict | None = None) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from typing import Any
 
 import torch
@@ -91,6 +92,34 @@ def convert_original_state_dict(state: dict[str, torch.Tensor]) -> dict[str, tor
                 key = re.sub(pattern, replacement, key)
         out[key] = value
     return out
+
+
+def mask_cross_attention(text_model: nn.Module) -> None:
+    """Makes the cross-attention of a transformers BLIP text model apply its encoder mask.
+
+    transformers' ``BlipTextAttention.forward`` hands the encoder mask to its self-attention as
+    ``attention_mask``, which for a cross-attention reads ``encoder_attention_mask`` instead — not
+    passed, so None: padded positions of what the decoder reads (the VQA question) are attended to,
+    and a question's answer depends on the other questions in its batch. Each cross-attention
+    block of ``text_model`` gets a forward that passes the mask where it is read.
+    """
+    for name, block in text_model.named_modules():
+        if name.endswith("crossattention"):
+            block.forward = types.MethodType(_masked_cross_attention, block)
+
+
+def _masked_cross_attention(
+    self, hidden_states, attention_mask=None, encoder_hidden_states=None, past_key_values=None,
+    **kwargs,
+):  # fmt: skip
+    context, probs = self.self(
+        hidden_states,
+        attention_mask=attention_mask,
+        encoder_hidden_states=encoder_hidden_states,
+        encoder_attention_mask=attention_mask,
+        past_key_values=past_key_values,
+    )
+    return self.output(context, hidden_states), probs
 
 
 @dataclasses.dataclass
@@ -181,6 +210,9 @@ class Blip(VLModel):
         }
         for part in [p for p in builders if p in needed]:  # a fixed order: reproducible init
             setattr(self, part, parts[part] if part in parts else builders[part]())
+        for part in ("text_encoder", "text_decoder"):
+            if hasattr(self, part):
+                mask_cross_attention(getattr(self, part))
 
     @classmethod
     def capabilities_of(cls, config=None) -> tuple[str, ...]:

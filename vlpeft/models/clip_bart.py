@@ -146,6 +146,10 @@ class ClipBart(VLModel):
         "conv": r"(?:conv[123]|downsample\.0)",
     }
     default_components = ("encoder", "decoder")
+    # Qu et al. Sec. 5.1, Fig. 6: adapters in encoder and decoder (VL-Adapter), routing with the
+    # pooled last encoder state in the decoder; routed_components=["encoder", "decoder"] also
+    # routes the encoder's on the projected visual features
+    default_routed_components = ("decoder",)
     trainable_patterns = (r"^visual_proj\.", r"^image_order\.")
 
     def __init__(self, config: ClipBartConfig) -> None:

@@ -57,6 +57,11 @@ class Gpt2Vit(VLModel):
     components = {"vision": VIT_COMPONENT, "decoder": r"gpt2\.transformer\.h\.\d+"}
     module_kinds = {
         **VIT_KINDS,
+        # GPT-2's q, k and v are the three equal parts of the fused c_attn (a LoRA adapts the
+        # chosen parts only, see placement_changes); qkv is the whole of it
+        "q": rf"(?:attn\.c_attn|{VIT_KINDS['q']})",
+        "k": rf"(?:attn\.c_attn|{VIT_KINDS['k']})",
+        "v": rf"(?:attn\.c_attn|{VIT_KINDS['v']})",
         "qkv": r"attn\.c_attn",
         "o": rf"(?:attn\.c_proj|{VIT_KINDS['o']})",
         "ffn_in": rf"(?:mlp\.c_fc|{VIT_KINDS['ffn_in']})",
@@ -64,7 +69,7 @@ class Gpt2Vit(VLModel):
         "ffn": rf"(?:mlp\.c_fc|mlp\.c_proj|{VIT_KINDS['ffn']})",
     }
     default_components = ("decoder",)
-    default_kinds = {"lora": ("q", "v", "qkv"), "adapter": ("o", "ffn_out")}
+    default_kinds = {"lora": ("q", "v"), "adapter": ("o", "ffn_out")}  # LoRA on q, v (Sec. 2.1)
     trainable_patterns = (r"^visual\.",)
     wrap_text = False
 
@@ -84,6 +89,28 @@ class Gpt2Vit(VLModel):
             GPT2LMHeadModel, GPT2Config, text, weights.get("text"), "GPT-2"
         )
         self.visual = VisualToken(self.vit, self.gpt2.config.n_embd)
+
+    @classmethod
+    def default_kinds_for(cls, config) -> tuple[str, ...]:
+        """LoRA: q and v (Sec. 2.1, as slices of c_attn); a LoRA-like method without slices
+        (Null-LoRA, FLoRA): the whole c_attn."""
+        kinds = super().default_kinds_for(config)
+        if config.placement == "lora" and not hasattr(config, "slices"):
+            return ("qkv",)
+        return kinds
+
+    def placement_changes(self, config, components, kinds) -> dict:
+        """q/k/v kinds in the decoder adapt those parts of the fused ``c_attn`` only: LoRA
+        ``slices`` (one rank-r LoRA per part); another method can only take the whole (``qkv``)."""
+        parts = [i for i, kind in enumerate(("q", "k", "v")) if kind in kinds]
+        if "decoder" not in components or "qkv" in kinds or not parts or parts == [0, 1, 2]:
+            return {}
+        if not hasattr(config, "slices"):
+            raise ValueError(
+                f"gpt2-vit: kinds {[k for k in kinds if k in 'qkv']} adapt parts of GPT-2's fused "
+                f"c_attn, which only LoRA can (slices); use kind 'qkv' for {config.method}"
+            )
+        return {"slices": {**config.slices, "c_attn": {"parts": 3, "use": parts}}}
 
     def _ids(self, texts) -> list[list[int]]:
         return [
