@@ -70,6 +70,9 @@ class TrainSection(Config):
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     tensorboard: bool = True
+    # start from a finished run's adapters and trained tensors with a fresh optimizer and
+    # schedule (ReSoRA's stage 2, Zhu et al. Sec. 4.2); the same family, preset and adapter sets
+    init_from: str | None = None
 
 
 @dataclasses.dataclass

@@ -322,13 +322,16 @@ def check_run_dir(run_dir: Path, resume: bool, world: int) -> None:
     barrier(world)  # every rank has looked before rank 0 writes
 
 
-def setup(config: TrainConfig, run_dir: Path, rank: int, world: int) -> Run:
-    """Router, model with adapters, data sets, sampler, optimizer and schedule (DeepSpeed's engine
-    when enabled)."""
+def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: bool = False) -> Run:
+    """Router, model with adapters (``train.init_from``'s when a fresh run names one), data sets,
+    sampler, optimizer and schedule (DeepSpeed's engine when enabled)."""
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     router = build_router(config)
     model = build_model(config, router)
+    resuming = resume and any((run_dir / "checkpoints").glob("step_*"))
+    if config.train.init_from and not resuming:  # before the optimizer copies any weight
+        init_from_run(model, config, Path(config.train.init_from))
     datasets = {name: router.dataset(name, "train", model) for name in router.tasks}
     sampler = MultitaskSampler(
         {n: len(d) for n, d in datasets.items()},
@@ -361,6 +364,35 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int) -> Run:
                scheduler, engine, resora)  # fmt: skip
 
 
+def init_from_run(model, config: TrainConfig, source: Path) -> None:
+    """Loads a finished run's adapters and trained tensors into ``model`` (``train.init_from``),
+    refusing a run of another family, preset or adapter layout."""
+    path = source / "config.yaml"
+    if not path.is_file():
+        raise RunError(f"train.init_from {source}: no config.yaml (not a run directory)")
+    if not (source / "adapters" / "adapter_config.json").is_file() and not any(
+        (source / "adapters").glob("*/adapter_config.json")
+    ):
+        raise RunError(f"train.init_from {source}: no adapters/ (did the run finish?)")
+    earlier = load_config(path)
+    differ = [
+        key
+        for key, mine, theirs in (
+            ("model.family", config.model.family, earlier.model.family),
+            ("model.preset", config.model.preset, earlier.model.preset),
+            ("adapters", config.adapters, earlier.adapters),
+        )
+        if mine != theirs
+    ]
+    if differ:
+        raise RunError(
+            f"train.init_from {source}: that run differs in {differ}; a later stage starts from "
+            "the same model with the same adapter sets"
+        )
+    vlpeft.load_adapter(model, source / "adapters")
+    log.info("initialised the adapters from %s", source)
+
+
 def resume_or_start(run: Run, resume: bool) -> None:
     """Loads the newest checkpoint when resuming; writes the resolved config (rank 0)."""
     checkpoints = sorted((run.run_dir / "checkpoints").glob("step_*"))
@@ -369,6 +401,7 @@ def resume_or_start(run: Run, resume: bool) -> None:
             checkpoints[-1], run.model, run.optimizer, run.scheduler, run.engine, run.rank
         )
         log.info("resumed from %s", checkpoints[-1])
+
     if run.rank == 0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(run.config.to_dict(), sort_keys=False)
@@ -461,7 +494,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     init_distributed(config, world)
     check_run_dir(run_dir, resume, world)
     config.data.file = str(Path(config.data.file).resolve())
-    run = setup(config, run_dir, rank, world)
+    run = setup(config, run_dir, rank, world, resume)
     # resume
     resume_or_start(run, resume)
     logger = Logger(run_dir, rank == 0, config.train.tensorboard)

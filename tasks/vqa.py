@@ -12,9 +12,12 @@ as train).
 Soft target scores: an answer given by k of the 10 annotators scores the mean over the 10
 leave-one-out subsets of min(1, matches / 3) — 0, .3, .6, .9, 1 for k = 0, 1, 2, 3, ≥ 4.
 
-Predictions: generated answers (a classifier family's top answer); scored by the official VQA
-accuracy (:func:`evaluation.metrics.vqa_accuracy`: overall, per answer type and question type);
-submission ``[{"question_id", "answer"}]``; baseline: the most frequent training answer.
+Predictions: generated answers (a classifier family's top answer), lower-cased as the annotations
+are (the official metric compares a prediction verbatim, case included, with ten identical
+answers: a cased tokenizer's "No" would score 0 against ten "no"); scored by the official VQA
+accuracy (:func:`evaluation.metrics.vqa_accuracy`: overall, per answer type and question type),
+exactly as the evaluation server scores the submission ``[{"question_id", "answer"}]``; baseline:
+the most frequent training answer.
 """
 
 from __future__ import annotations

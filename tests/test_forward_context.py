@@ -273,6 +273,7 @@ def test_a_trained_model_deep_copies_without_its_forward_context():
 
     model = build_model("clip-bart", "tiny").train()
     vlpeft.add_adapter(model, model.adapter_config(LoRAConfig(r=2, routing="mul", targets=["x"])))
+    perturb_adapters(model)  # B ≠ 0: the penalty has something to regularise
     vlpeft.enable_resora(model)
     model(FAMILY_BATCHES["clip-bart"]).loss.backward()
     twin = copy.deepcopy(model)  # an EMA or best-model copy after a training step

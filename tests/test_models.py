@@ -416,3 +416,29 @@ def test_gpt2_vit_methods_without_slices_take_the_whole_c_attn():
     assert config.targets.endswith(r"(?:attn\.c_attn)")
     with pytest.raises(ValueError, match="only LoRA can"):
         model.adapter_config(NullLoRAConfig(targets=["x"]), kinds=["q", "v"])
+
+
+@pytest.mark.parametrize("family", ["roberta-vit", "gpt2-vit"])
+def test_vit_pair_trains_only_the_adapters_and_the_classifier(family):
+    """Qu et al. Sec. 4.1: the ViT [CLS] feature is prepended as it is (equal widths, no mapping):
+    nothing but the PEFT modules (and the VQA classifier) trains; a mapping is an explicit option,
+    required when the widths differ."""
+    model = build_model(family, "tiny")
+    vlpeft.add_adapter(model, model.adapter_config(LoRAConfig(r=2, routing="mul", targets=["x"])))
+    trainable = {
+        n.split(".")[0]
+        for n, p in model.named_parameters()
+        if p.requires_grad and ".adapters." not in n
+    }
+    assert trainable == ({"classifier"} if family == "roberta-vit" else set())
+    x = images(family, 2)
+    with torch.no_grad():
+        cls = model.vit(pixel_values=x).last_hidden_state[:, 0]
+        torch.testing.assert_close(model.visual(model.vit, x), cls)
+    mapped = build_model(family, "tiny", visual_mapping=True)
+    vlpeft.add_adapter(mapped, mapped.adapter_config(LoRAConfig(r=2, targets=["x"])))
+    assert any(
+        n.startswith("visual.proj") and p.requires_grad for n, p in mapped.named_parameters()
+    )
+    with pytest.raises(ValueError, match="visual_mapping: true"):
+        build_model(family, "tiny", vision={"hidden_size": 48, "num_attention_heads": 2})

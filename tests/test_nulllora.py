@@ -174,3 +174,56 @@ def test_null_space_matches_the_full_svd(shape):
             torch.testing.assert_close(ours @ ours.T, ref @ ref.T, atol=1e-5, rtol=0)
         else:  # some of the structural null space: any basis of it will do
             assert (matrix.T @ ours).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("upcast", [False, True])
+def test_rank_is_twice_the_planted_nullity_in_every_storage_format(dtype, upcast):
+    """The paper's rank (2 × nullity, no clipping by default) on weights stored in fp32, bf16 and
+    fp16 — as the layer's own dtype or upcast to float32 after loading — with W0ᵀΔW = 0 to the
+    storage precision. A threshold relative to float32 finds no null space in a bf16 weight."""
+    lin = planted(40, 40, deficiency=8, seed=3)
+    with torch.no_grad():
+        stored = lin.weight.to(getattr(torch, dtype))
+        lin = lin.to(torch.float32 if upcast else getattr(torch, dtype))
+        lin.weight.copy_(stored.to(lin.weight.dtype))
+    net, layer = adapted(lin)
+    report = layer.adapters["default"].report
+    assert (report["left_nullity"], report["rank"], report["null_leak"]) == (8, 16, 0.0)
+    w0, delta = layer.base_layer.weight.double(), layer.delta_weight().double()
+    u = nl.ROUNDOFF[dtype]
+    assert delta.abs().max() > 1e-2
+    assert (w0.T @ delta).norm() <= 4 * u * w0.norm() * delta.norm()
+    if dtype == "bfloat16":
+        old = nl.null_space(
+            layer.base_layer.weight, NullLoRAConfig(targets=["q"], rtol=40 * 2**-23)
+        )
+        assert old["left_nullity"] == 0
+
+
+def test_a_layer_without_null_space_gets_no_update(tmp_path):
+    lin = planted(12, 12, deficiency=0, seed=1)
+    x = torch.randn(3, 12)
+    before = lin(x)
+    net, layer = adapted(lin)
+    assert layer.rank == 0 and layer.adapters["default"].report["rank"] == 0
+    torch.testing.assert_close(net(x), before)
+    with pytest.raises(ValueError, match="no layer with a nonzero rank"):
+        vlpeft.export_peft_lora(net, tmp_path / "peft")
+
+
+def test_near_null_fill_reports_how_far_the_update_leaves_the_null_space():
+    lin = planted(16, 16, deficiency=1, seed=2)
+    _, layer = adapted(lin, min_rank=6)
+    report = layer.adapters["default"].report
+    s = torch.linalg.svdvals(lin.weight.double())
+    assert report["rank"] == 6 and report["null_leak"] == pytest.approx(
+        float(s[-3] / s[0]), rel=1e-5
+    )
+    w0, delta = lin.weight.double(), layer.delta_weight().double()
+    bound = (
+        report["null_leak"] * torch.linalg.matrix_norm(w0, 2) * torch.linalg.matrix_norm(delta, 2)
+    )
+    assert (w0.T @ delta).norm(2) > 1e-3 and torch.linalg.matrix_norm(
+        w0.T @ delta, 2
+    ) <= bound * 1.001

@@ -315,3 +315,56 @@ def test_float32_keeps_float64_accuracy_at_full_sample_size(kind):
     low = subspace_penalty(z, b, kind)
     high = subspace_penalty(z.double(), b.double(), kind)
     torch.testing.assert_close(low.double(), high, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_components_without_an_increment_contribute_nothing(kind):
+    """B = 0 (a LoRA at initialisation): Δh_i = b_i z_i = 0, Eq. 7 is 0/0; every kind gives 0, and
+    a zero column leaves the penalty of the other columns."""
+    g = torch.Generator().manual_seed(0)
+    z, b = torch.randn(30, 4, generator=g), torch.randn(9, 4, generator=g)
+    assert subspace_penalty(z, torch.zeros(9, 4), kind).item() == 0
+    dead = b.clone()
+    dead[:, 1] = 0
+    keep = [0, 2, 3]
+    params = {"max_samples": 30}
+    torch.testing.assert_close(
+        subspace_penalty(z, dead, kind, **params),
+        subspace_penalty(z[:, keep], b[:, keep], kind, **params),
+    )
+    silent = z.clone()
+    silent[:, 2] = 0  # a component that never activates
+    keep = [0, 1, 3]
+    torch.testing.assert_close(
+        subspace_penalty(silent, b, kind, **params),
+        subspace_penalty(z[:, keep], b[:, keep], kind, **params),
+    )
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5)).train()
+    vlpeft.add_adapter(net, LoRAConfig(targets=["0"], r=3))
+    vlpeft.enable_resora(net)
+    net(torch.randn(4, 6))
+    assert vlpeft.resora_penalty(net, ReSoRAConfig(kind=kind)).item() == 0
+
+
+def test_conv_adapters_record_or_refuse():
+    """LoRA on a Conv2d records every output position as a sample (it used to add a silent 0);
+    FLoRA on a Conv2d has no rank-1 components and is refused when ReSoRA is enabled."""
+    from conftest import tiny_convnet
+
+    net = tiny_convnet().train()
+    vlpeft.add_adapter(net, LoRAConfig(targets=["conv1"], r=3))
+    perturb_adapters(net)
+    vlpeft.enable_resora(net)
+    x = torch.randn(2, 3, 8, 8)
+    net(x)
+    ad = net.conv1.adapters["default"]
+    z = torch.nn.functional.conv2d(x, ad.lora_A, None, 1, 1).permute(0, 2, 3, 1).reshape(-1, 3)
+    got = vlpeft.resora_penalty(net, ReSoRAConfig(weight=1.0))
+    torch.testing.assert_close(
+        got, subspace_penalty(z, ad.lora_B.flatten(1) * ad.scaling, "linear")
+    )
+    assert got.item() > 0
+    other = tiny_convnet()
+    vlpeft.add_adapter(other, FLoRAConfig(targets=["conv1"], r=2))
+    with pytest.raises(TypeError, match="ReSoRA cannot regularise adapter 'default' at conv1"):
+        vlpeft.enable_resora(other)

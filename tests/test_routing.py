@@ -82,7 +82,11 @@ def test_routed_lora_is_scaled_b_of_routed_bottleneck(separate):
         y = net(x)
     a_v = ad.lora_A_visual if separate else ad.lora_A
     x_t, x_v = x @ ad.lora_A.T, x_r @ a_v.T
-    expected = net[0].base_layer(x) + (8 / R) * route("proj", x_t, x_v) @ ad.lora_B.T
+    routed = route("proj", x_t, x_v)
+    if separate:  # the paper's separate mapping: routed at width r/4, then up to r
+        assert x_t.shape[-1] == R // 4
+        routed = routed @ ad.lora_mid.T
+    expected = net[0].base_layer(x) + (8 / R) * routed @ ad.lora_B.T
     torch.testing.assert_close(y, expected)
 
 
@@ -187,3 +191,44 @@ def test_beam_search_generation_through_a_routed_model():
         assert torch.equal(batch_out[i, :n], alone[0])
     with vlpeft.routing_inputs(model, torch.zeros_like(x_r)):
         assert not torch.equal(model.generate(input_ids=ids, **kw), batch_out)
+
+
+def test_separate_mapping_has_the_papers_structure_and_parameter_count():
+    """Qu et al. App. A, Fig. A1(d): d → r/4 for x_H and for x_R, route, r/4 → r, r → d. GPT-2
+    base, LoRA on q and v of 12 layers, r = 128: 24 × (2·768·32 + 32·128 + 128·768) = 3,637,248
+    (shared mapping: 24 × 2·768·128 = 4,718,592). The paper's 3.932M / 4.746M also count what
+    else trains in its runs (the paper does not list it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    slices = {"c_attn": {"parts": 3, "use": [0, 2]}}
+    counts = {}
+    for separate in (True, False):
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(GPT2Config())
+            config = LoRAConfig(
+                targets=["c_attn"], r=128, slices=slices, routing="proj", separate_mapping=separate
+            )
+            vlpeft.add_adapter(model, config)
+        counts[separate] = vlpeft.count_parameters(model)[0]
+    assert counts == {True: 3_637_248, False: 4_718_592}
+
+
+def test_separate_mapping_routes_in_the_narrow_space_then_maps_up():
+    config = LoRAConfig(
+        targets=["0"], r=8, alpha=8, routing="proj", separate_mapping=True, visual_dim=3
+    )
+    net = routed_linear(config)
+    ad = net[0].adapters["default"]
+    assert (
+        ad.lora_A.shape == (2, 6)
+        and ad.lora_A_visual.shape == (2, 3)
+        and ad.lora_mid.shape == (8, 2)
+    )
+    x, x_r = torch.randn(2, L, 6), torch.randn(2, 3)
+    with vlpeft.routing_inputs(net, x_r):
+        y = net(x)
+    routed = route("proj", x @ ad.lora_A.T, x_r @ ad.lora_A_visual.T)
+    expected = net[0].base_layer(x) + routed @ ad.lora_mid.T @ ad.lora_B.T
+    torch.testing.assert_close(y, expected)
+    wide = LoRAConfig(targets=["0"], r=8, routing="proj", separate_mapping=True, mapping_rank=8)
+    assert routed_linear(wide)[0].adapters["default"].lora_mid is None  # the earlier structure

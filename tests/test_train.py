@@ -225,3 +225,30 @@ def test_denoising_warm_start_learns_and_loads_as_pretrained(data, tmp_path):
         other["adapters"] = {"default": {"method": "lora", "r": 4}}
         other["data"]["tasks"] = {"vqa": {}, "gqa": {}}
         pretrain(load_config(None, data=other), tmp_path / "x", steps=1)
+
+
+def test_init_from_starts_exactly_from_a_finished_run(data, tmp_path):
+    """train.init_from: a later stage (ReSoRA's stage 2) starts from a finished run's adapters and
+    trained tensors with a fresh optimizer and schedule; another adapter layout is refused."""
+    from launch.run import RunError
+    from vlpeft.checkpoint import adapter_state_dict
+
+    run(data, tmp_path / "stage1", steps=3)
+    stage2 = clip_bart_config(data, steps=2, init_from=str(tmp_path / "stage1"))
+    stage2["resora"] = {"kind": "linear", "weight": 0.1}
+    config = load_config(None, data=stage2)
+    started = train_module.setup(config, tmp_path / "stage2", 0, 1)
+    saved = load_file(tmp_path / "stage1" / "adapters" / "adapter_model.safetensors")
+    state = adapter_state_dict(started.model, "default")
+    assert saved.keys() == state.keys()
+    for key, tensor in saved.items():
+        assert torch.equal(state[key], tensor), key
+    assert (
+        started.scheduler.get_last_lr()[0] == config.train.lr
+    )  # a fresh schedule (no warm-up here)
+    summary = train_module.train(load_config(None, data=stage2), tmp_path / "stage2")
+    assert summary["steps"] == 2
+    other = clip_bart_config(data, init_from=str(tmp_path / "stage1"))
+    other["adapters"]["default"]["r"] = 8
+    with pytest.raises(RunError, match=r"differs in \['adapters'\]"):
+        train_module.setup(load_config(None, data=other), tmp_path / "other", 0, 1)

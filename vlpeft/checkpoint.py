@@ -219,12 +219,16 @@ def export_peft_lora(
             raise ValueError(f"layer {path} is outside the backbone prefix {prefix!r}")
         rel = path[len(lead) :]
         a, b = adapter.lora_factors(layer.base_layer)
+        if a.shape[0] == 0:
+            continue  # a rank-0 layer (Null-LoRA without null space) changes nothing
         # peft's saved-state names: the PeftModel prefix, the layer, lora_A / lora_B without the
         # adapter name (what ``get_peft_model_state_dict`` writes and ``from_pretrained`` reads)
         tensors[f"{PEFT_PREFIX}{rel}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{rel}.lora_B.weight"] = b
         ranks[rel] = a.shape[0]
         conv1d |= is_conv1d(layer.base_layer)
+    if not ranks:
+        raise ValueError(f"adapter {name!r} has no layer with a nonzero rank: nothing to export")
     extras = trainable_extra_names(module, configs[name])
     aliases: dict[int, list[str]] = {}
     for full, param in module.named_parameters(remove_duplicate=False):

@@ -144,6 +144,7 @@ class AdapterModule(nn.Module):
 
     mergeable: bool = False
     lora_reducible: bool = False
+    records: bool = True  # hands its rank-1 components to ReSoRA (layer.record)
 
     def __init__(self) -> None:
         super().__init__()

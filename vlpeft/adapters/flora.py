@@ -131,9 +131,11 @@ class FLoRALinear(AdapterModule):
 
 
 class FLoRAConv2d(AdapterModule):
-    """FLoRA on a Conv2d (grouped and depthwise included): y + conv(x, s·G ×₁ A_in ×₂ A_out ×₃ A_kh ×₄ A_kw)."""
+    """FLoRA on a Conv2d (grouped and depthwise included): y + conv(x, s·G ×₁ A_in ×₂ A_out ×₃ A_kh ×₄ A_kw).
+    Its update is a Tucker core, not a sum of rank-1 components: ReSoRA refuses it."""
 
     mergeable = True
+    records = False
 
     def __init__(self, base: nn.Conv2d, config: FLoRAConfig) -> None:
         super().__init__()

@@ -36,17 +36,30 @@ class LoRAConfig(RoutableConfig):
         slices: module-name suffix → ``{"parts": P, "use": [i, ...]}``: split the output of a fused
             projection into P equal parts and adapt only parts ``use`` (one rank-r LoRA each).
         routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`.
+        mapping_rank: with ``separate_mapping``, the width m both x_H and x_R are down-projected
+            to and routed in, before a trainable m → r up-projection and B (Qu et al. App. A,
+            Fig. A1(d): d → r/4 → r → d). None: r // 4, the paper's; r: the routed bottleneck
+            is rank r with no up-projection (an earlier vlpeft structure, more parameters).
     """
 
     r: int = 8
     alpha: float | None = None
     dropout: float = 0.0
     slices: dict[str, dict] = dataclasses.field(default_factory=dict)
+    mapping_rank: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.r < 1:
             raise ValueError(f"LoRAConfig.r must be >= 1, got {self.r}")
+        if self.mapping_rank is not None and not self.separate_mapping:
+            raise ValueError("LoRAConfig.mapping_rank is the width of a separate mapping")
+        if self.separate_mapping and self.mapping_rank is None:
+            self.mapping_rank = max(1, self.r // 4)
+        if self.mapping_rank is not None and not 1 <= self.mapping_rank <= self.r:
+            raise ValueError(
+                f"LoRAConfig.mapping_rank must be in [1, r={self.r}], got {self.mapping_rank}"
+            )
         if self.alpha is None:
             self.alpha = float(self.r)
         if not 0.0 <= self.dropout < 1.0:
@@ -84,8 +97,9 @@ class LoRALinear(AdapterModule):
     """LoRA on a Linear or Conv1D, optionally on equal output slices of a fused projection.
 
     Parameters: ``lora_A`` (S·r, in) and ``lora_B`` (S·d_s, r) for S adapted slices of width d_s
-    (S = 1 and d_s = out without slices); ``lora_A_visual`` (S·r, visual_dim) with a separate
-    mapping of x_R.
+    (S = 1 and d_s = out without slices). With a separate mapping of width m < r (the paper's
+    structure): ``lora_A`` (S·m, in), ``lora_A_visual`` (S·m, visual_dim) and ``lora_mid``
+    (S·r, m), the up-projection of the routed bottleneck to rank r.
     """
 
     mergeable = True
@@ -110,20 +124,20 @@ class LoRALinear(AdapterModule):
         self.scaling = config.alpha / config.r
         self.transposed = is_conv1d(base)
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.lora_A = nn.Parameter(torch.empty(n_slices * config.r, d_in, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(n_slices * width, config.r, **kw))
-        for a in self.lora_A.view(n_slices, config.r, d_in):
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.routing = make_routing(config, layer_name, d_in, n_slices)
-        self.lora_A_visual = None
+        separate = self.routing is not None and self.routing.separate
+        # the bottleneck x_H (and x_R) is mapped to: r, or the separate mapping's width m
+        self.m = config.mapping_rank if separate else config.r
+        self.lora_A = _kaiming(n_slices, self.m, d_in, **kw)
+        self.lora_B = nn.Parameter(torch.zeros(n_slices * width, config.r, **kw))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A_visual = self.lora_mid = None
         if self.routing is not None:
             self.mergeable = self.lora_reducible = False
-            if self.routing.separate:
-                d_r = self.routing.visual_dim
-                self.lora_A_visual = nn.Parameter(torch.empty(n_slices * config.r, d_r, **kw))
-                for a in self.lora_A_visual.view(n_slices, config.r, d_r):
-                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if separate:
+            self.lora_A_visual = _kaiming(n_slices, self.m, self.routing.visual_dim, **kw)
+            if self.m != config.r:
+                self.lora_mid = _kaiming(n_slices, config.r, self.m, **kw)
 
     @property
     def rank(self) -> int:
@@ -154,12 +168,22 @@ class LoRALinear(AdapterModule):
         full[..., self.slice_index, :] = parts
         return full.flatten(-2)
 
+    def up_mid(self, h: torch.Tensor) -> torch.Tensor:
+        """The separate mapping's m → r up-projection of the routed bottleneck, per slice."""
+        if self.n_slices == 1:
+            return F.linear(h, self.lora_mid)
+        hs = h.unflatten(-1, (self.n_slices, self.m))
+        mid = self.lora_mid.view(self.n_slices, self.r, self.m)
+        return torch.einsum("...sm,srm->...sr", hs, mid).flatten(-2)
+
     def forward(
         self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
     ) -> torch.Tensor:
         h = self.bottleneck(x)
         if self.routing is not None:
             h = self.routing(h, layer, self.visual_bottleneck)
+        if self.lora_mid is not None:
+            h = self.up_mid(h)
         if layer.recording:
             layer.record(self, h, self._dense_b() * self.scaling)
         if self.slice_index is None and h.dtype == y.dtype and y.dim() >= 2:
@@ -179,7 +203,11 @@ class LoRALinear(AdapterModule):
         return self._scatter(blocks.T.unflatten(-1, (self.n_slices, self.width))).T
 
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_A, self._dense_b() * self.scaling
+        a = self.lora_A
+        if self.lora_mid is not None:  # A of the rank-r components: mid·A per slice
+            mid = self.lora_mid.view(self.n_slices, self.r, self.m)
+            a = (mid @ a.view(self.n_slices, self.m, -1)).flatten(0, 1)
+        return a, self._dense_b() * self.scaling
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         if self.routing is not None:
@@ -187,6 +215,14 @@ class LoRALinear(AdapterModule):
         a, b = self.lora_factors(base_layer)
         delta = b @ a
         return delta.T if self.transposed else delta
+
+
+def _kaiming(groups: int, rows: int, cols: int, **kw) -> nn.Parameter:
+    """(groups·rows, cols), each group kaiming-uniform as an nn.Linear weight (peft's init of A)."""
+    weight = torch.empty(groups * rows, cols, **kw)
+    for block in weight.view(groups, rows, cols):
+        nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+    return nn.Parameter(weight)
 
 
 class LoRAConv2d(AdapterModule):
@@ -229,6 +265,8 @@ class LoRAConv2d(AdapterModule):
             base_layer.padding,
             base_layer.dilation,
         )
+        if layer.recording:  # ReSoRA: every output position is a sample of the r components
+            layer.record(self, h.flatten(2).transpose(1, 2), self.lora_B.flatten(1) * self.scaling)
         return y + (F.conv2d(h, self.lora_B) * self.scaling).to(y.dtype)
 
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,16 +10,28 @@ so W0ᵀ ΔW = 0 (Eq. 7): the update never touches the output directions W0 alre
 formed: P·B = Û(ÛᵀB). The forward never builds ΔW either; it is the rank-2h LoRA with
 A_eq = [diag(s₁)A_f; diag(s₂)A] and B_eq = [P·B, B_f].
 
-Rank self-adaptation (Sec. 3.2): the layer's rank r = 2h with h = min(left nullity, right nullity),
-clipped into [min_rank/2, max_rank/2]. A nullity counts singular values ≤ rtol·σ_max plus the
-structural null directions of a non-square W0 on that side. When fewer exact null directions exist
-than h, the directions of the smallest singular values are used ("near-null"), and the rank report
-says so per side.
+Rank self-adaptation (Sec. 3.2): "the rank of each incremental update is set to twice the nullity
+of its corresponding pre-trained weight", with no clipping: the layer's rank is r = 2h with
+h = min(left nullity, right nullity) (Û and V̂ᵀ have h columns/rows each). A nullity counts the
+singular values that are zero to the precision the weight is stored in, plus the structural null
+directions of a non-square W0 on that side. A layer with no null space gets rank 0: no update
+(our reading of what the paper implies; the report lists it).
 
-Default ``rtol`` (None): max(d_out, d_in)·ε(float32), the numerical-rank threshold of
-``numpy.linalg.matrix_rank``/``torch.linalg.matrix_rank``: a singular value below it is zero to the
-precision the weights are stored in, so "exact" in the report means W0ᵀΔW = 0 to float tolerance.
-Raise it (e.g. 1e-3) to count the nearly-inactive directions of real checkpoints as null space.
+"Zero to the storage precision": rounding every entry of W0 to a format with unit roundoff u
+perturbs it by E with ‖E‖₂ ≤ ‖E‖_F ≤ u·‖W0‖_F, so by Weyl's inequality a singular value that is
+exactly zero becomes at most u·‖W0‖_F. Under that bound the null space is cut at the spectral gap
+(the largest ratio between neighbouring singular values, at least 8×): the bound alone would also
+take small real singular values, since rounding errors are much smaller in ‖·‖₂ than ‖·‖_F. The
+format is the
+narrowest of bfloat16, float16 and float32 that holds every entry of W0 exactly (a bf16 checkpoint
+upcast to float32 is still found to be bf16), unless ``storage_dtype`` names it; ``rtol`` instead
+counts singular values ≤ rtol·σ_max. (A planted nullity of 16 in a bf16 weight is found as 16; a
+threshold relative to float32 found 0.)
+
+Near-null fill, an explicit option: ``min_rank`` fills a layer up to that rank with the directions
+of its smallest singular values. Their update is not in the null space: W0ᵀΔW ≠ 0, bounded by
+|W0ᵀΔW| ≤ (σ_k/σ_max)·|W0|·|ΔW| with σ_k the largest singular value used; the report gives that
+ratio per layer (``null_leak``, 0 for an exact null space). ``max_rank`` caps a layer's rank.
 
 With ``routing`` (Qu et al. 2024, composed as for every bottleneck method) the 2h-wide bottleneck z
 is routed with the same map of x_R, z_v = [diag(s₁)·A_f·x_R, diag(s₂)·A·x_R] (or a separate
@@ -58,32 +70,48 @@ class NullLoRAConfig(RoutableConfig):
     """Null-LoRA.
 
     Args:
-        rtol: singular values ≤ rtol·σ_max count as zero; None: max(d_out, d_in)·ε(float32).
-        min_rank: smallest rank (even) of a layer; near-null directions fill up to it.
-        max_rank: largest rank (even) of a layer.
+        rtol: singular values ≤ rtol·σ_max count as zero; None: the storage-precision bound
+            u·‖W0‖_F (module docstring).
+        storage_dtype: the format W0 was stored in ("bfloat16", "float16", "float32") for that
+            bound; None: the narrowest of them that holds W0 exactly.
+        min_rank: None (default, the paper): rank = 2 × nullity; an even number fills layers up
+            to that rank with near-null directions (their update leaves the null space by at most
+            the report's ``null_leak``).
+        max_rank: None (default, the paper): no cap; an even number caps a layer's rank.
         cache_dir: directory caching each layer's null-space bases, keyed by the weight's content
             (a second run skips the SVDs); None: no cache.
         routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`.
     """
 
     rtol: float | None = None
-    min_rank: int = 8
-    max_rank: int = 64
+    storage_dtype: str | None = None
+    min_rank: int | None = None
+    max_rank: int | None = None
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("min_rank", "max_rank"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 2 or value % 2):
+                raise ValueError(
+                    f"NullLoRAConfig.{name} must be an even number >= 2 or None, got {value}"
+                )
         if (
-            self.min_rank < 2
-            or self.min_rank % 2
-            or self.max_rank % 2
-            or self.max_rank < self.min_rank
+            self.min_rank is not None
+            and self.max_rank is not None
+            and self.max_rank < self.min_rank
         ):
             raise ValueError(
-                f"NullLoRAConfig needs even 2 <= min_rank <= max_rank, got min_rank={self.min_rank}, max_rank={self.max_rank}"
+                f"NullLoRAConfig needs min_rank <= max_rank, got {self.min_rank} > {self.max_rank}"
             )
         if self.rtol is not None and not 0 <= self.rtol < 1:
             raise ValueError(f"NullLoRAConfig.rtol must be in [0, 1), got {self.rtol}")
+        if self.storage_dtype is not None and self.storage_dtype not in ROUNDOFF:
+            raise ValueError(
+                f"NullLoRAConfig.storage_dtype must be one of {list(ROUNDOFF)} or None, "
+                f"got {self.storage_dtype!r}"
+            )
 
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
         if not (isinstance(base_layer, nn.Linear) or is_conv1d(base_layer)):
@@ -98,29 +126,66 @@ def base_matrix(base: nn.Module) -> torch.Tensor:
     return base.weight.T if is_conv1d(base) else base.weight
 
 
+ROUNDOFF = {  # unit roundoff u of each storage format
+    "bfloat16": 2.0**-8,
+    "float16": 2.0**-11,
+    "float32": 2.0**-24,
+}
+
+
+def storage_format(w: torch.Tensor) -> str:
+    """The narrowest of bfloat16, float16, float32 that holds every entry of ``w`` exactly."""
+    for name in ("bfloat16", "float16"):
+        if torch.equal(w.to(getattr(torch, name)).to(w.dtype), w):
+            return name
+    return "float32"
+
+
+GAP = 8.0  # the smallest ratio s_{k-1}/s_k that separates a null space from the spectrum
+
+
+def zero_threshold(w: torch.Tensor, s: torch.Tensor, config: NullLoRAConfig) -> float:
+    """Singular values ≤ this are zero: rtol·σ_max when given; otherwise the spectral gap below
+    u(storage)·‖W0‖_F (Weyl's bound on what rounding W0 to its storage format can lift an exact
+    zero to). The bound alone is loose (‖E‖₂ ≪ ‖E‖_F): a real singular value under it is not
+    null, so among the values under it the cut is at the largest ratio between neighbours, and
+    only when that ratio is at least ``GAP`` (no clear gap: no null space)."""
+    if not s.numel():
+        return 0.0
+    if config.rtol is not None:
+        return config.rtol * float(s.max())
+    fmt = config.storage_dtype or storage_format(w)
+    bound = ROUNDOFF[fmt] * float(s.square().sum().sqrt())
+    under = int((s > bound).sum())  # s is descending: s[under:] are the candidates
+    if under == len(s) or under == 0:
+        return bound if under == 0 else -1.0
+    ratios = s[under - 1 : -1] / s[under:].clamp_min(torch.finfo(s.dtype).tiny)
+    best = int(ratios.argmax())
+    if float(ratios[best]) < GAP:
+        return -1.0  # a continuous tail: nothing is clearly null
+    return float(s[under + best])
+
+
 def null_space(w: torch.Tensor, config: NullLoRAConfig) -> dict:
     """Null-space bases of W0 (d_out × d_in) and the nullity report.
 
     Returns:
         dict with ``left`` Û (d_out × h), ``right`` V̂ᵀ (h × d_in), ``left_nullity``,
-        ``right_nullity``, ``half_rank`` h and ``singular_values`` (descending).
+        ``right_nullity``, ``half_rank`` h, ``singular_values`` (descending) and ``null_leak``
+        (σ of the largest singular direction used / σ_max: 0 for an exact null space).
     """
     d_out, d_in = w.shape
-    w = w.detach().to("cpu", torch.float64)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # thin: min(d_out, d_in) directions
-    rtol = (
-        config.rtol
-        if config.rtol is not None
-        else max(d_out, d_in) * torch.finfo(torch.float32).eps
-    )
-    zero = int((s <= rtol * s.max()).sum()) if s.numel() else 0
+    w64 = w.detach().to("cpu", torch.float64)
+    u, s, vh = torch.linalg.svd(w64, full_matrices=False)  # thin: min(d_out, d_in) directions
+    tol = zero_threshold(w.detach().cpu(), s, config)
+    zero = int((s <= tol).sum()) if s.numel() and tol >= 0 else 0
     left_nullity, right_nullity = zero + max(0, d_out - d_in), zero + max(0, d_in - d_out)
-    half = min(
-        max(min(left_nullity, right_nullity), config.min_rank // 2),
-        config.max_rank // 2,
-        d_out,
-        d_in,
-    )
+    half = min(left_nullity, right_nullity)
+    if config.min_rank is not None:
+        half = max(half, config.min_rank // 2)
+    if config.max_rank is not None:
+        half = min(half, config.max_rank // 2)
+    half = min(half, d_out, d_in)
     # ordered like the columns of a full SVD's U / rows of Vh read backwards: the structural null
     # directions of a non-square W0 first, then the singular directions, smallest value first
     left = smallest_directions(u, half)
@@ -132,7 +197,22 @@ def null_space(w: torch.Tensor, config: NullLoRAConfig) -> dict:
         "right_nullity": right_nullity,
         "half_rank": half,
         "singular_values": s.float(),
+        "null_leak": leak(s, d_out, d_in, half, tol),
     }
+
+
+def leak(s: torch.Tensor, d_out: int, d_in: int, half: int, tol: float) -> float:
+    """σ_k / σ_max for the largest singular value σ_k among the h directions used on either side
+    (0 when all are null): the bound on |W0ᵀΔW| / (|W0|·|ΔW|) (left) and |W0·ΔWᵀ…| (right)."""
+    if half == 0 or not s.numel() or float(s.max()) == 0:
+        return 0.0
+    worst = 0.0
+    for structural in (max(0, d_out - d_in), max(0, d_in - d_out)):
+        singular = half - structural  # directions taken from the smallest singular values
+        if singular > 0:
+            value = float(s[-singular])
+            worst = max(worst, value if value > tol else 0.0)
+    return worst / float(s.max())
 
 
 def smallest_directions(basis: torch.Tensor, count: int) -> torch.Tensor:
@@ -161,7 +241,9 @@ def smallest_directions(basis: torch.Tensor, count: int) -> torch.Tensor:
 def _cache_key(w: torch.Tensor, config: NullLoRAConfig) -> str:
     digest = hashlib.sha256(w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     digest.update(
-        json.dumps([list(w.shape), config.rtol, config.min_rank, config.max_rank]).encode()
+        json.dumps(
+            [list(w.shape), config.rtol, config.storage_dtype, config.min_rank, config.max_rank, 2]
+        ).encode()
     )
     return digest.hexdigest()[:32]
 
@@ -174,13 +256,18 @@ def cached_null_space(w: torch.Tensor, config: NullLoRAConfig) -> dict:
 
     path = Path(config.cache_dir) / f"nullspace-{_cache_key(w, config)}.safetensors"
     ints = ("left_nullity", "right_nullity", "half_rank")
+    floats = ("null_leak",)
     if path.is_file():
         data = load_file(str(path))
-        return {k: (int(v) if k in ints else v) for k, v in data.items()}
+        return {
+            k: (int(v) if k in ints else float(v) if k in floats else v) for k, v in data.items()
+        }
     result = null_space(w, config)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: (torch.tensor(v) if k in ints else v) for k, v in result.items()}, str(tmp))
+    save_file(
+        {k: (torch.tensor(v) if k in ints + floats else v) for k, v in result.items()}, str(tmp)
+    )
     os.replace(tmp, path)
     return result
 
@@ -201,15 +288,22 @@ class NullLoRALinear(AdapterModule):
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.register_buffer("null_left", ns["left"].to(**kw))
         self.register_buffer("null_right", ns["right"].to(**kw))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, h, **kw))
-        self.lora_A = nn.Parameter(torch.zeros(h, d_in, **kw))
-        self.scale = nn.Parameter(torch.ones(2 * h, **kw))
+        factors = {
+            "lora_B": torch.zeros(d_out, h, **kw),
+            "lora_A": torch.zeros(h, d_in, **kw),
+            "scale": torch.ones(2 * h, **kw),
+        }
+        for name, tensor in factors.items():
+            if h:
+                setattr(self, name, nn.Parameter(tensor))
+            else:  # no null space: no update and nothing to train (ZeRO-3 refuses empty params)
+                self.register_buffer(name, tensor)
         self.transposed = is_conv1d(base)
         self.routing = make_routing(config, layer_name, d_in)
         self.lora_A_visual = None
         if self.routing is not None:
             self.mergeable = self.lora_reducible = False
-            if self.routing.separate:
+            if self.routing.separate and h:
                 visual = torch.zeros(2 * h, self.routing.visual_dim, **kw)
                 nn.init.orthogonal_(visual[:h])
                 self.lora_A_visual = nn.Parameter(visual)
@@ -221,6 +315,7 @@ class NullLoRALinear(AdapterModule):
             "rank": 2 * h,
             "left_exact": ns["left_nullity"] >= h,
             "right_exact": ns["right_nullity"] >= h,
+            "null_leak": ns["null_leak"],
         }
 
     @property
@@ -248,6 +343,8 @@ class NullLoRALinear(AdapterModule):
     def forward(
         self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
     ) -> torch.Tensor:
+        if not self.lora_A.shape[0]:
+            return y  # rank 0: the layer has no null space
         z, b = self.bottleneck(x), self.up_columns()
         if self.routing is not None:
             z = self.routing(z, layer, self.visual_bottleneck)

@@ -129,7 +129,7 @@ def _pair_median(sq: torch.Tensor) -> torch.Tensor:
     return sq.detach()[..., iu[0], iu[1]].median(dim=-1).values
 
 
-def _centered_alignment(k: torch.Tensor) -> torch.Tensor:
+def _centered_alignment(k: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """Σ_{i<j} HSIC(K_i, K_j)/√(HSIC_ii HSIC_jj) for kernels k (..., r, N, N), centring in closed
     form. (Expanding tr(K_i M K_j M) into uncentred Gram terms avoids the centred copies but loses
     ~2 % to cancellation in float32 at N = 512: not done.)"""
@@ -137,7 +137,15 @@ def _centered_alignment(k: torch.Tensor) -> torch.Tensor:
     flat = kc.flatten(-2)
     t = flat @ flat.mT  # tr(K_i M K_j M) = <M K_i M, M K_j M>
     d = t.diagonal(dim1=-2, dim2=-1).clamp_min(EPS).sqrt()
-    return _pair_sum(t / (d[..., :, None] * d[..., None, :]))
+    return _pair_sum(t / (d[..., :, None] * d[..., None, :]) * pairs)
+
+
+def _live_pairs(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., r, r) 1 where both components carry an increment, else 0. A component whose b_i is
+    zero (a zero-initialised LoRA B) or whose z_i is zero over the samples has Δh_i = 0: its pairs
+    are 0/0 in Eq. 7 and contribute nothing (and no gradient) to any kind."""
+    live = (b.detach().square().sum(-2) > 0) & (z.detach().square().sum(-2) > 0)
+    return (live[..., :, None] & live[..., None, :]).to(z.dtype)
 
 
 def subspace_penalty(
@@ -153,7 +161,8 @@ def subspace_penalty(
         **params: beta (euclidean), sigma_frac, max_samples, seed (kernel).
 
     Returns:
-        A tensor of the leading shape (a scalar for 2-D inputs), differentiable in z and b.
+        A tensor of the leading shape (a scalar for 2-D inputs), differentiable in z and b. Pairs
+        with a component that carries no increment (b_i = 0 or z_i = 0) contribute 0.
 
     Example:
         >>> z = torch.tensor([[1.0, 2.0], [2.0, 4.0]])  # both columns parallel: fully redundant
@@ -171,17 +180,18 @@ def subspace_penalty(
         )
     dtype = torch.promote_types(torch.promote_types(z.dtype, b.dtype), torch.float32)
     z, b = z.to(dtype), b.to(dtype)
+    pairs = _live_pairs(z, b)
     if kind == "linear":
-        return _pair_sum(_cos_gram(z) ** 2)
+        return _pair_sum(_cos_gram(z) ** 2 * pairs)
     if kind == "cosine":
         s = torch.sign(z)
-        return _pair_sum(_cos_gram(b) * (s.mT @ s) / z.shape[-2])
+        return _pair_sum(_cos_gram(b) * (s.mT @ s) / z.shape[-2] * pairs)
     if kind == "euclidean":
         g = b.mT @ b  # (..., r, r)
         sq = z.square() * g.diagonal(dim1=-2, dim2=-1)[..., None, :]  # z_ni² G_ii
         cross = z[..., :, :, None] * z[..., :, None, :] * g[..., None, :, :]  # (..., N, r, r)
         dist = (sq[..., :, :, None] + sq[..., :, None, :] - 2 * cross).clamp_min(0)
-        return _pair_sum(torch.exp(-params.get("beta", 1.0) * dist).mean(-3))
+        return _pair_sum(torch.exp(-params.get("beta", 1.0) * dist).mean(-3) * pairs)
     if kind == "kernel":
         z = subsample(z, params.get("max_samples", 512), params.get("seed", 0))
         zt = z.mT  # (..., r, N)
@@ -192,7 +202,7 @@ def subspace_penalty(
         norms2 = b.square().sum(-2)  # (..., r), with gradient
         sigma = params.get("sigma_frac", 0.5) * norms2.detach().sqrt() * _pair_median(sq).sqrt()
         scale = -norms2 / (2 * sigma.clamp_min(EPS) ** 2)
-        return _centered_alignment(torch.exp(sq * scale[..., None, None]))
+        return _centered_alignment(torch.exp(sq * scale[..., None, None]), pairs)
     raise ValueError(f"unknown ReSoRA kind {kind!r}; choose one of {list(KINDS)}")
 
 
@@ -267,8 +277,16 @@ class Recorder:
 def enable_resora(module: nn.Module, enabled: bool = True) -> None:
     """Attaches a recorder to every adapted layer of ``module`` (``enabled=False``: detaches it;
     nothing is then kept and the layers pay nothing). Adapters added later join the recorder."""
+    layers = list(adapted_layers(module))
+    for path, layer in layers:
+        for name, adapter in layer.adapters.items():
+            if enabled and not adapter.records:
+                raise TypeError(
+                    f"ReSoRA cannot regularise adapter {name!r} at {path} "
+                    f"({type(adapter).__name__}): its update has no rank-1 components"
+                )
     recorder = Recorder() if enabled else None
-    for _, layer in adapted_layers(module):
+    for _, layer in layers:
         layer.recorder = recorder
 
 

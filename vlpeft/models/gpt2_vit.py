@@ -1,11 +1,11 @@
 """GPT-2 + ViT for captioning (the Qu et al. 2024 decoder-only setting).
 
-The ViT's pooled [CLS], projected to GPT-2's width, is a one-token prefix; then ``bos``, an
+The ViT's [CLS] feature (as it is by default; see :mod:`vlpeft.models.vit`) is a one-token prefix; then ``bos``, an
 optional prompt (``batch["text"]``), the caption and one ``eos``. The LM loss covers caption and
 ``eos`` only: prefix, prompt and padding positions are ignored (the reference code also trained on
 the padded ``eos`` positions). Greedy or beam generation continues from prefix + ``bos`` + prompt.
 
-x_R for routed adapters in GPT-2: the prefix vector.
+x_R for routed adapters in GPT-2: the prefix vector. Trained by default: the adapters only.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class Gpt2VitConfig(ModelConfig):
     Args:
         vision: ``transformers.ViTConfig`` keyword arguments.
         text: ``transformers.GPT2Config`` keyword arguments.
+        visual_mapping: a trainable Linear from the ViT's width to the LM's (default: none, the
+            paper's; required when the widths differ). See :mod:`vlpeft.models.vit`.
+        visual_feature: ``"cls"`` (the [CLS] hidden state, default) or ``"pooler"``.
         weights: ``{"vision": ViT hub id / directory, "text": GPT-2 hub id / directory}``.
     """
 
@@ -44,6 +47,8 @@ class Gpt2VitConfig(ModelConfig):
     text: dict = dataclasses.field(default_factory=dict)
     image_mean: tuple = VIT_MEAN
     image_std: tuple = VIT_STD
+    visual_mapping: bool = False
+    visual_feature: str = "cls"
 
     @property
     def image_size(self) -> int:
@@ -70,7 +75,7 @@ class Gpt2Vit(VLModel):
     }
     default_components = ("decoder",)
     default_kinds = {"lora": ("q", "v"), "adapter": ("o", "ffn_out")}  # LoRA on q, v (Sec. 2.1)
-    trainable_patterns = (r"^visual\.",)
+    trainable_patterns = ()  # the visual mapping when configured
     wrap_text = False
 
     def __init__(self, config: Gpt2VitConfig) -> None:
@@ -88,7 +93,11 @@ class Gpt2Vit(VLModel):
         self.gpt2 = build_pretrained_or_random(
             GPT2LMHeadModel, GPT2Config, text, weights.get("text"), "GPT-2"
         )
-        self.visual = VisualToken(self.vit, self.gpt2.config.n_embd)
+        self.visual = VisualToken(
+            self.vit, self.gpt2.config.n_embd, config.visual_mapping, config.visual_feature,
+            self.family,
+        )  # fmt: skip
+        self.trainable_patterns = (r"^visual\.",) if config.visual_mapping else ()
 
     @classmethod
     def default_kinds_for(cls, config) -> tuple[str, ...]:

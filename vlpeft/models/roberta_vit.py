@@ -1,13 +1,14 @@
 """RoBERTa + ViT for VQA as classification (the Qu et al. 2024 encoder-only setting).
 
-The ViT's pooled [CLS], projected to RoBERTa's width, is prepended as the first token of RoBERTa's
-input embeddings (the text is embedded once; positions and LayerNorm are RoBERTa's own). The
+The ViT's [CLS] feature (as it is by default; see :mod:`vlpeft.models.vit`) is prepended as the
+first token of RoBERTa's input embeddings (the text is embedded once; positions and LayerNorm are RoBERTa's own). The
 ``<s>`` state (position 1) feeds a 2-layer MLP classifier over the answer vocabulary (Linear →
 GELU → LayerNorm → Linear, as in VL-T5/LXMERT), trained with binary cross-entropy on the soft VQA
 scores (× the number of answers, the usual scaling). Answers outside the vocabulary have target 0:
 that is what the classifier formulation means, and the task reports the coverage of its vocabulary.
 
-x_R for routed adapters in RoBERTa: the projected visual token.
+x_R for routed adapters in RoBERTa: the visual token. Trained by default: the adapters and the
+classifier only (Sec. 4.1).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class RobertaVitConfig(ModelConfig):
         answers: the answer vocabulary (the task sets it from its training split); when empty,
             ``num_answers`` unnamed classes.
         num_answers: classifier size when ``answers`` is empty (VQAv2: 3129).
+        visual_mapping: a trainable Linear from the ViT's width to the LM's (default: none, the
+            paper's; required when the widths differ). See :mod:`vlpeft.models.vit`.
+        visual_feature: ``"cls"`` (the [CLS] hidden state, default) or ``"pooler"``.
         weights: ``{"vision": ViT hub id / directory, "text": RoBERTa hub id / directory}``.
     """
 
@@ -52,6 +56,8 @@ class RobertaVitConfig(ModelConfig):
     num_answers: int = 3129
     image_mean: tuple = VIT_MEAN
     image_std: tuple = VIT_STD
+    visual_mapping: bool = False
+    visual_feature: str = "cls"
 
     @property
     def image_size(self) -> int:
@@ -73,7 +79,7 @@ class RobertaVit(VLModel):
         "ffn": rf"(?:intermediate\.dense|output\.dense|{VIT_KINDS['ffn']})",
     }
     default_components = ("text",)
-    trainable_patterns = (r"^visual\.", r"^classifier\.")
+    trainable_patterns = (r"^classifier\.",)  # + the visual mapping when configured
     classifies_answers = True
 
     def __init__(self, config: RobertaVitConfig) -> None:
@@ -91,7 +97,12 @@ class RobertaVit(VLModel):
             RobertaModel, RobertaConfig, text, weights.get("text"), "RoBERTa"
         )
         width = self.roberta.config.hidden_size
-        self.visual = VisualToken(self.vit, width)
+        self.visual = VisualToken(
+            self.vit, width, config.visual_mapping, config.visual_feature, self.family
+        )
+        self.trainable_patterns = (r"^classifier\.",) + (
+            (r"^visual\.",) if config.visual_mapping else ()
+        )
         self.answers = list(config.answers) or [str(i) for i in range(config.num_answers)]
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
         self.classifier = nn.Sequential(

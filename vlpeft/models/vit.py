@@ -1,5 +1,16 @@
-"""The ViT half shared by ``roberta-vit`` and ``gpt2-vit``: a transformers ViTModel whose pooled
-[CLS] feature, projected to the language model's width, is the single visual token (and x_R)."""
+"""The ViT half shared by ``roberta-vit`` and ``gpt2-vit``: a transformers ViTModel whose [CLS]
+feature is the single visual token prepended to the text, and x_R.
+
+Qu et al. 2024, Sec. 4.1 / Fig. 3: "The [CLS] feature from the ViT is prepended to the text inputs
+and acts as x_R … The ViT and LMs adopt the same dimensions for their feature spaces, so we do not
+need additional mappings", and only the classifier and the PEFT modules train. So by default
+(``visual_mapping: false``) the feature goes in as it is, and nothing outside the adapters (and
+the VQA classifier) trains — in the no-routing baseline too. The feature is the [CLS] hidden
+state (``visual_feature: "cls"``, the paper's "[CLS] feature"; the official code's default feeds
+all of ViT's last hidden states, its ``--vit_use_pooler`` the dense+tanh pooler output, which
+``"pooler"`` selects). ``visual_mapping: true`` adds a trainable Linear from the ViT's width to
+the language model's (declared trainable); it is required, with a clear error, when they differ.
+"""
 
 from __future__ import annotations
 
@@ -39,15 +50,32 @@ def build_vit(kwargs: dict, source: str | None) -> nn.Module:
     return build_pretrained_or_random(ViTModel, ViTConfig, kwargs, source, "ViT")
 
 
-class VisualToken(nn.Module):
-    """Pooled ViT [CLS] (dense + tanh pooler) → trainable Linear to the text width: (B, d_text)."""
+FEATURES = ("cls", "pooler")
 
-    def __init__(self, vit: nn.Module, width: int) -> None:
+
+class VisualToken(nn.Module):
+    """The ViT [CLS] hidden state (or pooler output) as one token of the text width: (B, d_text);
+    through a trainable Linear only with ``mapping`` (required when the widths differ)."""
+
+    def __init__(
+        self, vit: nn.Module, width: int, mapping: bool = False, feature: str = "cls", family=""
+    ) -> None:
         super().__init__()
-        self.proj = nn.Linear(vit.config.hidden_size, width)
+        if feature not in FEATURES:
+            raise ValueError(f"{family}: visual_feature must be one of {FEATURES}, got {feature!r}")
+        d_vit = vit.config.hidden_size
+        if not mapping and d_vit != width:
+            raise ValueError(
+                f"{family}: the ViT's width {d_vit} differs from the language model's {width}; "
+                "the paper's setting needs equal widths (no mapping): set visual_mapping: true for "
+                "a trainable Linear between them"
+            )
+        self.feature = feature
+        self.proj = nn.Linear(d_vit, width) if mapping else None
 
     def forward(self, vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        dtype = self.proj.weight.dtype
+        weight = next(vit.parameters())
         set_token_masks(vit, None)  # [CLS] and every patch are real
-        pooled = vit(pixel_values=images.to(self.proj.weight.device, dtype)).pooler_output
-        return self.proj(pooled)
+        out = vit(pixel_values=images.to(weight.device, weight.dtype))
+        token = out.pooler_output if self.feature == "pooler" else out.last_hidden_state[:, 0]
+        return token if self.proj is None else self.proj(token.to(self.proj.weight.dtype))
