@@ -22,7 +22,9 @@ from vlpeft.adapters.resora import KINDS, subsample, subspace_penalty
 RESULTS = Path(__file__).parent / "results"
 
 
-def naive_penalty(z, b, kind, beta=1.0, sigma_frac=0.5, max_samples=512, seed=0):
+def naive_penalty(
+    z, b, kind, beta=1.0, sigma_frac=0.5, max_samples=512, seed=0, shared_sigma=False
+):
     """The paper's Eq. 5-8 written literally over Δh_i^n = b_i z_ni (r × N × d_out materialised)."""
     r = z.shape[1]
     pairs = [(i, j) for i in range(r) for j in range(i + 1, r)]
@@ -52,9 +54,10 @@ def naive_penalty(z, b, kind, beta=1.0, sigma_frac=0.5, max_samples=512, seed=0)
         m = torch.eye(n, dtype=z.dtype) - torch.ones(n, n, dtype=z.dtype) / n
         iu = torch.triu_indices(n, n, 1)
         ks = []
-        for i in range(r):
-            d = torch.cdist(dh[i], dh[i])
-            sigma = sigma_frac * d[iu[0], iu[1]].detach().median()
+        dists = [torch.cdist(dh[i], dh[i]) for i in range(r)]
+        shared = torch.cat([d[iu[0], iu[1]] for d in dists]).detach().median()
+        for d in dists:
+            sigma = sigma_frac * (shared if shared_sigma else d[iu[0], iu[1]].detach().median())
             ks.append(torch.exp(-d.square() / (2 * sigma**2)))
         for i, j in pairs:
             num = torch.trace(ks[i] @ m @ ks[j] @ m)

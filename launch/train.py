@@ -477,6 +477,7 @@ def finish(run: Run, model, seconds: float, logger) -> dict:
         "method": method_name(config), "trainable": trainable, "total": total_params,
         "processes": run.world, "deepspeed": config.deepspeed.enabled,
         "train_seconds": round(seconds, 1), "steps": run.step, "results": results,
+        "weights": getattr(model, "weight_sources", {}), "init_from": config.train.init_from,
     }  # fmt: skip
     write_json(run_dir / "run.json", summary)
     markdown = render_markdown([summary])

@@ -442,3 +442,22 @@ def test_vit_pair_trains_only_the_adapters_and_the_classifier(family):
     )
     with pytest.raises(ValueError, match="visual_mapping: true"):
         build_model(family, "tiny", vision={"hidden_size": 48, "num_attention_heads": 2})
+
+
+def test_blip_records_which_checkpoint_each_part_came_from(tmp_path):
+    """One head loads its checkpoint whole; several heads say which part came from where."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering
+
+    tiny = build_model("blip", "tiny", heads=["vqa"]).config.blip
+    config = BlipConfig(**{k: v for k, v in tiny.items()})
+    BlipForQuestionAnswering(config).save_pretrained(tmp_path / "vqa")
+    BlipForConditionalGeneration(config).save_pretrained(tmp_path / "cap")
+    weights = {"vqa": str(tmp_path / "vqa"), "caption": str(tmp_path / "cap")}
+    one = build_model("blip", "tiny", heads=["caption"], pretrained=True, weights=weights)
+    assert set(one.weight_sources.values()) == {
+        f"{tmp_path / 'cap'} (BlipForConditionalGeneration)"
+    }
+    both = build_model("blip", "tiny", heads=["vqa", "caption"], pretrained=True, weights=weights)
+    # the captioning head runs with the VQA checkpoint's decoder: said, not hidden
+    assert both.weight_sources["text_decoder"].startswith(str(tmp_path / "vqa"))
+    assert set(both.weight_sources) == {"vision_model", "text_encoder", "text_decoder"}

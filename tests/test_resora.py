@@ -12,12 +12,12 @@ from vlpeft.adapters import AdapterConfig, FLoRAConfig, LoRAConfig, NullLoRAConf
 from vlpeft.adapters.resora import KINDS, recorder_of, subspace_penalty
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_closed_form_equals_naive_with_equal_gradients(kind):
+@pytest.mark.parametrize(("kind", "shared"), [(k, False) for k in KINDS] + [("kernel", True)])
+def test_closed_form_equals_naive_with_equal_gradients(kind, shared):
     g = torch.Generator().manual_seed(0)
     z = (torch.randn(40, 5, generator=g, dtype=torch.float64) * 0.7).requires_grad_()
     b = (torch.randn(12, 5, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
-    params = {"beta": 0.7, "sigma_frac": 0.8, "max_samples": 25, "seed": 3}
+    params = {"beta": 0.7, "sigma_frac": 0.8, "max_samples": 25, "seed": 3, "shared_sigma": shared}
     fast = subspace_penalty(z, b, kind, **params)
     ref = naive(z, b, kind, **params)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-8)

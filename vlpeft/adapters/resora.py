@@ -14,7 +14,9 @@ i < j and reduce to r×r Gram matrices — the d_out-sized Δh_i are never built
   ‖ΔH_i ΔH_jᵀ‖²_F / (‖ΔH_i ΔH_iᵀ‖_F ‖ΔH_j ΔH_jᵀ‖_F) equals cos²(z_i, z_j): Σ_{i<j} K_ij²/(K_ii K_jj), K = zᵀz.
 - ``kernel`` (Eq. 8): centred-kernel alignment Σ_{i<j} tr(K_i M K_j M)/√(tr((K_i M)²) tr((K_j M)²))
   with K_i(p, q) = exp(−‖Δh_i^p − Δh_i^q‖²/(2σ_i²)) and σ_i = ``sigma_frac`` × the median pairwise
-  distance (treated as a constant). Since ‖Δh_i^p − Δh_i^q‖ = ‖b_i‖·|z_pi − z_qi| and σ_i scales with
+  distance (treated as a constant). The paper's "σ … a fraction of the median sample distances"
+  names one σ; we read it per subspace (each K_i on its own scale, default) and offer
+  ``sigma="shared"``: one σ from the median over all subspaces' distances. Since ‖Δh_i^p − Δh_i^q‖ = ‖b_i‖·|z_pi − z_qi| and σ_i scales with
   ‖b_i‖, K_i depends on z only. Costs O(r·N²): N is subsampled to ``max_samples`` with a fixed seed.
 
 ``samples="weight"`` is the weight-level variant: the components of ΔW = Σ_i b_i a_iᵀ themselves,
@@ -63,6 +65,7 @@ class ReSoRAConfig(Config):
             "weight" (weight-level components, no activations).
         beta: β of the euclidean kind.
         sigma_frac: σ of the kernel kind as a fraction of the median pairwise distance.
+        sigma: "per_subspace" (each K_i its own σ_i, default) or "shared" (one σ over all).
         max_samples: cap on N for the kernel kind (subsampled with a fixed seed).
         seed: seed of that subsampling.
         reduction: "mean" (default) or "sum" over the adapter layers.
@@ -74,11 +77,16 @@ class ReSoRAConfig(Config):
     samples: str = "tokens"
     beta: float = 1.0
     sigma_frac: float = 0.5
+    sigma: str = "per_subspace"
     max_samples: int = 512
     seed: int = 0
     reduction: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.sigma not in ("per_subspace", "shared"):
+            raise ValueError(
+                f"ReSoRAConfig.sigma must be 'per_subspace' or 'shared', got {self.sigma!r}"
+            )
         if self.reduction not in REDUCTIONS:
             raise ValueError(
                 f"ReSoRAConfig.reduction must be one of {list(REDUCTIONS)}, got {self.reduction!r}"
@@ -98,6 +106,7 @@ class ReSoRAConfig(Config):
         return {
             "beta": self.beta,
             "sigma_frac": self.sigma_frac,
+            "shared_sigma": self.sigma == "shared",
             "max_samples": self.max_samples,
             "seed": self.seed,
         }
@@ -158,7 +167,7 @@ def subspace_penalty(
         b: (..., d_out, r) up-projection columns (the same leading dimensions: a batch of layers
             of one shape, penalised in one set of kernels).
         kind: euclidean, cosine, linear or kernel.
-        **params: beta (euclidean), sigma_frac, max_samples, seed (kernel).
+        **params: beta (euclidean), sigma_frac, shared_sigma, max_samples, seed (kernel).
 
     Returns:
         A tensor of the leading shape (a scalar for 2-D inputs), differentiable in z and b. Pairs
@@ -200,7 +209,14 @@ def subspace_penalty(
         # constant) = sigma_frac·‖b_i‖·√median((z_pi − z_qi)²): K_i = exp(sq·c_i), one scale per
         # subspace, instead of building the distances, their square and the quotient N × N-sized
         norms2 = b.square().sum(-2)  # (..., r), with gradient
-        sigma = params.get("sigma_frac", 0.5) * norms2.detach().sqrt() * _pair_median(sq).sqrt()
+        if params.get("shared_sigma", False):  # one σ: the median over every subspace's distances
+            n = sq.shape[-1]
+            iu = torch.triu_indices(n, n, offset=1, device=sq.device)
+            dist2 = (sq.detach() * norms2.detach()[..., None, None])[..., iu[0], iu[1]]
+            shared = dist2.flatten(-2).median(dim=-1).values.sqrt()  # (...)
+            sigma = params.get("sigma_frac", 0.5) * shared[..., None].expand_as(norms2)
+        else:
+            sigma = params.get("sigma_frac", 0.5) * norms2.detach().sqrt() * _pair_median(sq).sqrt()
         scale = -norms2 / (2 * sigma.clamp_min(EPS) ** 2)
         return _centered_alignment(torch.exp(sq * scale[..., None, None]), pairs)
     raise ValueError(f"unknown ReSoRA kind {kind!r}; choose one of {list(KINDS)}")

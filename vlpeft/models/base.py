@@ -202,6 +202,11 @@ class VLModel(nn.Module):
         return self._tokenizer
 
     @property
+    def weight_sources(self) -> dict[str, str]:
+        """Component → the pretrained weights it was loaded from (empty for random weights)."""
+        return dict(self.config.weights) if self.config.pretrained else {}
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 

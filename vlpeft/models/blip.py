@@ -16,8 +16,13 @@ real; a text component's layers take its text's padding mask, their cross-attent
 the mask of what they read (image states: all real; the VQA question: its padding).
 
 Pretrained weights: ``weights`` maps a head to a checkpoint (hub id or directory) of
-``BlipForImageTextRetrieval`` / ``BlipForQuestionAnswering`` / ``BlipForConditionalGeneration``;
-each part comes from the first listed head's checkpoint that has it. Original BLIP ``.pth``
+``BlipForImageTextRetrieval`` / ``BlipForQuestionAnswering`` / ``BlipForConditionalGeneration``.
+A model built for one head loads that head's checkpoint whole — the published model (build one
+head per run to compare with a paper). With several heads each shared part comes from the first
+listed head's checkpoint that has it, so e.g. captioning would run with the VQA checkpoint's
+decoder: ``weight_sources`` says which part came from where (logged, and recorded in the run's
+``run.json``). Whether a run starts from pre-trained or task-fine-tuned BLIP weights matters when
+comparing with the papers (some anchors start from VQA-fine-tuned weights): the run records it. Original BLIP ``.pth``
 checkpoints (``model_base.pth``, ``model_base_retrieval_coco.pth``, … as used by UniAdapter and
 Aurora) convert with ``python -m launch.convert_blip CKPT OUT_DIR --head retrieval`` into a
 directory the ``weights`` entry can name (:func:`convert_original_state_dict` does the renaming).
@@ -26,6 +31,7 @@ directory the ``weights`` entry can name (:func:`convert_original_state_dict` do
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 from typing import Any
@@ -46,6 +52,8 @@ from .base import (
     register_family,
 )
 from .clip_bart import CLIP_MEAN, CLIP_STD
+
+log = logging.getLogger(__name__)
 
 HEADS = ("retrieval", "vqa", "caption")
 PARTS = {
@@ -195,6 +203,7 @@ class Blip(VLModel):
         cfg = transformers.BlipConfig(**blip)
         self.text_config = cfg.text_config
         needed = {part for head in config.heads for part in PARTS[head]}
+        self.part_sources: dict[str, str] = {}
         parts = self._pretrained_parts(needed) if config.pretrained else {}
         builders = {
             "vision_model": lambda: transformers.BlipVisionModel(cfg.vision_config),
@@ -239,8 +248,17 @@ class Blip(VLModel):
             except OSError as err:
                 raise missing_weights(f"BLIP {head}", source, err) from err
             for part in PARTS[head]:
-                parts.setdefault(part, getattr(loaded, part))
+                if part not in parts:
+                    parts[part] = getattr(loaded, part)
+                    self.part_sources[part] = f"{source} ({CLASSES[head]})"
+        if len(self.config.heads) > 1:
+            log.info("blip: %s", ", ".join(f"{p} from {s}" for p, s in self.part_sources.items()))
         return parts
+
+    @property
+    def weight_sources(self) -> dict[str, str]:
+        """Which checkpoint each pretrained part came from (a run records it)."""
+        return dict(self.part_sources)
 
     # -- encoders -----------------------------------------------------------------------------
     def image_states(self, images: torch.Tensor) -> torch.Tensor:
