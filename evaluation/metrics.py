@@ -144,7 +144,8 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
             {"answer"}], ``answer_type``, ``question_type``), one per predicted question.
 
     Returns:
-        ``{"overall", "perAnswerType": {type: acc}, "perQuestionType": {type: acc}}``.
+        ``{"overall", "perAnswerType": {type: acc}, "perQuestionType": {type: acc},
+        "perQuestion": {question_id: acc}}`` — the official ``accuracy`` and ``evalQA``.
     """
     predicted = {p["question_id"]: p["answer"] for p in predictions}
     annotated = {a["question_id"] for a in annotations}
@@ -154,10 +155,12 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
             f"vqa_accuracy: predictions and annotations differ (missing {missing[:5]}, extra {extra[:5]})"
         )
     per_answer, per_question, overall = defaultdict(list), defaultdict(list), []
+    each = {}
     for ann in annotations:
         acc = vqa_question_accuracy(
             predicted[ann["question_id"]], [a["answer"] for a in ann["answers"]]
         )
+        each[ann["question_id"]] = round(100 * acc, 2)
         overall.append(acc)
         per_answer[ann["answer_type"]].append(acc)
         per_question[ann["question_type"]].append(acc)
@@ -169,6 +172,7 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
         "overall": pct(overall),
         "perAnswerType": {k: pct(v) for k, v in sorted(per_answer.items())},
         "perQuestionType": {k: pct(v) for k, v in sorted(per_question.items())},
+        "perQuestion": each,
     }
 
 

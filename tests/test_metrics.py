@@ -125,6 +125,7 @@ def test_vqa_accuracy_overall_and_per_type():
     assert out["overall"] == pytest.approx(round(100 * 2 / 3, 2))
     assert out["perAnswerType"] == {"number": 100.0, "yes/no": 50.0}
     assert out["perQuestionType"]["is the"] == 50.0
+    assert out["perQuestion"] == {1: 100.0, 2: 100.0, 3: 0.0}  # the official evalQA
     with pytest.raises(ValueError, match="missing"):
         vqa_accuracy(preds[:2], ann)
 

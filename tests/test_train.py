@@ -247,8 +247,15 @@ def test_init_from_starts_exactly_from_a_finished_run(data, tmp_path):
         started.scheduler.get_last_lr()[0] == config.train.lr
     )  # a fresh schedule (no warm-up here)
     summary = train_module.train(load_config(None, data=stage2), tmp_path / "stage2")
-    assert summary["steps"] == 2
-    other = clip_bart_config(data, init_from=str(tmp_path / "stage1"))
-    other["adapters"]["default"]["r"] = 8
-    with pytest.raises(RunError, match=r"differs in \['adapters'\]"):
-        train_module.setup(load_config(None, data=other), tmp_path / "other", 0, 1)
+    assert summary["steps"] == 2 and summary["init_from"] == str(tmp_path / "stage1")
+    # --resume of the later stage continues it from its own checkpoint, not from stage 1 again
+    longer = {**stage2, "train": {**stage2["train"], "steps": 4}}
+    run_dir = tmp_path / "stage2b"
+    train_module.train(load_config(None, data=longer), run_dir)
+    shutil.rmtree(tmp_path / "stage1" / "adapters")  # resuming must not need it any more
+    finished = load_file(run_dir / "adapters" / "adapter_model.safetensors")
+    resumed = train_module.train(load_config(None, data=longer), run_dir, resume=True)
+    assert resumed["steps"] == 4
+    again = load_file(run_dir / "adapters" / "adapter_model.safetensors")
+    for key, tensor in finished.items():
+        assert torch.equal(again[key], tensor), key  # step 3's checkpoint → step 4, the same
