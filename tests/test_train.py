@@ -230,7 +230,6 @@ def test_denoising_warm_start_learns_and_loads_as_pretrained(data, tmp_path):
 def test_init_from_starts_exactly_from_a_finished_run(data, tmp_path):
     """train.init_from: a later stage (ReSoRA's stage 2) starts from a finished run's adapters and
     trained tensors with a fresh optimizer and schedule; another adapter layout is refused."""
-    from launch.run import RunError
     from vlpeft.checkpoint import adapter_state_dict
 
     run(data, tmp_path / "stage1", steps=3)
