@@ -1,7 +1,8 @@
 """One table over runs: ``python -m evaluation.leaderboard RUN_DIR… [--out FILE] [--split S]``.
 
 Columns: run, method, backbone, trainable parameters, training time, each task's headline metric
-(accuracy; CIDEr for captions; mean recall for retrieval) on the split, and their average. Written
+(accuracy; CIDEr for captions; mean recall for retrieval) on the split, and their average over the
+tasks all rows share (rows with different task sets are not ranked on different things). Written
 as Markdown (``--out``, default ``leaderboard.md``) plus ``.csv``, ``.json`` and a ``.png`` bar chart
 beside it; the Markdown is printed.
 """
@@ -26,18 +27,22 @@ def load_summary(run_dir: Path) -> dict:
 
 
 def rows(summaries: list[dict], split: str = "test") -> tuple[list[str], list[dict]]:
-    """The task columns and one row per run (headline metrics of ``split``)."""
+    """The task columns and one row per run (headline metrics of ``split``).
+
+    ``average`` is over the tasks *every* row has, so rows are ranked on the same thing (a
+    retrieval-only row and a four-task row share none: no average, "–")."""
     tasks = sorted(
         {k.split("/")[0] for s in summaries for k in s["results"] if k.endswith(f"/{split}")}
     )
+    shared = [t for t in tasks if all(f"{t}/{split}" in s["results"] for s in summaries)]
     table = []
     for s in summaries:
         scores = {t: s["results"].get(f"{t}/{split}") for t in tasks}
-        present = [v for v in scores.values() if v is not None]
+        common = [scores[t] for t in shared]
         table.append({
             "run": s["run"], "method": s["method"], "backbone": s.get("backbone") or f"{s['family']} ({s['preset']})",
             "trainable": s["trainable"], "train_s": s["train_seconds"], **scores,
-            "average": sum(present) / len(present) if present else None,
+            "average": sum(common) / len(common) if common else None,
         })  # fmt: skip
     return tasks, table
 

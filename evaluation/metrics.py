@@ -16,9 +16,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import os
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -147,8 +151,21 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
         ``{"overall", "perAnswerType": {type: acc}, "perQuestionType": {type: acc},
         "perQuestion": {question_id: acc}}`` — the official ``accuracy`` and ``evalQA``.
     """
-    predicted = {p["question_id"]: p["answer"] for p in predictions}
-    annotated = {a["question_id"] for a in annotations}
+    predicted: dict = {}
+    for p in predictions:
+        if p["question_id"] in predicted:
+            raise ValueError(f"vqa_accuracy: two predictions for question_id {p['question_id']}")
+        if not isinstance(p["answer"], str):
+            raise ValueError(
+                f"vqa_accuracy: the answer of question_id {p['question_id']} is "
+                f"{type(p['answer']).__name__}, not a string"
+            )
+        predicted[p["question_id"]] = p["answer"]
+    annotated: set = set()
+    for a in annotations:
+        if a["question_id"] in annotated:
+            raise ValueError(f"vqa_accuracy: two annotations for question_id {a['question_id']}")
+        annotated.add(a["question_id"])
     if set(predicted) != annotated:
         missing, extra = sorted(annotated - set(predicted)), sorted(set(predicted) - annotated)
         raise ValueError(
@@ -227,9 +244,15 @@ def caption_scores(
 
     if set(predictions) != set(references):
         raise ValueError("caption_scores: predictions and references cover different images")
+    bad = [k for k, c in predictions.items() if not isinstance(c, str)]
+    if bad:
+        raise ValueError(f"caption_scores: the caption of image {bad[0]!r} is not a string")
     tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
-    res = tokenizer.tokenize({k: [{"caption": c}] for k, c in predictions.items()})
+    with _quiet():  # pycocoevalcap prints its own progress lines: the output stays ours
+        gts = tokenizer.tokenize(
+            {k: [{"caption": c} for c in refs] for k, refs in references.items()}
+        )
+        res = tokenizer.tokenize({k: [{"caption": c}] for k, c in predictions.items()})
     scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
                (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]  # fmt: skip
     if spice is None:
@@ -244,20 +267,45 @@ def caption_scores(
         scorers.append((Spice(), ["SPICE"]))
     scores = {}
     for scorer, names in scorers:
-        value, _ = scorer.compute_score(gts, res)
+        with _quiet():
+            value, _ = scorer.compute_score(gts, res)
         for name, v in zip(names, value if isinstance(value, list) else [value]):
             scores[name] = 100 * float(v)
     return scores
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silences what a scorer prints to stdout and stderr, from Python or from the Java processes
+    it starts (file descriptors 1 and 2 are pointed at /dev/null for the duration)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 # -- retrieval ------------------------------------------------------------------------------------
 def _ranks(scores: np.ndarray, targets: list[np.ndarray]) -> np.ndarray:
-    """Rank (0 = first) of the best target of each row; ties count against us (a constant scorer
-    gets no credit): rank = #candidates scoring ≥ the best target's score, minus one."""
+    """Rank (0 = first) of the best target of each row: the number of *wrong* candidates scoring
+    ≥ the best correct one. Ties with a wrong candidate count against the model (a constant scorer
+    gets no credit); ties among an image's own captions do not."""
     ranks = np.empty(len(scores), dtype=int)
     for row, target in enumerate(targets):
+        wrong = np.ones(scores.shape[1], dtype=bool)
+        wrong[target] = False
         best = scores[row, target].max()
-        ranks[row] = int((scores[row] >= best).sum()) - 1
+        ranks[row] = int((scores[row, wrong] >= best).sum())
     return ranks
 
 
@@ -276,6 +324,12 @@ def retrieval_recall(
     """
     sim = np.asarray(similarity, dtype=np.float64)
     owner = np.asarray(text_to_image)
+    bad = np.isnan(sim).any(1)
+    if bad.any():  # NaN ≥ x is False: NaN scores would rank first and give R@K = 100
+        raise ValueError(
+            f"retrieval_recall: {int(bad.sum())} of {len(sim)} image rows have NaN similarities "
+            "(a diverged model?); ±inf are scores, NaN is not"
+        )
     if sim.shape[1] != len(owner):
         raise ValueError(
             f"retrieval_recall: {sim.shape[1]} texts but {len(owner)} text→image entries"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
 
 import yaml
@@ -29,7 +30,7 @@ from tasks.router import load_yaml
 from tasks.sampler import SamplerConfig
 from vlpeft.adapters import ReSoRAConfig
 from vlpeft.adapters.base import MethodConfig
-from vlpeft.config import Config, ConfigError
+from vlpeft.config import Config, ConfigError, check
 from vlpeft.models import get_family, preset_config
 
 __all__ = ["ConfigError", "TrainConfig", "apply_overrides", "load_config", "validate"]
@@ -63,7 +64,7 @@ class TrainSection(Config):
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: float = 0.1  # a fraction of the steps (< 1) or a number of steps
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # the max gradient norm; null: no clipping
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0
     log_every: int = 10
@@ -73,6 +74,26 @@ class TrainSection(Config):
     # start from a finished run's adapters and trained tensors with a fresh optimizer and
     # schedule (ReSoRA's stage 2, Zhu et al. Sec. 4.2); the same family, preset and adapter sets
     init_from: str | None = None
+    # a non-finite loss or gradient norm: stop (the last good checkpoint stays) | skip the step
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self) -> None:
+        w = "train"
+        check(self.steps >= 1, f"{w}.steps", ">= 1", self.steps)
+        check(math.isfinite(self.lr) and self.lr > 0, f"{w}.lr", "finite and > 0", self.lr)
+        check(self.weight_decay >= 0, f"{w}.weight_decay", ">= 0", self.weight_decay)
+        check(self.warmup >= 0, f"{w}.warmup", ">= 0", self.warmup)
+        check(
+            self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0),
+            f"{w}.grad_clip", "> 0 (or null for no clipping)", self.grad_clip,
+        )  # fmt: skip
+        check(self.log_every >= 1, f"{w}.log_every", ">= 1", self.log_every)
+        check(self.checkpoint_every >= 0, f"{w}.checkpoint_every", ">= 0", self.checkpoint_every)
+        check(self.keep_checkpoints >= 1, f"{w}.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        check(
+            self.on_nonfinite in ("stop", "skip"), f"{w}.on_nonfinite", "stop or skip",
+            self.on_nonfinite,
+        )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -83,6 +104,16 @@ class EvalSection(Config):
     max_new_tokens: int = 10
     num_beams: int = 1
     itm_k: int = 16
+
+    def __post_init__(self) -> None:
+        check(self.val_every >= 0, "eval.val_every", ">= 0", self.val_every)
+        check(
+            self.max_records is None or self.max_records >= 1, "eval.max_records",
+            ">= 1 (or null for all)", self.max_records,
+        )  # fmt: skip
+        check(self.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1", self.max_new_tokens)
+        check(self.num_beams >= 1, "eval.num_beams", ">= 1", self.num_beams)
+        check(self.itm_k >= 0, "eval.itm_k", ">= 0 (0: no ITM re-ranking)", self.itm_k)
 
 
 @dataclasses.dataclass
@@ -189,7 +220,11 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
         except KeyError as err:
             raise ConfigError(f"{where}: adapters.{name}: {err.args[0]}") from None
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"{where}: adapters.{name}: {err}") from None
+            message = str(err)
+            prefix = f"{where}: adapters.{name}"
+            raise ConfigError(
+                message if message.startswith(prefix) else f"{prefix}: {message}"
+            ) from None
     if config.resora is not None:
         ReSoRAConfig.from_dict(config.resora, f"{where}: resora")
     check_tasks_fit_model(config, where)

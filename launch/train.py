@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -107,7 +108,7 @@ def deepspeed_config(config: TrainConfig, world: int, micro: int = 1) -> dict:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro * world,
-        "gradient_clipping": config.train.grad_clip,
+        "gradient_clipping": config.train.grad_clip or 0.0,  # DeepSpeed: 0 = no clipping
     }
     for key, value in filled.items():
         if ds.get(key, "auto") == "auto":
@@ -279,7 +280,9 @@ class Logger:
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        # strict JSON: a non-finite value (a skipped step's loss) is written as null, never NaN
+        clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+        self.file.write(json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
         self.file.flush()
         if self.writer:
             for key, value in values.items():
@@ -310,14 +313,23 @@ class Run:
     resora: vlpeft.ReSoRAConfig | None = None
     step: int = 0
     position: tuple[int, int] = (0, 0)
+    last_finite_loss: float | None = None
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient (on_nonfinite: skip)
 
 
 def check_run_dir(run_dir: Path, resume: bool, world: int) -> None:
     """A fresh run refuses a directory that already holds one, before any heavy work."""
-    used = any((run_dir / "checkpoints").glob("step_*")) or (run_dir / "metrics.jsonl").exists()
+    checkpoints = any((run_dir / "checkpoints").glob("step_*"))
+    used = checkpoints or (run_dir / "metrics.jsonl").exists() or (run_dir / "adapters").exists()
     if used and not resume:
         raise RunError(
             f"{run_dir} holds a run already: pass --resume to continue it, or another --out"
+        )
+    if resume and not checkpoints:  # restarting would overwrite what the run wrote
+        raise RunError(
+            f"{run_dir}: --resume, but there is no checkpoint to resume from "
+            f"({'the run wrote none: train.checkpoint_every is 0?' if used else 'no run there'}); "
+            "start a fresh run with another --out"
         )
     barrier(world)  # every rank has looked before rank 0 writes
 
@@ -409,31 +421,78 @@ def resume_or_start(run: Run, resume: bool) -> None:
         truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
 
 
+class NonFiniteError(RunError):
+    """A non-finite loss or gradient norm stopped the run (``train.on_nonfinite: stop``)."""
+
+
+def all_ranks_agree(flag: bool, world: int) -> bool:
+    """True only if ``flag`` holds on every process (so all ranks stop or skip together)."""
+    if world == 1:
+        return flag
+    nccl = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def nonfinite(run: Run, task: str, what: str, value) -> bool:
+    """Stops the run with a clear error (``on_nonfinite: stop``), or counts a skipped step
+    (``skip``: returns True, the caller drops the step's gradients)."""
+    if run.config.train.on_nonfinite == "skip":
+        run.skipped += 1
+        log.warning("step %d (task %s): %s is %s; step skipped", run.step + 1, task, what, value)
+        return True
+    last = "none yet" if run.last_finite_loss is None else f"{run.last_finite_loss:.4g}"
+    raise NonFiniteError(
+        f"step {run.step + 1} (task {task}): {what} is {value}; last finite loss {last}. The run "
+        "stopped, its last checkpoint is intact (train.on_nonfinite: skip drops such steps "
+        "instead; a lower train.lr or train.grad_clip usually cures a diverging run)"
+    )
+
+
 def train_step(run: Run, task: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on ``task``'s batch: (task loss, ReSoRA penalty), both detached."""
+    """One optimisation step on ``task``'s batch: (task loss, ReSoRA penalty), both detached.
+    A non-finite loss or gradient norm stops the run or skips the step (``on_nonfinite``)."""
     config = run.config
     run.router.activate(run.model, task)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = config.train.precision == "bf16"
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        loss = (run.engine or run.model)(take(run.datasets[task], indices)).loss
-        penalty = (
-            vlpeft.resora_penalty(run.model, run.resora, run.step)
-            if run.resora
-            else torch.zeros(())
-        )
-    total = loss + penalty
+    try:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = (run.engine or run.model)(take(run.datasets[task], indices)).loss
+            penalty = (
+                vlpeft.resora_penalty(run.model, run.resora, run.step)
+                if run.resora
+                else torch.zeros(())
+            )
+        total = loss + penalty
+        finite = bool(torch.isfinite(total))
+        value = total.item()
+    except FloatingPointError as err:  # a model that refuses non-finite values (BLIP's ITC)
+        finite, value = False, f"non-finite ({err})"
+        loss = penalty = total = None
+    finite = all_ranks_agree(finite, run.world)
+    if not finite and nonfinite(run, task, "the loss", value):
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        return torch.full((), float("nan")), torch.zeros(())
     if run.engine is not None:
         run.engine.backward(total)
         run.engine.step()
     else:
         total.backward()
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in run.model.parameters() if p.requires_grad], config.train.grad_clip
-        )
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        clip = config.train.grad_clip if config.train.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if not torch.isfinite(norm) and nonfinite(run, task, "the gradient norm", norm.item()):
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            return loss.detach(), penalty.detach()
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+    run.last_finite_loss = value
     run.step += 1
     return loss.detach(), penalty.detach()
 
@@ -450,6 +509,8 @@ def after_step(run: Run, task: str, loss, penalty, logger, bar, rank0) -> None:
         }
         if run.resora:
             values["train/resora"] = penalty.item()
+        if config.train.on_nonfinite == "skip":
+            values["train/skipped"] = run.skipped
         logger.log(step, values)
         bar.set_postfix(task=task, loss=f"{value:.3f}")
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
@@ -523,10 +584,21 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drops the lines a killed run logged after its last checkpoint (they are logged again)."""
+    """Drops the lines a killed run logged after its last checkpoint (they are logged again),
+    and a partial last line (killed mid-write)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the line a killed process was writing
+            raise RunError(f"{path}: line {number} is not JSON") from None
+        if record["step"] <= step:
+            kept.append(line)
     atomic_write(path, lambda t: Path(t).write_text("".join(line + "\n" for line in kept)))
 
 

@@ -122,6 +122,16 @@ class TaskConfig(Config):
 
     error: ClassVar[type[Exception]] = DataError
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if value < 1:
+                raise DataError(f"task config: {name} must be >= 1, got {value!r}")
+        if self.max_records is not None and self.max_records < 1:
+            raise DataError(
+                f"task config: max_records must be >= 1 or null, got {self.max_records!r}"
+            )
+
 
 # -- images ----------------------------------------------------------------------------------------
 def image_transform(size: int, mean, std):

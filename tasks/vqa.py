@@ -72,11 +72,19 @@ class VQA(Task):
         annotations = {}
         if a_path.exists() or "test" not in split:
             for i, ann in enumerate(field(read_json(a_path), "annotations", str(a_path), list)):
-                annotations[field(ann, "question_id", f"{a_path}: annotations[{i}]", int)] = ann
-        records = []
+                qid = field(ann, "question_id", f"{a_path}: annotations[{i}]", int)
+                if qid in annotations:
+                    raise DataError(
+                        f"{a_path}: annotations[{i}]: a second annotation for question_id {qid}"
+                    )
+                annotations[qid] = ann
+        records, seen = [], set()
         for i, q in enumerate(questions):
             where = f"{q_path}: questions[{i}]"
             qid = field(q, "question_id", where, int)
+            if qid in seen:
+                raise DataError(f"{where}: duplicate question_id {qid}")
+            seen.add(qid)
             image_id = field(q, "image_id", where, int)
             record = {
                 "id": qid,
@@ -89,18 +97,28 @@ class VQA(Task):
             if annotations:
                 if qid not in annotations:
                     raise DataError(f"{a_path}: no annotation for question_id {qid} of {where}")
-                record.update(self.annotation(annotations[qid], f"{a_path}: question_id {qid}"))
+                record.update(
+                    self.annotation(
+                        annotations[qid], f"{a_path}: question_id {qid}",
+                        self.config.options.get("allow_fewer_answers", False),
+                    )
+                )  # fmt: skip
             records.append(record)
         return records
 
     @staticmethod
-    def annotation(ann: dict, where: str) -> dict:
+    def annotation(ann: dict, where: str, allow_fewer: bool = False) -> dict:
         answers = [
             field(a, "answer", f"{where}: answers[{j}]", str)
             for j, a in enumerate(field(ann, "answers", where, list))
         ]
         if not answers:
             raise DataError(f"{where}: field 'answers' is empty")
+        if len(answers) != 10 and not allow_fewer:
+            raise DataError(
+                f"{where}: {len(answers)} answers, the official metric assumes 10 "
+                "(options.allow_fewer_answers: true to accept)"
+            )
         return {
             "answers": answers,
             "answer_type": field(ann, "answer_type", where, str),

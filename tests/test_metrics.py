@@ -126,6 +126,12 @@ def test_vqa_accuracy_overall_and_per_type():
     assert out["perAnswerType"] == {"number": 100.0, "yes/no": 50.0}
     assert out["perQuestionType"]["is the"] == 50.0
     assert out["perQuestion"] == {1: 100.0, 2: 100.0, 3: 0.0}  # the official evalQA
+    with pytest.raises(ValueError, match="two predictions for question_id 2"):
+        vqa_accuracy([*preds, {"question_id": 2, "answer": "no"}], ann)  # no silent last-wins
+    with pytest.raises(ValueError, match="two annotations for question_id 3"):
+        vqa_accuracy(preds, [*ann, ann[2]])
+    with pytest.raises(ValueError, match="question_id 1 is NoneType"):
+        vqa_accuracy([{"question_id": 1, "answer": None}, *preds[1:]], ann)
     with pytest.raises(ValueError, match="missing"):
         vqa_accuracy(preds[:2], ann)
 
@@ -143,14 +149,26 @@ def test_retrieval_recall_by_hand_with_ties():
     # 2 images, 4 texts: texts 0,1 → image 0; texts 2,3 → image 1
     sim = np.array([[0.9, 0.1, 0.9, 0.5], [0.2, 0.3, 0.4, 0.4]])
     out = retrieval_recall(sim, [0, 0, 1, 1], ks=(1, 2))
-    # image 0: its best caption (0.9) ties with text 2 (0.9): rank 1 → not R@1, within R@2
-    # image 1: best caption 0.4 ties with text 3 (its own) and text 2 (its own): rank 1 → R@2 only
-    assert out["i2t_r1"] == 0.0 and out["i2t_r2"] == 100.0
+    # image 0: its best caption (0.9) ties with text 2 (0.9, wrong): rank 1 → not R@1, within R@2
+    # image 1: its best captions tie with each other (texts 2, 3: 0.4, both its own) and beat the
+    # wrong ones (0.2, 0.3): rank 0 — a tie among an image's own captions is no miss
+    assert out["i2t_r1"] == 50.0 and out["i2t_r2"] == 100.0
     # text→image: t0 0.9 vs 0.2 → rank 0; t1 0.1 vs 0.3 → rank 1; t2 0.9 vs 0.4 → rank 1; t3 0.5 vs 0.4 → rank 1
     assert out["t2i_r1"] == 25.0 and out["t2i_r2"] == 100.0
-    assert out["r_mean"] == pytest.approx((50.0 + 62.5) / 2)
+    assert out["r_mean"] == pytest.approx((75.0 + 62.5) / 2)
     constant = retrieval_recall(np.zeros((3, 3)), [0, 1, 2], ks=(1,))
-    assert constant["i2t_r1"] == constant["t2i_r1"] == 0.0  # ties give no credit
+    assert constant["i2t_r1"] == constant["t2i_r1"] == 0.0  # ties with wrong ones give no credit
+
+
+def test_retrieval_recall_refuses_nan_and_scores_infinities():
+    sim = np.array([[1.0, 0.0], [np.nan, 0.0], [0.0, np.nan]])
+    with pytest.raises(ValueError, match="2 of 3 image rows have NaN"):
+        retrieval_recall(sim, [0, 1])
+    inf = np.array([[np.inf, 0.0], [-np.inf, 1.0]])  # ±inf are scores (ITM re-ranking writes -inf)
+    out = retrieval_recall(inf, [0, 1], ks=(1,))
+    assert out["i2t_r1"] == out["t2i_r1"] == 100.0
+    worst = retrieval_recall(np.array([[-np.inf, np.inf], [np.inf, -np.inf]]), [0, 1], ks=(1,))
+    assert worst["i2t_r1"] == worst["t2i_r1"] == 0.0
 
 
 def test_itm_rerank_reorders_only_the_top_k():

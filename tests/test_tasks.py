@@ -429,3 +429,26 @@ def test_router_activation_restores_the_configured_routing(tmp_path):
     assert kinds() == {"add"}
     router.activate(model, "b")
     assert kinds() == {"mul"}
+
+
+def test_vqa_duplicate_ids_and_answer_counts_are_errors(vqa_dir):
+    questions = vqa_dir / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json"
+    annotations = vqa_dir / "vqa" / "v2_mscoco_val2014_annotations.json"
+    original_q, original_a = json.loads(questions.read_text()), json.loads(annotations.read_text())
+    twice = {"questions": original_q["questions"] + original_q["questions"][:1]}
+    write(questions, twice)
+    with pytest.raises(DataError, match=r"questions\[2\]: duplicate question_id 420"):
+        vqa_task(vqa_dir, splits={"val": "val2014"}).read("val")
+    write(questions, original_q)
+    write(annotations, {"annotations": original_a["annotations"] + original_a["annotations"][:1]})
+    with pytest.raises(DataError, match="a second annotation for question_id 420"):  # not last-wins
+        vqa_task(vqa_dir, splits={"val": "val2014"}).read("val")
+    short = json.loads(json.dumps(original_a))
+    short["annotations"][1]["answers"] = short["annotations"][1]["answers"][:3]
+    write(annotations, short)
+    with pytest.raises(
+        DataError, match="question_id 70: 3 answers, the official metric assumes 10"
+    ):
+        vqa_task(vqa_dir, splits={"val": "val2014"}).read("val")
+    task = vqa_task(vqa_dir, splits={"val": "val2014"}, options={"allow_fewer_answers": True})
+    assert len(task.read("val")[1]["answers"]) == 3

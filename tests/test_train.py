@@ -11,6 +11,7 @@ import launch.train as train_module
 from evaluation import leaderboard
 from launch import evaluate
 from launch.config import ConfigError, load_config
+from tasks.base import DataError
 from tasks.router import take
 from tasks.synthetic import generate
 
@@ -86,6 +87,8 @@ def test_killed_run_resumes_to_identical_weights(data, tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step_*")] == [
         "step_0000003"
     ]
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train/lo')  # killed mid-write: the partial line is dropped
     run(data, tmp_path / "resumed", resume=True)
     whole = load_file(tmp_path / "whole" / "adapters" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "adapters" / "adapter_model.safetensors")
@@ -122,6 +125,13 @@ def test_evaluate_and_leaderboard(data, tmp_path):
     table = json.loads((tmp_path / "board.json").read_text())
     assert [r["average"] for r in table["rows"]] == [30.0, 50.0]
     assert (tmp_path / "board.csv").read_text().startswith("run,method,backbone")
+    # a row without nlvr2: the average is over vqa alone, for both rows
+    info = json.loads((tmp_path / "b" / "run.json").read_text())
+    info["results"] = {"vqa/test": 30.0}
+    (tmp_path / "b" / "run.json").write_text(json.dumps(info))
+    leaderboard.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    table = json.loads((tmp_path / "board.json").read_text())
+    assert [r["average"] for r in table["rows"]] == [10.0, 30.0]
 
 
 def test_blip_retrieval_run_with_null_lora_and_resora(data, tmp_path):
@@ -258,3 +268,72 @@ def test_init_from_starts_exactly_from_a_finished_run(data, tmp_path):
     again = load_file(run_dir / "adapters" / "adapter_model.safetensors")
     for key, tensor in finished.items():
         assert torch.equal(again[key], tensor), key  # step 3's checkpoint → step 4, the same
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint(data, tmp_path):
+    """lr 1e6: the loss becomes non-finite. Default: stop naming step, task and the last finite
+    loss, the last good checkpoint intact, metrics.jsonl strict JSON. on_nonfinite: skip counts."""
+    with pytest.raises(
+        train_module.NonFiniteError,
+        match=r"step \d+ \(task \w+\): the (loss|gradient norm) is .*last finite loss",
+    ):
+        run(data, tmp_path / "stop", steps=6, lr=1e6, checkpoint_every=1)
+    checkpoints = sorted((tmp_path / "stop" / "checkpoints").glob("step_*"))
+    assert checkpoints
+    for tensor in load_file(checkpoints[-1] / "trainable.safetensors").values():
+        assert torch.isfinite(tensor).all()
+    for line in (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    summary = run(data, tmp_path / "skip", steps=6, lr=1e6, on_nonfinite="skip")
+    logged = [
+        json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()
+    ]
+    skipped = [r["train/skipped"] for r in logged if "train/skipped" in r]
+    assert summary["steps"] == 6 and skipped[-1] > 0
+
+
+def test_numeric_config_values_are_checked_by_meaning(data):
+    good = clip_bart_config(data)
+    for override, message in [
+        ("train.grad_clip=-1", r"train.grad_clip must be > 0 \(or null"),
+        ("train.lr=0", "train.lr must be finite and > 0"),
+        ("train.steps=0", "train.steps must be >= 1"),
+        ("train.steps=true", "train.steps: expected int, got True"),
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("train.warmup=-1", "train.warmup must be >= 0"),
+        ("data.tasks.vqa.batch_size=-4", "batch_size must be >= 1"),
+        ("data.tasks.vqa.batch_size=0", "batch_size must be >= 1"),
+        ("adapters.default.r='8'", r"\.r: expected int, got '8'"),
+        ("adapters.default.alpha=big", r"\.alpha: expected float or null, got 'big'"),
+        ("eval.max_records=lots", "eval.max_records: expected int or null, got 'lots'"),
+    ]:
+        with pytest.raises((ConfigError, DataError), match=message):
+            config = load_config(None, [override], data=good)
+            train_module.build_router(config)  # task settings are checked with the router
+    assert load_config(None, ["train.grad_clip=null"], data=good).train.grad_clip is None
+
+
+def test_resume_without_a_checkpoint_refuses_instead_of_restarting(data, tmp_path):
+    """checkpoint_every 0: --resume used to restart at step 0 and overwrite the finished run."""
+    from launch.run import RunError
+
+    run(data, tmp_path / "done", steps=2, checkpoint_every=0)
+    before = (tmp_path / "done" / "adapters" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(RunError, match="no checkpoint to resume from"):
+        run(data, tmp_path / "done", resume=True, steps=2, checkpoint_every=0)
+    assert (tmp_path / "done" / "adapters" / "adapter_model.safetensors").read_bytes() == before
+    with pytest.raises(RunError, match="holds a run already"):
+        run(data, tmp_path / "done", steps=2)
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    import os
+
+    from vlpeft.checkpoint import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # readable by collaborators

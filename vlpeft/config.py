@@ -27,23 +27,32 @@ def _nested_template(f: dataclasses.Field) -> Any:
 
 
 def typed(value: Any, annotation: Any, where: str, error: type[Exception] = ConfigError) -> Any:
-    """``value`` checked against a scalar field annotation (``int``, ``float``, ``bool``, ``str``);
-    other annotations pass through. An int is a float; a numeric string is converted."""
-    kind = _SCALARS.get(
-        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    )
-    if kind is None or value is None or isinstance(value, kind):
-        if kind is int and isinstance(value, bool):
-            raise error(f"{where}: expected int, got {value!r}")
+    """``value`` checked against a scalar field annotation (``int``, ``float``, ``bool``, ``str``,
+    or one of them ``| None``); other annotations pass through. A bool is no int; an int is a
+    float; a string is a float only when it reads as one (YAML 1.1 reads ``3e-3`` as a string) —
+    an int field takes no string (``r: "8"`` is refused, naming its key)."""
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    optional = name.endswith(" | None")
+    kind = _SCALARS.get(name.removesuffix(" | None"))
+    if kind is None or (value is None and (optional or kind is str)):
+        return value  # (a required string left empty is named by the config's own validation)
+    if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind in (int, float) and isinstance(value, str):
+    if kind is float and isinstance(value, str):
         try:
-            return kind(value)
+            return float(value)
         except ValueError:
             pass
-    raise error(f"{where}: expected {kind.__name__}, got {value!r}")
+    expected = kind.__name__ + (" or null" if optional else "")
+    raise error(f"{where}: expected {expected}, got {value!r}")
+
+
+def check(condition: bool, where: str, expected: str, value: Any) -> None:
+    """A config value checked by meaning: ``ConfigError("<where> must be <expected>, got …")``."""
+    if not condition:
+        raise ConfigError(f"{where} must be {expected}, got {value!r}")
 
 
 class Config:

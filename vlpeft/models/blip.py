@@ -379,6 +379,10 @@ class Blip(VLModel):
         )
         positive = ids[:, None] == ids[None, :]
         sim = image_feat @ text_feat.T / self.config.itc_temperature
+        if not torch.isfinite(sim).all():  # hard-negative sampling below cannot take them
+            raise FloatingPointError(
+                "blip retrieval: non-finite image-text similarities (a diverged model?)"
+            )
         target = positive.float() / positive.sum(1, keepdim=True)
         itc = (
             -(
