@@ -171,6 +171,8 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
         raise ValueError(
             f"vqa_accuracy: predictions and annotations differ (missing {missing[:5]}, extra {extra[:5]})"
         )
+    if not annotations:
+        raise ValueError("vqa_accuracy: no questions to score")
     per_answer, per_question, overall = defaultdict(list), defaultdict(list), []
     each = {}
     for ann in annotations:
@@ -197,6 +199,13 @@ def exact_match_accuracy(predictions: dict, answers: dict) -> float:
     """GQA accuracy: % of questions whose stripped, lower-cased prediction equals the answer."""
     if set(predictions) != set(answers):
         raise ValueError("exact_match_accuracy: predictions and answers cover different questions")
+    if not answers:
+        raise ValueError("exact_match_accuracy: no questions to score")
+    bad = [q for q in answers if not isinstance(predictions[q], str)]
+    if bad:
+        raise ValueError(
+            f"exact_match_accuracy: the prediction of question {bad[0]!r} is not a string"
+        )
     hits = sum(predictions[q].strip().lower() == answers[q].strip().lower() for q in answers)
     return 100 * hits / len(answers)
 
@@ -206,10 +215,16 @@ def nlvr2_scores(predictions: dict[str, bool], labels: dict[str, bool]) -> dict:
     statements over all their image pairs are all right), 0–100."""
     if set(predictions) != set(labels):
         raise ValueError("nlvr2_scores: predictions and labels cover different identifiers")
+    if not labels:
+        raise ValueError("nlvr2_scores: no statements to score")
     right = {k: predictions[k] == labels[k] for k in labels}
     groups = defaultdict(list)
     for identifier, ok in right.items():
         parts = identifier.split("-")  # <split>-<set>-<pair>-<sentence>
+        if len(parts) < 4:
+            raise ValueError(
+                f"nlvr2_scores: identifier {identifier!r} is not <split>-<set>-<pair>-<sentence>"
+            )
         groups[(parts[0], parts[1], parts[-1])].append(ok)
     return {
         "accuracy": 100 * sum(right.values()) / len(right),

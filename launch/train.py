@@ -334,12 +334,22 @@ def check_run_dir(run_dir: Path, resume: bool, world: int) -> None:
     barrier(world)  # every rank has looked before rank 0 writes
 
 
+def check_eval_splits(router: TaskRouter, config: TrainConfig) -> None:
+    """Reads every split the run will evaluate before training, so a bad test file (an image
+    without captions, a missing image) is an error now, not after the training."""
+    splits = list(config.eval.splits) + (["val"] if config.eval.val_every else [])
+    for task in router.tasks.values():
+        for split in dict.fromkeys(splits):
+            task.read(split, limit=config.eval.max_records)
+
+
 def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: bool = False) -> Run:
     """Router, model with adapters (``train.init_from``'s when a fresh run names one), data sets,
     sampler, optimizer and schedule (DeepSpeed's engine when enabled)."""
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     router = build_router(config)
+    check_eval_splits(router, config)
     model = build_model(config, router)
     resuming = resume and any((run_dir / "checkpoints").glob("step_*"))
     if config.train.init_from and not resuming:  # before the optimizer copies any weight

@@ -37,7 +37,8 @@ def karpathy_images(task: Task, split: str) -> list[dict]:
         ]
         if not captions:
             raise DataError(f"{where}: field 'sentences' is empty")
-        image_id = image.get("cocoid", field(image, "imgid", where, int))
+        # one rule with the VQA reader: cocoid (COCO) or imgid (Flickr30k) is an integer
+        image_id = field(image, "cocoid" if "cocoid" in image else "imgid", where, int)
         folder = task.image_root / image.get("filepath", "")
         images.append(
             {

@@ -40,6 +40,10 @@ class NLVR2(Task):
         for i, row in enumerate(read_jsonl(path)):
             where = f"{path}: line {i + 1}"
             identifier = field(row, "identifier", where, str)
+            if identifier.count("-") < 3:
+                raise DataError(
+                    f"{where}: field 'identifier' {identifier!r} is not <split>-<set>-<pair>-<n>"
+                )
             label = field(row, "label", where, str)
             if label not in ("True", "False"):
                 raise DataError(

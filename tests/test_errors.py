@@ -200,3 +200,39 @@ def test_named_adapters_without_a_default_round_trip(tmp_path):
     assert sorted(vlpeft.inject.adapter_configs(fresh)) == ["caption", "vqa"]
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, fresh.state_dict()[key]), key
+
+
+def test_a_crafted_pattern_in_a_checkpoint_is_never_compiled(tmp_path):
+    """A catastrophic-backtracking ``targets`` regex in adapter_config.json used to hang
+    load_adapter; loading places the adapter by the exact names the checkpoint recorded, and a
+    format-1 file with a regex is refused."""
+    import json
+    import time
+
+    import vlpeft
+    from vlpeft.adapters import LoRAConfig
+
+    def make():  # a long module name: the crafted pattern backtracks 2^len on it
+        return torch.nn.ModuleDict(
+            {"a_long_layer_name_that_backtracks_badly": torch.nn.Linear(4, 4)}
+        )
+
+    net = make()
+    vlpeft.add_adapter(net, LoRAConfig(targets="a_long.*", r=2))
+    vlpeft.save_adapter(net, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    assert data["resolved"]["layers"] == ["a_long_layer_name_that_backtracks_badly"]
+    data["config"]["targets"] = "([a-z_.0-9]+)+X"  # hangs re.fullmatch on that name
+    path.write_text(json.dumps(data))
+    fresh = make()
+    start = time.perf_counter()
+    vlpeft.load_adapter(fresh, tmp_path)
+    assert time.perf_counter() - start < 5
+    assert [p for p, _ in vlpeft.adapted_layers(fresh)] == [
+        "a_long_layer_name_that_backtracks_badly"
+    ]
+    del data["resolved"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="patterns from a file are not compiled"):
+        vlpeft.load_adapter(make(), tmp_path)

@@ -452,3 +452,30 @@ def test_vqa_duplicate_ids_and_answer_counts_are_errors(vqa_dir):
         vqa_task(vqa_dir, splits={"val": "val2014"}).read("val")
     task = vqa_task(vqa_dir, splits={"val": "val2014"}, options={"allow_fewer_answers": True})
     assert len(task.read("val")[1]["answers"]) == 3
+
+
+def test_bad_input_the_readers_see_is_a_clear_error(tmp_path):
+    """Non-UTF-8 files, an NLVR² identifier without dashes and a string cocoid name their file and
+    field (they were a UnicodeDecodeError, an IndexError and an accepted id)."""
+    (tmp_path / "dev.json").write_bytes(
+        '{"identifier": "dev-1-0-0", "sentence": "café"}\n'.encode("latin-1")
+    )
+    router = TaskRouter.from_dict(
+        {"n": {"reader": "nlvr2", "root": ".", "splits": {"val": "dev"}}}, tmp_path
+    )
+    with pytest.raises(DataError, match=r"dev.json: not UTF-8 text"):
+        router["n"].read("val")
+    write(
+        tmp_path / "dev.json",
+        json.dumps({"identifier": "dev1", "sentence": "x", "label": "True"}) + "\n",
+    )
+    with pytest.raises(DataError, match=r"line 1: field 'identifier' 'dev1' is not"):
+        router["n"].read("val")
+    write(
+        tmp_path / "dataset_coco.json",
+        {"images": [{"cocoid": "42", "imgid": 1, "filename": "a.jpg", "split": "test",
+                     "sentences": [{"raw": "a cat"}]}]},
+    )  # fmt: skip
+    caption = TaskRouter.from_dict({"c": {"reader": "caption", "root": "."}}, tmp_path)["c"]
+    with pytest.raises(DataError, match=r"images\[0\]: field 'cocoid' should be"):
+        caption.read("test")

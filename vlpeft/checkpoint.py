@@ -9,8 +9,10 @@ Every file is written to a temporary name and renamed, so a killed process never
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from .inject import adapted_layers, adapter_configs, add_adapter, trainable_extr
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the resolved layer names (loading never compiles a pattern from a file)
 PEFT_PREFIX = "base_model.model."  # PeftModel → LoraModel → the wrapped backbone
 
 
@@ -110,8 +112,46 @@ def _save_one(module: nn.Module, directory: Path, name: str) -> None:
             "config": configs[name].to_dict(),
             "base_model_class": type(module).__name__,
             "extra_trainable": extras,
+            "resolved": resolved_placement(module, name),
         },
     )
+
+
+def resolved_placement(module: nn.Module, name: str) -> dict[str, Any]:
+    """Where adapter ``name`` sits, by exact layer name: its layers, the routed ones and the LoRA
+    slices of each — what loading uses instead of the config's patterns."""
+    layers, routed, slices = [], [], {}
+    for path, layer in adapted_layers(module):
+        if name in layer.adapters:
+            adapter = layer.adapters[name]
+            layers.append(path)
+            if adapter.routing is not None:
+                routed.append(path)
+            if getattr(adapter, "slice_index", None) is not None:
+                slices[path] = {"parts": adapter.d_out // adapter.width, "use": adapter.slice_index}
+    return {"layers": layers, "routed": routed, "slices": slices}
+
+
+def _from_resolved(config: MethodConfig, data: dict, path: Path) -> MethodConfig:
+    """``config`` placed by the exact names the checkpoint recorded. A pattern read from a file is
+    never compiled as a regex (a crafted one could hang the process); a checkpoint of format 1
+    with a regex ``targets`` is refused."""
+    exact = [f"^{re.escape(n)}$" for n in data.get("extra_trainable", [])]
+    resolved = data.get("resolved")
+    if resolved is None:
+        if isinstance(config.targets, str):
+            raise ValueError(
+                f"{path}: written by an older vlpeft with a regex 'targets' ({config.targets!r}); "
+                "patterns from a file are not compiled: re-save the adapter with this version"
+            )
+        return dataclasses.replace(config, trainable=exact)
+    changes: dict[str, Any] = {"targets": list(resolved["layers"]), "trainable": exact}
+    if getattr(config, "routing", None):
+        routed = list(resolved.get("routed", []))
+        changes["route_targets"] = None if routed == changes["targets"] else routed
+    if hasattr(config, "slices"):
+        changes["slices"] = dict(resolved.get("slices", {}))
+    return dataclasses.replace(config, **changes)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[str, MethodConfig]:
@@ -133,7 +173,8 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[str, MethodConfig
                 else ""
             )
             raise ValueError(f"{path}: missing key {key!r}{hint}")
-    return data["adapter_name"], MethodConfig.from_dict(data["config"], where=str(path))
+    config = MethodConfig.from_dict(data["config"], where=str(path))
+    return data["adapter_name"], _from_resolved(config, data, path)
 
 
 def load_adapter(

@@ -75,6 +75,8 @@ class LoRAConfig(RoutableConfig):
                 )
 
     def slice_spec(self, layer_name: str) -> dict | None:
+        if layer_name in self.slices:  # an exact name (what a checkpoint records)
+            return self.slices[layer_name]
         for key, spec in self.slices.items():
             if layer_name == key or layer_name.endswith("." + key) or re.fullmatch(key, layer_name):
                 return spec
