@@ -206,6 +206,18 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
             raise ConfigError(f"{where}: adapters.{name}: expected a mapping of method settings")
         placement = {k: spec.get(k) for k in PLACEMENT_KEYS}
         method_spec = {k: v for k, v in spec.items() if k not in placement}
+        if "targets" in spec:
+            given = [k for k, v in placement.items() if v is not None]
+            if given:
+                raise ConfigError(
+                    f"{where}: adapters.{name}: give either targets (module names or a regex) or "
+                    f"{given} (the family's components × module kinds), not both"
+                )
+            try:
+                MethodConfig.from_dict(method_spec, where=f"{where}: adapters.{name}")
+            except KeyError as err:
+                raise ConfigError(f"{where}: adapters.{name}: {err.args[0]}") from None
+            continue
         try:
             method = MethodConfig.from_dict(
                 {"targets": ["_"], **method_spec}, where=f"{where}: adapters.{name}"

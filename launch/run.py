@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import vlpeft
@@ -48,8 +49,14 @@ def build_model(config: TrainConfig, router: TaskRouter):
     for name, spec in config.adapters.items():
         spec = dict(spec)
         placement = [spec.pop(key, None) for key in PLACEMENT_KEYS]
-        method = MethodConfig.from_dict({"targets": ["_"], **spec}, where=f"adapters.{name}")
-        vlpeft.add_adapter(model, model.adapter_config(method, *placement), name=name)
+        if "targets" in spec:  # explicit module names: honoured as given (validate refuses a mix)
+            method = MethodConfig.from_dict(spec, where=f"adapters.{name}")
+            trainable = list(dict.fromkeys([*method.trainable, *model.trainable_patterns]))
+            method = dataclasses.replace(method, trainable=trainable)
+        else:
+            method = MethodConfig.from_dict({"targets": ["_"], **spec}, where=f"adapters.{name}")
+            method = model.adapter_config(method, *placement)
+        vlpeft.add_adapter(model, method, name=name)
     return model
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -195,11 +196,65 @@ def save_checkpoint(
         write_json(tmp / "state.json", state)
     barrier(world)
     if rank == 0:
+        write_json(tmp / MANIFEST, manifest(tmp))  # sizes and checksums, checked on resume
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(root.glob("step_*"))[:-keep]:
             shutil.rmtree(old)
     barrier(world)
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(directory: Path) -> dict:
+    """Every file of a checkpoint directory: its size and SHA-256."""
+    return {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint (a missing, truncated or altered file), or None."""
+    path = checkpoint / MANIFEST
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        expected = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return f"{path} is not JSON"
+    for name, info in expected.items():
+        file = checkpoint / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != info["bytes"]:
+            return f"{file} has {file.stat().st_size} bytes, {info['bytes']} were written"
+        if _sha256(file) != info["sha256"]:
+            return f"{file} does not match its checksum"
+    return None
+
+
+def newest_intact(checkpoints: list[Path]) -> Path:
+    """The newest checkpoint whose files all match their manifest; a damaged newer one is
+    skipped with a warning naming the bad file."""
+    problems = []
+    for checkpoint in reversed(checkpoints):
+        problem = damage(checkpoint)
+        if problem is None:
+            return checkpoint
+        log.warning("checkpoint %s is damaged (%s); trying the one before", checkpoint, problem)
+        problems.append(problem)
+    raise RunError("no intact checkpoint to resume from: " + "; ".join(problems))
 
 
 def load_checkpoint(
@@ -419,10 +474,11 @@ def resume_or_start(run: Run, resume: bool) -> None:
     """Loads the newest checkpoint when resuming; writes the resolved config (rank 0)."""
     checkpoints = sorted((run.run_dir / "checkpoints").glob("step_*"))
     if resume and checkpoints:
+        checkpoint = newest_intact(checkpoints)
         run.step, run.position = load_checkpoint(
-            checkpoints[-1], run.model, run.optimizer, run.scheduler, run.engine, run.rank
+            checkpoint, run.model, run.optimizer, run.scheduler, run.engine, run.rank
         )
-        log.info("resumed from %s", checkpoints[-1])
+        log.info("resumed from %s", checkpoint)
 
     if run.rank == 0:
         run.run_dir.mkdir(parents=True, exist_ok=True)

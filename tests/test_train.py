@@ -99,6 +99,29 @@ def test_killed_run_resumes_to_identical_weights(data, tmp_path, monkeypatch):
     assert kept == ["step_0000003", "step_0000006"]  # nothing half-written left behind
 
 
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(data, tmp_path, caplog):
+    """A truncated file of the newest checkpoint is named and the newest intact one is used: the
+    resumed run still ends where an uninterrupted one does."""
+    run(data, tmp_path / "whole")
+    run(data, tmp_path / "cut")
+    newest = tmp_path / "cut" / "checkpoints" / "step_0000006" / "trainable.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    caplog.set_level("WARNING")
+    run(data, tmp_path / "cut", resume=True)
+    assert "step_0000006" in caplog.text and "trainable.safetensors has 100 bytes" in caplog.text
+    whole = load_file(tmp_path / "whole" / "adapters" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "adapters" / "adapter_model.safetensors")
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    for step in ("step_0000003", "step_0000006"):
+        target = tmp_path / "cut" / "checkpoints" / step / "state.json"
+        target.write_text(target.read_text()[:-5])
+    from launch.run import RunError
+
+    with pytest.raises(RunError, match="no intact checkpoint.*state.json"):
+        run(data, tmp_path / "cut", resume=True)
+
+
 def test_evaluate_and_leaderboard(data, tmp_path):
     summary = run(data, tmp_path / "a", steps=2)
     assert summary["trainable"] > 0 and summary["results"] == {}
@@ -337,3 +360,40 @@ def test_written_files_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # readable by collaborators
+
+
+def test_explicit_targets_are_honoured_or_refused(data):
+    """Explicit targets in a launcher adapter set were silently replaced by components × kinds
+    while config.yaml still showed them: alone they are honoured, with components/kinds refused."""
+    from launch.run import build_model, build_router
+
+    spec = clip_bart_config(data)
+    spec["adapters"]["default"] = {
+        "method": "lora",
+        "r": 2,
+        "targets": ["encoder.layers.0.self_attn.q_proj"],
+    }
+    config = load_config(None, data=spec)
+    model = build_model(config, build_router(config))
+    assert [p for p, _ in __import__("vlpeft").adapted_layers(model)] == [
+        "bart.model.encoder.layers.0.self_attn.q_proj"
+    ]
+    spec["adapters"]["default"]["components"] = ["encoder"]
+    with pytest.raises(ConfigError, match="give either targets .* not both"):
+        load_config(None, data=spec)
+
+
+def test_a_weight_source_that_loads_nothing_is_an_error():
+    import vlpeft
+
+    with pytest.raises(ValueError, match="ModifiedResNet arguments, which load no weights"):
+        vlpeft.build_model(
+            "clip-bart", "tiny", pretrained=True, weights={"vision": "/no/such/file.pt"}
+        )
+    with pytest.raises(
+        ValueError, match=r"weights.visoin \(did you mean 'vision'\?\) names no component"
+    ):
+        vlpeft.build_model("gpt2-vit", "tiny", pretrained=True, weights={"visoin": "x"})
+    vlpeft.build_model(
+        "clip-bart", "tiny", weights={"vision": "/no/such/file.pt"}
+    )  # unused: logged

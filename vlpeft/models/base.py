@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +59,7 @@ from ..config import Config
 from ..registry import Registry, nearest_hint
 from .tokenizer import PRESETS, load_tokenizer
 
+log = logging.getLogger(__name__)
 FAMILIES: Registry = Registry("model family", attribute="family")
 register_family = FAMILIES.register
 list_families = FAMILIES.names
@@ -122,6 +124,7 @@ def build_model(family: str, preset: str | Path = "tiny", **overrides: Any) -> V
     """
     cls = get_family(family)
     config = preset_config(family, preset, **overrides)
+    cls.check_weights(config)
     with torch.random.fork_rng(devices=[]):  # random weights are a function of the seed alone
         torch.manual_seed(config.seed)
         return cls(config)
@@ -200,6 +203,27 @@ class VLModel(nn.Module):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.config.tokenizer, self.wrap_text)
         return self._tokenizer
+
+    weight_keys: ClassVar[tuple[str, ...]] = ("vision", "text")
+
+    @classmethod
+    def check_weights(cls, config: ModelConfig) -> None:
+        """With ``pretrained: true`` a weight source for a component the family does not have is
+        an error (it would load nothing); with ``pretrained: false`` the sources are unused by
+        design, said once in the log."""
+        if not config.weights:
+            return
+        if not config.pretrained:
+            log.info(
+                "%s: pretrained is false: weights %s are not loaded", cls.family, config.weights
+            )
+            return
+        unknown = [k for k in config.weights if k not in cls.weight_keys]
+        if unknown:
+            raise ValueError(
+                f"{cls.family}: weights.{unknown[0]}{nearest_hint(unknown[0], cls.weight_keys)} "
+                f"names no component; valid: {list(cls.weight_keys)}"
+            )
 
     @property
     def weight_sources(self) -> dict[str, str]:

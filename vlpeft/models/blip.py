@@ -223,6 +223,17 @@ class Blip(VLModel):
             if hasattr(self, part):
                 mask_cross_attention(getattr(self, part))
 
+    weight_keys = HEADS
+
+    @classmethod
+    def check_weights(cls, config) -> None:
+        super().check_weights(config)
+        unused = [h for h in config.weights if h not in config.heads]
+        if config.pretrained and unused:
+            log.info(
+                "blip: weights for heads %s not built (heads: %s) are unused", unused, config.heads
+            )
+
     @classmethod
     def capabilities_of(cls, config=None) -> tuple[str, ...]:
         """Those of the configured ``heads`` (all three by default)."""

@@ -92,6 +92,12 @@ def build_resnet(vision: dict, weights: str | None):
                 width=cfg["width"],
             )
         )
+    if weights:
+        raise ValueError(
+            f"clip-bart: weights.vision {weights!r} is set, but vision is given as ModifiedResNet "
+            "arguments, which load no weights: name an open_clip model (vision: {model: RN101}) "
+            "to load them, or drop weights.vision"
+        )
     return init_random_resnet(ModifiedResNet(**vision))
 
 
