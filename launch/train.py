@@ -470,10 +470,59 @@ def init_from_run(model, config: TrainConfig, source: Path) -> None:
     log.info("initialised the adapters from %s", source)
 
 
-def resume_or_start(run: Run, resume: bool) -> None:
-    """Loads the newest checkpoint when resuming; writes the resolved config (rank 0)."""
+# keys that change how a run executes, not what it optimises: free to change on --resume
+EXECUTION_KEYS = (
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard",
+    "train.on_nonfinite", "eval.", "deepspeed.config",
+)  # fmt: skip
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1}}`` → ``{"train.lr": 1}`` (dicts only; lists are values)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(run: Run, allow_change) -> dict:
+    """The keys a resume changes against the run's config.yaml; a key that changes the
+    optimisation (lr, schedule, steps, batch sizes, tasks, seeds, adapters, …) without
+    ``--allow-change KEY`` (a key or a section prefix) is refused."""
+    earlier = flatten(load_config(run.run_dir / "config.yaml").to_dict())
+    now = flatten(run.config.to_dict())
+    changed = {
+        k: [earlier.get(k), now.get(k)]
+        for k in sorted(set(earlier) | set(now))
+        if earlier.get(k) != now.get(k)
+    }
+    allowed = [*EXECUTION_KEYS, *allow_change]
+    refused = [
+        k for k in changed if not any(k == a or k.startswith(a.rstrip(".") + ".") for a in allowed)
+    ]
+    if refused:
+        listed = ", ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in refused)
+        raise RunError(
+            f"{run.run_dir}: resuming with a changed config ({listed}); the run's optimisation "
+            "would continue under the old state while config.yaml said otherwise. Pass "
+            "--allow-change KEY for each change you mean, or start another run"
+        )
+    return changed
+
+
+def resume_or_start(run: Run, resume: bool, allow_change=()) -> None:
+    """Loads the newest checkpoint when resuming (refusing config changes not allowed; every
+    change is appended to ``config_history.jsonl``); writes the resolved config (rank 0)."""
     checkpoints = sorted((run.run_dir / "checkpoints").glob("step_*"))
     if resume and checkpoints:
+        changed = config_changes(run, allow_change)
+        if changed and run.rank == 0:
+            with open(run.run_dir / "config_history.jsonl", "a") as f:
+                entry = {"time": time.time(), "changes": changed}
+                f.write(json.dumps(entry, default=str) + "\n")
         checkpoint = newest_intact(checkpoints)
         run.step, run.position = load_checkpoint(
             checkpoint, run.model, run.optimizer, run.scheduler, run.engine, run.rank
@@ -612,7 +661,7 @@ def finish(run: Run, model, seconds: float, logger) -> dict:
     return summary
 
 
-def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
+def train(config: TrainConfig, run_dir: Path, resume: bool = False, allow_change=()) -> dict:
     """Runs training (and the final evaluation); returns the run summary written to run.json.
 
     Raises :class:`ConfigError`, :class:`RunError` or :class:`tasks.base.DataError` for what the
@@ -624,7 +673,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     config.data.file = str(Path(config.data.file).resolve())
     run = setup(config, run_dir, rank, world, resume)
     # resume
-    resume_or_start(run, resume)
+    resume_or_start(run, resume, allow_change)
     logger = Logger(run_dir, rank == 0, config.train.tensorboard)
     zero3 = run.engine is not None and run.engine.zero_optimization_stage() == 3
     replica = (lambda: build_model(config, run.router)) if zero3 else None
@@ -703,6 +752,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument(
+        "--allow-change", action="append", default=[], metavar="KEY",
+        help="with --resume: accept a changed config key (or section) that changes the optimisation",
+    )  # fmt: skip
+    parser.add_argument(
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # deepspeed passes it
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
@@ -710,7 +763,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_dir = args.out or Path("runs") / args.config.stem
     try:
-        return train(load_config(args.config, args.overrides), run_dir, args.resume)
+        config = load_config(args.config, args.overrides)
+        return train(config, run_dir, args.resume, args.allow_change)
     except (ConfigError, RunError, DataError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 

@@ -397,3 +397,22 @@ def test_a_weight_source_that_loads_nothing_is_an_error():
     vlpeft.build_model(
         "clip-bart", "tiny", weights={"vision": "/no/such/file.pt"}
     )  # unused: logged
+
+
+def test_resuming_with_a_changed_config_is_refused_unless_allowed(data, tmp_path):
+    """train.lr changed on --resume: the old schedule would continue while config.yaml records
+    the new lr. Refused with the differing keys; --allow-change accepts and records it; keys that
+    only change how the run executes may change."""
+    from launch.run import RunError
+
+    run(data, tmp_path / "r")
+    with pytest.raises(RunError, match=r"train.lr: 0.01 → 0.02.*--allow-change"):
+        run(data, tmp_path / "r", resume=True, lr=2e-2)
+    run(data, tmp_path / "r", resume=True, log_every=2)  # execution only: allowed
+    config = load_config(None, data=clip_bart_config(data, lr=2e-2))
+    train_module.train(config, tmp_path / "r", resume=True, allow_change=["train.lr"])
+    history = [
+        json.loads(x) for x in (tmp_path / "r" / "config_history.jsonl").read_text().splitlines()
+    ]
+    assert history[-1]["changes"]["train.lr"] == [0.01, 0.02]
+    assert load_config(tmp_path / "r" / "config.yaml").train.lr == 0.02
