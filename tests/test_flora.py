@@ -102,10 +102,12 @@ def test_conv_flora_refuses_peft_export(tmp_path):
 def test_forward_never_builds_the_linear_delta(monkeypatch):
     from vlpeft.adapters import flora
 
-    net, _, _ = adapted(torch.nn.Linear(5, 5), r=2)
+    net, layer, ad = adapted(torch.nn.Linear(5, 5), r=2)
     monkeypatch.setattr(
         flora.FLoRALinear,
         "delta_weight",
         lambda *a: (_ for _ in ()).throw(AssertionError("dense ΔW")),
     )
-    net(torch.randn(2, 5))
+    x = torch.randn(2, 5)
+    chain = layer.base_layer(x) + ad.s * ((x @ ad.a_in) @ ad.core) @ ad.a_out.T
+    torch.testing.assert_close(net(x), chain)  # the chain through the core, not just no error

@@ -111,14 +111,31 @@ def test_routed_beam_search_is_per_example(family):
         for i in range(3)
     ]
     assert together == alone
+    routed = [layer for _, layer in vlpeft.adapted_layers(model) if layer.routing_input is not None]
+    assert routed and all(layer.routing_input.abs().sum() > 0 for layer in routed)  # x_R was real
 
 
-def test_routing_changes_generation_with_the_image():
+def test_routing_changes_the_decoder_with_x_r_alone():
+    """The same encoder output, two x_R: the routed decoder's logits differ (a bug that zeroed or
+    ignored x_R would pass a comparison of encoder outputs)."""
+    from vlpeft.models.clip_bart import encoder_output
+
     model = adapted("clip-bart", "routed-lora")
     perturb_adapters(model, scale=1.0)
     batch = batches("clip-bart")[0]
-    other = {**batch, "images": images("clip-bart", seed=5)}
-    assert not torch.allclose(model.encode(batch)[0], model.encode(other)[0])
+    with torch.no_grad():
+        hidden, mask = model.encode(batch)
+        starts = torch.full((hidden.shape[0], 3), model.bart.config.decoder_start_token_id)
+
+        def logits(x_r):
+            vlpeft.set_routing_inputs(model.bart.model.decoder, x_r)
+            out = model.bart(encoder_outputs=encoder_output(hidden), attention_mask=mask,
+                             decoder_input_ids=starts)  # fmt: skip
+            return out.logits
+
+        own = logits(hidden.mean(1))
+        assert not torch.allclose(own, logits(torch.zeros_like(hidden[:, 0])))
+        assert not torch.allclose(own, logits(hidden.mean(1).flip(0)))
 
 
 def test_nlvr_two_images_carry_their_order():

@@ -227,3 +227,23 @@ def test_near_null_fill_reports_how_far_the_update_leaves_the_null_space():
     assert (w0.T @ delta).norm(2) > 1e-3 and torch.linalg.matrix_norm(
         w0.T @ delta, 2
     ) <= bound * 1.001
+
+
+def test_gpt2_conv1d_update_lies_in_the_null_space_of_the_out_in_weight():
+    """A Conv1D stores W0 as (in, out): the null space is that of W0 = weightᵀ. Using the weight
+    untransposed breaks W0ᵀΔW = 0 silently on a square layer, so the test is on a square one."""
+    from conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    layer = model.transformer.h[0].attn.c_proj  # Conv1D 32 → 32
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(32, 26, generator=g) @ torch.randn(26, 32, generator=g)  # W0 (out, in)
+    with torch.no_grad():
+        layer.weight.copy_((low / low.abs().max()).T)  # stored (in, out)
+    vlpeft.add_adapter(model, NullLoRAConfig(targets=["h.0.attn.c_proj"]))
+    perturb_adapters(model, scale=0.5)
+    adapted = model.transformer.h[0].attn.c_proj
+    w0 = adapted.base_layer.weight.double().T  # (out, in)
+    delta = adapted.delta_weight().double().T  # delta_weight is in the stored (in, out) layout
+    assert adapted.rank == 12 and delta.abs().max() > 1e-2
+    assert (w0.T @ delta).abs().max() < 1e-5 * w0.abs().max() * delta.abs().max() * 32

@@ -232,3 +232,19 @@ def test_separate_mapping_routes_in_the_narrow_space_then_maps_up():
     torch.testing.assert_close(y, expected)
     wide = LoRAConfig(targets=["0"], r=8, routing="proj", separate_mapping=True, mapping_rank=8)
     assert routed_linear(wide)[0].adapters["default"].lora_mid is None  # the earlier structure
+
+
+def test_routed_adapter_with_a_separate_mapping_of_another_width():
+    net = routed_linear(
+        AdapterConfig(
+            targets=["0"], bottleneck=3, routing="proj", separate_mapping=True, visual_dim=7
+        )
+    )
+    ad = net[0].adapters["default"]
+    assert ad.down_visual.in_features == 7
+    x, x_r = torch.randn(2, L, 6), torch.randn(2, 7)
+    with vlpeft.routing_inputs(net, x_r):
+        y = net(x)
+    h = net[0].base_layer(x)
+    expected = h + ad.up(torch.relu(route("proj", ad.down(h), ad.down_visual(x_r))))
+    torch.testing.assert_close(y, expected)
