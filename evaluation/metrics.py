@@ -17,12 +17,12 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import os
 import re
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -291,17 +291,23 @@ def caption_scores(
 
 @contextlib.contextmanager
 def _quiet():
-    """Silences what a scorer prints to stdout and stderr, from Python or from the Java processes
-    it starts (file descriptors 1 and 2 are pointed at /dev/null for the duration)."""
+    """Keeps what a scorer prints to stdout and stderr — from Python or from the Java processes it
+    starts (file descriptors 1 and 2 point at a temporary file for the duration) — out of our
+    output; when the scorer fails, what it printed is logged with the error."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 1)
-        os.dup2(null.fileno(), 2)
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(sink):
                 yield
+        except BaseException:
+            sink.flush()
+            sink.seek(0)
+            log.error("caption scorer output:\n%s", sink.read()[-4000:])
+            raise
         finally:
             sys.stdout.flush()
             os.dup2(saved[0], 1)

@@ -81,8 +81,12 @@ class TrainSection(Config):
         w = "train"
         check(self.steps >= 1, f"{w}.steps", ">= 1", self.steps)
         check(math.isfinite(self.lr) and self.lr > 0, f"{w}.lr", "finite and > 0", self.lr)
-        check(self.weight_decay >= 0, f"{w}.weight_decay", ">= 0", self.weight_decay)
-        check(self.warmup >= 0, f"{w}.warmup", ">= 0", self.warmup)
+        check(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{w}.weight_decay",
+            "finite and >= 0", self.weight_decay,
+        )  # fmt: skip
+        check(math.isfinite(self.warmup) and self.warmup >= 0, f"{w}.warmup", "finite and >= 0",
+              self.warmup)  # fmt: skip
         check(
             self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0),
             f"{w}.grad_clip", "> 0 (or null for no clipping)", self.grad_clip,
@@ -222,6 +226,8 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
             method = MethodConfig.from_dict(
                 {"targets": ["_"], **method_spec}, where=f"{where}: adapters.{name}"
             )
+            if placement["route_components"] is not None and not getattr(method, "routing", None):
+                raise ValueError("route_components needs a routing function (routing: …)")
             kinds = placement["kinds"] or family.default_kinds_for(method)
             family.check_placement(
                 placement["components"] or family.default_components,

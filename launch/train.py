@@ -164,7 +164,7 @@ def barrier(world: int) -> None:
 
 def save_checkpoint(
     run_dir: Path, step: int, model, optimizer, scheduler, position, keep: int,
-    engine=None, rank: int = 0, world: int = 1,
+    engine=None, rank: int = 0, world: int = 1, extra: dict | None = None,
 ) -> None:  # fmt: skip
     """Writes checkpoints/step_<n>/ through a temp directory + rename; keeps the last ``keep``.
 
@@ -184,7 +184,12 @@ def save_checkpoint(
         engine.save_checkpoint(
             str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True
         )
-    state = {"step": step, "position": list(position), "python_rng": random.getstate()}
+    state = {
+        "step": step,
+        "position": list(position),
+        "python_rng": random.getstate(),
+        **(extra or {}),
+    }
     with gathered(trainable_state(model).values()):
         if rank == 0:
             write_safetensors(tmp / "trainable.safetensors", trainable_state(model))
@@ -225,35 +230,46 @@ def manifest(directory: Path) -> dict:
 
 
 def damage(checkpoint: Path) -> str | None:
-    """What is wrong with a checkpoint (a missing, truncated or altered file), or None."""
+    """What is wrong with a checkpoint (a missing, truncated or altered file), or None. One
+    written before checkpoints had a manifest is checked for its files only."""
     path = checkpoint / MANIFEST
     if not path.is_file():
-        return f"{path} is missing"
+        missing = [
+            n for n in ("state.json", "rng_rank0.safetensors") if not (checkpoint / n).is_file()
+        ]
+        if missing:
+            return f"{checkpoint / missing[0]} is missing"
+        log.warning("checkpoint %s has no manifest (an older vlpeft): not verified", checkpoint)
+        return None
     try:
         expected = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return f"{path} is not JSON"
-    for name, info in expected.items():
-        file = checkpoint / name
-        if not file.is_file():
-            return f"{file} is missing"
-        if file.stat().st_size != info["bytes"]:
-            return f"{file} has {file.stat().st_size} bytes, {info['bytes']} were written"
-        if _sha256(file) != info["sha256"]:
-            return f"{file} does not match its checksum"
+        for name, info in expected.items():
+            file = checkpoint / name
+            if not file.is_file():
+                return f"{file} is missing"
+            if file.stat().st_size != info["bytes"]:
+                return f"{file} has {file.stat().st_size} bytes, {info['bytes']} were written"
+            if _sha256(file) != info["sha256"]:
+                return f"{file} does not match its checksum"
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        return f"{path} is not a manifest of this launcher"
     return None
 
 
 def newest_intact(checkpoints: list[Path]) -> Path:
-    """The newest checkpoint whose files all match their manifest; a damaged newer one is
-    skipped with a warning naming the bad file."""
+    """The newest checkpoint whose files all match their manifest. A damaged newer one is named
+    in a warning and moved aside (``.damaged_step_*``), so checkpoint rotation never keeps it in
+    place of an intact one."""
     problems = []
     for checkpoint in reversed(checkpoints):
         problem = damage(checkpoint)
         if problem is None:
             return checkpoint
-        log.warning("checkpoint %s is damaged (%s); trying the one before", checkpoint, problem)
         problems.append(problem)
+        aside = checkpoint.with_name(f".damaged_{checkpoint.name}")
+        log.warning("checkpoint %s is damaged (%s); moved to %s", checkpoint, problem, aside.name)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(checkpoint, aside)
     raise RunError("no intact checkpoint to resume from: " + "; ".join(problems))
 
 
@@ -458,7 +474,13 @@ def init_from_run(model, config: TrainConfig, source: Path) -> None:
             ("model.family", config.model.family, earlier.model.family),
             ("model.preset", config.model.preset, earlier.model.preset),
             ("adapters", config.adapters, earlier.adapters),
-        )
+            # a classifier's answer vocabulary: the same size in another order misaligns it
+            (
+                "model.overrides.answers",
+                config.model.overrides.get("answers"),
+                earlier.model.overrides.get("answers"),
+            ),
+        )  # fmt: skip
         if mine != theirs
     ]
     if differ:
@@ -473,7 +495,7 @@ def init_from_run(model, config: TrainConfig, source: Path) -> None:
 # keys that change how a run executes, not what it optimises: free to change on --resume
 EXECUTION_KEYS = (
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard",
-    "train.on_nonfinite", "eval.", "deepspeed.config",
+    "train.on_nonfinite", "eval.", "deepspeed.config", "*.eval_batch_size",
 )  # fmt: skip
 
 
@@ -500,9 +522,13 @@ def config_changes(run: Run, allow_change) -> dict:
         if earlier.get(k) != now.get(k)
     }
     allowed = [*EXECUTION_KEYS, *allow_change]
-    refused = [
-        k for k in changed if not any(k == a or k.startswith(a.rstrip(".") + ".") for a in allowed)
-    ]
+
+    def free(key: str, rule: str) -> bool:
+        if rule.startswith("*."):
+            return key.endswith(rule[1:])
+        return key == rule or key.startswith(rule.rstrip(".") + ".")
+
+    refused = [k for k in changed if not any(free(k, a) for a in allowed)]
     if refused:
         listed = ", ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in refused)
         raise RunError(
@@ -519,14 +545,20 @@ def resume_or_start(run: Run, resume: bool, allow_change=()) -> None:
     checkpoints = sorted((run.run_dir / "checkpoints").glob("step_*"))
     if resume and checkpoints:
         changed = config_changes(run, allow_change)
-        if changed and run.rank == 0:
-            with open(run.run_dir / "config_history.jsonl", "a") as f:
-                entry = {"time": time.time(), "changes": changed}
-                f.write(json.dumps(entry, default=str) + "\n")
-        checkpoint = newest_intact(checkpoints)
+        checkpoint = newest_intact(checkpoints) if run.rank == 0 else None
+        if run.world > 1:  # rank 0 chose (and moved damaged ones aside): every rank loads it
+            shared = [str(checkpoint) if checkpoint else None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            checkpoint = Path(shared[0])
         run.step, run.position = load_checkpoint(
             checkpoint, run.model, run.optimizer, run.scheduler, run.engine, run.rank
         )
+        state = json.loads((checkpoint / "state.json").read_text())
+        run.skipped, run.last_finite_loss = state.get("skipped", 0), state.get("last_finite_loss")
+        if changed and run.rank == 0:
+            with open(run.run_dir / "config_history.jsonl", "a") as f:
+                entry = {"time": time.time(), "step": run.step, "changes": changed}
+                f.write(json.dumps(entry, default=str) + "\n")
         log.info("resumed from %s", checkpoint)
 
     if run.rank == 0:
@@ -566,6 +598,15 @@ def nonfinite(run: Run, task: str, what: str, value) -> bool:
     )
 
 
+def skip_step(run: Run) -> None:
+    """Drops a step's gradients; the step counts (the schedule advances, the run still ends at
+    train.steps)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.engine is None:
+        run.scheduler.step()
+    run.step += 1
+
+
 def train_step(run: Run, task: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on ``task``'s batch: (task loss, ReSoRA penalty), both detached.
     A non-finite loss or gradient norm stops the run or skips the step (``on_nonfinite``)."""
@@ -589,8 +630,7 @@ def train_step(run: Run, task: str, indices: list[int]) -> tuple[torch.Tensor, t
         loss = penalty = total = None
     finite = all_ranks_agree(finite, run.world)
     if not finite and nonfinite(run, task, "the loss", value):
-        run.optimizer.zero_grad(set_to_none=True)
-        run.step += 1
+        skip_step(run)
         return torch.full((), float("nan")), torch.zeros(())
     if run.engine is not None:
         run.engine.backward(total)
@@ -601,8 +641,7 @@ def train_step(run: Run, task: str, indices: list[int]) -> tuple[torch.Tensor, t
         clip = config.train.grad_clip if config.train.grad_clip is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if not torch.isfinite(norm) and nonfinite(run, task, "the gradient norm", norm.item()):
-            run.optimizer.zero_grad(set_to_none=True)
-            run.step += 1
+            skip_step(run)
             return loss.detach(), penalty.detach()
         run.optimizer.step()
         run.scheduler.step()
@@ -632,6 +671,7 @@ def after_step(run: Run, task: str, loss, penalty, logger, bar, rank0) -> None:
         save_checkpoint(
             run.run_dir, step, run.model, run.optimizer, run.scheduler, run.position,
             config.train.keep_checkpoints, run.engine, run.rank, run.world,
+            {"skipped": run.skipped, "last_finite_loss": run.last_finite_loss},
         )  # fmt: skip
     if config.eval.val_every and step % config.eval.val_every == 0:
         rank0.run(

@@ -161,6 +161,10 @@ class VQA(Task):
             "ids": [r["id"] for r in records],
         }
 
+    def predict(self, model, records, batches, settings):
+        """Generated answers, lower-cased as the annotations are (see the module docstring)."""
+        return [answer.lower() for answer in super().predict(model, records, batches, settings)]
+
     def submission(self, records, predictions):
         return [
             {"question_id": r["question_id"], "answer": a} for r, a in zip(records, predictions)

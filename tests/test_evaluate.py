@@ -37,6 +37,11 @@ def test_vqa_scores_each_prediction_against_its_own_question(router, tmp_path):
     assert 0 < record["headline"] < 100
     submitted = json.loads((tmp_path / "vqa_test_predictions.json").read_text())
     assert {p["question_id"]: p["answer"] for p in submitted} == known
+    # a cased generation ("Yes" from a cased tokenizer) is submitted lower-cased, as the server
+    # compares it verbatim with ten identical lower-case answers
+    model.generate = lambda batch, **kw: [known[q].upper() for q in batch["ids"]]
+    again = evaluate_task(model, router, "vqa", "test", tmp_path, Settings())
+    assert again["headline"] == record["headline"]
 
 
 def test_retrieval_scores_both_directions_with_itm_reranking(router, tmp_path):

@@ -202,14 +202,21 @@ def test_rank_is_twice_the_planted_nullity_in_every_storage_format(dtype, upcast
 
 
 def test_a_layer_without_null_space_gets_no_update(tmp_path):
-    lin = planted(12, 12, deficiency=0, seed=1)
+    full, deficient = planted(12, 12, deficiency=0, seed=1), planted(12, 12, deficiency=2, seed=2)
     x = torch.randn(3, 12)
-    before = lin(x)
-    net, layer = adapted(lin)
-    assert layer.rank == 0 and layer.adapters["default"].report["rank"] == 0
-    torch.testing.assert_close(net(x), before)
-    with pytest.raises(ValueError, match="no layer with a nonzero rank"):
-        vlpeft.export_peft_lora(net, tmp_path / "peft")
+    before = full(x)
+    net = torch.nn.Sequential(full, deficient)
+    vlpeft.add_adapter(net, NullLoRAConfig(targets=["0", "1"]))
+    perturb_adapters(net, scale=0.5)
+    assert (net[0].rank, net[1].rank) == (0, 4)
+    assert net[0].adapters["default"].report["rank"] == 0
+    torch.testing.assert_close(net[0](x), before)  # no update, no parameters
+    assert not [n for n, _ in net[0].named_parameters() if ".adapters." in n]
+    vlpeft.export_peft_lora(net, tmp_path / "peft")  # the rank-0 layer is left out
+    alone = torch.nn.Sequential(planted(12, 12, deficiency=0, seed=1))
+    with pytest.raises(ValueError, match="none of the 1 target layers has a null space"):
+        vlpeft.add_adapter(alone, NullLoRAConfig(targets=["0"]))
+    assert not any(True for _ in vlpeft.adapted_layers(alone))  # refused before touching it
 
 
 def test_near_null_fill_reports_how_far_the_update_leaves_the_null_space():
@@ -247,3 +254,14 @@ def test_gpt2_conv1d_update_lies_in_the_null_space_of_the_out_in_weight():
     delta = adapted.delta_weight().double().T  # delta_weight is in the stored (in, out) layout
     assert adapted.rank == 12 and delta.abs().max() > 1e-2
     assert (w0.T @ delta).abs().max() < 1e-5 * w0.abs().max() * delta.abs().max() * 32
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_gap_nearest_the_bound_is_the_null_space_boundary(seed):
+    """bf16 noise under a planted nullity can hold a larger ratio between its own tiny values than
+    the real gap; the cut is at the topmost clear gap, so the nullity stays the planted one."""
+    lin = planted(64, 64, deficiency=12, seed=100 + seed)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight.to(torch.bfloat16).float())
+    ns = nl.null_space(lin.weight, NullLoRAConfig(targets=["q"]))
+    assert ns["left_nullity"] == 12

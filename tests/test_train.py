@@ -15,6 +15,8 @@ from tasks.base import DataError
 from tasks.router import take
 from tasks.synthetic import generate
 
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -323,7 +325,8 @@ def test_numeric_config_values_are_checked_by_meaning(data):
         ("train.steps=0", "train.steps must be >= 1"),
         ("train.steps=true", "train.steps: expected int, got True"),
         ("train.log_every=0", "train.log_every must be >= 1"),
-        ("train.warmup=-1", "train.warmup must be >= 0"),
+        ("train.warmup=-1", "train.warmup must be finite and >= 0"),
+        ("train.warmup=.inf", "train.warmup must be finite and >= 0"),
         ("data.tasks.vqa.batch_size=-4", "batch_size must be >= 1"),
         ("data.tasks.vqa.batch_size=0", "batch_size must be >= 1"),
         ("adapters.default.r='8'", r"\.r: expected int, got '8'"),

@@ -139,19 +139,27 @@ def _from_resolved(config: MethodConfig, data: dict, path: Path) -> MethodConfig
     exact = [f"^{re.escape(n)}$" for n in data.get("extra_trainable", [])]
     resolved = data.get("resolved")
     if resolved is None:
-        if isinstance(config.targets, str):
+        regex = [
+            k for k in ("targets", "route_targets") if isinstance(getattr(config, k, None), str)
+        ]
+        if regex:
             raise ValueError(
-                f"{path}: written by an older vlpeft with a regex 'targets' ({config.targets!r}); "
-                "patterns from a file are not compiled: re-save the adapter with this version"
+                f"{path}: written by an older vlpeft with a regex {regex[0]!r} "
+                f"({getattr(config, regex[0])!r}); patterns from a file are not compiled: "
+                "re-save the adapter with this version"
             )
-        return dataclasses.replace(config, trainable=exact)
-    changes: dict[str, Any] = {"targets": list(resolved["layers"]), "trainable": exact}
-    if getattr(config, "routing", None):
-        routed = list(resolved.get("routed", []))
-        changes["route_targets"] = None if routed == changes["targets"] else routed
-    if hasattr(config, "slices"):
-        changes["slices"] = dict(resolved.get("slices", {}))
-    return dataclasses.replace(config, **changes)
+        placed = dataclasses.replace(config, trainable=exact)
+    else:
+        layers = [str(n) for n in resolved["layers"]]
+        changes: dict[str, Any] = {"targets": layers, "trainable": exact}
+        if getattr(config, "routing", None):
+            routed = [str(n) for n in resolved.get("routed", [])]
+            changes["route_targets"] = None if routed == layers else routed
+        if hasattr(config, "slices"):
+            changes["slices"] = {str(k): v for k, v in resolved.get("slices", {}).items()}
+        placed = dataclasses.replace(config, **changes)
+    placed.exact_names = True  # slices are looked up by exact name only (LoRAConfig.slice_spec)
+    return placed
 
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[str, MethodConfig]:

@@ -96,9 +96,15 @@ def add_adapter(module: nn.Module, config: MethodConfig, name: str = "default") 
             f"adapter {name!r} already exists in this module; names in use: {sorted(configs)}"
         )
     recorder = recorder_of(module)  # adapters added after enable_resora join its recorder
-    for path, sub in find_targets(module, config.targets):
+    targets = find_targets(module, config.targets)
+    built = {  # every adapter is built (and checked) before the module is touched
+        path: config.build(sub.base_layer if isinstance(sub, AdaptedLayer) else sub, path)
+        for path, sub in targets
+    }
+    config.after_injection(built)
+    for path, sub in targets:
         layer = sub if isinstance(sub, AdaptedLayer) else AdaptedLayer(sub, path)
-        layer.adapters[name] = config.build(layer.base_layer, path)
+        layer.adapters[name] = built[path]
         if layer is not sub:
             layer.recorder = recorder
             module.set_submodule(path, layer)

@@ -115,6 +115,10 @@ class MethodConfig(Config):
         """The adapter module of this method for one target layer."""
         raise NotImplementedError
 
+    def after_injection(self, adapters: dict[str, AdapterModule]) -> None:
+        """Called by ``add_adapter`` with every layer path → adapter built (a method may report
+        or refuse what it built); nothing by default."""
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 

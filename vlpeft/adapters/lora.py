@@ -77,7 +77,12 @@ class LoRAConfig(RoutableConfig):
     def slice_spec(self, layer_name: str) -> dict | None:
         if layer_name in self.slices:  # an exact name (what a checkpoint records)
             return self.slices[layer_name]
+        exact = getattr(self, "exact_names", False)  # read from a file: no pattern is compiled
         for key, spec in self.slices.items():
+            if exact:
+                if layer_name.endswith("." + key):
+                    return spec
+                continue
             if layer_name == key or layer_name.endswith("." + key) or re.fullmatch(key, layer_name):
                 return spec
         return None

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -62,6 +63,8 @@ from .base import (
     register_method,
 )
 from .routing import RoutableConfig, make_routing
+
+log = logging.getLogger(__name__)
 
 
 @register_method("null_lora")
@@ -113,6 +116,22 @@ class NullLoRAConfig(RoutableConfig):
                 f"got {self.storage_dtype!r}"
             )
 
+    def after_injection(self, adapters: dict[str, AdapterModule]) -> None:
+        """Says the ranks self-adaptation chose; refuses a set in which no layer has a null space
+        (nothing would train)."""
+        ranks = {path: a.rank for path, a in adapters.items()}
+        empty = [p for p, r in ranks.items() if r == 0]
+        log.info(
+            "null_lora: total rank %d over %d layers (%d without null space: not adapted)",
+            sum(ranks.values()), len(ranks), len(empty),
+        )  # fmt: skip
+        if ranks and len(empty) == len(ranks):
+            raise ValueError(
+                f"null_lora: none of the {len(ranks)} target layers has a null space (e.g. "
+                f"{empty[0]}), so nothing would train; set min_rank to fill layers with near-null "
+                "directions (the report's null_leak says how far they leave the null space)"
+            )
+
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
         if not (isinstance(base_layer, nn.Linear) or is_conv1d(base_layer)):
             raise TypeError(
@@ -149,7 +168,8 @@ def zero_threshold(w: torch.Tensor, s: torch.Tensor, config: NullLoRAConfig) -> 
     u(storage)·‖W0‖_F (Weyl's bound on what rounding W0 to its storage format can lift an exact
     zero to). The bound alone is loose (‖E‖₂ ≪ ‖E‖_F): a real singular value under it is not
     null, so among the values under it the cut is at the largest ratio between neighbours, and
-    only when that ratio is at least ``GAP`` (no clear gap: no null space)."""
+    only when that ratio is at least ``GAP`` — the topmost such gap (no clear gap: no null
+    space)."""
     if not s.numel():
         return 0.0
     if config.rtol is not None:
@@ -160,10 +180,12 @@ def zero_threshold(w: torch.Tensor, s: torch.Tensor, config: NullLoRAConfig) -> 
     if under == len(s) or under == 0:
         return bound if under == 0 else -1.0
     ratios = s[under - 1 : -1] / s[under:].clamp_min(torch.finfo(s.dtype).tiny)
-    best = int(ratios.argmax())
-    if float(ratios[best]) < GAP:
+    gaps = (ratios >= GAP).nonzero()
+    if not len(gaps):
         return -1.0  # a continuous tail: nothing is clearly null
-    return float(s[under + best])
+    # the topmost clear gap, nearest the bound: the noise floor below it can hold larger ratios
+    # between its own tiny values, which must not move the cut
+    return float(s[under + int(gaps[0])])
 
 
 def null_space(w: torch.Tensor, config: NullLoRAConfig) -> dict:
@@ -202,17 +224,16 @@ def null_space(w: torch.Tensor, config: NullLoRAConfig) -> dict:
 
 
 def leak(s: torch.Tensor, d_out: int, d_in: int, half: int, tol: float) -> float:
-    """σ_k / σ_max for the largest singular value σ_k among the h directions used on either side
-    (0 when all are null): the bound on |W0ᵀΔW| / (|W0|·|ΔW|) (left) and |W0·ΔWᵀ…| (right)."""
+    """σ_k / σ_max for the largest singular value σ_k among the h *left* directions used (0 when
+    all are null): the bound on |W0ᵀΔW| / (|W0|·|ΔW|). Every term of ΔW has Û (through P) on its
+    left, so the right side does not enter W0ᵀΔW."""
     if half == 0 or not s.numel() or float(s.max()) == 0:
         return 0.0
-    worst = 0.0
-    for structural in (max(0, d_out - d_in), max(0, d_in - d_out)):
-        singular = half - structural  # directions taken from the smallest singular values
-        if singular > 0:
-            value = float(s[-singular])
-            worst = max(worst, value if value > tol else 0.0)
-    return worst / float(s.max())
+    singular = half - max(0, d_out - d_in)  # left directions taken from the singular ones
+    if singular <= 0:
+        return 0.0
+    value = float(s[-singular])
+    return (value if value > tol else 0.0) / float(s.max())
 
 
 def smallest_directions(basis: torch.Tensor, count: int) -> torch.Tensor:

@@ -213,7 +213,9 @@ def subspace_penalty(
             n = sq.shape[-1]
             iu = torch.triu_indices(n, n, offset=1, device=sq.device)
             dist2 = (sq.detach() * norms2.detach()[..., None, None])[..., iu[0], iu[1]]
-            shared = dist2.flatten(-2).median(dim=-1).values.sqrt()  # (...)
+            live = pairs.diagonal(dim1=-2, dim2=-1).bool()  # components with an increment only
+            dist2 = dist2.masked_fill(~live[..., None], float("nan"))
+            shared = dist2.flatten(-2).nanmedian(dim=-1).values.sqrt()  # (...)
             sigma = params.get("sigma_frac", 0.5) * shared[..., None].expand_as(norms2)
         else:
             sigma = params.get("sigma_frac", 0.5) * norms2.detach().sqrt() * _pair_median(sq).sqrt()

@@ -153,7 +153,8 @@ class ClipBart(VLModel):
     }
     default_components = ("encoder", "decoder")
     # Qu et al. Sec. 5.1, Fig. 6: adapters in encoder and decoder (VL-Adapter), routing with the
-    # pooled last encoder state in the decoder; routed_components=["encoder", "decoder"] also
+    # pooled last encoder state in the decoder; route_components [encoder, decoder] (launcher) /
+    # routed_components (adapter_config) also
     # routes the encoder's on the projected visual features
     default_routed_components = ("decoder",)
     trainable_patterns = (r"^visual_proj\.", r"^image_order\.")
