@@ -19,18 +19,24 @@ import torch
 from vlpeft.models.blip import CLASSES, PARTS, convert_original_state_dict
 
 
+class ConversionError(ValueError):
+    """An original BLIP checkpoint that cannot be converted; the message names the file."""
+
+
 def load_original(path: Path) -> dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise SystemExit(f"{path}: no such checkpoint file") from None
+        raise ConversionError(f"{path}: no such checkpoint file") from None
     except Exception as err:  # an unpickling refusal or a corrupt file
-        raise SystemExit(
+        raise ConversionError(
             f"{path}: not a tensors-only checkpoint ({type(err).__name__}: {err})"
         ) from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SystemExit(f"{path}: expected a state dict (or {{'model': state dict}}) of tensors")
+        raise ConversionError(
+            f"{path}: expected a state dict (or {{'model': state dict}}) of tensors"
+        )
     return state
 
 
@@ -71,7 +77,7 @@ def convert(
     missing, unexpected = model.load_state_dict(wanted, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise SystemExit(
+        raise ConversionError(
             f"{path}: does not fit {CLASSES[head]} (missing {missing[:5]}…, unexpected {unexpected[:5]}…); "
             "is --head right?"
         )
@@ -87,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         "--head", choices=sorted(CLASSES), required=True, help="which Blip* model it is"
     )
     args = parser.parse_args(argv)
-    unused = convert(args.checkpoint, args.out, args.head)
+    try:
+        unused = convert(args.checkpoint, args.out, args.head)
+    except ConversionError as err:
+        raise SystemExit(f"error: {err}") from None
     print(
         f"wrote {CLASSES[args.head]} to {args.out}"
         + (f"; not used: {len(unused)} keys" if unused else "")

@@ -565,6 +565,11 @@ def resume_or_start(run: Run, resume: bool, allow_change=()) -> None:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(run.config.to_dict(), sort_keys=False)
         atomic_write(run.run_dir / "config.yaml", lambda t: Path(t).write_text(text))
+        # which checkpoint each pretrained part started from (pre-trained vs fine-tuned matters
+        # when comparing with the papers), and the run a later stage started from
+        started = {"weights": getattr(run.model, "weight_sources", {}),
+                   "init_from": run.config.train.init_from}  # fmt: skip
+        write_json(run.run_dir / "weights.json", started)
         truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
 
 

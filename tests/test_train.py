@@ -282,6 +282,8 @@ def test_init_from_starts_exactly_from_a_finished_run(data, tmp_path):
     )  # a fresh schedule (no warm-up here)
     summary = train_module.train(load_config(None, data=stage2), tmp_path / "stage2")
     assert summary["steps"] == 2 and summary["init_from"] == str(tmp_path / "stage1")
+    started = json.loads((tmp_path / "stage2" / "weights.json").read_text())
+    assert started == {"init_from": str(tmp_path / "stage1"), "weights": {}}  # random weights
     # --resume of the later stage continues it from its own checkpoint, not from stage 1 again
     longer = {**stage2, "train": {**stage2["train"], "steps": 4}}
     run_dir = tmp_path / "stage2b"
