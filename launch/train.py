@@ -673,11 +673,19 @@ def after_step(run: Run, task: str, loss, penalty, logger, bar, rank0) -> None:
         logger.log(step, values)
         bar.set_postfix(task=task, loss=f"{value:.3f}")
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
-        save_checkpoint(
-            run.run_dir, step, run.model, run.optimizer, run.scheduler, run.position,
-            config.train.keep_checkpoints, run.engine, run.rank, run.world,
-            {"skipped": run.skipped, "last_finite_loss": run.last_finite_loss},
-        )  # fmt: skip
+        try:
+            save_checkpoint(
+                run.run_dir, step, run.model, run.optimizer, run.scheduler, run.position,
+                config.train.keep_checkpoints, run.engine, run.rank, run.world,
+                {"skipped": run.skipped, "last_finite_loss": run.last_finite_loss},
+            )  # fmt: skip
+        except OSError as err:  # a full disk, a lost mount: the previous checkpoint is untouched
+            previous = sorted((run.run_dir / "checkpoints").glob("step_*"))
+            kept = f"{previous[-1]} is intact (--resume continues from it)" if previous else (
+                "no earlier checkpoint exists")  # fmt: skip
+            raise RunError(
+                f"step {step}: the checkpoint could not be written ({err}); {kept}"
+            ) from err
     if config.eval.val_every and step % config.eval.val_every == 0:
         rank0.run(
             lambda m: run_evaluation(m, run.router, config, run.run_dir, ["val"], logger, step)

@@ -421,3 +421,33 @@ def test_resuming_with_a_changed_config_is_refused_unless_allowed(data, tmp_path
     ]
     assert history[-1]["changes"]["train.lr"] == [0.01, 0.02]
     assert load_config(tmp_path / "r" / "config.yaml").train.lr == 0.02
+
+
+def test_a_failed_checkpoint_write_is_clear_and_keeps_the_previous_one(data, tmp_path, monkeypatch):
+    """A full disk at the second checkpoint (a mocked write failure): a clear error, the first
+    checkpoint intact, and --resume from it ends where an uninterrupted run does."""
+    import errno
+
+    from launch.run import RunError
+
+    run(data, tmp_path / "whole")
+    real = train_module.write_safetensors
+
+    def full_disk(path, tensors, metadata=None):
+        if "step_0000006" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(train_module, "write_safetensors", full_disk)
+    with pytest.raises(
+        RunError,
+        match=r"step 6: the checkpoint could not be written .*No space left.*step_0000003 is intact",
+    ):
+        run(data, tmp_path / "full")
+    monkeypatch.setattr(train_module, "write_safetensors", real)
+    assert train_module.damage(tmp_path / "full" / "checkpoints" / "step_0000003") is None
+    run(data, tmp_path / "full", resume=True)
+    whole = load_file(tmp_path / "whole" / "adapters" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "full" / "adapters" / "adapter_model.safetensors")
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
