@@ -164,11 +164,14 @@ def load_image(path: str | Path, where: str) -> Image.Image:
 
 
 def readable(path: str | Path) -> bool:
+    """Whether the image decodes completely. ``Image.verify`` passes a JPEG cut at 50–99 %, so
+    this decodes every pixel: about 5 ms for a 640×480 JPEG on one core (10 min for COCO's 123k
+    images) — the price of ``skip_unreadable_images`` and of ``python -m tasks.check``."""
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.load()
         return True
-    except (OSError, SyntaxError):
+    except (OSError, SyntaxError, ValueError):
         return False
 
 

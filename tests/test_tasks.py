@@ -479,3 +479,34 @@ def test_bad_input_the_readers_see_is_a_clear_error(tmp_path):
     caption = TaskRouter.from_dict({"c": {"reader": "caption", "root": "."}}, tmp_path)["c"]
     with pytest.raises(DataError, match=r"images\[0\]: field 'cocoid' should be"):
         caption.read("test")
+
+
+def test_truncated_jpegs_are_caught_and_tasks_check_lists_every_problem(tmp_path, capsys):
+    """A JPEG cut at 60 % passes Image.verify; the full decode refuses it. With
+    skip_unreadable_images it is skipped and counted up front (never a crash mid-training), and
+    ``python -m tasks.check`` lists every problem of the data set at once."""
+    from PIL import Image
+
+    from tasks.check import main as check_main
+    from tasks.synthetic import generate
+
+    generate(tmp_path, images=12, seed=0, size=32)
+    router = TaskRouter.from_yaml(tmp_path / "tasks.yaml")
+    records = router["caption"].read("test")
+    victim = records[0]["images"][0]
+    buffer = __import__("io").BytesIO()
+    noise = __import__("numpy").random.RandomState(0).randint(0, 256, (240, 320, 3))
+    Image.fromarray(noise.astype("uint8")).save(buffer, "JPEG", quality=90)
+    # PIL reads the format from the bytes, whatever the file's name
+    victim.write_bytes(buffer.getvalue()[: int(len(buffer.getvalue()) * 0.6)])
+    with Image.open(victim) as image:
+        image.verify()  # what the old check did: it passes
+    skipping = TaskRouter.from_dict(
+        {"c": {**router["caption"].config.__dict__, "skip_unreadable_images": True}}, "/"
+    )["c"]
+    kept = skipping.read("test")
+    assert victim not in [p for r in kept for p in r["images"]] and skipping.skipped == 1
+    (tmp_path / "gqa" / "val_balanced_questions.json").write_text("{")  # a second problem
+    assert check_main([str(tmp_path / "tasks.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert "does not decode" in out and "malformed JSON" in out
