@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -414,6 +415,32 @@ def check_eval_splits(router: TaskRouter, config: TrainConfig) -> None:
             task.read(split, limit=config.eval.max_records)
 
 
+def load_deepspeed_state_safely(engine) -> None:
+    """DeepSpeed reads its engine state with ``torch.load(weights_only=False)``: a crafted ``.pt``
+    in a shared run directory would run code on resume. Its loads go through
+    ``weights_only=True`` instead, with the three DeepSpeed types its checkpoints hold (the
+    ZeRO-stage enum, the loss scaler's state, fragment addresses) allow-listed; anything else is
+    refused with the file's name."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            reason = str(err).strip().splitlines()[-1][:300]
+            raise RunError(
+                f"{path}: refused: it holds more than tensors and DeepSpeed's plain state, and "
+                f"loading it could run code ({reason})"
+            ) from None
+
+    engine.checkpoint_engine.load = load
+
+
 def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: bool = False) -> Run:
     """Router, model with adapters (``train.init_from``'s when a fresh run names one), data sets,
     sampler, optimizer and schedule (DeepSpeed's engine when enabled)."""
@@ -446,6 +473,7 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(config, world, micro),
         )  # fmt: skip
+        load_deepspeed_state_safely(engine)
     elif world > 1:
         raise ConfigError(
             "several processes need deepspeed.enabled=true (gradients are averaged by DeepSpeed)"

@@ -146,3 +146,63 @@ def test_sigkill_at_any_step_resumes_to_the_uninterrupted_run(data, tmp_path):
     finish(launch(cfg, tmp_path / "killed", "--resume"))
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
     assert_close(adapter(tmp_path / "killed"), adapter(tmp_path / "whole"), atol=0)
+
+
+SAFE_LOAD_SCRIPT = """
+import os, json, sys, torch
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(29600 + os.getpid() % 300))
+import deepspeed
+from launch.train import RunError, load_deepspeed_state_safely
+deepspeed.init_distributed(dist_backend="gloo")
+out, marker = sys.argv[1], sys.argv[2]
+
+def engine():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    cfg = json.load(open("launch/ds_zero2.json"))
+    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=1,
+               gradient_clipping=1.0, bf16={"enabled": False})
+    eng, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                   config=cfg)
+    load_deepspeed_state_safely(eng)
+    return eng
+
+first = engine()
+first.backward(first(torch.randn(1, 4)).sum()); first.step()
+first.save_checkpoint(out, tag="t", save_latest=False)
+second = engine()
+second.load_checkpoint(out, tag="t")  # DeepSpeed's own state loads weights-only
+for a, b in zip(first.parameters(), second.parameters()):
+    assert torch.equal(a, b)
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {marker}",))
+
+path = os.path.join(out, "t", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+torch.save({"optimizer_state_dict": Evil()}, path)
+try:
+    engine().load_checkpoint(out, tag="t")
+except RunError as err:
+    assert "refused" in str(err) and "optim_states.pt" in str(err), err
+    print("REFUSED")
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_state_never_runs_a_pickle(tmp_path):
+    """A crafted .pt in a run directory ran code on resume (DeepSpeed loads with
+    weights_only=False); the launcher's engines load weights-only and refuse it."""
+    script = tmp_path / "safe_load.py"
+    script.write_text(SAFE_LOAD_SCRIPT)
+    marker = tmp_path / "pwned"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt"), str(marker)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 0 and "REFUSED" in done.stdout, (
+        done.stdout[-2000:] + done.stderr[-3000:]
+    )
+    assert not marker.exists()
