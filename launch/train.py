@@ -21,6 +21,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,15 @@ from vlpeft.checkpoint import atomic_write, write_json, write_safetensors
 
 log = logging.getLogger("vlpeft.train")
 REPO = Path(__file__).resolve().parent.parent
+# fault injection for the resume tests: "RANK:EVENT:STEP" (EVENT: step — after that step's update;
+# checkpoint — mid-way through writing that step's checkpoint) kills that rank with SIGKILL
+FAULT = os.environ.get("VLPEFT_FAULT", "")
+
+
+def fault_point(event: str, step: int, rank: int) -> None:
+    """SIGKILLs this process at a deterministic point when ``VLPEFT_FAULT`` names it."""
+    if FAULT and FAULT == f"{rank}:{event}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- distributed ----------------------------------------------------------------------------------
@@ -194,6 +204,7 @@ def save_checkpoint(
     with gathered(trainable_state(model).values()):
         if rank == 0:
             write_safetensors(tmp / "trainable.safetensors", trainable_state(model))
+    fault_point("checkpoint", step, rank)
     if rank == 0:
         if engine is None:
             tensors, state["optimizer"] = optimizer_tensors(optimizer)
@@ -687,6 +698,7 @@ def train_step(run: Run, task: str, indices: list[int]) -> tuple[torch.Tensor, t
 def after_step(run: Run, task: str, loss, penalty, logger, bar, rank0) -> None:
     """Logs, checkpoints and evaluates on validation as the config's intervals ask."""
     config, step = run.config, run.step
+    fault_point("step", step, run.rank)
     if step % config.train.log_every == 0 or step == config.train.steps:
         value = global_mean(loss, run.world)
         values = {

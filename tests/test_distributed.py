@@ -206,3 +206,38 @@ def test_deepspeed_state_never_runs_a_pickle(tmp_path):
         done.stdout[-2000:] + done.stderr[-3000:]
     )
     assert not marker.exists()
+
+
+def killed(cfg: dict, out: Path, fault: str, nproc: int) -> None:
+    """``launch`` with ``VLPEFT_FAULT`` set: one rank SIGKILLs itself at a deterministic point."""
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    done = subprocess.run(
+        [sys.executable, *runner, "-m", "launch.train", "--config", str(path), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "VLPEFT_FAULT": fault},
+    )  # fmt: skip
+    assert done.returncode != 0, "the fault did not fire"
+    assert not (out / "run.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "fault"),
+    [(2, "1:step:5"), (2, "0:checkpoint:6"), (3, "0:step:4")],
+    ids=["zero2-rank1-after-step5", "zero2-rank0-mid-checkpoint6", "zero3-rank0-after-step4"],
+)
+def test_deepspeed_run_killed_at_a_deterministic_point_resumes_exactly(
+    data, tmp_path, stage, fault
+):
+    """Two ranks under DeepSpeed, one SIGKILLed after a step or mid-way through writing a
+    checkpoint: --resume (from the newest intact checkpoint) ends with the losses and adapters of
+    an uninterrupted run."""
+    ds = {"enabled": True, "config": f"launch/ds_zero{stage}.json"}
+    cfg = {**config(data, batch=2), "deepspeed": ds}
+    finish(launch(cfg, tmp_path / "whole", nproc=2))
+    killed(cfg, tmp_path / "killed", fault, nproc=2)
+    finish(launch(cfg, tmp_path / "killed", "--resume", nproc=2))
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+    assert_close(adapter(tmp_path / "killed"), adapter(tmp_path / "whole"), atol=0)
