@@ -535,6 +535,8 @@ def init_from_run(model, config: TrainConfig, source: Path) -> None:
 EXECUTION_KEYS = (
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard",
     "train.on_nonfinite", "eval.", "deepspeed.config", "*.eval_batch_size",
+    # how the run executes, for the keys the GPU/data-pipeline work adds
+    "train.device", "train.num_workers", "train.compile", "train.gradient_checkpointing",
 )  # fmt: skip
 
 
@@ -627,10 +629,10 @@ def all_ranks_agree(flag: bool, world: int) -> bool:
     return bool(value.item())
 
 
-def nonfinite(run: Run, task: str, what: str, value) -> bool:
-    """Stops the run with a clear error (``on_nonfinite: stop``), or counts a skipped step
-    (``skip``: returns True, the caller drops the step's gradients)."""
-    if run.config.train.on_nonfinite == "skip":
+def nonfinite(run: Run, task: str, what: str, value, can_skip: bool = True) -> bool:
+    """Stops the run with a clear error (``on_nonfinite: stop``, or a step that cannot be undone),
+    or counts a skipped step (``skip``: returns True, the caller drops the step's gradients)."""
+    if run.config.train.on_nonfinite == "skip" and can_skip:
         run.skipped += 1
         log.warning("step %d (task %s): %s is %s; step skipped", run.step + 1, task, what, value)
         return True
@@ -679,6 +681,10 @@ def train_step(run: Run, task: str, indices: list[int]) -> tuple[torch.Tensor, t
     if run.engine is not None:
         run.engine.backward(total)
         run.engine.step()
+        norm = run.engine.get_global_grad_norm()  # fp16: the loss scaler skips overflows itself
+        bad = norm is not None and not math.isfinite(float(norm)) and not run.engine.fp16_enabled()
+        if not all_ranks_agree(not bad, run.world):  # the engine applied it: nothing to skip
+            nonfinite(run, task, "the gradient norm (DeepSpeed applied the step)", norm, False)
     else:
         total.backward()
         params = [p for p in run.model.parameters() if p.requires_grad]
@@ -710,6 +716,8 @@ def after_step(run: Run, task: str, loss, penalty, logger, bar, rank0) -> None:
             values["train/resora"] = penalty.item()
         if config.train.on_nonfinite == "skip":
             values["train/skipped"] = run.skipped
+        if run.engine is not None and run.engine.fp16_enabled():  # normal: the scaler's overflows
+            values["train/overflow_skipped"] = run.engine.skipped_steps
         logger.log(step, values)
         bar.set_postfix(task=task, loss=f"{value:.3f}")
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
