@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {}
     for name, (note, scores, headline) in results.items():
         summary[name] = {"baseline": note, "headline": headline, "scores": scores}
-        print(f"{name}/{args.split}: {headline:.2f} ({note})")
+        shown = "no annotations" if headline is None else f"{headline:.2f}"
+        print(f"{name}/{args.split}: {shown} ({note})")
     return summary
 
 

@@ -44,7 +44,8 @@ def evaluate_task(model, router, name: str, split: str, out_dir: str | Path, set
     records = loader.dataset.records
     batches = tqdm(loader, desc=f"eval {name}/{split}", leave=False)
     predictions = task.predict(model, records, batches, settings)
-    scores, headline = task.score(records, predictions)
+    scorable = task.scorable(records)  # a test split without annotations: submission only
+    scores, headline = task.score(records, predictions) if scorable else (None, None)
     submission = task.submission(records, predictions)
     out = Path(out_dir)
     path = out / f"{name}_{split}_predictions.{task.submission_format}"
@@ -54,6 +55,8 @@ def evaluate_task(model, router, name: str, split: str, out_dir: str | Path, set
         write_json(path, submission)
     record = {"task": name, "reader": task.name, "split": split, "predicts": task.predicts,
               "metric": task.metric, "headline": headline, "scores": scores}  # fmt: skip
+    if not scorable:
+        record["note"] = f"no annotations: submit {path.name} to the evaluation server"
     write_json(out / f"{name}_{split}.json", record)
     return record
 

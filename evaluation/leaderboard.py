@@ -34,7 +34,9 @@ def rows(summaries: list[dict], split: str = "test") -> tuple[list[str], list[di
     tasks = sorted(
         {k.split("/")[0] for s in summaries for k in s["results"] if k.endswith(f"/{split}")}
     )
-    shared = [t for t in tasks if all(f"{t}/{split}" in s["results"] for s in summaries)]
+    shared = [
+        t for t in tasks if all(s["results"].get(f"{t}/{split}") is not None for s in summaries)
+    ]
     table = []
     for s in summaries:
         scores = {t: s["results"].get(f"{t}/{split}") for t in tasks}

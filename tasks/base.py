@@ -299,6 +299,11 @@ class Task:
             )
         return answers
 
+    def scorable(self, records: list[dict]) -> bool:
+        """Whether ``records`` carry what scoring needs (a test split without annotations does
+        not: its submission file is for the evaluation server)."""
+        return True
+
     def score(self, records: list[dict], predictions) -> tuple[dict, float]:
         """(every score, the headline) of ``predictions`` by the official metric."""
         raise NotImplementedError
@@ -317,6 +322,8 @@ class Task:
         a model's predictions."""
         records = self.read(split)
         note, predictions = self.baseline_predictions(self.read("train"), records)
+        if not self.scorable(records):
+            return note, None, None
         return (note, *self.score(records, predictions))
 
 

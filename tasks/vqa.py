@@ -4,6 +4,10 @@ Files under ``root``: ``v2_OpenEnded_mscoco_<split>_questions.json`` and
 ``v2_mscoco_<split>_annotations.json`` (``<split>``: train2014, val2014; test splits have questions
 only). Images: ``<images>/<split>/COCO_<split>_<image_id:012d>.jpg``.
 
+test-dev2015 / test2015 (questions only, images in ``<images>/test2015/``) are predicted and written
+as the submission file ``[{"question_id", "answer"}]`` the evaluation server takes (there is nothing
+to score locally).
+
 Karpathy-style splits as used by VL-T5/VL-Adapter: with ``options.karpathy`` naming a
 ``dataset_coco.json``, the split names ``karpathy_train`` / ``karpathy_val`` / ``karpathy_test``
 take the questions of train2014 + val2014 whose image lies in that Karpathy split (restval counts
@@ -50,6 +54,11 @@ def most_frequent_answers(answers: list[str], size: int = 3129) -> list[str]:
     return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
 
 
+def image_split(split: str) -> str:
+    """The COCO image folder of a question split: test-dev2015 asks about test2015 images."""
+    return "test2015" if split.startswith("test-dev") else split
+
+
 def coco_image(root: Path, split: str, image_id: int) -> Path:
     return root / split / f"COCO_{split}_{image_id:012d}.jpg"
 
@@ -91,7 +100,7 @@ class VQA(Task):
                 "question_id": qid,
                 "image_id": image_id,
                 "question": field(q, "question", where, str),
-                "images": [coco_image(self.image_root, split, image_id)],
+                "images": [coco_image(self.image_root, image_split(split), image_id)],
                 "source": str(q_path),
             }
             if annotations:
@@ -160,6 +169,15 @@ class VQA(Task):
             "answer_scores": [r.get("label", {}) for r in records],
             "ids": [r["id"] for r in records],
         }
+
+    def scorable(self, records) -> bool:
+        """test-dev / test-std have questions only: their predictions go to the server."""
+        annotated = ["answers" in r for r in records]
+        if any(annotated) and not all(annotated):
+            raise DataError(
+                f"task {self.name}: some questions of the split have annotations, some not"
+            )
+        return all(annotated)
 
     def predict(self, model, records, batches, settings):
         """Generated answers, lower-cased as the annotations are (see the module docstring)."""

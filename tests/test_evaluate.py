@@ -90,3 +90,32 @@ def test_retrieval_scores_both_directions_with_itm_reranking(router, tmp_path):
         assert scores[f"t2i_r{k}"] == pytest.approx(expected_t2i[f"t2i_r{k}"])
     # the test tells the directions apart: text→image read off the image→text matrix differs
     assert retrieval_recall(i2t, owner)["t2i_mean"] != pytest.approx(expected_t2i["t2i_mean"])
+
+
+def test_a_test_dev_split_gives_a_submission_file_without_scores(router, tmp_path):
+    """VQAv2 test-dev has questions only (images in test2015/): predictions become the server's
+    submission file instead of failing on the missing answers."""
+    import shutil
+
+    vqa = router["vqa"]
+    root, images = vqa.root, vqa.image_root
+    val = json.loads((root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    questions = val["questions"][:5]
+    (root / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(
+        json.dumps({"questions": questions})
+    )
+    (images / "test2015").mkdir(exist_ok=True)
+    for q in questions:
+        name = f"COCO_val2014_{q['image_id']:012d}.jpg"
+        shutil.copy(
+            images / "val2014" / name, images / "test2015" / name.replace("val2014", "test2015")
+        )
+    config = {**vqa.config.__dict__, "splits": {**vqa.config.splits, "test": "test-dev2015"}}
+    testdev = TaskRouter.from_dict({"vqa": config}, "/")
+    model = vlpeft.build_model("clip-bart", "tiny", image_size=32)
+    model.generate = lambda batch, **kw: ["Two"] * len(batch["ids"])
+    record = evaluate_task(model, testdev, "vqa", "test", tmp_path, Settings())
+    assert record["headline"] is None and "evaluation server" in record["note"]
+    submitted = json.loads((tmp_path / "vqa_test_predictions.json").read_text())
+    assert submitted == [{"question_id": q["question_id"], "answer": "two"} for q in questions]
+    assert testdev["vqa"].baseline("test")[2] is None  # nothing to score the baseline on either
