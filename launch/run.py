@@ -60,18 +60,25 @@ def build_model(config: TrainConfig, router: TaskRouter):
     return model
 
 
-def load_run(run_dir: str | Path):
-    """(model with the run's final adapters, router, config) of a finished run."""
+def finished_run_config(run_dir: str | Path, what: str = "") -> TrainConfig:
+    """The training config of a finished run (its ``config.yaml``), after checking that the run
+    left its trained adapters; ``what`` prefixes the errors (e.g. ``"train.init_from"``)."""
     run_dir = Path(run_dir)
+    where = f"{what} {run_dir}".strip()
     if not (run_dir / "config.yaml").is_file():
-        raise RunError(f"{run_dir}: no config.yaml (is it a run directory of launch.train?)")
-    config = load_config(run_dir / "config.yaml")
-    router = build_router(config)
+        raise RunError(f"{where}: no config.yaml (is it a run directory of launch.train?)")
     adapters = run_dir / "adapters"
-    if not (adapters / "adapter_config.json").exists() and not any(
+    if not (adapters / "adapter_config.json").is_file() and not any(
         adapters.glob("*/adapter_config.json")
     ):
-        raise RunError(f"{adapters}: no trained adapters (did the run finish?)")
+        raise RunError(f"{where}: no trained adapters in {adapters} (did the run finish?)")
+    return load_config(run_dir / "config.yaml")
+
+
+def load_run(run_dir: str | Path):
+    """(model with the run's final adapters, router, config) of a finished run."""
+    config = finished_run_config(run_dir)
+    router = build_router(config)
     model = build_model(config, router)
-    vlpeft.load_adapter(model, adapters)
+    vlpeft.load_adapter(model, Path(run_dir) / "adapters")
     return model.eval(), router, config

@@ -35,7 +35,7 @@ import vlpeft
 from evaluation.evaluate import evaluate_all
 from evaluation.leaderboard import render_markdown
 from launch.config import ConfigError, TrainConfig, load_config
-from launch.run import RunError, build_model, build_router
+from launch.run import RunError, build_model, build_router, finished_run_config
 from tasks.base import DataError
 from tasks.router import TaskRouter, take
 from tasks.sampler import MultitaskSampler, SamplerConfig
@@ -285,9 +285,9 @@ def newest_intact(checkpoints: list[Path]) -> Path:
     raise RunError("no intact checkpoint to resume from: " + "; ".join(problems))
 
 
-def load_checkpoint(
-    path: Path, model, optimizer, scheduler, engine=None, rank: int = 0
-) -> tuple[int, tuple[int, int]]:
+def load_checkpoint(path: Path, model, optimizer, scheduler, engine=None, rank: int = 0) -> dict:
+    """Restores a checkpoint into the model, optimizer, scheduler and RNGs; returns its
+    ``state.json`` (step, sampler position, the run's counters)."""
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
@@ -305,7 +305,7 @@ def load_checkpoint(
     torch.set_rng_state(load_file(rng)["torch"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    return state["step"], tuple(state["position"])
+    return state
 
 
 class RankZero:
@@ -499,14 +499,7 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
 def init_from_run(model, config: TrainConfig, source: Path) -> None:
     """Loads a finished run's adapters and trained tensors into ``model`` (``train.init_from``),
     refusing a run of another family, preset or adapter layout."""
-    path = source / "config.yaml"
-    if not path.is_file():
-        raise RunError(f"train.init_from {source}: no config.yaml (not a run directory)")
-    if not (source / "adapters" / "adapter_config.json").is_file() and not any(
-        (source / "adapters").glob("*/adapter_config.json")
-    ):
-        raise RunError(f"train.init_from {source}: no adapters/ (did the run finish?)")
-    earlier = load_config(path)
+    earlier = finished_run_config(source, "train.init_from")
     differ = [
         key
         for key, mine, theirs in (
@@ -591,10 +584,10 @@ def resume_or_start(run: Run, resume: bool, allow_change=()) -> None:
             shared = [str(checkpoint) if checkpoint else None]
             torch.distributed.broadcast_object_list(shared, src=0)
             checkpoint = Path(shared[0])
-        run.step, run.position = load_checkpoint(
+        state = load_checkpoint(
             checkpoint, run.model, run.optimizer, run.scheduler, run.engine, run.rank
         )
-        state = json.loads((checkpoint / "state.json").read_text())
+        run.step, run.position = state["step"], tuple(state["position"])
         run.skipped, run.last_finite_loss = state.get("skipped", 0), state.get("last_finite_loss")
         if changed and run.rank == 0:
             with open(run.run_dir / "config_history.jsonl", "a") as f:
@@ -669,8 +662,8 @@ def train_step(run: Run, task: str, indices: list[int]) -> tuple[torch.Tensor, t
                 else torch.zeros(())
             )
         total = loss + penalty
-        finite = bool(torch.isfinite(total))
-        value = total.item()
+        value = total.item()  # one host sync: the value and its finiteness
+        finite = math.isfinite(value)
     except FloatingPointError as err:  # a model that refuses non-finite values (BLIP's ITC)
         finite, value = False, f"non-finite ({err})"
         loss = penalty = total = None

@@ -348,12 +348,16 @@ def by_longest_prefix(path: str, values: dict[str, Any]) -> tuple[bool, Any]:
     return True, values[max(keys, key=len)]
 
 
-def set_layer_context(module: nn.Module, attribute: str, value: Any) -> None:
+def set_layer_context(module: nn.Module, attribute: str, value: Any) -> list[AdaptedLayer]:
     """Sets ``attribute`` of every adapted layer of ``module``: one value for all, or a dict of module
-    paths relative to ``module`` → values (longest prefix wins; layers no key covers get None)."""
+    paths relative to ``module`` → values (longest prefix wins; layers no key covers get None).
+    Returns the layers it set."""
     values = value if isinstance(value, dict) else {"": value}
+    layers = []
     for path, layer in adapted_layers(module):
         setattr(layer, attribute, by_longest_prefix(path, values)[1])
+        layers.append(layer)
+    return layers
 
 
 @contextlib.contextmanager

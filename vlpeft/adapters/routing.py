@@ -253,8 +253,7 @@ def set_routing_inputs(
         >>> net(torch.randn(3, 5, 4)).shape
         torch.Size([3, 5, 4])
     """
-    set_layer_context(module, "routing_input", x_r)
-    for _, layer in adapted_layers(module):
+    for layer in set_layer_context(module, "routing_input", x_r):
         layer.routing_version += 1
 
 
