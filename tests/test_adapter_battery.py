@@ -16,7 +16,7 @@ from conftest import (
 )
 
 import vlpeft
-from vlpeft.adapters import AdapterConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig
+from vlpeft.adapters import AdapterConfig, DoRAConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig
 
 QV_SLICES = {"c_attn": {"parts": 3, "use": [0, 2]}}
 
@@ -49,6 +49,30 @@ ROWS = [
     (
         "lora-conv2d",
         lambda: LoRAConfig(targets=["conv1", "conv2", "head"], r=2),
+        tiny_convnet,
+        image_inputs,
+    ),
+    (
+        "dora-bart",
+        lambda: DoRAConfig(targets=["q_proj", "v_proj", "fc1"], r=4, alpha=8),
+        tiny_bart,
+        bart_inputs,
+    ),
+    (
+        "dora-bart-trainable-ln",
+        lambda: DoRAConfig(targets=["k_proj"], r=2, trainable=["layernorm_embedding"]),
+        tiny_bart,
+        bart_inputs,
+    ),
+    (
+        "dora-gpt2-conv1d",
+        lambda: DoRAConfig(targets=["c_attn", "c_fc"], r=2),
+        tiny_gpt2,
+        text_inputs,
+    ),
+    (
+        "dora-conv2d",
+        lambda: DoRAConfig(targets=["conv1", "conv2", "head"], r=2),
         tiny_convnet,
         image_inputs,
     ),

@@ -6,6 +6,7 @@ The library takes modules and tensors; it never reads argv, environment variable
 from . import adapters
 from .adapters import (
     AdapterConfig,
+    DoRAConfig,
     FLoRAConfig,
     LoRAConfig,
     NullLoRAConfig,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "build_model",
     "AdapterConfig",
+    "DoRAConfig",
     "FLoRAConfig",
     "LoRAConfig",
     "NullLoRAConfig",

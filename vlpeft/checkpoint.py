@@ -176,7 +176,7 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[str, MethodConfig
     for key in ("adapter_name", "config"):
         if key not in data:
             hint = (
-                " (this looks like a peft checkpoint; load it with peft)"
+                " (this looks like a peft checkpoint: load it with vlpeft.load_peft_lora)"
                 if "peft_type" in data
                 else ""
             )
@@ -244,13 +244,15 @@ def export_peft_lora(
     loads into the bare backbone, giving the same outputs.
 
     Each layer becomes a plain LoRA of its own rank (``rank_pattern``) with the scale folded into
-    B (``alpha_pattern`` = rank, so peft's α/r is 1). Declared-trainable parameters are written as
-    peft ``modules_to_save`` of their owning modules.
+    B (``alpha_pattern`` = rank, so peft's α/r is 1). A DoRA adapter is written the same way plus
+    each layer's magnitude (``lora_magnitude_vector``) and ``use_dora: true``. Declared-trainable
+    parameters are written as peft ``modules_to_save`` of their owning modules.
 
     Args:
         module: the model holding the adapter.
         directory: output directory (created).
-        name: the adapter to export; it must be LoRA-reducible (LoRA, Null-LoRA, FLoRA-linear).
+        name: the adapter to export; it must be LoRA-reducible (LoRA, Null-LoRA, FLoRA-linear)
+            or DoRA.
         prefix: dotted path of the bare backbone inside ``module`` (e.g. ``"language_model"``);
             layer names are written relative to it.
         base_model_name_or_path: recorded in the peft config for users.
@@ -261,12 +263,13 @@ def export_peft_lora(
     lead = prefix + "." if prefix else ""
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    conv1d = False
+    conv1d = dora = False
     for path, layer in adapted_layers(module):
         if name not in layer.adapters:
             continue
         adapter = layer.adapters[name]
-        if not adapter.lora_reducible:
+        dora = hasattr(adapter, "dora_factors")
+        if not adapter.lora_reducible and not dora:
             raise TypeError(
                 f"adapter {name!r} at {path} ({type(adapter).__name__}) cannot be written as a plain "
                 "peft LoRA (its update is nonlinear or depends on the input)"
@@ -274,7 +277,12 @@ def export_peft_lora(
         if not path.startswith(lead):
             raise ValueError(f"layer {path} is outside the backbone prefix {prefix!r}")
         rel = path[len(lead) :]
-        a, b = adapter.lora_factors(layer.base_layer)
+        if dora:  # peft's DoRA layer with α = r: A, s·B and the magnitude
+            a, b, magnitude = adapter.dora_factors(layer.base_layer)
+            shape = (1, -1, 1, 1) if isinstance(layer.base_layer, nn.Conv2d) else (-1,)
+            tensors[f"{PEFT_PREFIX}{rel}.lora_magnitude_vector"] = magnitude.reshape(shape)
+        else:
+            a, b = adapter.lora_factors(layer.base_layer)
         if a.shape[0] == 0:
             continue  # a rank-0 layer (Null-LoRA without null space) changes nothing
         # peft's saved-state names: the PeftModel prefix, the layer, lora_A / lora_B without the
@@ -307,15 +315,19 @@ def export_peft_lora(
     write_safetensors(Path(directory) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     write_json(
         Path(directory) / CONFIG_NAME,
-        peft_lora_config(ranks, conv1d, owners, base_model_name_or_path),
+        peft_lora_config(ranks, conv1d, owners, base_model_name_or_path, use_dora=dora),
     )
 
 
 def peft_lora_config(
-    ranks: dict[str, int], fan_in_fan_out: bool, modules_to_save: list[str], base_model: str | None
+    ranks: dict[str, int],
+    fan_in_fan_out: bool,
+    modules_to_save: list[str],
+    base_model: str | None,
+    use_dora: bool = False,
 ) -> dict[str, Any]:
     """peft's own ``LoraConfig`` of an export, as the dict its ``save_pretrained`` writes: each layer
-    a LoRA of its own rank with α = rank (the scale is folded into B)."""
+    a LoRA (a DoRA with ``use_dora``) of its own rank with α = rank (the scale is folded into B)."""
     from peft import LoraConfig  # heavy and optional: only the peft export needs it
 
     top = max(ranks.values())
@@ -330,6 +342,7 @@ def peft_lora_config(
         bias="none",
         modules_to_save=modules_to_save or None,
         init_lora_weights=True,
+        use_dora=use_dora,
         base_model_name_or_path=base_model,
         inference_mode=True,
     )

@@ -16,6 +16,7 @@ from .base import (
     list_methods,
     register_method,
 )
+from .dora import DoRAConfig
 from .flora import FLoRAConfig
 from .lora import LoRAConfig
 from .nulllora import NullLoRAConfig
@@ -27,6 +28,7 @@ __all__ = [
     "AdaptedLayer",
     "AdapterConfig",
     "AdapterModule",
+    "DoRAConfig",
     "FLoRAConfig",
     "LoRAConfig",
     "MethodConfig",

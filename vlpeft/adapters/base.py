@@ -167,6 +167,17 @@ class AdapterModule(nn.Module):
         """Dense ΔW in the base weight's shape (mergeable methods only)."""
         raise TypeError(f"{type(self).__name__} is not mergeable: its update is not a weight delta")
 
+    def merge_into(self, base_layer: nn.Module) -> None:
+        """Folds this adapter into ``base_layer``'s weight (called without grad). Default: W += ΔW.
+        A method whose ΔW depends on W0 (DoRA) overrides this pair and keeps what it needs."""
+        weight = base_layer.weight
+        weight.add_(self.delta_weight(base_layer).to(weight.dtype))
+
+    def unmerge_from(self, base_layer: nn.Module) -> None:
+        """Undoes :meth:`merge_into` (called without grad, in reverse merge order)."""
+        weight = base_layer.weight
+        weight.sub_(self.delta_weight(base_layer).to(weight.dtype))
+
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in peft's shapes with the scale folded in: ΔW = B·A (LoRA-reducible methods)."""
         raise TypeError(f"{type(self).__name__} cannot be written as a plain LoRA")
@@ -300,15 +311,13 @@ class AdaptedLayer(nn.Module):
     def merge(self) -> None:
         for name in self.active:
             if name in self.adapters and name not in self.merged:
-                weight = self.base_layer.weight
-                weight.add_(self.adapters[name].delta_weight(self.base_layer).to(weight.dtype))
+                self.adapters[name].merge_into(self.base_layer)
                 self.merged = (*self.merged, name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         for name in reversed(self.merged):
-            weight = self.base_layer.weight
-            weight.sub_(self.adapters[name].delta_weight(self.base_layer).to(weight.dtype))
+            self.adapters[name].unmerge_from(self.base_layer)
         self.merged = ()
 
     def extra_repr(self) -> str:
