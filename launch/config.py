@@ -5,12 +5,24 @@ Sections (every key has a default except ``model.family`` and ``data.file``)::
     model:    {family: clip-bart, preset: tiny, overrides: {}}
     adapters: {<set name>: {method: lora, r: 8, routing: proj, components: [encoder, decoder],
                kinds: [q, v], route_components: [decoder], …method fields}}
-    data:     {file: data/tasks.yaml, tasks: {vqa: {batch_size: 16, adapter: default}, …}}
+    data:     {file: data/tasks.yaml, root: null, tasks: {vqa: {batch_size: 16, adapter: default,
+               features: null}, …}}
     sampler:  {mode: proportional, temperature: 2.0, seed: 0}
-    train:    {steps: 300, lr: 1e-3, weight_decay: 0.01, warmup: 0.1, grad_clip: 1.0, …}
+    train:    {steps: 300, lr: 1e-3, weight_decay: 0.01, warmup: 0.1, grad_clip: 1.0, device: auto,
+               num_workers: null, grad_accum: 1, gradient_checkpointing: false, compile: false, …}
     resora:   null | {kind: linear, weight: 0.1, start_step: 0, samples: tokens}
     eval:     {splits: [test], val_every: 0, max_records: null, max_new_tokens: 10, num_beams: 1, itm_k: 16}
     deepspeed: {enabled: false, config: launch/ds_zero2.json}
+    paper:    null | {source, table, split, results: {"<task>/<split>": number}, …} (recipes: read
+              by ``launch.reproduce``, ignored by training)
+
+``data.file`` is a task-router YAML; a relative path is taken from the working directory, else from
+the config file's folder. ``data.root`` (set once, e.g. ``data.root=/datasets``) is the folder the
+task file's relative paths resolve against (default: the task file's folder).
+
+A recipe may list ``stages`` (name → a mapping of overrides applied on top of the rest of the file,
+run in order by ``launch.reproduce``); ``train.init_from: stage:<name>`` names an earlier stage's run.
+``load_config(path, stage=NAME)`` loads one stage.
 
 An unknown or misspelled key is an error naming it and the nearest valid key.
 ``key=value`` overrides address nested keys with dots (``train.steps=50``; values parse as YAML).
@@ -21,6 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -33,9 +46,15 @@ from vlpeft.adapters.base import MethodConfig
 from vlpeft.config import Config, ConfigError, check
 from vlpeft.models import get_family, preset_config
 
-__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "load_config", "validate"]
+__all__ = [
+    "ConfigError", "TrainConfig", "apply_overrides", "load_config", "read_recipe", "stage_names",
+    "validate",
+]  # fmt: skip
 # keys of an adapter set that place it in the model (the rest are the method's fields)
 PLACEMENT_KEYS = ("components", "kinds", "route_components")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICE = re.compile(r"cuda:\d+")
+STAGE_PREFIX = "stage:"  # train.init_from: stage:<name> — an earlier stage of the same recipe
 
 
 @dataclasses.dataclass
@@ -48,6 +67,7 @@ class ModelSection(Config):
 @dataclasses.dataclass
 class DataSection(Config):
     file: str = ""
+    root: str | None = None  # where the task file's relative paths resolve (default: its folder)
     tasks: dict = dataclasses.field(default_factory=dict)
 
 
@@ -65,7 +85,14 @@ class TrainSection(Config):
     weight_decay: float = 0.01
     warmup: float = 0.1  # a fraction of the steps (< 1) or a number of steps
     grad_clip: float | None = 1.0  # the max gradient norm; null: no clipping
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaler)
+    # auto: the local rank's GPU when there is one, else the CPU (DeepSpeed: the engine's device)
+    device: str = "auto"
+    num_workers: int | None = None  # data-loading processes per training process (null: 0 on the
+    # CPU, 4 on a GPU)
+    grad_accum: int = 1  # consecutive sampler batches per optimizer step
+    gradient_checkpointing: bool = False  # on the families' transformers parts
+    compile: bool = False  # torch.compile (see vlpeft.compile)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -80,6 +107,19 @@ class TrainSection(Config):
     def __post_init__(self) -> None:
         w = "train"
         check(self.steps >= 1, f"{w}.steps", ">= 1", self.steps)
+        check(self.grad_accum >= 1, f"{w}.grad_accum", ">= 1", self.grad_accum)
+        check(
+            self.num_workers is None or self.num_workers >= 0, f"{w}.num_workers",
+            ">= 0 (or null: 0 on the CPU, 4 on a GPU)", self.num_workers,
+        )  # fmt: skip
+        check(
+            self.precision in PRECISIONS, f"{w}.precision", f"one of {list(PRECISIONS)}",
+            self.precision,
+        )  # fmt: skip
+        check(
+            self.device in ("auto", "cpu", "cuda") or DEVICE.fullmatch(self.device) is not None,
+            f"{w}.device", "auto, cpu, cuda or cuda:N", self.device,
+        )  # fmt: skip
         check(math.isfinite(self.lr) and self.lr > 0, f"{w}.lr", "finite and > 0", self.lr)
         check(
             math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{w}.weight_decay",
@@ -136,6 +176,7 @@ class TrainConfig(Config):
     resora: dict | None = None
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
+    paper: dict | None = None  # what the paper reported (recipes); training ignores it
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -202,8 +243,6 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
         )
     if not config.data.tasks:
         raise ConfigError(f"{where}: data.tasks is empty: name the tasks to train")
-    if config.train.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"{where}: train.precision {config.train.precision!r}: fp32 or bf16")
     family = get_family(config.model.family)
     for name, spec in config.adapters.items():
         if not isinstance(spec, dict):
@@ -249,18 +288,83 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
     return config
 
 
+def read_recipe(path: str | Path) -> dict:
+    """A config file's mapping (YAML, checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: malformed YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def stage_names(data: dict, where: str = "config") -> list[str]:
+    """The stages of a recipe in run order ([] for a one-stage config), checked: each is a mapping
+    of overrides, and a ``train.init_from: stage:<name>`` names an earlier stage."""
+    stages = data.get("stages")
+    if stages is None:
+        return []
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError(f"{where}: stages: expected a mapping of stage name → overrides")
+    names = list(stages)
+    for i, name in enumerate(names):
+        if not isinstance(stages[name], dict):
+            raise ConfigError(f"{where}: stages.{name}: expected a mapping of overrides")
+        source = ((stages[name].get("train") or {}).get("init_from")) or ""
+        if isinstance(source, str) and source.startswith(STAGE_PREFIX):
+            earlier = source[len(STAGE_PREFIX) :]
+            if earlier not in names[:i]:
+                raise ConfigError(
+                    f"{where}: stages.{name}.train.init_from {source!r}: not an earlier stage "
+                    f"(stages in order: {names})"
+                )
+    return names
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_update(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def load_config(
-    path: str | Path | None, overrides: list[str] = (), data: dict | None = None
+    path: str | Path | None,
+    overrides: list[str] = (),
+    data: dict | None = None,
+    stage: str | None = None,
 ) -> TrainConfig:
-    """Reads, overrides and validates a training config (``data`` instead of a file for tests)."""
+    """Reads, overrides and validates a training config (``data`` instead of a file for tests);
+    ``stage`` picks one stage of a recipe that lists ``stages``."""
     where = str(path) if path else "config"
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: malformed YAML ({err})") from None
-    data = apply_overrides(copy.deepcopy(data or {}), list(overrides))
+        data = read_recipe(path)
+    data = copy.deepcopy(data or {})
+    names = stage_names(data, where)
+    stages = data.pop("stages", None)
+    if names and stage is None:
+        raise ConfigError(
+            f"{where}: a recipe of stages {names}: pick one with --stage NAME "
+            "(python -m launch.reproduce runs them in order)"
+        )
+    if stage is not None:
+        if stage not in names:
+            raise ConfigError(f"{where}: no stage {stage!r}; stages: {names or 'none'}")
+        data = _deep_update(data, stages[stage])
+        where = f"{where} (stage {stage})"
+    data = apply_overrides(data, list(overrides))
+    file = (data.get("data") or {}).get("file")
+    if path is not None and isinstance(file, str) and file:
+        # relative to the working directory, else to the config's folder (shipped recipes)
+        if not Path(file).is_absolute() and not Path(file).exists():
+            if (path.parent / file).exists():
+                data["data"]["file"] = str(path.parent / file)
     return validate(TrainConfig.from_dict(data, where), where)

@@ -18,7 +18,8 @@ class RunError(RuntimeError):
 
 
 def build_router(config: TrainConfig) -> TaskRouter:
-    """The configured tasks: entries of ``data.file`` updated by ``data.tasks``."""
+    """The configured tasks: entries of ``data.file`` updated by ``data.tasks``; their relative
+    paths resolve against ``data.root`` when set, else the task file's folder."""
     path = Path(config.data.file)
     entries = load_yaml(path) or {}
     merged = {}
@@ -26,7 +27,10 @@ def build_router(config: TrainConfig) -> TaskRouter:
         if name not in entries:
             raise ConfigError(f"data.tasks.{name}: not in {path} (it has {sorted(entries)})")
         merged[name] = {**entries[name], **(settings or {})}
-    return TaskRouter.from_dict(merged, path.parent, where=str(path))
+    base = Path(config.data.root) if config.data.root else path.parent
+    if config.data.root and not base.is_dir():
+        raise ConfigError(f"data.root {config.data.root}: no such folder")
+    return TaskRouter.from_dict(merged, base, where=str(path))
 
 
 def build_model(config: TrainConfig, router: TaskRouter):

@@ -34,10 +34,11 @@ from transformers import get_linear_schedule_with_warmup
 import vlpeft
 from evaluation.evaluate import evaluate_all
 from evaluation.leaderboard import render_markdown
-from launch.config import ConfigError, TrainConfig, load_config
+from launch.config import STAGE_PREFIX, ConfigError, TrainConfig, load_config
 from launch.run import RunError, build_model, build_router, finished_run_config
 from tasks.base import DataError
-from tasks.router import TaskRouter, take
+from tasks.loader import multitask_loader
+from tasks.router import TaskRouter
 from tasks.sampler import MultitaskSampler, SamplerConfig
 from vlpeft.adapters.base import gathered
 from vlpeft.checkpoint import atomic_write, write_json, write_safetensors
@@ -84,6 +85,74 @@ def global_mean(value: torch.Tensor, world: int) -> float:
     return value.item()
 
 
+def resolve_device(config: TrainConfig, engine=None) -> torch.device:
+    """``train.device``: ``auto`` is the local rank's GPU when there is one, else the CPU; under
+    DeepSpeed the engine's device, which an explicit value must agree with."""
+    want = config.train.device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device {want!r}: no CUDA device is visible (auto picks the CPU)")
+    if want == "auto":
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    elif want == "cuda":
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device(want)
+    if engine is not None:
+        ours = torch.device(engine.device)
+        same = ours.type == device.type and (ours.index or 0) == (device.index or 0)
+        if want != "auto" and not same:
+            raise ConfigError(
+                f"train.device {want!r} disagrees with DeepSpeed's device {ours} (one process "
+                "per GPU: the launcher's LOCAL_RANK picks it; train.device: auto follows it)"
+            )
+        device = ours
+    return device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device`` (asynchronous from pinned memory); the rest as is."""
+    if device.type == "cpu":
+        return batch
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+def num_workers(config: TrainConfig, device: torch.device) -> int:
+    """``train.num_workers``, or its default: 0 on the CPU (the cores train), 4 on a GPU."""
+    if config.train.num_workers is not None:
+        return config.train.num_workers
+    return 4 if device.type == "cuda" else 0
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:
+    """Non-reentrant gradient checkpointing on every transformers part of ``model`` (reentrant
+    checkpointing would hide the recomputes from ReSoRA's recorder); returns their paths."""
+    from transformers import PreTrainedModel
+
+    enabled = []
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            if any(name.startswith(f"{done}.") for done in enabled if done):
+                continue
+            kwargs = {"use_reentrant": False}
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            enabled.append(name)
+    if not enabled:
+        raise ConfigError(
+            f"train.gradient_checkpointing: {type(model).__name__} has no transformers part "
+            "that supports it"
+        )
+    return enabled
+
+
 # -- optimisation ---------------------------------------------------------------------------------
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on biases and normalisation weights (every tensor with < 2 dims)."""
@@ -108,7 +177,8 @@ def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float)
 
 
 def deepspeed_config(config: TrainConfig, world: int, micro: int = 1) -> dict:
-    """The ds_config JSON with "auto" filled from our config (one source of truth)."""
+    """The ds_config JSON with "auto" filled from our config (one source of truth); a value the
+    JSON sets that contradicts our config is an error naming both."""
     path = resolve_ds_path(config.deepspeed.config)
     try:
         ds = json.loads(path.read_text())
@@ -116,18 +186,31 @@ def deepspeed_config(config: TrainConfig, world: int, micro: int = 1) -> dict:
         raise ConfigError(f"deepspeed.config {path}: malformed JSON ({err})") from None
     # One sampler step = one task batch per process (``micro``: the largest task batch);
     # DeepSpeed uses the batch sizes only for reporting, since we feed it our own batches.
+    accum = config.train.grad_accum
+    given = ds.get("gradient_accumulation_steps", "auto")
+    if given != "auto" and given != accum:
+        raise ConfigError(
+            f"deepspeed.config {path}: gradient_accumulation_steps is {given!r} but "
+            f'train.grad_accum is {accum}: set one of them ("auto" in the JSON takes ours)'
+        )
     filled = {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro * world,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world,
         "gradient_clipping": config.train.grad_clip or 0.0,  # DeepSpeed: 0 = no clipping
     }
     for key, value in filled.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
-    bf16 = ds.setdefault("bf16", {})
-    if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = config.train.precision == "bf16"
+    for block, precision in (("bf16", "bf16"), ("fp16", "fp16")):
+        settings = ds.setdefault(block, {})
+        if settings.get("enabled", "auto") == "auto":
+            settings["enabled"] = config.train.precision == precision
+        elif bool(settings["enabled"]) != (config.train.precision == precision):
+            raise ConfigError(
+                f"deepspeed.config {path}: {block}.enabled is {settings['enabled']} but "
+                f"train.precision is {config.train.precision!r}"
+            )
     return ds
 
 
@@ -338,16 +421,6 @@ class RankZero:
 
 
 # -- the loop -------------------------------------------------------------------------------------
-def batches(sampler: MultitaskSampler, position: tuple[int, int]):
-    """Sampler steps from ``position`` = (epoch, step within epoch), forever."""
-    epoch, skip = position
-    while True:
-        for i, item in enumerate(sampler.epoch(epoch)):
-            if i >= skip:
-                yield (epoch, i + 1), item
-        epoch, skip = epoch + 1, 0
-
-
 class Logger:
     """metrics.jsonl + TensorBoard (rank 0 only)."""
 
@@ -394,10 +467,13 @@ class Run:
     scheduler: object
     engine: object = None
     resora: vlpeft.ReSoRAConfig | None = None
+    device: torch.device = torch.device("cpu")
+    scaler: torch.amp.GradScaler | None = None  # fp16 in the plain loop
     step: int = 0
     position: tuple[int, int] = (0, 0)
     last_finite_loss: float | None = None
     skipped: int = 0  # steps skipped for a non-finite loss or gradient (on_nonfinite: skip)
+    overflows: int = 0  # fp16 steps the loss scaler skipped (plain loop)
 
 
 def check_run_dir(run_dir: Path, resume: bool, world: int) -> None:
@@ -453,16 +529,27 @@ def load_deepspeed_state_safely(engine) -> None:
 
 
 def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: bool = False) -> Run:
-    """Router, model with adapters (``train.init_from``'s when a fresh run names one), data sets,
-    sampler, optimizer and schedule (DeepSpeed's engine when enabled)."""
+    """Router, model with adapters (``train.init_from``'s when a fresh run names one) on the
+    device, data sets, sampler, optimizer and schedule (DeepSpeed's engine when enabled)."""
+    source = config.train.init_from
+    if source and source.startswith(STAGE_PREFIX):
+        raise ConfigError(
+            f"train.init_from {source!r} names a stage of a recipe: python -m launch.reproduce "
+            "runs the stages in order; with launch.train pass train.init_from=<that stage's run>"
+        )
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     router = build_router(config)
     check_eval_splits(router, config)
     model = build_model(config, router)
     resuming = resume and any((run_dir / "checkpoints").glob("step_*"))
-    if config.train.init_from and not resuming:  # before the optimizer copies any weight
-        init_from_run(model, config, Path(config.train.init_from))
+    if source and not resuming:  # before the optimizer copies any weight
+        init_from_run(model, config, Path(source))
+    if config.train.gradient_checkpointing:
+        log.info("gradient checkpointing on %s", enable_gradient_checkpointing(model))
+    device = resolve_device(config)
+    if not config.deepspeed.enabled:
+        model.to(device)  # (DeepSpeed moves it to the engine's device)
     datasets = {name: router.dataset(name, "train", model) for name in router.tasks}
     sampler = MultitaskSampler(
         {n: len(d) for n, d in datasets.items()},
@@ -475,7 +562,7 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
         param_groups(model, config.train.weight_decay), lr=config.train.lr
     )
     scheduler = linear_schedule(optimizer, config.train.steps, config.train.warmup)
-    engine = None
+    engine, scaler = None, None
     if config.deepspeed.enabled:
         import deepspeed  # heavy and optional: only DeepSpeed runs load it
 
@@ -485,15 +572,18 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
             config=deepspeed_config(config, world, micro),
         )  # fmt: skip
         load_deepspeed_state_safely(engine)
+        device = resolve_device(config, engine)
     elif world > 1:
         raise ConfigError(
             "several processes need deepspeed.enabled=true (gradients are averaged by DeepSpeed)"
         )
+    elif config.train.precision == "fp16":
+        scaler = torch.amp.GradScaler(device.type)
     resora = vlpeft.ReSoRAConfig(**config.resora) if config.resora else None
     if resora and resora.samples != "weight":
         vlpeft.enable_resora(model)  # the recorder keeps each training forward's activations
     return Run(config, run_dir, rank, world, router, model, datasets, sampler, optimizer,
-               scheduler, engine, resora)  # fmt: skip
+               scheduler, engine, resora, device, scaler)  # fmt: skip
 
 
 def init_from_run(model, config: TrainConfig, source: Path) -> None:
@@ -589,6 +679,9 @@ def resume_or_start(run: Run, resume: bool, allow_change=()) -> None:
         )
         run.step, run.position = state["step"], tuple(state["position"])
         run.skipped, run.last_finite_loss = state.get("skipped", 0), state.get("last_finite_loss")
+        run.overflows = state.get("overflows", 0)
+        if run.scaler is not None and "scaler" in state:
+            run.scaler.load_state_dict(state["scaler"])
         if changed and run.rank == 0:
             with open(run.run_dir / "config_history.jsonl", "a") as f:
                 entry = {"time": time.time(), "step": run.step, "changes": changed}
@@ -646,79 +739,124 @@ def skip_step(run: Run) -> None:
     run.step += 1
 
 
-def train_step(run: Run, task: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on ``task``'s batch: (task loss, ReSoRA penalty), both detached.
-    A non-finite loss or gradient norm stops the run or skips the step (``on_nonfinite``)."""
-    config = run.config
+def skipped_losses(micro_batches) -> tuple[tuple, dict]:
+    """What a skipped step logs: a NaN loss (written as null) for it and each of its tasks."""
+    nan = torch.full((), float("nan"))
+    return (nan, torch.zeros(())), {task: nan for task, _ in micro_batches}
+
+
+def forward_loss(run: Run, task: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(task loss, ReSoRA penalty) of one batch of ``task`` under the run's autocast."""
     run.router.activate(run.model, task)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = config.train.precision == "bf16"
-    try:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = (run.engine or run.model)(take(run.datasets[task], indices)).loss
-            penalty = (
-                vlpeft.resora_penalty(run.model, run.resora, run.step)
-                if run.resora
-                else torch.zeros(())
-            )
-        total = loss + penalty
-        value = total.item()  # one host sync: the value and its finiteness
-        finite = math.isfinite(value)
-    except FloatingPointError as err:  # a model that refuses non-finite values (BLIP's ITC)
-        finite, value = False, f"non-finite ({err})"
-        loss = penalty = total = None
-    finite = all_ranks_agree(finite, run.world)
-    if not finite and nonfinite(run, task, "the loss", value):
-        skip_step(run)
-        return torch.full((), float("nan")), torch.zeros(())
+    dtype = AUTOCAST.get(run.config.train.precision)
+    with torch.autocast(run.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss = (run.engine or run.model)(to_device(batch, run.device)).loss
+        penalty = (
+            vlpeft.resora_penalty(run.model, run.resora, run.step)
+            if run.resora
+            else torch.zeros((), device=loss.device)
+        )
+    return loss, penalty
+
+
+def train_step(run: Run, micro_batches: list[tuple[str, dict]]) -> tuple[tuple, dict]:
+    """One optimisation step on ``train.grad_accum`` consecutive sampler batches (each loss
+    divided by their number, so a step's gradient is the mean of theirs): returns the mean
+    (task loss, ReSoRA penalty) and each task's mean loss, detached. A non-finite loss or gradient
+    norm stops the run or skips the step (``on_nonfinite``)."""
+    config, count = run.config, len(micro_batches)
+    losses: dict[str, list[torch.Tensor]] = {}
+    penalties = []
+    for task, batch in micro_batches:
+        try:
+            loss, penalty = forward_loss(run, task, batch)
+            total = loss + penalty
+            value = total.item()  # one host sync: the value and its finiteness
+            finite = math.isfinite(value)
+        except FloatingPointError as err:  # a model that refuses non-finite values (BLIP's ITC)
+            finite, value = False, f"non-finite ({err})"
+        finite = all_ranks_agree(finite, run.world)
+        # DeepSpeed has taken earlier micro-batches' gradients: such a step cannot be dropped
+        can_skip = run.engine is None or count == 1
+        if not finite and nonfinite(run, task, "the loss", value, can_skip):
+            skip_step(run)
+            return skipped_losses(micro_batches)
+        if run.engine is not None:
+            run.engine.backward(total)  # DeepSpeed divides by gradient_accumulation_steps
+            run.engine.step()  # applies the update at the accumulation boundary only
+        elif run.scaler is not None:
+            run.scaler.scale(total / count).backward()
+        else:
+            (total / count).backward()
+        losses.setdefault(task, []).append(loss.detach())
+        penalties.append(penalty.detach())
+        run.last_finite_loss = value
     if run.engine is not None:
-        run.engine.backward(total)
-        run.engine.step()
         norm = run.engine.get_global_grad_norm()  # fp16: the loss scaler skips overflows itself
         bad = norm is not None and not math.isfinite(float(norm)) and not run.engine.fp16_enabled()
         if not all_ranks_agree(not bad, run.world):  # the engine applied it: nothing to skip
             nonfinite(run, task, "the gradient norm (DeepSpeed applied the step)", norm, False)
     else:
-        total.backward()
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)
         params = [p for p in run.model.parameters() if p.requires_grad]
         clip = config.train.grad_clip if config.train.grad_clip is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        if not torch.isfinite(norm) and nonfinite(run, task, "the gradient norm", norm.item()):
+        overflow = run.scaler is not None and not torch.isfinite(norm)
+        if overflow:  # fp16: the scaler skips this update and lowers its scale
+            run.overflows += 1
+        elif not torch.isfinite(norm) and nonfinite(run, task, "the gradient norm", norm.item()):
             skip_step(run)
-            return loss.detach(), penalty.detach()
-        run.optimizer.step()
+            return skipped_losses(micro_batches)
+        if run.scaler is not None:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-    run.last_finite_loss = value
     run.step += 1
-    return loss.detach(), penalty.detach()
+    every = [value for values in losses.values() for value in values]
+    means = (torch.stack(every).mean(), torch.stack(penalties).mean())
+    return means, {t: torch.stack(v).mean() for t, v in losses.items()}
 
 
-def after_step(run: Run, task: str, loss, penalty, logger, bar, rank0) -> None:
+def counters(run: Run) -> dict:
+    """The run's counters and the fp16 loss scaler's state, kept in a checkpoint's state.json."""
+    state = {"skipped": run.skipped, "last_finite_loss": run.last_finite_loss,
+             "overflows": run.overflows}  # fmt: skip
+    if run.scaler is not None:
+        state["scaler"] = run.scaler.state_dict()
+    return state
+
+
+def after_step(run: Run, losses: tuple, per_task: dict, logger, bar, rank0) -> None:
     """Logs, checkpoints and evaluates on validation as the config's intervals ask."""
     config, step = run.config, run.step
     fault_point("step", step, run.rank)
     if step % config.train.log_every == 0 or step == config.train.steps:
+        loss, penalty = losses
         value = global_mean(loss, run.world)
-        values = {
-            "train/loss": value,
-            f"train/loss_{task}": value,
-            "train/lr": run.scheduler.get_last_lr()[0],
-        }
+        values = {"train/loss": value, "train/lr": run.scheduler.get_last_lr()[0]}
+        for task, task_loss in per_task.items():  # the same tasks on every rank
+            values[f"train/loss_{task}"] = global_mean(task_loss, run.world)
         if run.resora:
             values["train/resora"] = penalty.item()
         if config.train.on_nonfinite == "skip":
             values["train/skipped"] = run.skipped
         if run.engine is not None and run.engine.fp16_enabled():  # normal: the scaler's overflows
             values["train/overflow_skipped"] = run.engine.skipped_steps
+        if run.scaler is not None:
+            values["train/overflow_skipped"] = run.overflows
+            values["train/loss_scale"] = run.scaler.get_scale()
         logger.log(step, values)
-        bar.set_postfix(task=task, loss=f"{value:.3f}")
+        bar.set_postfix(task=",".join(per_task), loss=f"{value:.3f}")
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
         try:
             save_checkpoint(
                 run.run_dir, step, run.model, run.optimizer, run.scheduler, run.position,
                 config.train.keep_checkpoints, run.engine, run.rank, run.world,
-                {"skipped": run.skipped, "last_finite_loss": run.last_finite_loss},
+                counters(run),
             )  # fmt: skip
         except OSError as err:  # a full disk, a lost mount: the previous checkpoint is untouched
             previous = sorted((run.run_dir / "checkpoints").glob("step_*"))
@@ -774,14 +912,22 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, allow_change
     rank0 = RankZero(run.model, rank, world, replica)
     # steps, with logging, checkpoints and validation
     started = time.time()
-    stream = batches(run.sampler, run.position)
+    workers = num_workers(config, run.device)
+    loader = multitask_loader(
+        run.datasets, run.sampler, run.position, workers, pin_memory=run.device.type == "cuda"
+    )
+    stream = iter(loader)
     bar = tqdm(total=config.train.steps, initial=run.step, desc="train", disable=rank != 0)
     run.model.train()
     while run.step < config.train.steps:
-        run.position, (task, indices) = next(stream)
-        loss, penalty = train_step(run, task, indices)
+        micro_batches = []
+        for _ in range(config.train.grad_accum):
+            run.position, task, batch = next(stream)
+            micro_batches.append((task, batch))
+        losses, per_task = train_step(run, micro_batches)
         bar.update(1)
-        after_step(run, task, loss, penalty, logger, bar, rank0)
+        after_step(run, losses, per_task, logger, bar, rank0)
+    del stream, loader  # its workers end here
     bar.close()
     seconds = time.time() - started
     if run.resora:

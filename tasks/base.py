@@ -109,6 +109,8 @@ class TaskConfig(Config):
             count) instead of failing.
         max_records: keep at most this many records per split (quick runs).
         options: reader-specific settings (e.g. VQA ``num_answers``, ``karpathy``).
+        features: a feature cache folder (``python -m launch.features``): images are read from it,
+            memory-mapped, instead of decoded (None: from pixels).
     """
 
     reader: str
@@ -125,6 +127,7 @@ class TaskConfig(Config):
     skip_unreadable_images: bool = False
     max_records: int | None = None
     options: dict = dataclasses.field(default_factory=dict)
+    features: str | None = None
 
     error: ClassVar[type[Exception]] = DataError
 

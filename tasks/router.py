@@ -66,6 +66,7 @@ class TaskRouter:
             config = TaskConfig.from_dict(dict(entry), f"{where}.{name}")
             config.root = str(base / config.root)
             config.images = str(base / config.images) if config.images else ""
+            config.features = str(base / config.features) if config.features else None
             options = dict(config.options)
             if "karpathy" in options:
                 options["karpathy"] = str(base / options["karpathy"])

@@ -74,18 +74,18 @@ def run(data, out, resume=False, **train):
 def test_killed_run_resumes_to_identical_weights(data, tmp_path, monkeypatch):
     run(data, tmp_path / "whole")
     calls = {"n": 0}
-    real_take = train_module.take
+    real_step = train_module.train_step
 
-    def dying_take(dataset, indices):
+    def dying_step(run, micro_batches):
         calls["n"] += 1
         if calls["n"] == 5:  # dies during step 5, after the step-3 checkpoint
             raise KeyboardInterrupt("killed")
-        return real_take(dataset, indices)
+        return real_step(run, micro_batches)
 
-    monkeypatch.setattr(train_module, "take", dying_take)
+    monkeypatch.setattr(train_module, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         run(data, tmp_path / "resumed")
-    monkeypatch.setattr(train_module, "take", real_take)
+    monkeypatch.setattr(train_module, "train_step", real_step)
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step_*")] == [
         "step_0000003"
     ]

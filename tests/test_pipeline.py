@@ -1,0 +1,178 @@
+"""The training pipeline's knobs change nothing but speed and memory: data-loading workers, gradient
+accumulation, gradient checkpointing, an explicit device; and fp16's loss scaler resumes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import launch.train as train_module
+from launch.config import ConfigError, load_config
+from tasks.loader import multitask_loader
+from tasks.router import TaskRouter
+from tasks.sampler import MultitaskSampler
+from tasks.synthetic import generate
+from vlpeft.models import build_model
+
+NO_DROPOUT = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, images=40, seed=0, size=32)
+    return root
+
+
+def config(data, tasks=None, text=None, dropout=0.1, **train):
+    overrides = {"image_size": 32, **({"text": text} if text else {})}
+    return {
+        "model": {"family": "clip-bart", "preset": "tiny", "overrides": overrides},
+        "adapters": {"default": {"method": "lora", "r": 4, "routing": "mul", "dropout": dropout}},
+        "data": {"file": str(data / "tasks.yaml"),
+                 "tasks": tasks or {"vqa": {"batch_size": 4}, "gqa": {"batch_size": 4},
+                                    "nlvr2": {"batch_size": 2}}},
+        "train": {"steps": 6, "lr": 1e-2, "checkpoint_every": 3, "log_every": 1,
+                  "tensorboard": False, **train},
+        "eval": {"splits": []},
+    }  # fmt: skip
+
+
+def adapters(run_dir):
+    return load_file(run_dir / "adapters" / "adapter_model.safetensors")
+
+
+def train(data, out, resume=False, **kw):
+    return train_module.train(load_config(None, data=config(data, **kw)), out, resume=resume)
+
+
+def test_the_loader_yields_the_sampler_steps_with_their_positions(data):
+    router = TaskRouter.from_yaml(data / "tasks.yaml", only=["vqa", "nlvr2"])
+    model = build_model("clip-bart", "tiny", image_size=32)
+    datasets = {n: router.dataset(n, "train", model) for n in router.tasks}
+    sampler = MultitaskSampler({n: len(d) for n, d in datasets.items()}, {"vqa": 3, "nlvr2": 2})
+    expected = [(t, i) for e in (0, 1) for t, i in sampler.epoch(e)]
+    steps = len(list(sampler.epoch(0)))
+    seen = []
+    for (epoch, step), task, batch in multitask_loader(datasets, sampler, (0, 2), num_workers=2):
+        seen.append((epoch, step, task, batch["ids"]))
+        if len(seen) == steps:  # into the next epoch
+            break
+    assert [(e, s) for e, s, _, _ in seen][:2] == [(0, 3), (0, 4)]
+    assert seen[-1][:2] == (1, 2)  # the epoch's last step is counted, then the next epoch's
+    for (_, _, task, ids), (want_task, indices) in zip(seen, expected[2:]):
+        assert task == want_task
+        assert ids == [datasets[task].records[i]["id"] for i in indices]
+
+
+def test_workers_change_nothing_and_resume_with_workers_is_exact(data, tmp_path, monkeypatch):
+    """Bit-identical adapters with 0 and 2 workers (dropout on: the workers leave the training
+    RNG alone), and a run with workers killed mid-way and resumed equals the uninterrupted one."""
+    train(data, tmp_path / "w0", num_workers=0)
+    train(data, tmp_path / "w2", num_workers=2)
+    real_step, calls = train_module.train_step, {"n": 0}
+
+    def dying_step(run, micro_batches):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during step 5, after the step-3 checkpoint; workers have prefetched
+            raise KeyboardInterrupt("killed")
+        return real_step(run, micro_batches)
+
+    monkeypatch.setattr(train_module, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tmp_path / "killed", num_workers=2)
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    train(data, tmp_path / "killed", resume=True, num_workers=2)
+    plain = adapters(tmp_path / "w0")
+    for other in ("w2", "killed"):
+        got = adapters(tmp_path / other)
+        assert got.keys() == plain.keys()
+        for key in plain:
+            assert torch.equal(got[key], plain[key]), (other, key)
+
+
+def test_grad_accum_trains_as_the_larger_batch(data, tmp_path):
+    """One task, dropout off: batch 4 × 2 accumulated micro-batches = batch 8 (the same examples
+    per optimizer step, per-example mean losses); train.steps counts optimizer steps."""
+    one = {"vqa": {"batch_size": 8}}
+    accumulated = {"vqa": {"batch_size": 4}}
+    big = train(data, tmp_path / "big", tasks=one, text=NO_DROPOUT, dropout=0.0, steps=3)
+    small = train(
+        data, tmp_path / "acc", tasks=accumulated, text=NO_DROPOUT, dropout=0.0, steps=3,
+        grad_accum=2,
+    )  # fmt: skip
+    assert big["steps"] == small["steps"] == 3
+    a, b = adapters(tmp_path / "big"), adapters(tmp_path / "acc")
+    moved = adapters(tmp_path / "big")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    # and not trivially: without accumulation the small batch trains differently
+    train(data, tmp_path / "no", tasks=accumulated, text=NO_DROPOUT, dropout=0.0, steps=3)
+    other = adapters(tmp_path / "no")
+    assert any(not torch.allclose(other[k], moved[k], atol=1e-5) for k in moved)
+
+
+def test_gradient_checkpointing_trains_as_without(data, tmp_path, monkeypatch):
+    train(data, tmp_path / "plain", steps=3)
+    calls = []
+    real = train_module.enable_gradient_checkpointing
+    monkeypatch.setattr(
+        train_module,
+        "enable_gradient_checkpointing",
+        lambda m: calls.append((m, real(m))) or calls[-1][1],
+    )
+    train(data, tmp_path / "ckpt", steps=3, gradient_checkpointing=True)
+    model, parts = calls[0]
+    assert parts == ["bart"] and model.bart.is_activation_checkpointing
+    plain, ckpt = adapters(tmp_path / "plain"), adapters(tmp_path / "ckpt")
+    for key in plain:  # non-reentrant recomputes replay the dropout masks
+        torch.testing.assert_close(ckpt[key], plain[key], rtol=1e-5, atol=1e-6)
+
+
+def test_an_explicit_device_runs_the_plain_loop_there(data, tmp_path, monkeypatch):
+    seen = []
+    real = train_module.to_device
+
+    def spy(batch, device):
+        seen.append(device)
+        return real(batch, device)
+
+    monkeypatch.setattr(train_module, "to_device", spy)
+    summary = train(data, tmp_path / "cpu", steps=2, device="cpu")
+    assert summary["steps"] == 2 and seen and all(d == torch.device("cpu") for d in seen)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device 'cuda:0': no CUDA device"):
+            train(data, tmp_path / "gpu", steps=2, device="cuda:0")
+    with pytest.raises(ConfigError, match=r"train.device must be auto, cpu, cuda or cuda:N"):
+        load_config(None, data=config(data, device="gpu"))
+
+
+def test_fp16_trains_with_a_loss_scaler_that_resumes(data, tmp_path):
+    summary = train(data, tmp_path / "fp16", steps=3, precision="fp16")
+    assert summary["steps"] == 3
+    state = json.loads(
+        (tmp_path / "fp16" / "checkpoints" / "step_0000003" / "state.json").read_text()
+    )
+    assert state["scaler"]["scale"] > 0 and "overflows" in state
+    lines = [json.loads(x) for x in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/loss_scale" in x for x in lines if "train/loss" in x)
+
+
+def test_deepspeed_accumulation_is_filled_or_must_agree(tmp_path):
+    from launch.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"train": {"grad_accum": 4, "precision": "fp16"}})
+    ds = train_module.deepspeed_config(cfg, world=2, micro=8)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 8 * 4 * 2
+    assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
+    mine = tmp_path / "ds.json"
+    mine.write_text(json.dumps({"gradient_accumulation_steps": 2}))
+    cfg.deepspeed.config = str(mine)
+    with pytest.raises(
+        ConfigError, match=r"gradient_accumulation_steps is 2 but train.grad_accum is 4"
+    ):
+        train_module.deepspeed_config(cfg, world=1)
+    mine.write_text(json.dumps({"bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match=r"bf16.enabled is True but train.precision is 'fp16'"):
+        train_module.deepspeed_config(cfg, world=1)
