@@ -13,6 +13,7 @@ needs the training config, which belongs to ``launch``.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import torch
 from tqdm import tqdm
 
 from vlpeft.checkpoint import atomic_write, write_json
+
+log = logging.getLogger("vlpeft.evaluate")
 
 
 @torch.no_grad()
@@ -48,15 +51,20 @@ def evaluate_task(model, router, name: str, split: str, out_dir: str | Path, set
     scores, headline = task.score(records, predictions) if scorable else (None, None)
     submission = task.submission(records, predictions)
     out = Path(out_dir)
-    path = out / f"{name}_{split}_predictions.{task.submission_format}"
+    path = out / task.submission_name(split)
     if task.submission_format == "csv":
         atomic_write(path, lambda tmp: Path(tmp).write_text(submission))
     else:
         write_json(path, submission)
     record = {"task": name, "reader": task.name, "split": split, "predicts": task.predicts,
               "metric": task.metric, "headline": headline, "scores": scores}  # fmt: skip
+    record["predictions"] = str(path)
     if not scorable:
-        record["note"] = f"no annotations: submit {path.name} to the evaluation server"
+        record["note"] = (
+            f"{name}/{split} has no annotations: it cannot be scored locally; submit {path} to "
+            "the evaluation server"
+        )
+        log.warning(record["note"])
     write_json(out / f"{name}_{split}.json", record)
     return record
 

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for record in records.values():
         print(json.dumps({k: record[k] for k in ("task", "split", "metric", "headline")}))
+        if record.get("note"):
+            print(record["note"], file=sys.stderr)
     return 0
 
 

@@ -551,6 +551,12 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
     if not config.deepspeed.enabled:
         model.to(device)  # (DeepSpeed moves it to the engine's device)
     datasets = {name: router.dataset(name, "train", model) for name in router.tasks}
+    for name, dataset in datasets.items():
+        if not router[name].scorable(dataset.records):
+            raise DataError(
+                f"task {name}: its train split ({router[name].split_name('train')}) has no "
+                "annotations to train on (a test split for an evaluation server?)"
+            )
     sampler = MultitaskSampler(
         {n: len(d) for n, d in datasets.items()},
         {n: router[n].config.batch_size for n in datasets},

@@ -225,6 +225,7 @@ class Task:
         self.root = Path(config.root)
         self.image_root = Path(config.images or config.root)
         self.prompt = self.default_prompt if config.prompt is None else config.prompt
+        self.config_name = self.name  # the router's name for the task (it sets it)
 
     @classmethod
     def serves(cls, capabilities) -> bool:
@@ -302,10 +303,27 @@ class Task:
             )
         return answers
 
+    def annotated(self, record: dict) -> bool:
+        """Whether ``record`` carries its answer (a test split for a server's has none; tasks
+        whose files always carry their annotations keep this default)."""
+        return True
+
     def scorable(self, records: list[dict]) -> bool:
         """Whether ``records`` carry what scoring needs (a test split without annotations does
-        not: its submission file is for the evaluation server)."""
-        return True
+        not: its submission file is for the evaluation server); a split where some records have
+        annotations and some not is an error."""
+        annotated = [self.annotated(r) for r in records]
+        if any(annotated) and not all(annotated):
+            missing = next(r for r, a in zip(records, annotated) if not a)
+            raise DataError(
+                f"{missing['source']}: record {missing['id']!r} has no annotation while "
+                f"{sum(annotated)} of the split's {len(records)} records have one"
+            )
+        return all(annotated)
+
+    def submission_name(self, split: str) -> str:
+        """The submission file's name for ``split`` (as an evaluation server expects it)."""
+        return f"{self.config_name}_{split}_predictions.{self.submission_format}"
 
     def score(self, records: list[dict], predictions) -> tuple[dict, float]:
         """(every score, the headline) of ``predictions`` by the official metric."""

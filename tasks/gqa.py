@@ -1,7 +1,8 @@
 """GQA (Hudson & Manning 2019), balanced question files.
 
 ``<root>/<split>_balanced_questions.json`` → ``{question_id: {"imageId", "question", "answer",
-"fullAnswer", "types", …}}`` (``<split>``: train, val, testdev); images ``<images>/<imageId>.jpg``.
+"fullAnswer", "types", …}}`` (``<split>``: train, val, testdev, test — whose questions have no
+answers: its submission goes to the evaluation server); images ``<images>/<imageId>.jpg``.
 Accuracy is exact match; papers report testdev_balanced. Submission ``[{"questionId",
 "prediction"}]``; baseline: the most frequent training answer. A classifier family trains on the
 answer as a one-hot soft score.
@@ -31,17 +32,17 @@ class GQA(Task):
         for qid, q in data.items():
             where = f"{path}: question {qid!r}"
             image = field(q, "imageId", where, str)
-            records.append(
-                {
-                    "id": qid,
-                    "question": field(q, "question", where, str),
-                    "target": field(q, "answer", where, str),
-                    "full_answer": q.get("fullAnswer", ""),
-                    "types": q.get("types", {}),
-                    "images": [self.image_root / f"{image}.jpg"],
-                    "source": str(path),
-                }
-            )
+            record = {
+                "id": qid,
+                "question": field(q, "question", where, str),
+                "full_answer": q.get("fullAnswer", ""),
+                "types": q.get("types", {}),
+                "images": [self.image_root / f"{image}.jpg"],
+                "source": str(path),
+            }
+            if "answer" in q:  # the test split's questions come without (server: submission)
+                record["target"] = field(q, "answer", where, str)
+            records.append(record)
         return records
 
     def collate(self, records, images):
@@ -49,10 +50,13 @@ class GQA(Task):
             "kind": "vqa",
             "images": images,
             "text": [self.text(r["question"]) for r in records],
-            "targets": [r["target"] for r in records],
-            "answer_scores": [{r["target"]: 1.0} for r in records],
+            "targets": [r.get("target", "") for r in records],
+            "answer_scores": [{r["target"]: 1.0} if "target" in r else {} for r in records],
             "ids": [r["id"] for r in records],
         }
+
+    def annotated(self, record) -> bool:
+        return "target" in record
 
     def submission(self, records, predictions):
         return [{"questionId": r["id"], "prediction": a} for r, a in zip(records, predictions)]

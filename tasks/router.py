@@ -48,6 +48,8 @@ class TaskRouter:
         self.tasks: dict[str, Task] = {
             name: get_task(cfg.reader)(cfg) for name, cfg in configs.items()
         }
+        for name, task in self.tasks.items():
+            task.config_name = name
 
     @classmethod
     def from_dict(

@@ -170,14 +170,17 @@ class VQA(Task):
             "ids": [r["id"] for r in records],
         }
 
-    def scorable(self, records) -> bool:
+    def annotated(self, record) -> bool:
         """test-dev / test-std have questions only: their predictions go to the server."""
-        annotated = ["answers" in r for r in records]
-        if any(annotated) and not all(annotated):
-            raise DataError(
-                f"task {self.name}: some questions of the split have annotations, some not"
-            )
-        return all(annotated)
+        return "answers" in record
+
+    def submission_name(self, split: str) -> str:
+        """The VQA evaluation server's name for a results file of an unannotated split
+        (``vqa_OpenEnded_mscoco_test-dev2015_<alg>_results.json``)."""
+        official = self.split_name(split)
+        if official.startswith(("test-dev", "test2015", "test-std")):
+            return f"vqa_OpenEnded_mscoco_{official}_vlpeft_results.json"
+        return super().submission_name(split)
 
     def predict(self, model, records, batches, settings):
         """Generated answers, lower-cased as the annotations are (see the module docstring)."""

@@ -2,6 +2,8 @@
 paired with the wrong record, or one direction of retrieval computed from the other, would fail."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 import vlpeft
 from evaluation.evaluate import evaluate_task
 from evaluation.metrics import retrieval_recall, vqa_question_accuracy
+from tasks.base import DataError
 from tasks.router import TaskRouter
 from tasks.synthetic import generate
 
@@ -116,6 +119,49 @@ def test_a_test_dev_split_gives_a_submission_file_without_scores(router, tmp_pat
     model.generate = lambda batch, **kw: ["Two"] * len(batch["ids"])
     record = evaluate_task(model, testdev, "vqa", "test", tmp_path, Settings())
     assert record["headline"] is None and "evaluation server" in record["note"]
-    submitted = json.loads((tmp_path / "vqa_test_predictions.json").read_text())
+    server_file = tmp_path / "vqa_OpenEnded_mscoco_test-dev2015_vlpeft_results.json"
+    assert record["predictions"] == str(server_file)  # named as the VQA server expects
+    submitted = json.loads(server_file.read_text())
     assert submitted == [{"question_id": q["question_id"], "answer": "two"} for q in questions]
     assert testdev["vqa"].baseline("test")[2] is None  # nothing to score the baseline on either
+
+
+def test_hidden_gqa_and_nlvr2_test_splits_give_their_submission_files(router, tmp_path):
+    """GQA's test questions and NLVR²'s hidden test2 come without answers/labels: the official
+    submission files are written, nothing is scored; a split where only some records are
+    annotated is an error naming one."""
+    gqa, nlvr2 = router["gqa"], router["nlvr2"]
+    questions = json.loads((gqa.root / "testdev_balanced_questions.json").read_text())
+    hidden = {
+        qid: {k: v for k, v in q.items() if k != "answer"} for qid, q in list(questions.items())[:4]
+    }
+    (gqa.root / "test_balanced_questions.json").write_text(json.dumps(hidden))
+    rows = [json.loads(x) for x in (nlvr2.root / "test1.json").read_text().splitlines()[:4]]
+    (nlvr2.root / "test2.json").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n" for r in rows)
+    )
+    shutil.copytree(nlvr2.image_root / "test1", nlvr2.image_root / "test2", dirs_exist_ok=True)
+    configs = {
+        "gqa": {**gqa.config.__dict__, "splits": {**gqa.config.splits, "test": "test"}},
+        "nlvr2": {**nlvr2.config.__dict__, "splits": {**nlvr2.config.splits, "test": "test2"}},
+    }
+    hidden_router = TaskRouter.from_dict(configs, "/")
+    model = vlpeft.build_model("clip-bart", "tiny", image_size=32)
+    model.generate = lambda batch, **kw: ["red"] * len(batch["ids"])
+    model.score_choices = lambda batch, choices: torch.tensor([[1.0, 0.0]] * len(batch["ids"]))
+    record = evaluate_task(model, hidden_router, "gqa", "test", tmp_path, Settings())
+    assert record["headline"] is None and "cannot be scored locally" in record["note"]
+    assert json.loads(Path(record["predictions"]).read_text()) == [
+        {"questionId": qid, "prediction": "red"} for qid in hidden
+    ]
+    record = evaluate_task(model, hidden_router, "nlvr2", "test", tmp_path, Settings())
+    assert record["headline"] is None
+    assert Path(record["predictions"]).read_text().splitlines() == [
+        f"{r['identifier']},True" for r in rows
+    ]
+    hidden[next(iter(hidden))]["answer"] = "yes"  # one annotated, three not
+    (gqa.root / "test_balanced_questions.json").write_text(json.dumps(hidden))
+    with pytest.raises(
+        DataError, match=r"test_balanced_questions.json: record '.*' has no annotation while 1 of"
+    ):
+        evaluate_task(model, hidden_router, "gqa", "test", tmp_path, Settings())
