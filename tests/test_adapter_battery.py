@@ -17,6 +17,7 @@ from conftest import (
 
 import vlpeft
 from vlpeft.adapters import AdapterConfig, DoRAConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig
+from vlpeft.peft_import import LayerwiseConfig
 
 QV_SLICES = {"c_attn": {"parts": 3, "use": [0, 2]}}
 
@@ -75,6 +76,27 @@ ROWS = [
         lambda: DoRAConfig(targets=["conv1", "conv2", "head"], r=2),
         tiny_convnet,
         image_inputs,
+    ),
+    (
+        "layerwise-lora-bart",
+        lambda: LayerwiseConfig(
+            targets=["q_proj", "fc1"],
+            base={"method": "lora", "r": 4, "alpha": 8},
+            ranks={"model.encoder.layers.0.fc1": 2},
+            alphas={"model.decoder.layers.1.self_attn.q_proj": 1.0},
+        ),
+        tiny_bart,
+        bart_inputs,
+    ),
+    (
+        "layerwise-dora-gpt2",
+        lambda: LayerwiseConfig(
+            targets=["c_attn"],
+            base={"method": "dora", "r": 2},
+            ranks={"transformer.h.1.attn.c_attn": 3},
+        ),
+        tiny_gpt2,
+        text_inputs,
     ),
     (
         "adapter-bart",

@@ -26,6 +26,7 @@ from .inject import (
     unmerge_adapter,
 )
 from .models import build_model
+from .peft_import import load_peft_lora
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "export_peft_lora",
     "list_methods",
     "load_adapter",
+    "load_peft_lora",
     "merge_adapter",
     "save_adapter",
     "set_active_adapter",
