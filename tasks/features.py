@@ -1,51 +1,242 @@
-"""The CLIP-BART visual-feature cache (the VL-Adapter way): frozen CNN features computed once.
+"""Frozen visual features at data-set scale: sharded safetensors, an index, memory-mapped reads.
 
-    cache = write_feature_cache(model, router, "vqa", ["train", "val"], "cache/vqa.safetensors")
-    dataset = router.dataset("vqa", "train", model, features=read_feature_cache(cache))
+A family whose visual encoder is frozen and outside every adapter (CLIP-BART: the ResNet's pooled
+layer-4 grid, the VL-Adapter way) can read ``batch["features"]`` instead of decoding images.
+``python -m launch.features --config RUN_CONFIG --out DIR`` writes a cache folder::
 
-Keys are image file names; values are ``model.visual_features`` of one image (grid², C). A batch
-then carries ``features`` instead of ``images`` and the model gives the same numbers.
+    DIR/index.json                 what built it, the feature shape and dtype, image → shard
+    DIR/shard_00000.safetensors    up to ``shard_images`` images each, keyed by image file name
+
+Shards are written one at a time (atomically) and the index after each, so an interrupted build
+continues where it stopped. :class:`FeatureCache` opens shards memory-mapped, lazily in each
+process (DataLoader workers included): COCO's 123k images never sit in RAM at once. A cache built
+by another model or another preprocessing (``builder``: the family, image size, normalisation,
+grid, the frozen encoder's weights' SHA-256) is refused when a training run opens it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from vlpeft.checkpoint import write_safetensors
+from vlpeft.adapters.base import AdaptedLayer
+from vlpeft.checkpoint import write_json, write_safetensors
 
 from .base import DataError, load_image
 
+log = logging.getLogger(__name__)
+INDEX = "index.json"
+FORMAT = "vlpeft-features/1"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def builder_of(model) -> dict:
+    """What a cache of ``model``'s frozen visual features depends on (compared on use)."""
+    part = getattr(model, "cached_part", None)
+    if part is None or not hasattr(model, "visual_features"):
+        raise DataError(
+            f"{getattr(model, 'family', type(model).__name__)}: no cacheable visual features "
+            "(clip-bart has: its frozen ResNet grid); train it from pixels"
+        )
+    module = model.get_submodule(part)
+    moving = [n for n, p in module.named_parameters() if p.requires_grad]
+    if moving:
+        raise DataError(
+            f"{model.family}: the visual encoder trains ({part}.{moving[0]}): its features "
+            "change during training and cannot be cached"
+        )
+    adapted = [
+        n
+        for n, m in model.named_modules()
+        if n.startswith(f"{part}.") and isinstance(m, AdaptedLayer)
+    ]
+    if adapted:
+        raise DataError(
+            f"{model.family}: adapters in the visual encoder ({adapted[0]}): its features are "
+            "not frozen and cannot be cached"
+        )
+    digest = getattr(model, "_feature_digest", None)
+    if digest is None:  # frozen: hashed once per model
+        h = hashlib.sha256()
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(
+                tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            )
+        digest = model._feature_digest = h.hexdigest()
+    config = model.config
+    return {
+        "family": model.family,
+        "image_size": config.image_size,
+        "image_mean": list(config.image_mean),
+        "image_std": list(config.image_std),
+        "visual_grid": getattr(config, "visual_grid", None),
+        "vision": dict(getattr(config, "vision", {}) or {}),
+        "weights": model.weight_sources.get("vision"),
+        "encoder_sha256": digest,
+    }
+
+
+class FeatureCache:
+    """A cache folder's features by image file name, read memory-mapped (as float32).
+
+    Args:
+        directory: the folder ``launch.features`` wrote.
+        expected: the builder the features must come from (:func:`builder_of` of the training
+            model); a mismatch is an error naming the fields that differ. None: not checked.
+    """
+
+    def __init__(self, directory: str | Path, expected: dict | None = None) -> None:
+        self.directory = Path(directory)
+        path = self.directory / INDEX
+        if not path.is_file():
+            raise DataError(
+                f"{path}: not found: build the cache with python -m launch.features --out "
+                f"{self.directory}"
+            )
+        try:
+            self.index = json.loads(path.read_text())
+            self.keys: dict[str, int] = self.index["keys"]
+            self.shards: list[str] = self.index["shards"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}: not a feature-cache index of launch.features") from None
+        if self.index.get("format") != FORMAT:
+            raise DataError(f"{path}: format {self.index.get('format')!r}, expected {FORMAT!r}")
+        if not self.index.get("complete"):
+            raise DataError(
+                f"{path}: the cache is incomplete (run launch.features again to finish it)"
+            )
+        if expected is not None:
+            built = self.index["builder"]
+            differ = sorted(
+                k for k in set(built) | set(expected) if built.get(k) != expected.get(k)
+            )
+            if differ:
+                details = "; ".join(
+                    f"{k}: cache {built.get(k)!r}, model {expected.get(k)!r}" for k in differ
+                )
+                raise DataError(
+                    f"{self.directory}: built by another model or preprocessing ({details}); "
+                    "rebuild it with python -m launch.features for this config"
+                )
+        self._open: dict[int, object] = {}
+
+    def __getstate__(self) -> dict:  # worker processes open their own memory maps
+        return {**self.__dict__, "_open": {}}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.keys:
+            raise DataError(
+                f"{self.directory}: no features for image {name!r} (built for other splits?)"
+            )
+        shard = self.keys[name]
+        if shard not in self._open:
+            self._open[shard] = safe_open(str(self.directory / self.shards[shard]), framework="pt")
+        return self._open[shard].get_tensor(name).float()
+
+
+def image_key(path: str | Path) -> str:
+    """The cache key of an image: its file name (COCO, GQA, NLVR², Flickr30k names are unique)."""
+    return Path(path).name
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, items: list[tuple[str, Path, str]], transform) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        key, path, where = self.items[i]
+        return key, self.transform(load_image(path, where))
+
+
+def unique_images(records: Iterable[dict]) -> dict[str, tuple[Path, str]]:
+    """Image key → (path, where it was named); two different files with one key are an error."""
+    images: dict[str, tuple[Path, str]] = {}
+    for record in records:
+        for path in record["images"]:
+            key = image_key(path)
+            where = f"{record['source']}: record {record['id']!r}"
+            if key in images and Path(images[key][0]) != Path(path):
+                raise DataError(
+                    f"{where}: image {path} and {images[key][0]} ({images[key][1]}) share the "
+                    f"file name {key!r}: one feature cache cannot hold both"
+                )
+            images.setdefault(key, (Path(path), where))
+    return images
+
 
 @torch.no_grad()
-def write_feature_cache(
-    model, router, task: str, splits: list[str], path: str | Path, batch: int = 32
-) -> Path:
-    """Computes and stores the pooled grid features of every image of ``task``'s ``splits``."""
-    if not hasattr(model, "visual_features"):
-        raise DataError(f"{model.family} has no cacheable visual features (clip-bart has)")
-    dataset = router.dataset(task, splits[0], model)
-    images = {
-        Path(p).name: (p, r) for s in splits for r in router[task].read(s) for p in r["images"]
-    }
-    names, features = list(images), {}
-    for start in tqdm(range(0, len(names), batch), desc=f"features {task}", leave=False):
-        chunk = names[start : start + batch]
-        pixels = torch.stack([
-            dataset.transform(load_image(images[n][0], f"{images[n][1]['source']}: record {images[n][1]['id']!r}"))
-            for n in chunk
-        ])  # fmt: skip
-        for name, value in zip(chunk, model.eval().visual_features(pixels)):
-            features[name] = value
-    write_safetensors(path, features)
-    return Path(path)
+def write_features(
+    model, images: dict[str, tuple[Path, str]], transform, directory: str | Path,
+    dtype: str = "float32", shard_images: int = 4096, batch_size: int = 64, num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> Path:  # fmt: skip
+    """Computes ``model.visual_features`` of ``images`` into the cache folder ``directory``,
+    continuing an interrupted build of the same builder and adding images that are new."""
+    if dtype not in DTYPES:
+        raise DataError(f"feature dtype {dtype!r}: one of {sorted(DTYPES)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    builder = builder_of(model)
+    path = directory / INDEX
+    index = {"format": FORMAT, "builder": builder, "dtype": dtype, "shards": [], "keys": {},
+             "complete": False}  # fmt: skip
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier.get("builder") != builder or earlier.get("dtype") != dtype:
+            raise DataError(
+                f"{directory}: holds features of another builder or dtype "
+                f"({earlier.get('builder')}, {earlier.get('dtype')}); choose another --out"
+            )
+        index = {**earlier, "complete": False}
+        log.info("%s: %d images cached already; continuing", directory, len(index["keys"]))
+    todo = [(k, p, w) for k, (p, w) in images.items() if k not in index["keys"]]
+    loader = torch.utils.data.DataLoader(
+        _Images(todo, transform), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=lambda items: ([k for k, _ in items], torch.stack([x for _, x in items])),
+    )  # fmt: skip
+    model.eval().to(device)
+    buffer: dict[str, torch.Tensor] = {}
 
+    def flush(count: int) -> None:
+        """Writes the first ``count`` buffered images as the next shard, then the index."""
+        keys = list(buffer)[:count]
+        if not keys:
+            return
+        shard = len(index["shards"])
+        name = f"shard_{shard:05d}.safetensors"
+        write_safetensors(directory / name, {k: buffer[k] for k in keys})
+        index["shards"].append(name)
+        index["keys"].update(dict.fromkeys(keys, shard))
+        index["shape"] = list(buffer[keys[0]].shape)
+        write_json(path, index)  # after the shard: an interrupted build loses one shard at most
+        for key in keys:
+            del buffer[key]
 
-def read_feature_cache(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not Path(path).is_file():
-        raise DataError(f"{path}: feature cache not found")
-    return load_file(path)
+    for keys, pixels in tqdm(loader, desc="features", unit="batch"):
+        features = model.visual_features(pixels.to(device)).to("cpu", DTYPES[dtype])
+        for key, value in zip(keys, features):
+            buffer[key] = value.clone()  # its own storage (safetensors refuses shared ones)
+        while len(buffer) >= shard_images:
+            flush(shard_images)
+    flush(len(buffer))
+    index["complete"] = True
+    write_json(path, index)
+    return directory

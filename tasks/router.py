@@ -20,6 +20,7 @@ from vlpeft.adapters.routing import set_routing
 
 from . import caption, gqa, nlvr2, retrieval, vqa  # noqa: F401  (each registers its task)
 from .base import DataError, Task, TaskConfig, TaskDataset, get_task, image_transform
+from .features import FeatureCache, builder_of
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -103,9 +104,14 @@ class TaskRouter:
     def dataset(
         self, name: str, split: str, model, features: dict | None = None, limit: int | None = None
     ) -> TaskDataset:
+        """``split`` of task ``name`` preprocessed for ``model``; images come from ``features`` (a
+        mapping or :class:`tasks.features.FeatureCache`) or, when the task names a cache folder
+        (``features:``), from that cache, checked to be ``model``'s."""
         task = self[name]
         cfg = model.config
         transform = image_transform(cfg.image_size, cfg.image_mean, cfg.image_std)
+        if features is None and task.config.features:
+            features = FeatureCache(task.config.features, builder_of(model))
         return TaskDataset(task, task.read(split, limit), transform, features)
 
     def loader(

@@ -176,3 +176,48 @@ def test_deepspeed_accumulation_is_filled_or_must_agree(tmp_path):
     mine.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ConfigError, match=r"bf16.enabled is True but train.precision is 'fp16'"):
         train_module.deepspeed_config(cfg, world=1)
+
+
+def test_a_cached_features_run_equals_the_pixel_run(data, tmp_path, monkeypatch):
+    """``launch.features`` builds one cache for two tasks (resuming after an interruption, to the
+    same tensors as an uninterrupted build); a run reading it trains as the run from pixels."""
+    import yaml
+
+    import tasks.features as features
+    from launch import features as build
+
+    tasks = {"vqa": {"batch_size": 4}, "nlvr2": {"batch_size": 2}}
+    file = tmp_path / "run.yaml"
+    file.write_text(yaml.safe_dump(config(data, tasks=tasks, steps=3)))
+    args = ["--config", str(file), "--shard-images", "16"]
+    assert build.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    real, calls = features.write_json, {"n": 0}
+
+    def dying(path, index):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        real(path, index)
+
+    monkeypatch.setattr(features, "write_json", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build.main([*args, "--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(features, "write_json", real)
+    with pytest.raises(Exception, match="incomplete"):
+        features.FeatureCache(tmp_path / "cut")
+    assert build.main([*args, "--out", str(tmp_path / "cut")]) == 0
+    whole, cut = features.FeatureCache(tmp_path / "whole"), features.FeatureCache(tmp_path / "cut")
+    assert whole.keys.keys() == cut.keys.keys() and len(whole.shards) > 2
+    for key in whole.keys:
+        assert torch.equal(whole[key], cut[key]), key
+    train(data, tmp_path / "pixels", tasks=tasks, steps=3)
+    cached = {t: {**s, "features": str(tmp_path / "whole")} for t, s in tasks.items()}
+    seen, to_device = [], train_module.to_device
+    monkeypatch.setattr(
+        train_module, "to_device", lambda b, d: seen.append(set(b)) or to_device(b, d)
+    )
+    train(data, tmp_path / "cached", tasks=cached, steps=3, num_workers=2)
+    assert seen and all("features" in keys and "images" not in keys for keys in seen)
+    a, b = adapters(tmp_path / "pixels"), adapters(tmp_path / "cached")
+    for key in a:  # the CNN batched differently: float-level
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)

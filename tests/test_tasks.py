@@ -389,23 +389,33 @@ def test_task_config_requires_reader_and_root():
 
 
 def test_feature_cache_gives_the_pixel_numbers(tmp_path):
+    """Sharded, memory-mapped features (several shards, one folder for two tasks) give the
+    pixels' loss; a cache of another preprocessing is refused, naming what differs."""
     import torch
 
-    from tasks.features import read_feature_cache, write_feature_cache
+    from tasks.features import FeatureCache, builder_of, unique_images, write_features
 
     generate(tmp_path, images=40, seed=2)
     router = TaskRouter.from_yaml(tmp_path / "tasks.yaml", only=["nlvr2", "vqa"])
     model = build_model("clip-bart", "tiny").eval()
+    records = [r for task in ("vqa", "nlvr2") for r in router[task].read("val")]
+    transform = router.dataset("vqa", "val", model).transform
+    write_features(model, unique_images(records), transform, tmp_path / "cache", shard_images=8)
+    cache = FeatureCache(tmp_path / "cache", builder_of(model))
+    assert len(cache.shards) > 1 and len(cache) == len(unique_images(records))
     for task in ("vqa", "nlvr2"):
-        cache = read_feature_cache(
-            write_feature_cache(model, router, task, ["val"], tmp_path / f"{task}.safetensors")
-        )
         pixels = take(router.dataset(task, "val", model), [0, 1])
         cached = take(router.dataset(task, "val", model, features=cache), [0, 1])
         assert "images" not in cached and cached["features"].shape[-2:] == (4, model.feature_dim)
         assert torch.allclose(
             model.loss(pixels), model.loss(cached), atol=1e-6
         )  # batched CNN: float-level
+    other = build_model("clip-bart", "tiny", visual_grid=3)
+    with pytest.raises(
+        DataError,
+        match=r"built by another model or preprocessing \(visual_grid: cache 2, model 3\)",
+    ):
+        FeatureCache(tmp_path / "cache", builder_of(other))
 
 
 def test_router_activation_restores_the_configured_routing(tmp_path):

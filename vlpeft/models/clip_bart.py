@@ -158,6 +158,7 @@ class ClipBart(VLModel):
     # routes the encoder's on the projected visual features
     default_routed_components = ("decoder",)
     trainable_patterns = (r"^visual_proj\.", r"^image_order\.")
+    cached_part = "visual"  # frozen: its visual_features can be cached (launch.features)
 
     def __init__(self, config: ClipBartConfig) -> None:
         super().__init__(config)
