@@ -25,6 +25,7 @@ from .inject import (
     set_active_adapter,
     unmerge_adapter,
 )
+from .merge import merge_task_adapters
 from .models import build_model
 from .peft_import import load_peft_lora
 
@@ -54,6 +55,7 @@ __all__ = [
     "load_adapter",
     "load_peft_lora",
     "merge_adapter",
+    "merge_task_adapters",
     "save_adapter",
     "set_active_adapter",
     "unmerge_adapter",
