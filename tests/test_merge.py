@@ -306,3 +306,59 @@ def test_merged_adapter_saves_reloads_and_exports(tmp_path):
     torch.testing.assert_close(run(peft_model, inputs), expected, atol=1e-5, rtol=1e-5)
     vlpeft.merge_adapter(model)  # and it folds into W0 like any LoRA
     torch.testing.assert_close(run(model, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+# -- python -m launch.export RUN --merge ----------------------------------------------------------
+def test_export_merge_command_on_a_two_task_run(tmp_path):
+    """A tiny two-task run with one adapter per task; the merged export, loaded into a fresh base
+    model, is the in-process merge (vlpeft and peft formats)."""
+    from launch.config import load_config
+    from launch.export import load_exported, main
+    from launch.run import load_run
+    from launch.train import train
+    from tasks.router import take
+    from tasks.synthetic import generate
+
+    generate(tmp_path / "data", images=24, seed=0, size=32)
+    lora = {"method": "lora", "r": 4, "dropout": 0.0}
+    spec = {
+        "model": {"family": "clip-bart", "preset": "tiny", "overrides": {"image_size": 32}},
+        "adapters": {"vqa": lora, "gqa": {**lora, "trainable": ["layer_norm"]}},
+        "data": {"file": str(tmp_path / "data" / "tasks.yaml"),
+                 "tasks": {"vqa": {"batch_size": 4, "adapter": "vqa"},
+                           "gqa": {"batch_size": 4, "adapter": "gqa"}}},
+        "train": {"steps": 3, "lr": 1e-2, "checkpoint_every": 0, "log_every": 1, "tensorboard": False},
+        "eval": {"splits": [], "max_records": 4, "max_new_tokens": 3},
+    }  # fmt: skip
+    run_dir = tmp_path / "run"
+    train(load_config(None, data=spec), run_dir)
+    model, router, _ = load_run(run_dir)
+    vlpeft.merge_task_adapters(model, {"vqa": 1.0, "gqa": 0.5}, method="ties", density=0.5)
+    vlpeft.set_active_adapter(model, "merged")
+    batch = take(router.dataset("vqa", "test", model, limit=4), range(4))
+    for fmt in ("vlpeft", "peft-lora"):
+        out = tmp_path / f"merged-{fmt}"
+        argv = [str(run_dir), "--merge", "vqa=1,gqa=0.5", "--method", "ties", "--density", "0.5"]
+        main([*argv, "--out", str(out), "--format", fmt])
+        fresh, info = load_exported(out)
+        assert info["merge"]["method"] == "ties" and sorted(info["tasks"]) == ["gqa", "vqa"]
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.loss(batch), model.loss(batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit, match="needs density"):
+        main(
+            [
+                str(run_dir),
+                "--merge",
+                "vqa=1,gqa=1",
+                "--method",
+                "ties",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+    with pytest.raises(SystemExit, match="not TASK=WEIGHT"):
+        main([str(run_dir), "--merge", "vqa=1,gqa", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no task 'caption'"):
+        main([str(run_dir), "--merge", "vqa=1,caption=1", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):  # --task or --merge, not both
+        main([str(run_dir), "--task", "vqa", "--merge", "vqa=1", "--out", str(tmp_path / "x")])
