@@ -265,3 +265,203 @@ def test_the_gap_nearest_the_bound_is_the_null_space_boundary(seed):
         lin.weight.copy_(lin.weight.to(torch.bfloat16).float())
     ns = nl.null_space(lin.weight, NullLoRAConfig(targets=["q"]))
     assert ns["left_nullity"] == 12
+
+
+# -- the fused forward (issue #18): LoRA's two GEMMs, the same parameters, ΔW and checkpoints ------
+def naive_delta(ad):
+    """Eq. (10) with a dense projector, only here: P·B·S₁·A_f + B_f·S₂·A."""
+    h = ad.lora_A.shape[0]
+    p = ad.null_left @ ad.null_left.T
+    s1, s2 = torch.diag(ad.scale[:h]), torch.diag(ad.scale[h:])
+    return p @ ad.lora_B @ s1 @ ad.null_right + ad.null_left @ s2 @ ad.lora_A
+
+
+def naive_forward_and_grads(net, x):
+    """Output, dL/dx and dL/d(A, B, s) of base(x) + x·ΔWᵀ by autograd through ``naive_delta``."""
+    layer, ad = net[0], net[0].adapters["default"]
+    x = x.clone().requires_grad_()
+    y = layer.base_layer(x) + x @ naive_delta(ad).T
+    params = (ad.lora_A, ad.lora_B, ad.scale)
+    grads = torch.autograd.grad((y.square().sum() + y.sum()), (x, *params))
+    return y.detach(), grads
+
+
+def fused_forward_and_grads(net, x):
+    ad = net[0].adapters["default"]
+    x = x.clone().requires_grad_()
+    y = net(x)
+    params = (ad.lora_A, ad.lora_B, ad.scale)
+    grads = torch.autograd.grad((y.square().sum() + y.sum()), (x, *params))
+    return y.detach(), grads
+
+
+def assert_matches_naive(net, x, **tol):
+    want_y, want_g = naive_forward_and_grads(net, x)
+    got_y, got_g = fused_forward_and_grads(net, x)
+    torch.testing.assert_close(got_y, want_y, **tol)
+    for got, want, name in zip(got_g, want_g, ("x", "lora_A", "lora_B", "scale")):
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(got, want, msg=name, **tol)
+
+
+def fused_net(shape=(14, 10), deficiency=3, **kw):
+    net, _ = adapted(planted(*shape, deficiency=deficiency, seed=11), **kw)
+    return net
+
+
+@pytest.mark.parametrize("shape", [(14, 10), (10, 14), (12, 12)])
+def test_fused_forward_and_gradients_equal_the_naive_formula(shape):
+    net = fused_net(shape, min_rank=4)
+    ad = net[0].adapters["default"]
+    x = torch.randn(3, 5, shape[1])
+    assert_matches_naive(net, x)
+    assert "_factors" in ad.__dict__  # the fused path ran
+    torch.testing.assert_close(net[0].delta_weight(), naive_delta(ad))
+    assert_matches_naive(net, torch.randn(4, shape[1]))  # 2-D input, cached factors
+
+
+def test_fused_keeps_the_parameters_state_dict_and_count():
+    net = fused_net(min_rank=4)
+    ad = net[0].adapters["default"]
+    h, (d_out, d_in) = ad.lora_A.shape[0], net[0].base_layer.weight.shape
+    net(torch.randn(2, d_in))  # builds the cache
+    assert {n for n, p in ad.named_parameters()} == {"lora_A", "lora_B", "scale"}
+    assert vlpeft.count_parameters(net)[0] == h * d_in + d_out * h + 2 * h
+    assert set(ad.state_dict()) == {"null_left", "null_right", "lora_A", "lora_B", "scale"}
+
+
+def test_the_cache_follows_every_change_of_the_parameters():
+    net = fused_net(min_rank=4)
+    ad = net[0].adapters["default"]
+    x = torch.randn(2, 3, 10)
+    assert_matches_naive(net, x)
+    opt = torch.optim.AdamW(ad.parameters(), lr=0.05)  # in-place updates (version counters)
+    for _ in range(2):
+        net(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert_matches_naive(net, x)
+    for tensor in (ad.lora_A, ad.lora_B, ad.scale, ad.null_right, ad.null_left):
+        with torch.no_grad():  # a direct in-place edit of each source, bases included
+            tensor.mul_(1.5)
+        assert_matches_naive(net, x)
+    other = fused_net(min_rank=4)
+    perturb_adapters(other, scale=1.0, seed=9)
+    net.load_state_dict(other.state_dict())  # copy_ into the same tensors
+    assert_matches_naive(net, x)
+    torch.testing.assert_close(net(x), other(x))
+
+
+def test_the_cache_follows_dtype_moves_deepcopy_and_pickling():
+    import copy
+    import pickle
+
+    net = fused_net(min_rank=4)
+    x = torch.randn(2, 3, 10)
+    before = net(x)
+    double = copy.deepcopy(net).double()
+    assert_matches_naive(double, x.double())
+    torch.testing.assert_close(double(x.double()).float(), before)
+    back = double.float()  # a round trip: new storage each time, the same values
+    torch.testing.assert_close(back(x), before)
+    clone = copy.deepcopy(net)
+    with torch.no_grad():
+        clone[0].adapters["default"].lora_B.add_(1.0)  # the copy's change stays in the copy
+    torch.testing.assert_close(net(x), before)
+    assert not torch.allclose(clone(x), before)
+    assert_matches_naive(clone, x)
+    restored = pickle.loads(pickle.dumps(net))
+    assert "_factors" not in restored[0].adapters["default"].__dict__
+    torch.testing.assert_close(restored(x), before)
+
+
+def test_fused_under_merge_unmerge_and_gradient_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    net = fused_net(min_rank=4)
+    x = torch.randn(2, 3, 10)
+    unmerged = net(x)
+    vlpeft.merge_adapter(net)
+    torch.testing.assert_close(net(x), unmerged, rtol=1e-5, atol=1e-5)
+    vlpeft.unmerge_adapter(net)
+    torch.testing.assert_close(net(x), unmerged)
+    want_y, want_g = fused_forward_and_grads(net, x)
+    ad = net[0].adapters["default"]
+    params = (ad.lora_A, ad.lora_B, ad.scale)
+    for reentrant in (False, True):
+        xx = x.clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        y = checkpoint(net, xx, use_reentrant=reentrant)
+        (y.square().sum() + y.sum()).backward()
+        got = (xx.grad, *(p.grad for p in params))
+        torch.testing.assert_close(y, want_y)
+        for a, b in zip(got, want_g):
+            torch.testing.assert_close(a, b)
+
+
+def test_fused_under_bf16_autocast_matches_the_differentiable_path():
+    net = fused_net(min_rank=4)
+    ad = net[0].adapters["default"]
+    x = torch.randn(4, 6, 10)
+    params = (ad.lora_A, ad.lora_B, ad.scale)
+
+    def run(generic):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net[0].base_layer(xx)
+            if generic:  # the differentiable formulation, autocast casting each GEMM's inputs
+                y = y + torch.nn.functional.linear(ad.bottleneck(xx), ad.up_columns()).to(y.dtype)
+            else:
+                y = net(xx)
+        grads = torch.autograd.grad(y.float().square().sum(), (xx, *params))
+        return y, grads
+
+    (y_fused, g_fused), (y_ref, g_ref) = run(False), run(True)
+    assert y_fused.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in g_fused[1:])
+    torch.testing.assert_close(y_fused, y_ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * float(b.abs().max()))
+
+
+def test_a_checkpoint_saved_before_the_fused_forward_loads_unchanged():
+    """tests/fixtures/null_lora_unfused was written by vlpeft before the fused forward (commit
+    46879a8): the same files load, and the model gives Eq. (10) of the tensors in the file."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    fixture = Path(__file__).parent / "fixtures" / "null_lora_unfused"
+    net = torch.nn.Sequential(
+        planted(12, 10, deficiency=2, seed=4),
+        torch.nn.Tanh(),
+        planted(10, 12, deficiency=3, seed=5),
+    )
+    bare = torch.nn.Sequential(
+        planted(12, 10, deficiency=2, seed=4),
+        torch.nn.Tanh(),
+        planted(10, 12, deficiency=3, seed=5),
+    )
+    base_state = load_file(str(fixture / "base_model.safetensors"))
+    net.load_state_dict(base_state)
+    bare.load_state_dict(base_state)
+    vlpeft.load_adapter(net, fixture)
+    saved = load_file(str(fixture / "adapter_model.safetensors"))
+    x = torch.randn(3, 10)
+    h = bare[0](x)
+    for i in ("0", "2"):
+        ad = net.get_submodule(i).adapters["default"]
+        for key in ("lora_A", "lora_B", "scale", "null_left", "null_right"):
+            assert torch.equal(getattr(ad, key), saved[f"{i}.{key}"])
+        p = saved[f"{i}.null_left"] @ saved[f"{i}.null_left"].T
+        k = saved[f"{i}.lora_A"].shape[0]
+        s1, s2 = torch.diag(saved[f"{i}.scale"][:k]), torch.diag(saved[f"{i}.scale"][k:])
+        delta = p @ saved[f"{i}.lora_B"] @ s1 @ saved[f"{i}.null_right"]
+        delta = delta + saved[f"{i}.null_left"] @ s2 @ saved[f"{i}.lora_A"]
+        assert delta.abs().max() > 1e-2
+        torch.testing.assert_close(net.get_submodule(i).delta_weight(), delta)
+        if i == "0":
+            expected = h + x @ delta.T
+        else:
+            expected = bare[2](torch.tanh(expected)) + torch.tanh(expected) @ delta.T
+    torch.testing.assert_close(net(x), expected)

@@ -38,6 +38,19 @@ is routed with the same map of x_R, z_v = [diag(s₁)·A_f·x_R, diag(s₂)·A·
 trainable map ``lora_A_visual``, initialised like [A_f; A]: orthonormal-random rows then zeros, so
 the routed branch starts at zero too); the branch is B_eq·route(z, z_v). A routed Null-LoRA depends
 on the input, so it is neither mergeable nor exported to peft.
+
+**The fused forward** (plain Null-LoRA, eager, not recording for ReSoRA). The parameters stay
+A, B, s (the same count, the same state-dict keys, the same training dynamics), but the forward is
+LoRA's: two GEMMs with the add folded into the second, y + (x·A_eqᵀ)·B_eqᵀ, inside one autograd
+function whose backward is written out (8 operators: gz = g·B_eq, grad x, G = gzᵀ·x, grad A = s₂∘G₂,
+grad s = rowsum(G∘[A_f; A]) as one bmm, grad B = Û·((g·Û)ᵀ·z₁) from gz's second half). A_eq and
+B_eq are built without autograd and cached until a parameter or basis changes: the key is each
+source tensor's storage address and version counter (an optimizer step, ``load_state_dict`` or
+``copy_`` bumps the counter; ``.to()``, deepcopy and ZeRO gathering give new storage), and the
+cache holds aliases of the sources it was built from, so a freed address cannot be reused by a
+new tensor and mistaken for the old one. Under autocast the cached factors are kept in the autocast
+dtype (no per-forward weight casts). Routed, recording and compiled forwards take the
+differentiable path (``bottleneck``/``up_columns``), which torch.compile fuses itself.
 """
 
 from __future__ import annotations
@@ -366,11 +379,48 @@ class NullLoRALinear(AdapterModule):
     ) -> torch.Tensor:
         if not self.lora_A.shape[0]:
             return y  # rank 0: the layer has no null space
+        if self.routing is None and not layer.recording and not torch.compiler.is_compiling():
+            dtype = compute_dtype(x, self.lora_A.dtype)
+            if y.dtype == dtype and y.dim() >= 2 and x.shape[:-1] == y.shape[:-1]:
+                return self.fused(x, y, dtype)
         z, b = self.bottleneck(x), self.up_columns()
         if self.routing is not None:
             z = self.routing(z, layer, self.visual_bottleneck)
         layer.record(self, z, b)
         return y + F.linear(z, b).to(y.dtype)
+
+    def fused(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """y + (x·A_eqᵀ)·B_eqᵀ through :class:`_NullLoRAProduct` with the cached factors."""
+        f = self.factors(dtype)
+        rows = x.to(dtype).reshape(-1, x.shape[-1])
+        out = _NullLoRAProduct.apply(
+            rows, y.reshape(-1, y.shape[-1]), self.lora_A, self.lora_B, self.scale,
+            f["a_cat"], f["a_eq"], f["b_eq"], self.null_left,
+        )  # fmt: skip
+        return out.view(y.shape)
+
+    def factors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A_eq = diag(s)·[A_f; A] and B_eq = [P·B, B_f] in ``dtype`` (and [A_f; A] in the
+        parameters' dtype, for grad s), without autograd; rebuilt when a source changed."""
+        sources = (self.lora_A, self.lora_B, self.scale, self.null_right, self.null_left)
+        key = (dtype, *((t.device, t.dtype, t.data_ptr(), t._version) for t in sources))
+        cache = self.__dict__.get("_factors")
+        if cache is not None and cache["key"] == key:
+            return cache
+        with torch.no_grad():
+            a_cat = torch.cat([self.null_right, self.lora_A])
+            a_eq = (a_cat * self.scale[:, None]).to(dtype)
+            b_eq = torch.cat([self.projected_b(), self.null_left], dim=1).to(dtype)
+        # the aliases keep the sources' storage alive: no new tensor can take their address
+        cache = {"key": key, "sources": [t.detach() for t in sources]}
+        cache.update(a_cat=a_cat, a_eq=a_eq, b_eq=b_eq)
+        self.__dict__["_factors"] = cache
+        return cache
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_factors", None)  # derived: a copy or a pickle rebuilds it
+        return state
 
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         a = torch.cat([self.null_right, self.lora_A], dim=0) * self.scale[:, None]
@@ -382,6 +432,43 @@ class NullLoRALinear(AdapterModule):
         a, b = self.lora_factors(base_layer)
         delta = b @ a
         return delta.T if self.transposed else delta
+
+
+def compute_dtype(x: torch.Tensor, parameter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a GEMM of ``x`` with the parameters runs in: autocast's when it is on."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and parameter_dtype == torch.float32:
+        return torch.get_autocast_dtype(device)
+    return parameter_dtype
+
+
+class _NullLoRAProduct(torch.autograd.Function):
+    """out = y + (x·A_eqᵀ)·B_eqᵀ for 2-D x (N, d_in) and y (N, d_out), with the gradients of the
+    parameters A, B, s written out (the cached A_eq, [A_f; A], B_eq and Û are constants)."""
+
+    @staticmethod
+    def forward(ctx, x, y, lora_a, lora_b, scale, a_cat, a_eq, b_eq, left):
+        z = x @ a_eq.T
+        ctx.device = x.device.type
+        ctx.save_for_backward(x, z, a_cat, a_eq, b_eq, left, scale)
+        return torch.addmm(y, z, b_eq.T)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, z, a_cat, a_eq, b_eq, left, scale = ctx.saved_tensors
+        h = left.shape[1]
+        with torch.autocast(ctx.device, enabled=False):
+            gz = g @ b_eq  # (N, 2h); its second half is g·Û
+            grad_x = gz @ a_eq if ctx.needs_input_grad[0] else None
+            grads = gz.T @ x  # dL/dA_eq (2h, d_in)
+            if grads.dtype != a_cat.dtype:
+                grads = grads.to(a_cat.dtype)
+            grad_a = grads[h:] * scale[h:, None]
+            grad_s = torch.bmm(grads.unsqueeze(1), a_cat.unsqueeze(2)).view(-1)
+            # B enters only through P·B = Û(ÛᵀB): dL/dB = Û·Ûᵀ·gᵀ·z₁ = Û·((g·Û)ᵀ·z₁)
+            grad_k = gz[:, h:].T @ z[:, :h]
+            grad_b = left @ grad_k.to(left.dtype)
+        return grad_x, g, grad_a, grad_b, grad_s, None, None, None, None
 
 
 def rank_report(module: nn.Module, name: str = "default") -> list[dict]:
