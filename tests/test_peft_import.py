@@ -223,6 +223,13 @@ def test_a_module_that_gets_no_tensor_is_an_error(tmp_path):
     assert gone in str(err.value)
 
 
+def test_dora_without_magnitudes_is_an_error(tmp_path):
+    peft_checkpoint(tiny_bart, tmp_path, r=2, target_modules=["q_proj"])
+    _rewrite_config(tmp_path, use_dora=True)
+    with pytest.raises(ValueError, match="gets no magnitude tensor"):
+        vlpeft.load_peft_lora(tiny_bart(), tmp_path)
+
+
 def test_an_all_zero_lora_b_is_an_error(tmp_path):
     from peft import LoraConfig, get_peft_model
 

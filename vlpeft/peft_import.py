@@ -253,7 +253,7 @@ def load_peft_lora(
     layers = _targeted(data, modules, saved, cfg_path, where)
     ranks, alphas = _layer_ranks(data, layers, cfg_path)
     state, extra_tensors = _split_tensors(tensors, layers, bool(data.get("use_dora")), directory)
-    _check_layer_tensors(state, layers, ranks, directory)
+    _check_layer_tensors(state, layers, ranks, bool(data.get("use_dora")), directory)
     extras = _modules_to_save(saved, modules, extra_tensors, lead, directory, where)
 
     params = {n for n, _ in module.named_parameters()}  # buffers are copied, not trained
@@ -371,9 +371,10 @@ def _split_tensors(
     return state, others
 
 
-def _check_layer_tensors(state: dict, layers: dict, ranks: dict, directory: Path) -> None:
+def _check_layer_tensors(
+    state: dict, layers: dict, ranks: dict, dora: bool, directory: Path
+) -> None:
     where = directory / WEIGHTS_NAME
-    dora = any("magnitude" in s for s in state.values())
     for rel, base in layers.items():
         got = state.get(rel, {})
         needed = ["lora_A", "lora_B"] + (["magnitude"] if dora else [])
