@@ -248,3 +248,60 @@ def test_routed_adapter_with_a_separate_mapping_of_another_width():
     h = net[0].base_layer(x)
     expected = h + ad.up(torch.relu(route("proj", ad.down(h), ad.down_visual(x_r))))
     torch.testing.assert_close(y, expected)
+
+
+# -- the fused routed LoRA (issue #18): one autograd function, the same outputs and gradients -------
+def explicit_routed(net, x, x_r, kind):
+    """base(x) + (α/r)·B·route(A·x, A_v·x_R), composed from ``route`` by autograd."""
+    ad = net[0].adapters["default"]
+    mapping = ad.lora_A if ad.lora_A_visual is None else ad.lora_A_visual
+    x_v, x_t = x_r @ mapping.T, x @ ad.lora_A.T
+    routed = (
+        route(kind, x_t.unsqueeze(1), x_v).squeeze(1) if x.dim() == 2 else route(kind, x_t, x_v)
+    )
+    return net[0].base_layer(x) + ad.scaling * routed @ ad.lora_B.T
+
+
+@pytest.mark.parametrize("shape", ["tokens", "one-token", "visual-tokens"])
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_routed_lora_equals_the_composed_formula(kind, separate, shape):
+    config = LoRAConfig(
+        targets=["0"], r=R, alpha=6, routing=kind, separate_mapping=separate,
+        visual_dim=3 if separate else None, mapping_rank=R if separate else None,
+    )  # fmt: skip
+    net = routed_linear(config)
+    ad = net[0].adapters["default"]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*((2, 6) if shape == "one-token" else (2, L, 6)), generator=g)
+    x_r = torch.randn(
+        *((2, 4) if shape == "visual-tokens" else (2,)), 3 if separate else 6, generator=g
+    )
+    x, x_r = x.requires_grad_(), x_r.requires_grad_()
+    assert ad.fusable(x, net[0].base_layer(x), net[0])
+    params = [p for p in ad.parameters() if p.requires_grad]
+    inputs = [x, x_r, *params]
+    with vlpeft.routing_inputs(net, x_r):
+        got = net(x)
+    want = explicit_routed(net, x, x_r.mean(1) if shape == "visual-tokens" else x_r, kind)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn(got.shape, generator=g)
+    got_g = torch.autograd.grad((got * weights).sum() + got.square().sum(), inputs)
+    want_g = torch.autograd.grad((want * weights).sum() + want.square().sum(), inputs)
+    for a, b, name in zip(got_g, want_g, ["x", "x_r", *[n for n, _ in ad.named_parameters()]]):
+        assert b.abs().max() > 0, name
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_routed_lora_paths_that_stay_composed():
+    """Slices, dropout, a narrower separate mapping and ReSoRA recording take the composed path."""
+    net = routed_linear(LoRAConfig(targets=["0"], r=R, routing="mul", dropout=0.1))
+    x = torch.randn(2, L, 6)
+    assert not net[0].adapters["default"].fusable(x, x[..., :5], net[0])
+    net = routed_linear(LoRAConfig(targets=["0"], r=R, routing="mul", separate_mapping=True))
+    assert net[0].adapters["default"].lora_mid is not None
+    assert not net[0].adapters["default"].fusable(x, x[..., :5], net[0])
+    net = routed_linear(LoRAConfig(targets=["0"], r=R, routing="mul"))
+    vlpeft.enable_resora(net)
+    net.train()
+    assert not net[0].adapters["default"].fusable(x, x[..., :5], net[0])

@@ -7,6 +7,13 @@ equal parts of the output only, e.g. ``slices={"c_attn": {"parts": 3, "use": [0,
 
 With ``routing`` (Qu et al. 2024) the bottleneck A·x is routed with A·x_R (or a separate mapping):
 the branch is (α/r)·B·route(A·x, A·x_R), per slice for fused layers; see :mod:`.routing`.
+
+A routed LoRA without slices, dropout or a mapping up-projection runs as one autograd function
+(:class:`_RoutedLoRA`): x_R's down-projection once per call, the routing function and (α/r)·B
+folded into one ``addmm`` with y, and a written-out backward (the routing's gradient as two or three
+batched products instead of autograd's chain of elementwise operators and reductions; the two
+mappings' gradients of A summed in one ``addmm``). It gives what the composed path gives; that path
+remains for slices, dropout, ``mapping_rank`` < r, ReSoRA recording and ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -183,9 +190,39 @@ class LoRALinear(AdapterModule):
         mid = self.lora_mid.view(self.n_slices, self.r, self.m)
         return torch.einsum("...sm,srm->...sr", hs, mid).flatten(-2)
 
+    def fusable(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> bool:
+        """Whether this call can take :class:`_RoutedLoRA` (module docstring)."""
+        return (
+            self.routing is not None
+            and self.routing.groups == 1
+            and self.slice_index is None
+            and self.lora_mid is None
+            and isinstance(self.dropout, nn.Identity)
+            and x.dtype == y.dtype == self.lora_A.dtype
+            and x.dim() in (2, 3)
+            and x.shape[:-1] == y.shape[:-1]
+            and not layer.recording
+            and not torch.compiler.is_compiling()
+        )
+
+    def routed(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        """y + (α/r)·B·route(A·x, A_v·x_R) through :class:`_RoutedLoRA`."""
+        tokens = x.unsqueeze(1) if x.dim() == 2 else x  # (B, L, d)
+        x_r = self.routing.x_r(layer, tokens.shape[0]).to(x.dtype)
+        if x_r.dim() == 3:  # several visual tokens: the mapping is linear, so pool them first
+            x_r = x_r.mean(dim=1)
+        mapping = self.lora_A if self.lora_A_visual is None else self.lora_A_visual
+        out = _RoutedLoRA.apply(
+            tokens, y.reshape(-1, y.shape[-1]), x_r, self.lora_A, mapping, self.lora_B,
+            self.scaling, self.routing.kind, self.lora_A_visual is None,
+        )  # fmt: skip
+        return out.view(y.shape)
+
     def forward(
         self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
     ) -> torch.Tensor:
+        if self.fusable(x, y, layer):
+            return self.routed(x, y, layer)
         h = self.bottleneck(x)
         if self.routing is not None:
             h = self.routing(h, layer, self.visual_bottleneck)
@@ -222,6 +259,78 @@ class LoRALinear(AdapterModule):
         a, b = self.lora_factors(base_layer)
         delta = b @ a
         return delta.T if self.transposed else delta
+
+
+class _RoutedLoRA(torch.autograd.Function):
+    """out = y + scaling·route(x·Aᵀ, x_R·A_vᵀ)·Bᵀ for x (B, L, d), y (B·L, d_out), x_R (B, d_v),
+    every routing kind of :func:`~vlpeft.adapters.routing.route`, with the backward written out.
+    ``shared``: A_v is A (one parameter, its two gradient terms summed)."""
+
+    @staticmethod
+    def forward(ctx, x, y, x_r, lora_a, mapping, lora_b, scaling, kind, shared):
+        batch, length, _ = x.shape
+        h = (x.reshape(-1, x.shape[-1]) @ lora_a.T).view(batch, length, -1)  # (B, L, r)
+        v = x_r @ mapping.T  # (B, r)
+        relu = kind.startswith("relu_")
+        base = kind[5:] if relu else kind
+        t, w = (torch.relu(h), torch.relu(v)) if relu else (h, v)
+        c = None
+        if base == "mul":
+            routed = t * w[:, None]
+        elif base == "add":
+            routed = t + w[:, None]
+        elif base == "proj":  # (t·w) v
+            c = torch.bmm(t, w[:, :, None])  # (B, L, 1)
+            routed = c * v[:, None]
+        else:  # expand: (Σ_k t_k) w
+            c = t.sum(-1, keepdim=True)
+            routed = c * w[:, None]
+        rows = routed.view(-1, routed.shape[-1])
+        ctx.kind, ctx.base, ctx.relu, ctx.scaling, ctx.shared = kind, base, relu, scaling, shared
+        ctx.save_for_backward(x, x_r, lora_a, mapping, lora_b, h, v, t, w, c, rows)
+        return torch.addmm(y, rows, lora_b.T, alpha=scaling)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, x_r, lora_a, mapping, lora_b, h, v, t, w, c, rows = ctx.saved_tensors
+        s, base = ctx.scaling, ctx.base
+        # beta=0: the first argument only gives the shape; (α/r) folded into the products
+        g_routed = torch.addmm(rows, g, lora_b, beta=0, alpha=s).view(h.shape)  # (B, L, r)
+        grad_b = torch.addmm(lora_b, g.T, rows, beta=0, alpha=s)
+        if base == "mul":
+            g_t = g_routed * w[:, None]
+            g_w = torch.bmm(g_routed.transpose(1, 2), t).diagonal(dim1=1, dim2=2)  # Σ_l g∘t
+            g_v = None
+        elif base == "add":
+            g_t, g_w, g_v = g_routed, g_routed.sum(1), None
+        elif base == "proj":
+            g_c = torch.bmm(g_routed, v[:, :, None])  # (B, L, 1)
+            g_t = g_c * w[:, None]
+            g_v = torch.bmm(c.transpose(1, 2), g_routed)  # through the last factor
+            if ctx.relu:
+                g_w, g_v = torch.bmm(g_c.transpose(1, 2), t).squeeze(1), g_v.squeeze(1)
+            else:  # w is v: both terms in one product
+                g_v = torch.baddbmm(g_v, g_c.transpose(1, 2), t).squeeze(1)
+                g_w = None
+        else:  # expand
+            g_c = torch.bmm(g_routed, w[:, :, None])
+            g_t = g_c.expand_as(t)
+            g_w = torch.bmm(c.transpose(1, 2), g_routed).squeeze(1)
+            g_v = None
+        if ctx.relu:
+            g_t = torch.where(h > 0, g_t, 0)
+            g_w = torch.where(v > 0, g_w, 0)
+        if g_w is not None:
+            g_v = g_w if g_v is None else g_v + g_w
+        g_h = g_t.reshape(-1, g_t.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = (g_h @ lora_a).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x_r = g_v @ mapping if ctx.needs_input_grad[2] else None
+        if ctx.shared:  # both mappings are A: one product accumulates into the other
+            grad_a, grad_mapping = torch.addmm(g_v.T @ x_r, g_h.T, x2), None
+        else:
+            grad_a, grad_mapping = g_h.T @ x2, g_v.T @ x_r
+        return grad_x, g, grad_x_r, grad_a, grad_mapping, grad_b, None, None, None
 
 
 def _kaiming(groups: int, rows: int, cols: int, **kw) -> nn.Parameter:
