@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 import vlpeft
 from launch.config import PLACEMENT_KEYS, ConfigError, TrainConfig, load_config
+from tasks.base import TaskConfig
 from tasks.router import TaskRouter, load_yaml
 from tasks.vqa import most_frequent_answers
 from vlpeft.adapters.base import MethodConfig
+from vlpeft.inject import find_targets
 from vlpeft.models import get_family
 
 
@@ -50,18 +54,74 @@ def build_model(config: TrainConfig, router: TaskRouter):
         raise ConfigError(
             f"tasks {[sets[m] for m in missing]} train adapter set(s) {missing}, not defined under adapters"
         )
+    for name, method in adapter_methods(config, model).items():
+        vlpeft.add_adapter(model, method, name=name)
+    return model
+
+
+def adapter_methods(config: TrainConfig, model) -> dict[str, MethodConfig]:
+    """Each adapter set's method config with its targets resolved on ``model`` (explicit module
+    names honoured as given; else the family's components × kinds) and the family's trainable
+    tensors added."""
+    methods = {}
     for name, spec in config.adapters.items():
         spec = dict(spec)
         placement = [spec.pop(key, None) for key in PLACEMENT_KEYS]
         if "targets" in spec:  # explicit module names: honoured as given (validate refuses a mix)
             method = MethodConfig.from_dict(spec, where=f"adapters.{name}")
             trainable = list(dict.fromkeys([*method.trainable, *model.trainable_patterns]))
-            method = dataclasses.replace(method, trainable=trainable)
+            methods[name] = dataclasses.replace(method, trainable=trainable)
         else:
             method = MethodConfig.from_dict({"targets": ["_"], **spec}, where=f"adapters.{name}")
-            method = model.adapter_config(method, *placement)
-        vlpeft.add_adapter(model, method, name=name)
-    return model
+            methods[name] = model.adapter_config(method, *placement)
+    return methods
+
+
+def check_offline(config: TrainConfig) -> dict:
+    """What can be checked of a config without its data or weights (``launch.train --validate``):
+    every task entry of ``data.file``, the model at its size on the meta device (no memory, no
+    download) with every adapter set placed — a method whose ranks need the weights (Null-LoRA's
+    null space) is checked for its targets only — and the DeepSpeed JSON. Returns a report
+    (parameter counts, per set the adapted layers); raises ConfigError naming the problem."""
+    path = Path(config.data.file)
+    entries = load_yaml(path) or {}
+    for name, settings in config.data.tasks.items():
+        if name not in entries:
+            raise ConfigError(f"data.tasks.{name}: not in {path} (it has {sorted(entries)})")
+        try:
+            TaskConfig.from_dict({**entries[name], **(settings or {})}, f"{path}: {name}")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        adapter = {**entries[name], **(settings or {})}.get("adapter", "default")
+        if adapter not in config.adapters and config.adapters:
+            raise ConfigError(
+                f"data.tasks.{name}: trains adapter set {adapter!r}, not defined under adapters "
+                f"({sorted(config.adapters)})"
+            )
+    overrides = {**config.model.overrides, "pretrained": False}  # the size, not the weights
+    overrides.pop("weights", None)
+    try:
+        with torch.device("meta"):
+            model = vlpeft.build_model(config.model.family, config.model.preset, **overrides)
+            report = {"family": config.model.family, "preset": config.model.preset, "sets": {}}
+            for name, method in adapter_methods(config, model).items():
+                try:
+                    vlpeft.add_adapter(model, method, name=name)
+                    layers = sum(1 for _, layer in vlpeft.adapted_layers(model)
+                                 if name in layer.adapter_names)  # fmt: skip
+                    report["sets"][name] = {"method": method.method, "layers": layers}
+                except (RuntimeError, NotImplementedError) as err:
+                    if "meta" not in str(err).lower():
+                        raise
+                    found = find_targets(model, method.targets)  # its ranks need the weights
+                    report["sets"][name] = {"method": method.method, "layers": len(found),
+                                            "checked": "targets only (needs the weights)"}  # fmt: skip
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"model {config.model.family}/{config.model.preset}: {err}") from None
+    report["trainable"], report["total"] = vlpeft.count_parameters(model)
+    if any("checked" in info for info in report["sets"].values()):
+        report["trainable"] = None  # the ranks are the weights'
+    return report
 
 
 def finished_run_config(run_dir: str | Path, what: str = "") -> TrainConfig:

@@ -34,8 +34,15 @@ from transformers import get_linear_schedule_with_warmup
 import vlpeft
 from evaluation.evaluate import evaluate_all
 from evaluation.leaderboard import render_markdown
-from launch.config import STAGE_PREFIX, ConfigError, TrainConfig, load_config
-from launch.run import RunError, build_model, build_router, finished_run_config
+from launch.config import (
+    STAGE_PREFIX,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    read_recipe,
+    stage_names,
+)  # fmt: skip
+from launch.run import RunError, build_model, build_router, check_offline, finished_run_config
 from tasks.base import DataError
 from tasks.loader import multitask_loader
 from tasks.router import TaskRouter
@@ -1004,15 +1011,50 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # deepspeed passes it
+    parser.add_argument("--stage", default=None, help="the stage of a recipe that lists stages")
+    parser.add_argument(
+        "--validate", action="store_true",
+        help="check the config (every stage) without data or weights, then exit",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_dir = args.out or Path("runs") / args.config.stem
     try:
-        config = load_config(args.config, args.overrides)
+        if args.validate:
+            return validate_config(args.config, args.overrides, args.stage)
+        config = load_config(args.config, args.overrides, stage=args.stage)
         return train(config, run_dir, args.resume, args.allow_change)
     except (ConfigError, RunError, DataError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+
+
+def validate_config(path: Path, overrides=(), stage: str | None = None) -> dict:
+    """``--validate``: loads the config (each stage of a recipe, or ``stage``) and checks what can
+    be checked without data or weights (:func:`launch.run.check_offline`); prints a report."""
+    names = [stage] if stage else stage_names(read_recipe(path), str(path)) or [None]
+    reports = {}
+    for name in names:
+        config = load_config(path, overrides, stage=name)
+        if config.deepspeed.enabled:
+            deepspeed_config(config, world=1)  # the JSON parses and agrees with the config
+        report = check_offline(config)
+        reports[name or "config"] = report
+        sets = ", ".join(
+            f"{set_name}: {info['method']} on {info['layers']} layers"
+            + (f" ({info['checked']})" if "checked" in info else "")
+            for set_name, info in report["sets"].items()
+        )
+        trainable = report["trainable"]
+        counted = (
+            "an unknown number (ranks from the weights)" if trainable is None else f"{trainable:,}"
+        )
+        print(
+            f"{path}{f' (stage {name})' if name else ''}: valid — {report['family']}/"
+            f"{report['preset']}, {counted} of {report['total']:,} parameters train; "
+            f"{sets or 'no adapters'}"
+        )
+    return reports
 
 
 if __name__ == "__main__":
