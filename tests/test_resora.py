@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 from conftest import bart_inputs, perturb_adapters, run, tiny_bart, with_x_r
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlpeft
 from bench.resora import naive_penalty as naive
@@ -368,3 +369,94 @@ def test_conv_adapters_record_or_refuse():
     vlpeft.add_adapter(other, FLoRAConfig(targets=["conv1"], r=2))
     with pytest.raises(TypeError, match="ReSoRA cannot regularise adapter 'default' at conv1"):
         vlpeft.enable_resora(other)
+
+
+# -- issue #18: padding as 0/1 sample weights, batched by shape, nothing that waits for the device --
+SYNCING = {"nonzero", "masked_select", "_local_scalar_dense", "item", "unique", "_unique2"}
+
+
+class SyncDetector(TorchDispatchMode):
+    """The operators that read a device value on the host: those in SYNCING and indexing with a
+    boolean mask (its output size is the mask's count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        flat = [a for arg in args for a in (arg if isinstance(arg, list | tuple) else [arg])]
+        boolean = any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in flat)
+        if name in SYNCING or (name in ("index", "index_put", "index_put_") and boolean):
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("kind", "shared"), [(k, False) for k in KINDS] + [("kernel", True)])
+@pytest.mark.parametrize("batched", [False, True])
+def test_weighted_samples_equal_the_selected_rows(kind, shared, batched):
+    """A padding mask as weights gives the penalty (and the gradients) of the real rows alone."""
+    g = torch.Generator().manual_seed(1)
+    layers = 3 if batched else 1
+    z = (torch.randn(layers, 30, 5, generator=g, dtype=torch.float64) * 0.7).requires_grad_()
+    b = (torch.randn(layers, 12, 5, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+    mask = torch.rand(layers, 30, generator=g) > 0.35
+    mask[:, :3] = True
+    params = {"beta": 0.7, "sigma_frac": 0.8, "max_samples": 64, "seed": 3, "shared_sigma": shared}
+    for i in range(layers):  # every row of the batch against its own selection
+        assert mask[i].sum() < 30
+    got = subspace_penalty(z if batched else z[0], b if batched else b[0], kind,
+                           mask if batched else mask[0], **params)  # fmt: skip
+    want = torch.stack(
+        [subspace_penalty(z[i][mask[i]], b[i], kind, **params) for i in range(layers)]
+    )
+    torch.testing.assert_close(got, want if batched else want[0], rtol=1e-7, atol=1e-10)
+    unused = {"allow_unused": True, "materialize_grads": True}  # linear: b only masks pairs
+    g_got = torch.autograd.grad(got.sum(), (z, b), **unused)
+    g_want = torch.autograd.grad(want.sum(), (z, b), **unused)
+    assert any(r.abs().max() > 0 for r in g_want)  # linear has none in b, cosine none in z
+    for a, r in zip(g_got, g_want):
+        torch.testing.assert_close(a, r, rtol=1e-7, atol=1e-10)
+
+
+def test_weighted_kernel_subsample_draws_real_rows_only():
+    """Over max_samples real rows, the weighted kernel kind keeps max_samples of the real rows:
+    the same penalty as the unweighted kind on those rows."""
+    from vlpeft.adapters.resora import _subsample_weighted
+
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    mask = torch.rand(50, generator=g) > 0.3
+    kept, w = _subsample_weighted(z, mask.double(), cap=20, seed=5)
+    assert kept.shape == (20, 4) and bool((w == 1).all())
+    real = {tuple(row.tolist()) for row in z[mask]}
+    assert all(tuple(row.tolist()) in real for row in kept)
+    b = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    got = subspace_penalty(z, b, "kernel", mask, max_samples=20, seed=5)
+    torch.testing.assert_close(got, subspace_penalty(kept, b, "kernel", max_samples=20))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_model_penalty_with_padding_dispatches_nothing_that_synchronises(kind):
+    """No operator that reads a device value on the host (boolean indexing's nonzero, .item())
+    runs in resora_penalty, padding masks included: on a GPU it only queues kernels."""
+
+    # the encoder's q and v of every layer: one shape, one batched call, one padding mask
+    model = training_bart(
+        LoRAConfig(targets=r"model\.encoder\.layers\.\d+\.self_attn\.[qv]_proj", r=3)
+    )
+    vlpeft.enable_resora(model)
+    inputs = bart_inputs()
+    mask = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    mask[0, 4:] = False
+    vlpeft.set_token_masks(model, mask)
+    run(model, inputs)
+    assert len(recorder_of(model)) >= 4
+    config = ReSoRAConfig(kind=kind, samples="tokens", max_samples=8)
+    with SyncDetector() as detector:
+        penalty = vlpeft.resora_penalty(model, config)
+    assert penalty.requires_grad and torch.isfinite(penalty)
+    assert not detector.found
+    with SyncDetector() as detector:  # the detector sees what it is meant to
+        torch.randn(4)[torch.tensor([True, False, True, False])]
+    assert detector.found == ["index"]

@@ -18,6 +18,9 @@ i < j and reduce to r×r Gram matrices — the d_out-sized Δh_i are never built
   names one σ; we read it per subspace (each K_i on its own scale, default) and offer
   ``sigma="shared"``: one σ from the median over all subspaces' distances. Since ‖Δh_i^p − Δh_i^q‖ = ‖b_i‖·|z_pi − z_qi| and σ_i scales with
   ‖b_i‖, K_i depends on z only. Costs O(r·N²): N is subsampled to ``max_samples`` with a fixed seed.
+  Per layer, with n = min(N, ``max_samples``) and rank r: about 4·r·n² floats of memory (the squared
+  differences, the kernels, their centred copies, all r × n × n) and r²·n² + 10·r·n² flops;
+  :func:`kernel_cost` gives the figures (r = 8, n = 256: 8 MiB and 5.8 MFLOP; n = 512: 32 MiB).
 
 ``samples="weight"`` is the weight-level variant: the components of ΔW = Σ_i b_i a_iᵀ themselves,
 i.e. the penalties with z = Aᵀ (the increments for the basis inputs e_k), which needs no forward data.
@@ -32,7 +35,10 @@ the first forward without grad, so nothing can be kept: the penalty is then an e
 layer for that forward (:func:`set_token_masks`, per component); nothing is matched by shape.
 :func:`resora_penalty` takes what was kept since its last call: each layer's calls become one
 sample set, the penalty is λ × the mean (``reduction="sum"``: the sum) over the layers; before
-``start_step`` it is 0 (the paper's two-stage schedule). Asking for an activation-level penalty of a
+``start_step`` it is 0 (the paper's two-stage schedule). Layers of one shape are penalised in one
+batched call per kind; nothing in it waits for the device: a padding mask enters as 0/1 sample
+weights (the same value as selecting the real rows, which would need the count on the host), and
+the kernel kind's subsample is drawn on the samples' device (a permutation of the real rows). Asking for an activation-level penalty of a
 model whose recorder was never enabled is an error naming :func:`enable_resora`.
 """
 
@@ -124,11 +130,42 @@ def _cos_gram(m: torch.Tensor) -> torch.Tensor:
 
 
 def subsample(z: torch.Tensor, cap: int, seed: int) -> torch.Tensor:
-    """At most ``cap`` rows (dim -2) of z, chosen with a fixed generator (all when N ≤ cap)."""
+    """At most ``cap`` rows (dim -2) of z, chosen with a fixed generator (all when N ≤ cap). The
+    permutation is drawn on z's device (no host-to-device copy; a GPU draws another fixed subset
+    than the CPU)."""
     if z.shape[-2] <= cap:
         return z
-    idx = torch.randperm(z.shape[-2], generator=torch.Generator().manual_seed(seed))[:cap]
-    return z[..., idx.to(z.device), :]
+    generator = torch.Generator(device=z.device).manual_seed(seed)
+    idx = torch.randperm(z.shape[-2], generator=generator, device=z.device)[:cap]
+    return z[..., idx, :]
+
+
+def _subsample_weighted(
+    z: torch.Tensor, w: torch.Tensor, cap: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``cap`` rows of z (..., N, r) drawn from those of weight 1 (w (..., N) of 0/1),
+    without reading the count on the host: the rows are ordered by a fixed random key with the
+    weight-0 rows last, and the first ``cap`` are kept with their weights."""
+    if z.shape[-2] <= cap:
+        return z, w
+    generator = torch.Generator(device=z.device).manual_seed(seed)
+    key = torch.rand(z.shape[-2], generator=generator, device=z.device).expand_as(w)
+    order = torch.where(w > 0, key, key + 2).argsort(dim=-1)[..., :cap]
+    return z.gather(-2, order[..., None].expand(*order.shape, z.shape[-1])), w.gather(-1, order)
+
+
+def kernel_cost(rank: int, samples: int, max_samples: int = 512, bytes_per_float: int = 4) -> dict:
+    """What the kernel kind costs per layer per penalty: n = min(samples, max_samples) samples,
+    ``rank`` subspaces. Returns ``{"samples": n, "bytes": …, "flops": …}`` (the r × n × n squared
+    differences, kernels and centred kernels plus the r·n² alignment operand; the kernels' and
+    centring's ~10 elementwise flops per entry and the r × r alignment Gram's r²·n²)."""
+    n = min(samples, max_samples)
+    entries = rank * n * n
+    return {
+        "samples": n,
+        "bytes": 4 * entries * bytes_per_float,
+        "flops": 10 * entries + rank * entries,
+    }
 
 
 def _pair_median(sq: torch.Tensor) -> torch.Tensor:
@@ -158,7 +195,11 @@ def _live_pairs(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def subspace_penalty(
-    z: torch.Tensor, b: torch.Tensor, kind: str = "linear", **params
+    z: torch.Tensor,
+    b: torch.Tensor,
+    kind: str = "linear",
+    weights: torch.Tensor | None = None,
+    **params,
 ) -> torch.Tensor:
     """ReSoRA redundancy penalty of the rank-1 components Δh_i = b_i z_i, from r×r Gram matrices.
 
@@ -167,6 +208,8 @@ def subspace_penalty(
         b: (..., d_out, r) up-projection columns (the same leading dimensions: a batch of layers
             of one shape, penalised in one set of kernels).
         kind: euclidean, cosine, linear or kernel.
+        weights: (..., N) 0/1 sample weights (a padding mask): the penalty of the rows of weight
+            1, without selecting them (no host synchronisation). None: every row.
         **params: beta (euclidean), sigma_frac, shared_sigma, max_samples, seed (kernel).
 
     Returns:
@@ -187,20 +230,34 @@ def subspace_penalty(
         raise ValueError(
             f"subspace_penalty needs z (..., N, r) and b (..., d_out, r), got {tuple(z.shape)} and {tuple(b.shape)}"
         )
+    if weights is not None and weights.shape != z.shape[:-1]:
+        raise ValueError(
+            f"subspace_penalty: weights {tuple(weights.shape)} must be z's leading shape {tuple(z.shape[:-1])}"
+        )
     dtype = torch.promote_types(torch.promote_types(z.dtype, b.dtype), torch.float32)
     z, b = z.to(dtype), b.to(dtype)
+    if weights is not None:
+        weights = weights.to(dtype)
+        if kind != "kernel":  # a row of weight 0 adds nothing to a Gram matrix or a sign product
+            z = z * weights[..., None]
+    count = z.shape[-2] if weights is None else weights.sum(-1).clamp_min(1)[..., None, None]
     pairs = _live_pairs(z, b)
     if kind == "linear":
         return _pair_sum(_cos_gram(z) ** 2 * pairs)
     if kind == "cosine":
         s = torch.sign(z)
-        return _pair_sum(_cos_gram(b) * (s.mT @ s) / z.shape[-2] * pairs)
+        return _pair_sum(_cos_gram(b) * (s.mT @ s) / count * pairs)
     if kind == "euclidean":
         g = b.mT @ b  # (..., r, r)
         sq = z.square() * g.diagonal(dim1=-2, dim2=-1)[..., None, :]  # z_ni² G_ii
         cross = z[..., :, :, None] * z[..., :, None, :] * g[..., None, :, :]  # (..., N, r, r)
         dist = (sq[..., :, :, None] + sq[..., :, None, :] - 2 * cross).clamp_min(0)
-        return _pair_sum(torch.exp(-params.get("beta", 1.0) * dist).mean(-3) * pairs)
+        close = torch.exp(-params.get("beta", 1.0) * dist)
+        if weights is None:
+            return _pair_sum(close.mean(-3) * pairs)
+        return _pair_sum((close * weights[..., :, None, None]).sum(-3) / count * pairs)
+    if kind == "kernel" and weights is not None:
+        return _kernel_weighted(z, b, weights, pairs, params)
     if kind == "kernel":
         z = subsample(z, params.get("max_samples", 512), params.get("seed", 0))
         zt = z.mT  # (..., r, N)
@@ -222,6 +279,42 @@ def subspace_penalty(
         scale = -norms2 / (2 * sigma.clamp_min(EPS) ** 2)
         return _centered_alignment(torch.exp(sq * scale[..., None, None]), pairs)
     raise ValueError(f"unknown ReSoRA kind {kind!r}; choose one of {list(KINDS)}")
+
+
+def _kernel_weighted(z, b, weights, pairs, params) -> torch.Tensor:
+    """The kernel kind over the rows of weight 1: subsampled among them on the device, the median
+    over pairs of real rows, the centring over real rows, padding rows and columns zeroed — what
+    the unweighted kind gives on the selected rows, to the subsample drawn."""
+    z, w = _subsample_weighted(z, weights, params.get("max_samples", 512), params.get("seed", 0))
+    zt = z.mT  # (..., r, n)
+    sq = (zt[..., :, :, None] - zt[..., :, None, :]).square()  # (..., r, n, n)
+    norms2 = b.square().sum(-2)
+    real = (w[..., :, None] * w[..., None, :]).bool()  # (..., n, n) pairs of real rows
+    n = sq.shape[-1]
+    upper = torch.ones(n, n, dtype=torch.bool, device=sq.device).triu(1)
+    usable = (real & upper)[..., None, :, :].expand_as(sq)
+    pair_sq = sq.detach().masked_fill(~usable, float("nan"))
+    if params.get("shared_sigma", False):
+        live = pairs.diagonal(dim1=-2, dim2=-1).bool()
+        dist2 = (pair_sq * norms2.detach()[..., None, None]).masked_fill(
+            ~live[..., None, None], float("nan")
+        )
+        shared = dist2.flatten(-3).nanmedian(dim=-1).values.sqrt()
+        sigma = params.get("sigma_frac", 0.5) * shared[..., None].expand_as(norms2)
+    else:
+        median = pair_sq.flatten(-2).nanmedian(dim=-1).values
+        sigma = params.get("sigma_frac", 0.5) * norms2.detach().sqrt() * median.sqrt()
+    scale = -norms2 / (2 * sigma.clamp_min(EPS) ** 2)
+    k = torch.exp(sq * scale[..., None, None])
+    # the centring means run over real rows only: w_q weights column q, w_p row p
+    count = w.sum(-1).clamp_min(1)[..., None, None, None]
+    row = (k * w[..., None, None, :]).sum(-1, keepdim=True) / count  # (..., r, n, 1)
+    total = (row * w[..., None, :, None]).sum(-2, keepdim=True) / count  # (..., r, 1, 1)
+    kc = (k - row - row.mT + total) * real[..., None, :, :]
+    flat = kc.flatten(-2)
+    t = flat @ flat.mT
+    d = t.diagonal(dim1=-2, dim2=-1).clamp_min(EPS).sqrt()
+    return _pair_sum(t / (d[..., :, None] * d[..., None, :]) * pairs)
 
 
 def set_token_masks(
@@ -326,7 +419,7 @@ def _layer_samples(config: ReSoRAConfig, module: nn.Module, active: bool):
         if not active:
             return []
         return [
-            layer.adapters[name].weight_components(layer.base_layer)
+            (*layer.adapters[name].weight_components(layer.base_layer), None)
             for _, layer in adapted_layers(module)
             for name in layer.active
             if name in layer.adapters
@@ -348,9 +441,27 @@ def _layer_samples(config: ReSoRAConfig, module: nn.Module, active: bool):
         return []
     out = []
     for _, layer_calls, b in calls:
-        z = [samples_from_activations(z, config.samples, mask) for z, mask in layer_calls]
-        out.append((z[0] if len(z) == 1 else torch.cat(z), b))
+        samples = [_weighted_samples(z, config.samples, mask) for z, mask in layer_calls]
+        zs, ws = zip(*samples)
+        if all(w is None for w in ws):
+            weights = None
+        else:
+            weights = torch.cat(
+                [w if w is not None else z.new_ones(z.shape[0]) for z, w in samples]
+            )
+        out.append((zs[0] if len(zs) == 1 else torch.cat(zs), b, weights))
     return out
+
+
+def _weighted_samples(
+    z: torch.Tensor, mode: str, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, r) samples and their 0/1 weights (None: all real) from recorded activations: the
+    token mode keeps every position and weights the padding 0 (no boolean indexing, which
+    synchronises a GPU), the pooled mode averages the real positions of each example."""
+    if mode == "tokens" and mask is not None and z.dim() > 2:
+        return z.reshape(-1, z.shape[-1]), mask.reshape(-1)
+    return samples_from_activations(z, mode, mask), None
 
 
 def resora_penalty(
@@ -369,23 +480,26 @@ def resora_penalty(
     """
     active = step is None or step >= config.start_step
     groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for z, b in _layer_samples(config, module, active):
+    for z, b, w in _layer_samples(config, module, active):
         if z.shape[1] >= 2 and z.shape[0] >= 1:
-            key = (tuple(z.shape), tuple(b.shape), z.dtype, b.dtype, z.device)
-            groups.setdefault(key, []).append((z, b))
+            key = (tuple(z.shape), tuple(b.shape), z.dtype, b.dtype, z.device, w is None)
+            groups.setdefault(key, []).append((z, b, w))
     if not groups:
         return torch.zeros(())
     # layers of one shape are penalised together: a few batched kernels instead of a few per
     # layer (on a GPU the per-layer version is bound by kernel launches)
     total, count = 0, 0
-    for pairs in groups.values():
-        zs, bs = zip(*pairs)
-        if len(pairs) == 1:
-            total = total + subspace_penalty(zs[0], bs[0], config.kind, **config.params())
+    for members in groups.values():
+        zs, bs, ws = zip(*members)
+        weights = None if ws[0] is None else ws
+        if len(members) == 1:
+            weights = weights and weights[0]
+            total = total + subspace_penalty(zs[0], bs[0], config.kind, weights, **config.params())
         else:
+            weights = weights and torch.stack(weights)
             stacked = subspace_penalty(
-                torch.stack(zs), torch.stack(bs), config.kind, **config.params()
+                torch.stack(zs), torch.stack(bs), config.kind, weights, **config.params()
             )
             total = total + stacked.sum()
-        count += len(pairs)
+        count += len(members)
     return config.weight * (total / count if config.reduction == "mean" else total)
