@@ -111,7 +111,9 @@ class Step:
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
         self.dtype = dtype
         self.device = next(model.parameters()).device
-        width = 768
+        routings = [a.routing for _, layer in vlpeft.adapted_layers(model)
+                    for a in layer.adapters.values() if a.routing is not None]  # fmt: skip
+        width = routings[0].visual_dim if routings else 768
         rows = next(iter(batch.values())).shape[0]
         self.x_r = torch.randn(rows, width, device=self.device)
         if resora:
@@ -282,7 +284,9 @@ def measure_compiled(name: str, base, args, timing: tuple[int, int], row: dict) 
     for variant in variants:
         method, mode = variant.split(":")
         eager = Step(name, with_method(base, name, method).train(), batch, dtype)
-        model = compile_model(with_method(base, name, method).train(), mode=mode)
+        model = compile_model(
+            with_method(base, name, method).train(), mode=mode, backend=args.compile_backend
+        )
         compiled = Step(name, model, batch, dtype)
         start = time.perf_counter()
         compiled()  # the compilation itself
@@ -305,6 +309,7 @@ def run(args) -> dict:
         "repeats": timing[0],
         "image_size": args.image_size,
         "compile": sorted({v for vs in _compile_lists(args.compile) for v in vs}),
+        "compile_backend": args.compile_backend,
         "kernel_max_samples": KERNEL_SAMPLES,
         "rows": [],
     }
@@ -409,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
                         choices=["bart-base", "blip-base"])  # fmt: skip
     parser.add_argument("--compile", nargs="*", default=None, metavar="METHOD:MODE",
                         help="compiled variants, e.g. null-lora:adapters routed-lora:model")  # fmt: skip
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--quick", action="store_true", help="3 repetitions (a smoke run)")
     parser.add_argument("--gpu-quick", action="store_true",
                         help="the whole GPU table in a few minutes: 8 pairs, 3 warm-ups, the "

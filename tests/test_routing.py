@@ -305,3 +305,33 @@ def test_routed_lora_paths_that_stay_composed():
     vlpeft.enable_resora(net)
     net.train()
     assert not net[0].adapters["default"].fusable(x, x[..., :5], net[0])
+
+
+def test_fused_routed_lora_under_bf16_autocast_matches_the_composed_path():
+    """Under autocast (the GPU benchmark's bf16) the fused path is taken, computes in bf16 like
+    autocast's F.linear, and returns float32 gradients to the float32 parameters."""
+    net = routed_linear(LoRAConfig(targets=["0"], r=R, alpha=8, routing="proj"))
+    ad = net[0].adapters["default"]
+    x, x_r = torch.randn(3, L, 6), torch.randn(3, 6)
+    params = list(ad.parameters())
+
+    def run(fused):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net[0].base_layer(xx)
+            assert ad.fusable(xx, y, net[0])
+            if fused:
+                with vlpeft.routing_inputs(net, x_r):
+                    y = net(xx)
+            else:
+                z = route("proj", torch.nn.functional.linear(xx, ad.lora_A),
+                          torch.nn.functional.linear(x_r, ad.lora_A))  # fmt: skip
+                y = y + (ad.scaling * torch.nn.functional.linear(z, ad.lora_B)).to(y.dtype)
+        return y, torch.autograd.grad(y.float().square().sum(), [xx, *params])
+
+    (y_f, g_f), (y_c, g_c) = run(True), run(False)
+    assert y_f.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in g_f[1:])
+    torch.testing.assert_close(y_f, y_c, rtol=3e-2, atol=3e-2)
+    for a, b in zip(g_f, g_c):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * float(b.abs().max()))

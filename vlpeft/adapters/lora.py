@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdaptedLayer, AdapterModule, is_conv1d, linear_shape, register_method
-from .routing import RoutableConfig, make_routing
+from .routing import RoutableConfig, compute_dtype, make_routing
 
 
 @register_method("lora")
@@ -198,7 +198,7 @@ class LoRALinear(AdapterModule):
             and self.slice_index is None
             and self.lora_mid is None
             and isinstance(self.dropout, nn.Identity)
-            and x.dtype == y.dtype == self.lora_A.dtype
+            and y.dtype == compute_dtype(x, self.lora_A.dtype)
             and x.dim() in (2, 3)
             and x.shape[:-1] == y.shape[:-1]
             and not layer.recording
@@ -207,8 +207,8 @@ class LoRALinear(AdapterModule):
 
     def routed(self, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         """y + (α/r)·B·route(A·x, A_v·x_R) through :class:`_RoutedLoRA`."""
-        tokens = x.unsqueeze(1) if x.dim() == 2 else x  # (B, L, d)
-        x_r = self.routing.x_r(layer, tokens.shape[0]).to(x.dtype)
+        tokens = (x.unsqueeze(1) if x.dim() == 2 else x).to(y.dtype)  # (B, L, d), autocast's
+        x_r = self.routing.x_r(layer, tokens.shape[0]).to(y.dtype)
         if x_r.dim() == 3:  # several visual tokens: the mapping is linear, so pool them first
             x_r = x_r.mean(dim=1)
         mapping = self.lora_A if self.lora_A_visual is None else self.lora_A_visual
@@ -268,6 +268,8 @@ class _RoutedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, x_r, lora_a, mapping, lora_b, scaling, kind, shared):
+        ctx.device, ctx.parameter_dtype = x.device.type, lora_a.dtype
+        lora_a, mapping, lora_b = (w.to(x.dtype) for w in (lora_a, mapping, lora_b))  # autocast
         batch, length, _ = x.shape
         h = (x.reshape(-1, x.shape[-1]) @ lora_a.T).view(batch, length, -1)  # (B, L, r)
         v = x_r @ mapping.T  # (B, r)
@@ -292,6 +294,15 @@ class _RoutedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        with torch.autocast(ctx.device, enabled=False):
+            grads = _RoutedLoRA._backward(ctx, g)
+        dtype = ctx.parameter_dtype
+        return tuple(
+            t.to(dtype) if t is not None and i in (3, 4, 5) else t for i, t in enumerate(grads)
+        )
+
+    @staticmethod
+    def _backward(ctx, g):
         x, x_r, lora_a, mapping, lora_b, h, v, t, w, c, rows = ctx.saved_tensors
         s, base = ctx.scaling, ctx.base
         # beta=0: the first argument only gives the shape; (α/r) folded into the products

@@ -75,7 +75,7 @@ from .base import (
     linear_shape,
     register_method,
 )
-from .routing import RoutableConfig, make_routing
+from .routing import RoutableConfig, compute_dtype, make_routing
 
 log = logging.getLogger(__name__)
 
@@ -432,14 +432,6 @@ class NullLoRALinear(AdapterModule):
         a, b = self.lora_factors(base_layer)
         delta = b @ a
         return delta.T if self.transposed else delta
-
-
-def compute_dtype(x: torch.Tensor, parameter_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a GEMM of ``x`` with the parameters runs in: autocast's when it is on."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and parameter_dtype == torch.float32:
-        return torch.get_autocast_dtype(device)
-    return parameter_dtype
 
 
 class _NullLoRAProduct(torch.autograd.Function):

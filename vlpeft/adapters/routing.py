@@ -64,6 +64,16 @@ _LEGACY: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.Co
 )
 
 
+def compute_dtype(x: torch.Tensor, parameter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a bottleneck GEMM of ``x`` with float32 parameters runs in: autocast's when it is
+    on for x's device, else the parameters' (what ``F.linear`` would do; the fused adapter paths
+    cast once to it and compute their gradients back in the parameters' dtype)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and parameter_dtype == torch.float32:
+        return torch.get_autocast_dtype(device)
+    return parameter_dtype
+
+
 def route(kind: str, x_t: torch.Tensor, x_v: torch.Tensor) -> torch.Tensor:
     """Applies routing function ``kind`` to x_t (..., L, r) and x_v (..., r) or (..., K, r).
 
