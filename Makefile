@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# the wheels the lent GPU machine's Python lacks for bench.gpu_smoke (DEVELOPERS.md)
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels: setup
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(GPU_PLATFORMS) -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
 
 clean:
 	rm -rf $(VENV) .torch_extensions .pytest_cache

@@ -14,13 +14,20 @@ from pathlib import Path
 
 from evaluation.evaluate import evaluate_all
 from launch.run import RunError, load_run
+from launch.train import resolve_device
 from tasks.base import DataError
 
 
-def evaluate_run(run_dir: str | Path, tasks=None, split: str | None = None) -> dict:
-    """Scores records of the run's tasks (default: all) on ``split`` (default: its eval.splits)."""
+def evaluate_run(
+    run_dir: str | Path, tasks=None, split: str | None = None, device: str | None = None
+) -> dict:
+    """Scores records of the run's tasks (default: all) on ``split`` (default: its eval.splits),
+    on ``device`` (default: the run's ``train.device``; ``auto`` picks a GPU when there is one)."""
     run_dir = Path(run_dir)
     model, router, config = load_run(run_dir)
+    if device is not None:
+        config.train.device = device
+    model.to(resolve_device(config))
     splits = [split] if split else list(config.eval.splits)
     return evaluate_all(model, router, splits, run_dir / "eval", config.eval, tasks)
 
@@ -34,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         "--task", action="append", help="task name (repeatable; default: all of the run's)"
     )
     parser.add_argument("--split", default=None, help="split (default: the run's eval.splits)")
+    parser.add_argument(
+        "--device", default=None, help="auto, cpu, cuda, cuda:N (default: the run's)"
+    )
     args = parser.parse_args(argv)
     try:
-        records = evaluate_run(args.run_dir, args.task, args.split)
+        records = evaluate_run(args.run_dir, args.task, args.split, args.device)
     except (RunError, DataError, FileNotFoundError, ValueError) as err:  # ConfigError too
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ splits are evaluated and ``run.json`` + ``leaderboard.md`` written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -278,8 +279,10 @@ def save_checkpoint(
     tmp = root / f".tmp_step_{step:07d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
     barrier(world)
+    # every rank makes the folder it writes into (on another node rank 0's mkdir may not be
+    # visible yet); the run directory must be on a filesystem every node shares (check_shared)
+    tmp.mkdir(parents=True, exist_ok=True)
     write_safetensors(tmp / f"rng_rank{rank}.safetensors", {"torch": torch.get_rng_state()})
     if engine is not None:
         engine.save_checkpoint(
@@ -458,6 +461,37 @@ class Logger:
             self.writer.close()
 
 
+class StepClock:
+    """Where a step's time goes: waiting for the next batch vs the rest (the device's work)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.wait = self.steps = self.examples = 0.0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        started = time.perf_counter()
+        yield
+        self.wait += time.perf_counter() - started
+
+    def step(self, examples: int) -> None:
+        self.steps += 1
+        self.examples += examples
+
+    def report(self) -> dict:
+        """Over the steps since the last report: ``perf/step_s``, ``perf/examples_per_s`` and
+        ``perf/data_wait`` (the fraction 0–1 of the time spent waiting for batches)."""
+        now = time.perf_counter()
+        elapsed = max(now - self.last, 1e-9)
+        figures = {
+            "perf/step_s": elapsed / max(self.steps, 1),
+            "perf/examples_per_s": self.examples / elapsed,
+            "perf/data_wait": self.wait / elapsed,
+        }
+        self.last, self.wait, self.steps, self.examples = now, 0.0, 0, 0
+        return figures
+
+
 @dataclasses.dataclass
 class Run:
     """Everything a training run holds between its phases."""
@@ -498,6 +532,34 @@ def check_run_dir(run_dir: Path, resume: bool, world: int) -> None:
             "start a fresh run with another --out"
         )
     barrier(world)  # every rank has looked before rank 0 writes
+    check_shared(run_dir, world)
+
+
+def check_shared(run_dir: Path, world: int) -> None:
+    """Several processes: the run directory must be one folder for all of them (every rank writes
+    its checkpoint shard and RNG state there, rank 0 moves the checkpoint into place). Rank 0
+    writes a marker that every rank must see, or the run stops before training."""
+    if world == 1:
+        return
+    rank = torch.distributed.get_rank()
+    token = [f"{os.getpid()}-{time.time_ns()}" if rank == 0 else None]
+    torch.distributed.broadcast_object_list(token, src=0)
+    marker = run_dir / f".shared_check_{token[0]}"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token[0])
+    barrier(world)
+    seen = marker.is_file()
+    everyone = all_ranks_agree(seen, world)
+    barrier(world)
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    if not everyone:
+        raise RunError(
+            f"{run_dir}: not the same folder on every node (rank {rank} "
+            f"{'sees' if seen else 'does not see'} rank 0's files): put the run directory on a "
+            "shared filesystem (NFS, Lustre, …); every rank writes its checkpoint shard there"
+        )
 
 
 def check_eval_splits(router: TaskRouter, config: TrainConfig) -> None:
@@ -843,8 +905,9 @@ def counters(run: Run) -> dict:
     return state
 
 
-def after_step(run: Run, losses: tuple, per_task: dict, logger, bar, rank0) -> None:
-    """Logs, checkpoints and evaluates on validation as the config's intervals ask."""
+def after_step(run: Run, losses: tuple, per_task: dict, logger, bar, rank0, clock=None) -> None:
+    """Logs (with the clock's figures since the last log), checkpoints and evaluates on
+    validation as the config's intervals ask."""
     config, step = run.config, run.step
     fault_point("step", step, run.rank)
     if step % config.train.log_every == 0 or step == config.train.steps:
@@ -862,6 +925,8 @@ def after_step(run: Run, losses: tuple, per_task: dict, logger, bar, rank0) -> N
         if run.scaler is not None:
             values["train/overflow_skipped"] = run.overflows
             values["train/loss_scale"] = run.scaler.get_scale()
+        if clock is not None:
+            values.update(clock.report())
         logger.log(step, values)
         bar.set_postfix(task=",".join(per_task), loss=f"{value:.3f}")
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
@@ -932,14 +997,17 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, allow_change
     stream = iter(loader)
     bar = tqdm(total=config.train.steps, initial=run.step, desc="train", disable=rank != 0)
     run.model.train()
+    clock = StepClock()
     while run.step < config.train.steps:
         micro_batches = []
         for _ in range(config.train.grad_accum):
-            run.position, task, batch = next(stream)
+            with clock.waiting():
+                run.position, task, batch = next(stream)
             micro_batches.append((task, batch))
-        losses, per_task = train_step(run, micro_batches)
+        losses, per_task = train_step(run, micro_batches)  # (its loss.item() syncs the device)
         bar.update(1)
-        after_step(run, losses, per_task, logger, bar, rank0)
+        clock.step(sum(len(b["ids"]) for _, b in micro_batches))
+        after_step(run, losses, per_task, logger, bar, rank0, clock)
     del stream, loader  # its workers end here
     bar.close()
     seconds = time.time() - started

@@ -221,3 +221,15 @@ def test_a_cached_features_run_equals_the_pixel_run(data, tmp_path, monkeypatch)
     a, b = adapters(tmp_path / "pixels"), adapters(tmp_path / "cached")
     for key in a:  # the CNN batched differently: float-level
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_gpu_smoke_check_runs_its_whole_path_on_the_cpu():
+    """bench.gpu_smoke --tiny: the GPU check's path (both families, workers config, bf16,
+    evaluation) with tiny models, so the script stays ready for a GPU."""
+    from bench import gpu_smoke
+
+    rows = gpu_smoke.main(["--tiny", "--steps", "2"])
+    assert [r["model"] for r in rows] == ["clip-bart", "blip"]
+    for row in rows:
+        assert row["steps"] >= 2 and 0 <= row["data_wait"] <= 1 and row["results"]
