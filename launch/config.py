@@ -9,7 +9,8 @@ Sections (every key has a default except ``model.family`` and ``data.file``)::
                features: null}, …}}
     sampler:  {mode: proportional, temperature: 2.0, seed: 0}
     train:    {steps: 300, lr: 1e-3, weight_decay: 0.01, warmup: 0.1, grad_clip: 1.0, device: auto,
-               num_workers: null, grad_accum: 1, gradient_checkpointing: false, compile: false, …}
+               num_workers: null, grad_accum: 1, gradient_checkpointing: false, compile: false,
+               compile_mode: adapters, compile_backend: inductor, …}
     resora:   null | {kind: linear, weight: 0.1, start_step: 0, samples: tokens}
     eval:     {splits: [test], val_every: 0, max_records: null, max_new_tokens: 10, num_beams: 1, itm_k: 16}
     deepspeed: {enabled: false, config: launch/ds_zero2.json}
@@ -92,7 +93,9 @@ class TrainSection(Config):
     # CPU, 4 on a GPU)
     grad_accum: int = 1  # consecutive sampler batches per optimizer step
     gradient_checkpointing: bool = False  # on the families' transformers parts
-    compile: bool = False  # torch.compile (see vlpeft.compile)
+    compile: bool = False  # torch.compile (vlpeft.compile.compile_model); eager when unavailable
+    compile_mode: str = "adapters"  # adapters (each adapter branch) | model (the model's forward)
+    compile_backend: str = "inductor"  # a torch.compile backend (aot_eager: no code generation)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -115,6 +118,10 @@ class TrainSection(Config):
         check(
             self.precision in PRECISIONS, f"{w}.precision", f"one of {list(PRECISIONS)}",
             self.precision,
+        )  # fmt: skip
+        check(
+            self.compile_mode in ("adapters", "model"), f"{w}.compile_mode", "adapters or model",
+            self.compile_mode,
         )  # fmt: skip
         check(
             self.device in ("auto", "cpu", "cuda") or DEVICE.fullmatch(self.device) is not None,

@@ -50,6 +50,7 @@ from tasks.router import TaskRouter
 from tasks.sampler import MultitaskSampler, SamplerConfig
 from vlpeft.adapters.base import gathered
 from vlpeft.checkpoint import atomic_write, write_json, write_safetensors
+from vlpeft.compile import compile_model
 
 log = logging.getLogger("vlpeft.train")
 REPO = Path(__file__).resolve().parent.parent
@@ -619,6 +620,8 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
     device = resolve_device(config)
     if not config.deepspeed.enabled:
         model.to(device)  # (DeepSpeed moves it to the engine's device)
+    if config.train.compile:  # in place: names, state dicts and checkpoints stay the eager ones
+        compile_model(model, config.train.compile_mode, config.train.compile_backend)
     datasets = {name: router.dataset(name, "train", model) for name in router.tasks}
     for name, dataset in datasets.items():
         if not router[name].scorable(dataset.records):
@@ -695,6 +698,7 @@ EXECUTION_KEYS = (
     "train.on_nonfinite", "eval.", "deepspeed.config", "*.eval_batch_size",
     # how the run executes, for the keys the GPU/data-pipeline work adds
     "train.device", "train.num_workers", "train.compile", "train.gradient_checkpointing",
+    "train.compile_mode", "train.compile_backend",
 )  # fmt: skip
 
 

@@ -233,3 +233,17 @@ def test_the_gpu_smoke_check_runs_its_whole_path_on_the_cpu():
     assert [r["model"] for r in rows] == ["clip-bart", "blip"]
     for row in rows:
         assert row["steps"] >= 2 and 0 <= row["data_wait"] <= 1 and row["results"]
+
+
+def test_train_compile_changes_nothing_but_speed(data, tmp_path, caplog):
+    """train.compile (aot_eager here: no C++ compiler needed) trains as eager; an unknown backend
+    falls back to eager with a warning saying why."""
+    train(data, tmp_path / "eager", steps=2)
+    caplog.set_level("INFO")
+    train(data, tmp_path / "compiled", steps=2, compile=True, compile_backend="aot_eager")
+    assert "adapters compiled with aot_eager" in caplog.text
+    eager, compiled = adapters(tmp_path / "eager"), adapters(tmp_path / "compiled")
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6)
+    train(data, tmp_path / "fallback", steps=1, compile=True, compile_backend="no_such_backend")
+    assert "unknown torch.compile backend 'no_such_backend'" in caplog.text
