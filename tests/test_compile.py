@@ -109,6 +109,34 @@ def test_compiled_equals_eager(name, mode):
     assert list(compiled.state_dict()) == list(eager.state_dict())
 
 
+@pytest.mark.parametrize("name", ["routed-lora", "null-lora", "lora"])
+def test_adapters_mode_compiles_one_graph_set_for_all_layers_of_a_shape(name):
+    """Layers of one shape share their graphs: nothing layer-specific (a layer name) is guarded,
+    so a model with many adapted layers stays under dynamo's recompile limit (8) and compiled."""
+
+    def graphs_for(layers):
+        torch._dynamo.reset()
+        graphs = []
+
+        def counting(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch.manual_seed(0)
+        net = nn.Sequential(*[deficient_linear(12, 12, 3, seed=i) for i in range(layers)])
+        config = copy.deepcopy(CONFIGS[name])
+        config.targets = [str(i) for i in range(layers)]
+        vlpeft.add_adapter(net, config)
+        vc.compile_model(net, mode="adapters", backend=counting, strict=True)
+        graphs.clear()  # the probe's
+        vlpeft.set_routing_inputs(net, torch.randn(3, 12))
+        net(torch.randn(3, 5, 12))
+        return len(graphs)
+
+    few, many = graphs_for(2), graphs_for(12)
+    assert few >= 1 and many == few
+
+
 def test_unknown_backend_falls_back_to_eager_with_a_warning(caplog):
     net = adapted("lora")
     with caplog.at_level(logging.WARNING, logger="vlpeft.compile"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -43,10 +44,12 @@ class CompileUnavailable(RuntimeError):
     """The requested backend cannot compile on this machine (raised with ``strict=True``)."""
 
 
-def backend_problem(backend: str, device: torch.device | str = "cpu") -> str | None:
+def backend_problem(backend: str | Callable, device: torch.device | str = "cpu") -> str | None:
     """Why ``backend`` cannot compile for ``device`` here, or None when nothing is known against it
     (a cheap check: the backend is registered and inductor's tool chain is present)."""
     device = torch.device(device)
+    if callable(backend):  # a backend function (torch.compile's own form): nothing to look up
+        return None
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         return f"unknown torch.compile backend {backend!r} (available: {', '.join(known)})"
@@ -68,7 +71,7 @@ def backend_problem(backend: str, device: torch.device | str = "cpu") -> str | N
     return None
 
 
-def _probe(backend: str, device: torch.device, options: dict | None) -> str | None:
+def _probe(backend: str | Callable, device: torch.device, options: dict | None) -> str | None:
     """Compiles and runs a one-line function with ``backend``: the error it raises, or None."""
 
     def tiny(x: torch.Tensor) -> torch.Tensor:  # a GEMM, a pointwise chain, an activation
@@ -81,7 +84,10 @@ def _probe(backend: str, device: torch.device, options: dict | None) -> str | No
             return f"backend {backend!r} computed a wrong result in the probe"
     except Exception as error:  # noqa: BLE001 - the probe exists to turn any failure into a message
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return f"backend {backend!r} failed to compile a probe function: {type(error).__name__}: {first}"
+        name = backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
+        return (
+            f"backend {name!r} failed to compile a probe function: {type(error).__name__}: {first}"
+        )
     finally:
         torch._dynamo.reset()  # the probe's graph is of no further use
     return None
@@ -97,7 +103,7 @@ def _device_of(model: nn.Module) -> torch.device:
 def compile_model(
     model: nn.Module,
     mode: str = "model",
-    backend: str = "inductor",
+    backend: str | Callable = "inductor",
     *,
     fullgraph: bool = False,
     dynamic: bool | None = None,
@@ -111,7 +117,8 @@ def compile_model(
         model: an adapted model (any ``nn.Module``; ``mode="adapters"`` needs adapters in it).
         mode: ``"model"`` (the model's forward) or ``"adapters"`` (each adapter module's forward).
         backend: a ``torch.compile`` backend: ``"inductor"`` (fused kernels), ``"aot_eager"``
-            (AOT autograd without code generation: what the CPU tests use), ``"cudagraphs"``, ...
+            (AOT autograd without code generation: what the CPU tests use), ``"cudagraphs"``,
+            ..., or a backend function.
         fullgraph: refuse graph breaks (an error at the first call instead of a split graph).
         dynamic: ``torch.compile``'s ``dynamic`` (None: dynamic shapes after the first recompile,
             e.g. when the sequence length changes).
@@ -146,5 +153,6 @@ def compile_model(
     targets = [model] if mode == "model" else adapters
     for module in targets:
         module.compile(**kwargs)
-    log.info("compile_model: %s compiled with %s (%d module(s))", mode, backend, len(targets))
+    name = backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
+    log.info("compile_model: %s compiled with %s (%d module(s))", mode, name, len(targets))
     return model

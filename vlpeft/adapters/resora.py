@@ -20,7 +20,7 @@ i < j and reduce to r×r Gram matrices — the d_out-sized Δh_i are never built
   ‖b_i‖, K_i depends on z only. Costs O(r·N²): N is subsampled to ``max_samples`` with a fixed seed.
   Per layer, with n = min(N, ``max_samples``) and rank r: about 4·r·n² floats of memory (the squared
   differences, the kernels, their centred copies, all r × n × n) and r²·n² + 10·r·n² flops;
-  :func:`kernel_cost` gives the figures (r = 8, n = 256: 8 MiB and 5.8 MFLOP; n = 512: 32 MiB).
+  :func:`kernel_cost` gives the figures (r = 8, n = 256: 8 MiB and 9.4 MFLOP; n = 512: 32 MiB, 38 MFLOP).
 
 ``samples="weight"`` is the weight-level variant: the components of ΔW = Σ_i b_i a_iᵀ themselves,
 i.e. the penalties with z = Aᵀ (the increments for the basis inputs e_k), which needs no forward data.

@@ -159,7 +159,8 @@ class Routing(nn.Module):
 
     def x_r(self, layer: AdaptedLayer, batch: int) -> torch.Tensor:
         """x_R of ``layer`` for a text batch of ``batch`` rows (beam-expanded when no grad)."""
-        found, x_r = by_longest_prefix(self.layer_name, _LEGACY.get() or {})
+        legacy = _LEGACY.get()  # read layer_name only then: a compiled adapter would guard on it
+        found, x_r = by_longest_prefix(self.layer_name, legacy) if legacy else (False, None)
         if not found:
             x_r = layer.routing_input
             if x_r is None:
