@@ -88,10 +88,17 @@ def init_distributed(config: TrainConfig, world: int) -> None:
 def global_mean(value: torch.Tensor, world: int) -> float:
     """The mean of a scalar over all processes (every rank must call it)."""
     if world > 1:
-        value = value.float().clone()
+        value = value.float().clone().to(collective_device())
         torch.distributed.all_reduce(value)
         value /= world
     return value.item()
+
+
+def collective_device() -> torch.device:
+    """Where a collective's tensor must live: this rank's GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def resolve_device(config: TrainConfig, engine=None) -> torch.device:
@@ -787,9 +794,7 @@ def all_ranks_agree(flag: bool, world: int) -> bool:
     """True only if ``flag`` holds on every process (so all ranks stop or skip together)."""
     if world == 1:
         return flag
-    nccl = torch.distributed.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    value = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     return bool(value.item())
 
