@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import tempfile
 import time
 
 import torch
@@ -78,8 +79,9 @@ def loss_of(name: str, model, batch: dict) -> torch.Tensor:
     return out.loss if name == "bart-base" else out.itm_score.float().logsumexp(-1).mean()
 
 
-def with_method(base, name: str, method: str):
-    """A copy of ``base`` with ``method`` on the benchmark's target layers (None: no adapter)."""
+def with_method(base, name: str, method: str, cache_dir: str | None = None):
+    """A copy of ``base`` with ``method`` on the benchmark's target layers (None: no adapter);
+    ``cache_dir``: Null-LoRA's null-space cache (the copies of one base share their SVDs)."""
     model = copy.deepcopy(base)
     targets = TARGETS[name]
     if method == "peft-lora":
@@ -91,7 +93,9 @@ def with_method(base, name: str, method: str):
     configs = {
         "lora": LoRAConfig(targets=targets, r=RANK, alpha=2 * RANK),
         "routed-lora": LoRAConfig(targets=targets, r=RANK, alpha=2 * RANK, routing="proj"),
-        "null-lora": NullLoRAConfig(targets=targets, min_rank=RANK, max_rank=RANK),
+        "null-lora": NullLoRAConfig(
+            targets=targets, min_rank=RANK, max_rank=RANK, cache_dir=cache_dir
+        ),
         "flora": FLoRAConfig(targets=targets, r=RANK),
     }
     if method is not None:
@@ -230,7 +234,7 @@ def measure_model(name: str, base, args, timing: tuple[int, int]) -> dict:
     base = base.to(device)
     batch = inputs(name, args.batch, device, args.image_size)
     row = {"model": name, "batch": args.batch}
-    steps = {m: Step(name, with_method(base, name, m).train(), batch, dtype)
+    steps = {m: Step(name, with_method(base, name, m, args.svd_cache).train(), batch, dtype)
              for m in ("peft-lora", *METHODS)}  # fmt: skip
     for method in METHODS:
         ratio, seconds, anchor = paired(steps[method], steps["peft-lora"], device, repeats, warmup)
@@ -283,9 +287,11 @@ def measure_compiled(name: str, base, args, timing: tuple[int, int], row: dict) 
     variants = args.compile.get(name, ()) if isinstance(args.compile, dict) else args.compile
     for variant in variants:
         method, mode = variant.split(":")
-        eager = Step(name, with_method(base, name, method).train(), batch, dtype)
+        eager = Step(name, with_method(base, name, method, args.svd_cache).train(), batch, dtype)
         model = compile_model(
-            with_method(base, name, method).train(), mode=mode, backend=args.compile_backend
+            with_method(base, name, method, args.svd_cache).train(),
+            mode=mode,
+            backend=args.compile_backend,
         )
         compiled = Step(name, model, batch, dtype)
         start = time.perf_counter()
@@ -436,7 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"--compile {variant!r}: METHOD:MODE with METHOD in {METHODS}, MODE model|adapters"
             )
     args.result_name = args.out or f"adapters_{'gpu' if gpu else 'cpu'}"
-    return run(args)
+    with tempfile.TemporaryDirectory(prefix="vlpeft-bench-nullspace-") as args.svd_cache:
+        return run(args)
 
 
 if __name__ == "__main__":
