@@ -19,7 +19,7 @@ STEP_BOUND = {
     "routed-lora": 15,
     "routed-lora-mul": 12,
 }
-REPEAT_BOUND = {"lora": 7, "null-lora": 10, "routed-lora": 15}
+REPEAT_BOUND = {"lora": 7, "null-lora": 15, "routed-lora": 15}
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +53,11 @@ def test_vlpeft_lora_is_below_peft(counts):
     assert counts["lora"]["step"] < counts["peft-lora"]["step"]
 
 
-def test_null_lora_forward_is_two_gemms_like_lora_once_its_factors_are_cached(counts):
-    # the frozen bases and unchanged parameters cost nothing: LoRA's two GEMMs and an add forward
-    assert counts["null-lora"]["repeat"] <= counts["peft-lora"]["step"]
-    assert counts["null-lora"]["step"] - counts["null-lora"]["repeat"] == 5  # the factor rebuild
+def test_null_lora_is_lora_plus_its_factor_build(counts):
+    # LoRA's two GEMMs and an add (peft's count) plus the 5 operators that build A_eq, B_eq from
+    # the parameters at every forward (never cached: writes through .data would go unseen)
+    assert counts["null-lora"]["step"] == counts["null-lora"]["repeat"]
+    assert counts["null-lora"]["step"] <= counts["peft-lora"]["step"] + 5
 
 
 def test_routed_lora_mul_meets_the_target(counts):

@@ -401,26 +401,17 @@ class NullLoRALinear(AdapterModule):
 
     def factors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A_eq = diag(s)·[A_f; A] and B_eq = [P·B, B_f] in ``dtype`` (and [A_f; A] in the
-        parameters' dtype, for grad s), without autograd; rebuilt when a source changed."""
-        sources = (self.lora_A, self.lora_B, self.scale, self.null_right, self.null_left)
-        key = (dtype, *((t.device, t.dtype, t.data_ptr(), t._version) for t in sources))
-        cache = self.__dict__.get("_factors")
-        if cache is not None and cache["key"] == key:
-            return cache
+        parameters' dtype, for grad s), without autograd, built at every forward.
+
+        Not cached across forwards: a write through ``.data`` or another view of a parameter —
+        DeepSpeed ZeRO-1/2 keeps parameters as views of a flat buffer it updates, ``load_adapter``
+        and the ZeRO-3 evaluation replica copy into ``.data`` — changes neither its address nor
+        its version counter, so no cheap key can tell a stale cache from a fresh one."""
         with torch.no_grad():
             a_cat = torch.cat([self.null_right, self.lora_A])
             a_eq = (a_cat * self.scale[:, None]).to(dtype)
             b_eq = torch.cat([self.projected_b(), self.null_left], dim=1).to(dtype)
-        # the aliases keep the sources' storage alive: no new tensor can take their address
-        cache = {"key": key, "sources": [t.detach() for t in sources]}
-        cache.update(a_cat=a_cat, a_eq=a_eq, b_eq=b_eq)
-        self.__dict__["_factors"] = cache
-        return cache
-
-    def __getstate__(self) -> dict:
-        state = dict(super().__getstate__())
-        state.pop("_factors", None)  # derived: a copy or a pickle rebuilds it
-        return state
+        return {"a_cat": a_cat, "a_eq": a_eq, "b_eq": b_eq}
 
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         a = torch.cat([self.null_right, self.lora_A], dim=0) * self.scale[:, None]
