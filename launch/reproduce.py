@@ -21,18 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 from pathlib import Path
 
 from launch.config import STAGE_PREFIX, ConfigError, load_config, read_recipe, stage_names
 from launch.run import RunError, build_router
-from launch.train import distributed_env, train
+from launch.train import config_changes, distributed_env, train
 from tasks.base import DataError
 from vlpeft.checkpoint import atomic_write, write_json
 
 log = logging.getLogger("vlpeft.reproduce")
 RECIPES = Path(__file__).resolve().parent / "configs" / "recipes"
+REUSE_HINT = (
+    "its results belong to that config: pass another --out, or remove the run to retrain it"
+)
 
 
 def recipe_files() -> list[Path]:
@@ -121,7 +125,9 @@ def run_recipe(path: Path, seeds: int, out: Path, overrides=()) -> dict:
                 extra.append(f"train.init_from={done[source[len(STAGE_PREFIX) :]]}")
             config = load_config(path, extra, stage=name)
             summary_file = run_dir / "run.json"
-            if summary_file.is_file():
+            if summary_file.is_file():  # only a run of this very config counts
+                config.data.file = str(Path(config.data.file).resolve())  # as the run wrote it
+                config_changes(run_dir, config, doing="reusing a finished run", hint=REUSE_HINT)
                 log.info("%s: finished already, reusing its results", run_dir)
                 summary = json.loads(summary_file.read_text())
             else:
@@ -140,7 +146,8 @@ def compare(runs: list[dict], paper: dict) -> list[dict]:
     """Per metric: the paper's number, ours (mean, std over the runs, n) and the difference."""
     rows = []
     for key in dict.fromkeys([*paper, *(k for r in runs for k in r)]):
-        ours = [r[key] for r in runs if r.get(key) is not None]
+        # a missing or non-finite score is left out (and n says how many runs had one)
+        ours = [r[key] for r in runs if r.get(key) is not None and math.isfinite(r[key])]
         mean = statistics.fmean(ours) if ours else None
         std = statistics.stdev(ours) if len(ours) > 1 else None
         reported = paper.get(key)

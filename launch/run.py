@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 import vlpeft
 from launch.config import PLACEMENT_KEYS, ConfigError, TrainConfig, load_config
@@ -100,28 +101,70 @@ def check_offline(config: TrainConfig) -> dict:
             )
     overrides = {**config.model.overrides, "pretrained": False}  # the size, not the weights
     overrides.pop("weights", None)
-    try:
+
+    def meta_model():
         with torch.device("meta"):
-            model = vlpeft.build_model(config.model.family, config.model.preset, **overrides)
-            report = {"family": config.model.family, "preset": config.model.preset, "sets": {}}
-            for name, method in adapter_methods(config, model).items():
-                try:
+            return vlpeft.build_model(config.model.family, config.model.preset, **overrides)
+
+    report = {"family": config.model.family, "preset": config.model.preset, "sets": {}}
+    try:
+        model = meta_model()
+        for name, method in adapter_methods(config, model).items():
+            try:
+                with torch.device("meta"):
                     vlpeft.add_adapter(model, method, name=name)
-                    layers = sum(1 for _, layer in vlpeft.adapted_layers(model)
-                                 if name in layer.adapter_names)  # fmt: skip
-                    report["sets"][name] = {"method": method.method, "layers": layers}
-                except (RuntimeError, NotImplementedError) as err:
-                    if "meta" not in str(err).lower():
-                        raise
-                    found = find_targets(model, method.targets)  # its ranks need the weights
-                    report["sets"][name] = {"method": method.method, "layers": len(found),
-                                            "checked": "targets only (needs the weights)"}  # fmt: skip
+            except (RuntimeError, NotImplementedError) as err:
+                if "meta" not in str(err).lower():
+                    raise
+                # its ranks come from the weights (Null-LoRA's null space): its targets only,
+                # on a fresh model (the failed injection may have replaced some layers)
+                model = meta_model()
+                for earlier in report["sets"]:
+                    with torch.device("meta"):
+                        vlpeft.add_adapter(model, adapter_methods(config, model)[earlier], earlier)
+                found = find_targets(model, method.targets)
+                report["sets"][name] = {"method": method.method, "layers": len(found),
+                                        "checked": "targets only (needs the weights)"}  # fmt: skip
+                continue
+            layers = sum(1 for _, layer in vlpeft.adapted_layers(model)
+                         if name in layer.adapter_names)  # fmt: skip
+            report["sets"][name] = {"method": method.method, "layers": layers}
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"model {config.model.family}/{config.model.preset}: {err}") from None
+    cached = [n for n, s in config.data.tasks.items() if (s or {}).get("features")]
+    if cached and getattr(model, "cached_part", None) is None:
+        raise ConfigError(
+            f"data.tasks.{cached[0]}.features: {config.model.family} reads no cached visual "
+            "features (clip-bart does): train it from pixels"
+        )
     report["trainable"], report["total"] = vlpeft.count_parameters(model)
     if any("checked" in info for info in report["sets"].values()):
         report["trainable"] = None  # the ranks are the weights'
     return report
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:
+    """Non-reentrant gradient checkpointing on every transformers part of ``model`` (reentrant
+    checkpointing would hide the recomputes from ReSoRA's recorder); returns their paths."""
+    enabled = []
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            if any(name.startswith(f"{done}.") for done in enabled if done):
+                continue
+            kwargs = {"use_reentrant": False}
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            enabled.append(name)
+    if not enabled:
+        raise ConfigError(
+            f"train.gradient_checkpointing: {type(model).__name__} has no transformers part "
+            "that supports it"
+        )
+    return enabled
 
 
 def finished_run_config(run_dir: str | Path, what: str = "") -> TrainConfig:

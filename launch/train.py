@@ -43,7 +43,14 @@ from launch.config import (
     read_recipe,
     stage_names,
 )  # fmt: skip
-from launch.run import RunError, build_model, build_router, check_offline, finished_run_config
+from launch.run import (
+    RunError,
+    build_model,
+    build_router,
+    check_offline,
+    enable_gradient_checkpointing,
+    finished_run_config,
+)  # fmt: skip
 from tasks.base import DataError
 from tasks.loader import multitask_loader
 from tasks.router import TaskRouter
@@ -77,6 +84,11 @@ def distributed_env() -> tuple[int, int]:
 
 
 def init_distributed(config: TrainConfig, world: int) -> None:
+    """The process group (gloo on the CPU, NCCL with GPUs); under NCCL each process first takes
+    its local rank's GPU, so that the collectives before DeepSpeed's engine (the shared-folder
+    check, the resume choice) do not all land on GPU 0."""
+    if torch.cuda.is_available() and world > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if config.deepspeed.enabled:
         import deepspeed
 
@@ -114,6 +126,11 @@ def resolve_device(config: TrainConfig, engine=None) -> torch.device:
         device = torch.device("cuda", local)
     else:
         device = torch.device(want)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device {want!r}: GPU {device.index} does not exist "
+            f"({torch.cuda.device_count()} visible)"
+        )
     if engine is not None:
         ours = torch.device(engine.device)
         same = ours.type == device.type and (ours.index or 0) == (device.index or 0)
@@ -143,30 +160,7 @@ def num_workers(config: TrainConfig, device: torch.device) -> int:
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:
-    """Non-reentrant gradient checkpointing on every transformers part of ``model`` (reentrant
-    checkpointing would hide the recomputes from ReSoRA's recorder); returns their paths."""
-    from transformers import PreTrainedModel
-
-    enabled = []
-    for name, module in model.named_modules():
-        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
-            if any(name.startswith(f"{done}.") for done in enabled if done):
-                continue
-            kwargs = {"use_reentrant": False}
-            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            enabled.append(name)
-    if not enabled:
-        raise ConfigError(
-            f"train.gradient_checkpointing: {type(model).__name__} has no transformers part "
-            "that supports it"
-        )
-    return enabled
+MIN_LOSS_SCALE = 1e-4  # fp16: a loss scale driven below this by overflows means non-finite values
 
 
 # -- optimisation ---------------------------------------------------------------------------------
@@ -218,6 +212,13 @@ def deepspeed_config(config: TrainConfig, world: int, micro: int = 1) -> dict:
     for key, value in filled.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    dora = [n for n, spec in config.adapters.items() if spec.get("method") == "dora"]
+    if stage == 3 and dora:
+        raise ConfigError(
+            f"deepspeed.config {path}: ZeRO-3 partitions the base weights, and DoRA (adapter set "
+            f"{dora[0]!r}) reads the whole W0 at every forward for its norm: use ZeRO-2"
+        )
     for block, precision in (("bf16", "bf16"), ("fp16", "fp16")):
         settings = ds.setdefault(block, {})
         if settings.get("enabled", "auto") == "auto":
@@ -627,8 +628,6 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
     device = resolve_device(config)
     if not config.deepspeed.enabled:
         model.to(device)  # (DeepSpeed moves it to the engine's device)
-    if config.train.compile:  # in place: names, state dicts and checkpoints stay the eager ones
-        compile_model(model, config.train.compile_mode, config.train.compile_backend)
     datasets = {name: router.dataset(name, "train", model) for name in router.tasks}
     for name, dataset in datasets.items():
         if not router[name].scorable(dataset.records):
@@ -664,6 +663,9 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
         )
     elif config.train.precision == "fp16":
         scaler = torch.amp.GradScaler(device.type)
+    if config.train.compile:  # on the device (its backend's tool chain is checked for it); in
+        # place: names, state dicts and checkpoints stay the eager ones
+        compile_model(model, config.train.compile_mode, config.train.compile_backend)
     resora = vlpeft.ReSoRAConfig(**config.resora) if config.resora else None
     if resora and resora.samples != "weight":
         vlpeft.enable_resora(model)  # the recorder keeps each training forward's activations
@@ -705,7 +707,7 @@ EXECUTION_KEYS = (
     "train.on_nonfinite", "eval.", "deepspeed.config", "*.eval_batch_size",
     # how the run executes, for the keys the GPU/data-pipeline work adds
     "train.device", "train.num_workers", "train.compile", "train.gradient_checkpointing",
-    "train.compile_mode", "train.compile_backend",
+    "train.compile_mode", "train.compile_backend", "paper.",
 )  # fmt: skip
 
 
@@ -720,16 +722,28 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(run: Run, allow_change) -> dict:
-    """The keys a resume changes against the run's config.yaml; a key that changes the
+# keys the launcher fills in when a run starts (a classifier's answer vocabulary from the data):
+# a config that leaves them out asks for the same run
+DERIVED_KEYS = ("model.overrides.answers",)
+RESUME_HINT = (
+    "the run's optimisation would continue under the old state while config.yaml said otherwise. "
+    "Pass --allow-change KEY for each change you mean, or start another run"
+)
+
+
+def config_changes(
+    run_dir: Path, config: TrainConfig, allow_change=(), doing: str = "resuming",
+    hint: str = RESUME_HINT,
+) -> dict:  # fmt: skip
+    """The keys ``config`` changes against the run's config.yaml; a key that changes the
     optimisation (lr, schedule, steps, batch sizes, tasks, seeds, adapters, …) without
-    ``--allow-change KEY`` (a key or a section prefix) is refused."""
-    earlier = flatten(load_config(run.run_dir / "config.yaml").to_dict())
-    now = flatten(run.config.to_dict())
+    ``--allow-change KEY`` (a key or a section prefix) is refused, naming each."""
+    earlier = flatten(load_config(run_dir / "config.yaml").to_dict())
+    now = flatten(config.to_dict())
     changed = {
         k: [earlier.get(k), now.get(k)]
         for k in sorted(set(earlier) | set(now))
-        if earlier.get(k) != now.get(k)
+        if earlier.get(k) != now.get(k) and not (k in DERIVED_KEYS and now.get(k) is None)
     }
     allowed = [*EXECUTION_KEYS, *allow_change]
 
@@ -741,11 +755,7 @@ def config_changes(run: Run, allow_change) -> dict:
     refused = [k for k in changed if not any(free(k, a) for a in allowed)]
     if refused:
         listed = ", ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in refused)
-        raise RunError(
-            f"{run.run_dir}: resuming with a changed config ({listed}); the run's optimisation "
-            "would continue under the old state while config.yaml said otherwise. Pass "
-            "--allow-change KEY for each change you mean, or start another run"
-        )
+        raise RunError(f"{run_dir}: {doing} with a changed config ({listed}); {hint}")
     return changed
 
 
@@ -754,7 +764,7 @@ def resume_or_start(run: Run, resume: bool, allow_change=()) -> None:
     change is appended to ``config_history.jsonl``); writes the resolved config (rank 0)."""
     checkpoints = sorted((run.run_dir / "checkpoints").glob("step_*"))
     if resume and checkpoints:
-        changed = config_changes(run, allow_change)
+        changed = config_changes(run.run_dir, run.config, allow_change)
         checkpoint = newest_intact(checkpoints) if run.rank == 0 else None
         if run.world > 1:  # rank 0 chose (and moved damaged ones aside): every rank loads it
             shared = [str(checkpoint) if checkpoint else None]
@@ -843,15 +853,28 @@ def forward_loss(run: Run, task: str, batch: dict) -> tuple[torch.Tensor, torch.
     return loss, penalty
 
 
+def micro_batch_weights(micro_batches: list[tuple[str, dict]]) -> list[float]:
+    """Each accumulated batch's loss weight. A task's batches share its part (its number of
+    batches / all of them) by their examples, so one task's step is the per-example mean over
+    all of them — ``batch_size: b, grad_accum: N`` trains as ``batch_size: N·b`` even when a
+    pass ends in a short batch — and tasks weigh per batch, as they would in N separate steps."""
+    sizes: dict[str, list[int]] = {}
+    for task, batch in micro_batches:
+        sizes.setdefault(task, []).append(len(batch["ids"]))
+    share = {task: len(n) / len(micro_batches) for task, n in sizes.items()}
+    return [share[t] * len(b["ids"]) / sum(sizes[t]) for t, b in micro_batches]
+
+
 def train_step(run: Run, micro_batches: list[tuple[str, dict]]) -> tuple[tuple, dict]:
-    """One optimisation step on ``train.grad_accum`` consecutive sampler batches (each loss
-    divided by their number, so a step's gradient is the mean of theirs): returns the mean
-    (task loss, ReSoRA penalty) and each task's mean loss, detached. A non-finite loss or gradient
-    norm stops the run or skips the step (``on_nonfinite``)."""
+    """One optimisation step on ``train.grad_accum`` consecutive sampler batches, their losses
+    weighted by :func:`micro_batch_weights`: returns the mean (task loss, ReSoRA penalty) and
+    each task's mean loss, detached. A non-finite loss or gradient norm stops the run or skips
+    the step (``on_nonfinite``)."""
     config, count = run.config, len(micro_batches)
     losses: dict[str, list[torch.Tensor]] = {}
     penalties = []
-    for task, batch in micro_batches:
+    weights = micro_batch_weights(micro_batches)
+    for i, (task, batch) in enumerate(micro_batches):
         try:
             loss, penalty = forward_loss(run, task, batch)
             total = loss + penalty
@@ -860,18 +883,18 @@ def train_step(run: Run, micro_batches: list[tuple[str, dict]]) -> tuple[tuple, 
         except FloatingPointError as err:  # a model that refuses non-finite values (BLIP's ITC)
             finite, value = False, f"non-finite ({err})"
         finite = all_ranks_agree(finite, run.world)
-        # DeepSpeed has taken earlier micro-batches' gradients: such a step cannot be dropped
-        can_skip = run.engine is None or count == 1
+        # DeepSpeed has taken earlier micro-batches' gradients: a later one cannot be dropped
+        can_skip = run.engine is None or i == 0
         if not finite and nonfinite(run, task, "the loss", value, can_skip):
             skip_step(run)
             return skipped_losses(micro_batches)
-        if run.engine is not None:
-            run.engine.backward(total)  # DeepSpeed divides by gradient_accumulation_steps
+        if run.engine is not None:  # DeepSpeed divides by gradient_accumulation_steps itself
+            run.engine.backward(total * weights[i] * count)
             run.engine.step()  # applies the update at the accumulation boundary only
         elif run.scaler is not None:
-            run.scaler.scale(total / count).backward()
+            run.scaler.scale(total * weights[i]).backward()
         else:
-            (total / count).backward()
+            (total * weights[i]).backward()
         losses.setdefault(task, []).append(loss.detach())
         penalties.append(penalty.detach())
         run.last_finite_loss = value
@@ -887,8 +910,11 @@ def train_step(run: Run, micro_batches: list[tuple[str, dict]]) -> tuple[tuple, 
         clip = config.train.grad_clip if config.train.grad_clip is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         overflow = run.scaler is not None and not torch.isfinite(norm)
-        if overflow:  # fp16: the scaler skips this update and lowers its scale
-            run.overflows += 1
+        if overflow:  # fp16: the scaler skips this update and lowers its scale (as DeepSpeed's,
+            run.overflows += 1  # the schedule waits); a scale that collapses is divergence
+            if run.scaler.get_scale() < MIN_LOSS_SCALE:
+                nonfinite(run, task, f"the gradient norm at loss scale {run.scaler.get_scale():g}",
+                          norm.item(), can_skip=False)  # fmt: skip
         elif not torch.isfinite(norm) and nonfinite(run, task, "the gradient norm", norm.item()):
             skip_step(run)
             return skipped_losses(micro_batches)
@@ -897,7 +923,8 @@ def train_step(run: Run, micro_batches: list[tuple[str, dict]]) -> tuple[tuple, 
             run.scaler.update()
         else:
             run.optimizer.step()
-        run.scheduler.step()
+        if not overflow:
+            run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     every = [value for values in losses.values() for value in values]

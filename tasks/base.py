@@ -361,8 +361,10 @@ class TaskDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[dict, torch.Tensor]:
         record = self.records[index]
-        if self.features is not None:
-            return record, torch.stack([self.features[Path(p).name] for p in record["images"]])
+        if self.features is not None:  # a FeatureCache checks the path; a mapping has names
+            by_path = getattr(self.features, "by_path", False)
+            keys = [Path(p) if by_path else Path(p).name for p in record["images"]]
+            return record, torch.stack([self.features[k] for k in keys])
         where = f"{record['source']}: record {record['id']!r}"
         return record, torch.stack([self.transform(load_image(p, where)) for p in record["images"]])
 

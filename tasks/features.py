@@ -136,9 +136,21 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    by_path = True  # TaskDataset hands over image paths, not bare names
+
+    def __getitem__(self, image: str | Path) -> torch.Tensor:
+        """The features of ``image``: a file name, or a path — then checked to be the image the
+        cache was built from (its last folders and name; the data may have moved)."""
         from safetensors import safe_open
 
+        name = image_key(image)
+        if isinstance(image, Path) and name in self.keys:
+            built = self.index.get("paths", {}).get(name)
+            if built is not None and Path(built).parts[-TAIL:] != image.parts[-TAIL:]:
+                raise DataError(
+                    f"{self.directory}: image {name!r} was cached from {built}, not {image}: "
+                    "two data sets share the file name; give each its own cache"
+                )
         if name not in self.keys:
             raise DataError(
                 f"{self.directory}: no features for image {name!r} (built for other splits?)"
@@ -147,6 +159,9 @@ class FeatureCache:
         if shard not in self._open:
             self._open[shard] = safe_open(str(self.directory / self.shards[shard]), framework="pt")
         return self._open[shard].get_tensor(name).float()
+
+
+TAIL = 3  # path components compared between a cached image and the one asked for
 
 
 def image_key(path: str | Path) -> str:
@@ -197,7 +212,7 @@ def write_features(
     builder = builder_of(model)
     path = directory / INDEX
     index = {"format": FORMAT, "builder": builder, "dtype": dtype, "shards": [], "keys": {},
-             "complete": False}  # fmt: skip
+             "paths": {}, "complete": False}  # fmt: skip
     if path.is_file():
         earlier = json.loads(path.read_text())
         if earlier.get("builder") != builder or earlier.get("dtype") != dtype:
@@ -207,6 +222,13 @@ def write_features(
             )
         index = {**earlier, "complete": False}
         log.info("%s: %d images cached already; continuing", directory, len(index["keys"]))
+        for key, (image, where) in images.items():
+            built = index.get("paths", {}).get(key)
+            if built is not None and Path(built) != Path(image).resolve():
+                raise DataError(
+                    f"{where}: image {image} has the file name of {built}, cached in "
+                    f"{directory} already: one feature cache cannot hold both"
+                )
     todo = [(k, p, w) for k, (p, w) in images.items() if k not in index["keys"]]
     loader = torch.utils.data.DataLoader(
         _Images(todo, transform), batch_size=batch_size, num_workers=num_workers,
@@ -225,6 +247,7 @@ def write_features(
         write_safetensors(directory / name, {k: buffer[k] for k in keys})
         index["shards"].append(name)
         index["keys"].update(dict.fromkeys(keys, shard))
+        index.setdefault("paths", {}).update({k: str(images[k][0].resolve()) for k in keys})
         index["shape"] = list(buffer[keys[0]].shape)
         write_json(path, index)  # after the shard: an interrupted build loses one shard at most
         for key in keys:

@@ -107,6 +107,15 @@ def test_grad_accum_trains_as_the_larger_batch(data, tmp_path):
     moved = adapters(tmp_path / "big")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    # a pass of 14 records ends in a short batch: 8 + 6 with batch 8, (4 + 4) + (4 + 2) accumulated
+    short = {"vqa": {"batch_size": 8, "max_records": 14}}
+    train(data, tmp_path / "big14", tasks=short, text=NO_DROPOUT, dropout=0.0, steps=4)
+    short_acc = {"vqa": {"batch_size": 4, "max_records": 14}}
+    train(data, tmp_path / "acc14", tasks=short_acc, text=NO_DROPOUT, dropout=0.0, steps=4,
+          grad_accum=2)  # fmt: skip
+    a14, b14 = adapters(tmp_path / "big14"), adapters(tmp_path / "acc14")
+    for key in a14:
+        torch.testing.assert_close(b14[key], a14[key], rtol=1e-4, atol=1e-6)
     # and not trivially: without accumulation the small batch trains differently
     train(data, tmp_path / "no", tasks=accumulated, text=NO_DROPOUT, dropout=0.0, steps=3)
     other = adapters(tmp_path / "no")
@@ -148,15 +157,56 @@ def test_an_explicit_device_runs_the_plain_loop_there(data, tmp_path, monkeypatc
         load_config(None, data=config(data, device="gpu"))
 
 
-def test_fp16_trains_with_a_loss_scaler_that_resumes(data, tmp_path):
-    summary = train(data, tmp_path / "fp16", steps=3, precision="fp16")
-    assert summary["steps"] == 3
+def test_fp16_resumes_exactly_with_its_loss_scaler(data, tmp_path, monkeypatch):
+    """fp16 in the plain loop: killed after the step-2 checkpoint and resumed, the adapters equal
+    an uninterrupted run's (the scaler's scale and growth tracker are checkpointed)."""
+    train(data, tmp_path / "whole", steps=4, checkpoint_every=2, precision="fp16")
     state = json.loads(
-        (tmp_path / "fp16" / "checkpoints" / "step_0000003" / "state.json").read_text()
+        (tmp_path / "whole" / "checkpoints" / "step_0000002" / "state.json").read_text()
     )
-    assert state["scaler"]["scale"] > 0 and "overflows" in state
-    lines = [json.loads(x) for x in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
-    assert all("train/loss_scale" in x for x in lines if "train/loss" in x)
+    assert state["scaler"]["scale"] == 65536.0 and state["scaler"]["_growth_tracker"] == 2
+    real_step, calls = train_module.train_step, {"n": 0}
+
+    def dying_step(run, micro_batches):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(run, micro_batches)
+
+    monkeypatch.setattr(train_module, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tmp_path / "cut", steps=4, checkpoint_every=2, precision="fp16")
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    train(data, tmp_path / "cut", resume=True, steps=4, checkpoint_every=2, precision="fp16")
+    whole, cut = adapters(tmp_path / "whole"), adapters(tmp_path / "cut")
+    for key in whole:
+        assert torch.equal(whole[key], cut[key]), key
+
+
+def test_fp16_overflows_hold_the_schedule_and_a_collapsing_scale_stops(data, tmp_path, monkeypatch):
+    """An initial scale of 1e38 overflows every fp16 gradient: each such step is skipped by the
+    scaler, counted, and leaves the learning rate where it was (as DeepSpeed's fp16 does); a
+    scale driven below the floor is a non-finite run, stopped with the error naming it."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real(device, init_scale=1e38))
+    train(data, tmp_path / "over", steps=3, precision="fp16", warmup=0)
+    lines = [json.loads(x) for x in (tmp_path / "over" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["train/overflow_skipped"] for x in lines] == [1, 2, 3]
+    assert all(x["train/lr"] == 1e-2 for x in lines)  # linear decay would have moved it
+    monkeypatch.setattr(train_module, "MIN_LOSS_SCALE", 1e37)  # steps 1–5 at 1e38, 5e37, …, 6.25e36
+    with pytest.raises(train_module.NonFiniteError, match=r"step 5 .*loss scale 6.25e\+36"):
+        train(data, tmp_path / "collapse", steps=6, precision="fp16")
+
+
+def test_accumulated_batches_weigh_by_their_examples():
+    def batch(n):
+        return {"ids": list(range(n))}
+
+    weights = train_module.micro_batch_weights
+    assert weights([("vqa", batch(4)), ("vqa", batch(2))]) == pytest.approx([4 / 6, 2 / 6])
+    assert weights([("vqa", batch(4)), ("gqa", batch(2))]) == pytest.approx([0.5, 0.5])
+    got = weights([("vqa", batch(4)), ("vqa", batch(2)), ("gqa", batch(3))])
+    assert got == pytest.approx([2 / 3 * 4 / 6, 2 / 3 * 2 / 6, 1 / 3])
 
 
 def test_deepspeed_accumulation_is_filled_or_must_agree(tmp_path):

@@ -41,6 +41,12 @@ def test_validate_names_the_problem():
         validate_config(recipe, ["train.stpes=3"])
     with pytest.raises(ConfigError, match=r"no stage 'lora'"):
         validate_config(recipe, [], stage="lora")
+    blip = reproduce.find_recipe("nulllora_tab1_coco_dora_r32")
+    with pytest.raises(ConfigError, match=r"data.tasks.retrieval.features: blip reads no cached"):
+        validate_config(blip, ["data.tasks.retrieval.features=/cache"])
+    zero3 = ["deepspeed.enabled=true", "deepspeed.config=launch/ds_zero3.json"]
+    with pytest.raises(ConfigError, match=r"ZeRO-3 partitions the base weights, and DoRA"):
+        validate_config(blip, zero3)
     staged = reproduce.find_recipe("resora_tab1_flickr30k")
     with pytest.raises(ConfigError, match=r"pick one with --stage NAME"):
         load_config(staged)
@@ -56,13 +62,15 @@ def test_list_prints_the_papers_numbers(capsys):
 
 def test_check_data_names_the_missing_files(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code = reproduce.main(["routing_tab7_lora_proj", f"data.root={tmp_path / 'empty'}", "--check-data"])
+    code = reproduce.main(
+        ["routing_tab7_lora_proj", f"data.root={tmp_path / 'empty'}", "--check-data"]
+    )
     assert code == 1
     out = capsys.readouterr().out
     assert "vqa/train" in out and "missing" in out and "dataset_coco.json" in out
 
 
-def test_a_staged_recipe_reproduces_with_seeds(tmp_path):
+def test_a_staged_recipe_reproduces_with_seeds(tmp_path, capsys):
     """Two stages × two seeds: stage 2 of each seed starts from stage 1 of that seed; the table
     holds mean ± std of the runs' own results and the difference to the paper's number."""
     generate(tmp_path / "data", images=24, seed=0, size=32)
@@ -97,3 +105,6 @@ def test_a_staged_recipe_reproduces_with_seeds(tmp_path):
     first = (out / "seed0" / "first" / "run.json").stat().st_mtime_ns
     assert reproduce.main([str(path), "--seeds", "2", "--out", str(out)]) == 0  # reused, not rerun
     assert (out / "seed0" / "first" / "run.json").stat().st_mtime_ns == first
+    # a finished run of another config is not mixed into the table
+    assert reproduce.main([str(path), "train.steps=3", "--out", str(out)]) == 1
+    assert "reusing a finished run with a changed config (train.steps: 2 → 3)" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Readers on hand-written files in each official format, the synthetic set, router, sampler, bad input."""
 
 import json
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -410,6 +412,16 @@ def test_feature_cache_gives_the_pixel_numbers(tmp_path):
         assert torch.allclose(
             model.loss(pixels), model.loss(cached), atol=1e-6
         )  # batched CNN: float-level
+    # another data set's image of the same file name: refused on adding and on reading
+    first = Path(records[0]["images"][0])
+    elsewhere = tmp_path / "gqa_like" / "images" / first.name
+    elsewhere.parent.mkdir(parents=True)
+    shutil.copy(first, elsewhere)
+    clash = {first.name: (elsewhere, "other.json: record 'x'")}
+    with pytest.raises(DataError, match=r"other.json: record 'x': image .* has the file name of"):
+        write_features(model, clash, transform, tmp_path / "cache")
+    with pytest.raises(DataError, match=r"was cached from .*, not .*gqa_like"):
+        cache[elsewhere]
     other = build_model("clip-bart", "tiny", visual_grid=3)
     with pytest.raises(
         DataError,
