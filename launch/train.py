@@ -475,13 +475,21 @@ class StepClock:
 
     def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
-        self.wait = self.steps = self.examples = 0.0
+        self.wait = self.steps = self.examples = self.excluded_s = 0.0
 
     @contextlib.contextmanager
     def waiting(self):
         started = time.perf_counter()
         yield
         self.wait += time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def excluded(self):
+        """Time that is not the training loop's (checkpoints, validation): left out of the
+        figures of the interval it falls in."""
+        started = time.perf_counter()
+        yield
+        self.excluded_s += time.perf_counter() - started
 
     def step(self, examples: int) -> None:
         self.steps += 1
@@ -491,13 +499,13 @@ class StepClock:
         """Over the steps since the last report: ``perf/step_s``, ``perf/examples_per_s`` and
         ``perf/data_wait`` (the fraction 0–1 of the time spent waiting for batches)."""
         now = time.perf_counter()
-        elapsed = max(now - self.last, 1e-9)
+        elapsed = max(now - self.last - self.excluded_s, 1e-9)
         figures = {
             "perf/step_s": elapsed / max(self.steps, 1),
             "perf/examples_per_s": self.examples / elapsed,
             "perf/data_wait": self.wait / elapsed,
         }
-        self.last, self.wait, self.steps, self.examples = now, 0.0, 0, 0
+        self.last, self.wait, self.steps, self.examples, self.excluded_s = now, 0.0, 0, 0, 0.0
         return figures
 
 
@@ -965,6 +973,14 @@ def after_step(run: Run, losses: tuple, per_task: dict, logger, bar, rank0, cloc
             values.update(clock.report())
         logger.log(step, values)
         bar.set_postfix(task=",".join(per_task), loss=f"{value:.3f}")
+    outside = clock.excluded() if clock is not None else contextlib.nullcontext()
+    with outside:  # not the loop's time: left out of the perf/* figures
+        checkpoint_and_validate(run, logger, rank0)
+
+
+def checkpoint_and_validate(run: Run, logger, rank0) -> None:
+    """The checkpoint and the validation the config's intervals ask for at this step."""
+    config, step = run.config, run.step
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
         try:
             save_checkpoint(

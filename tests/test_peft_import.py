@@ -193,6 +193,13 @@ def test_a_pattern_key_with_regex_syntax_is_an_error_naming_it(tmp_path, field, 
     assert not list(vlpeft.adapted_layers(model))  # nothing was changed
 
 
+def test_peft_all_linear_shorthand_is_refused_by_name(tmp_path):
+    peft_checkpoint(tiny_bart, tmp_path, r=2, target_modules=["q_proj"])
+    _rewrite_config(tmp_path, target_modules="all-linear")
+    with pytest.raises(ValueError, match=r"target_modules 'all-linear' .* not supported"):
+        vlpeft.load_peft_lora(tiny_bart(), tmp_path)
+
+
 @pytest.mark.parametrize(
     "field,value",
     [

@@ -88,8 +88,8 @@ def _probe(backend: str | Callable, device: torch.device, options: dict | None) 
         return (
             f"backend {name!r} failed to compile a probe function: {type(error).__name__}: {first}"
         )
-    finally:
-        torch._dynamo.reset()  # the probe's graph is of no further use
+    # (no torch._dynamo.reset(): it would drop every graph compiled in this process, other
+    # models' too; the probe's one small graph stays in dynamo's cache)
     return None
 
 

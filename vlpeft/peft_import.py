@@ -184,6 +184,11 @@ def _keys(data: dict, field: str, path: Path) -> list[str]:
     value = data.get(field)
     if value is None:
         return []
+    if value == "all-linear":
+        raise ValueError(
+            f"{path}: {field} 'all-linear' (peft's every-linear-layer shorthand) is not supported: "
+            "name the modules"
+        )
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | dict):
         raise ValueError(f"{path}: {field} must be a string or a list, got {value!r}")
