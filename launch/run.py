@@ -137,7 +137,7 @@ def check_offline(config: TrainConfig) -> dict:
     if cached and getattr(model, "cached_part", None) is None:
         raise ConfigError(
             f"data.tasks.{cached[0]}.features: {config.model.family} reads no cached visual "
-            "features (clip-bart does): train it from pixels"
+            "features (clip-bart, roberta-vit and gpt2-vit do): train it from pixels"
         )
     report["trainable"], report["total"] = vlpeft.count_parameters(model)
     if any("checked" in info for info in report["sets"].values()):

@@ -1,7 +1,8 @@
 """Frozen visual features at data-set scale: sharded safetensors, an index, memory-mapped reads.
 
 A family whose visual encoder is frozen and outside every adapter (CLIP-BART: the ResNet's pooled
-layer-4 grid, the VL-Adapter way) can read ``batch["features"]`` instead of decoding images.
+layer-4 grid, the VL-Adapter way; RoBERTa/GPT-2 + ViT: the ViT's [CLS] or pooler feature) can
+read ``batch["features"]`` instead of decoding images. BLIP cannot (its recipes adapt the ViT).
 ``python -m launch.features --config RUN_CONFIG --out DIR`` writes a cache folder::
 
     DIR/index.json                 what built it, the feature shape and dtype, image → shard
@@ -42,15 +43,10 @@ def builder_of(model) -> dict:
     if part is None or not hasattr(model, "visual_features"):
         raise DataError(
             f"{getattr(model, 'family', type(model).__name__)}: no cacheable visual features "
-            "(clip-bart has: its frozen ResNet grid); train it from pixels"
+            "(clip-bart, roberta-vit and gpt2-vit have: their frozen ResNet grid / ViT feature); "
+            "train it from pixels"
         )
     module = model.get_submodule(part)
-    moving = [n for n, p in module.named_parameters() if p.requires_grad]
-    if moving:
-        raise DataError(
-            f"{model.family}: the visual encoder trains ({part}.{moving[0]}): its features "
-            "change during training and cannot be cached"
-        )
     adapted = [
         n
         for n, m in model.named_modules()
@@ -60,6 +56,23 @@ def builder_of(model) -> dict:
         raise DataError(
             f"{model.family}: adapters in the visual encoder ({adapted[0]}): its features are "
             "not frozen and cannot be cached"
+        )
+    moving = [n for n, p in module.named_parameters() if p.requires_grad]
+    if moving:
+        raise DataError(
+            f"{model.family}: the visual encoder trains ({part}.{moving[0]}): its features "
+            "change during training and cannot be cached"
+        )
+    mode = model.training
+    model.train()  # what the part does in a training forward: dropout there would not cache
+    random_in_training = module.training and any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules()
+    )
+    model.train(mode)
+    if random_in_training:
+        raise DataError(
+            f"{model.family}: the visual encoder ({part}) applies dropout in training: its "
+            "features differ at every step and cannot be cached (set its dropout to 0)"
         )
     digest = getattr(model, "_feature_digest", None)
     if digest is None:  # frozen: hashed once per model
@@ -77,6 +90,7 @@ def builder_of(model) -> dict:
         "image_mean": list(config.image_mean),
         "image_std": list(config.image_std),
         "visual_grid": getattr(config, "visual_grid", None),
+        "visual_feature": getattr(config, "visual_feature", None),
         "vision": dict(getattr(config, "vision", {}) or {}),
         "weights": model.weight_sources.get("vision"),
         "encoder_sha256": digest,

@@ -297,3 +297,30 @@ def test_train_compile_changes_nothing_but_speed(data, tmp_path, caplog):
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6)
     train(data, tmp_path / "fallback", steps=1, compile=True, compile_backend="no_such_backend")
     assert "unknown torch.compile backend 'no_such_backend'" in caplog.text
+
+
+@pytest.mark.parametrize("family,task", [("roberta-vit", "vqa"), ("gpt2-vit", "caption")])
+def test_vit_families_train_from_cached_features_as_from_pixels(data, tmp_path, family, task):
+    """The frozen ViT's [CLS] feature (x_R of the routed adapters too) cached and read back:
+    the same training; an adapter inside the ViT makes its features uncacheable, said so."""
+    from launch.features import build_cache
+    from tasks.base import DataError
+
+    spec = config(data, tasks={task: {"batch_size": 4}}, steps=3)
+    spec["model"] = {"family": family, "preset": "tiny", "overrides": {}}
+    build_cache(load_config(None, data=spec), tmp_path / "cache")
+    train_module.train(load_config(None, data=spec), tmp_path / "pixels")
+    cached = {
+        **spec,
+        "data": {
+            **spec["data"],
+            "tasks": {task: {"batch_size": 4, "features": str(tmp_path / "cache")}},
+        },
+    }
+    train_module.train(load_config(None, data=cached), tmp_path / "cached")
+    a, b = adapters(tmp_path / "pixels"), adapters(tmp_path / "cached")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    spec["adapters"]["default"] = {"method": "lora", "r": 4, "components": ["vision"]}
+    with pytest.raises(DataError, match=r"adapters in the visual encoder \(vit\."):
+        build_cache(load_config(None, data=spec), tmp_path / "other")

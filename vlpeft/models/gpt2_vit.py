@@ -24,6 +24,7 @@ from .vit import (
     VIT_KINDS,
     VIT_MEAN,
     VIT_STD,
+    CachedViTFeatures,
     VisualToken,
     build_pretrained_or_random,
     build_vit,
@@ -56,7 +57,7 @@ class Gpt2VitConfig(ModelConfig):
 
 
 @register_family("gpt2-vit")
-class Gpt2Vit(VLModel):
+class Gpt2Vit(CachedViTFeatures, VLModel):
     config_class = Gpt2VitConfig
     capabilities = ("caption", "answer")
     components = {"vision": VIT_COMPONENT, "decoder": r"gpt2\.transformer\.h\.\d+"}
@@ -146,7 +147,7 @@ class Gpt2Vit(VLModel):
         return ids, mask, labels
 
     def _embed(self, batch: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor):
-        prefix = self.visual(self.vit, batch["images"])
+        prefix = self.visual_input(batch)
         embeds = self.gpt2.transformer.wte(ids)
         return (
             prefix,
@@ -167,7 +168,7 @@ class Gpt2Vit(VLModel):
     def generate(
         self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1
     ) -> list[str]:
-        prompts = self._ids(batch.get("text") or [""] * len(batch["images"]))
+        prompts = self._ids(batch.get("text") or [""] * len(batch["ids"]))
         if len({tuple(p) for p in prompts}) > 1:
             raise ValueError("gpt2-vit generation: one prompt per batch")
         start = torch.tensor(

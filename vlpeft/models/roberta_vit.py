@@ -28,6 +28,7 @@ from .vit import (
     VIT_KINDS,
     VIT_MEAN,
     VIT_STD,
+    CachedViTFeatures,
     VisualToken,
     build_pretrained_or_random,
     build_vit,
@@ -65,7 +66,7 @@ class RobertaVitConfig(ModelConfig):
 
 
 @register_family("roberta-vit")
-class RobertaVit(VLModel):
+class RobertaVit(CachedViTFeatures, VLModel):
     config_class = RobertaVitConfig
     capabilities = ("answer",)  # by classification over the answer vocabulary
     components = {"vision": VIT_COMPONENT, "text": r"roberta\.encoder\.layer\.\d+"}
@@ -114,7 +115,7 @@ class RobertaVit(VLModel):
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """Answer logits (B, num_answers)."""
-        visual = self.visual(self.vit, batch["images"])
+        visual = self.visual_input(batch)
         text = self.tokenize(batch["text"])
         embeds = self.roberta.embeddings.word_embeddings(text["input_ids"])
         embeds = torch.cat([visual[:, None].to(embeds.dtype), embeds], dim=1)

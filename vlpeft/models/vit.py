@@ -73,9 +73,37 @@ class VisualToken(nn.Module):
         self.feature = feature
         self.proj = nn.Linear(d_vit, width) if mapping else None
 
-    def forward(self, vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    def vit_token(self, vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The frozen ViT's feature of each image (B, d_vit): what a feature cache stores."""
         weight = next(vit.parameters())
         set_token_masks(vit, None)  # [CLS] and every patch are real
         out = vit(pixel_values=images.to(weight.device, weight.dtype))
-        token = out.pooler_output if self.feature == "pooler" else out.last_hidden_state[:, 0]
+        return out.pooler_output if self.feature == "pooler" else out.last_hidden_state[:, 0]
+
+    def project(self, token: torch.Tensor) -> torch.Tensor:
         return token if self.proj is None else self.proj(token.to(self.proj.weight.dtype))
+
+    def forward(self, vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return self.project(self.vit_token(vit, images))
+
+
+class CachedViTFeatures:
+    """For a family with a frozen ``vit`` and a :class:`VisualToken` ``visual``: its ViT feature
+    can be cached (``launch.features``; exact while no adapter sits in the ViT, which the cache
+    checks) and read back as ``batch["features"]`` (B, d_vit) instead of ``images``."""
+
+    cached_part = "vit"
+
+    @torch.no_grad()
+    def visual_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual.vit_token(self.vit, images).float()
+
+    def visual_input(self, batch: dict) -> torch.Tensor:
+        """The visual token of a batch, from cached features when it carries them."""
+        features = batch.get("features")
+        if features is None:
+            if "images" not in batch:
+                raise KeyError(f"{self.family} batch needs 'images' or cached 'features'")
+            return self.visual(self.vit, batch["images"])
+        weight = next(self.vit.parameters())
+        return self.visual.project(features.to(weight.device, weight.dtype))
