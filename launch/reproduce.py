@@ -28,12 +28,14 @@ from pathlib import Path
 
 from launch.config import STAGE_PREFIX, ConfigError, load_config, read_recipe, stage_names
 from launch.run import RunError, build_router
-from launch.train import config_changes, distributed_env, train
+from launch.train import EXECUTION_KEYS, config_changes, distributed_env, train
 from tasks.base import DataError
 from vlpeft.checkpoint import atomic_write, write_json
 
 log = logging.getLogger("vlpeft.reproduce")
 RECIPES = Path(__file__).resolve().parent / "configs" / "recipes"
+# a finished run's results answer its evaluation settings too: only validation may differ
+REUSE_FREE = (*(k for k in EXECUTION_KEYS if k != "eval."), "eval.val_every")
 REUSE_HINT = (
     "its results belong to that config: pass another --out, or remove the run to retrain it"
 )
@@ -127,7 +129,8 @@ def run_recipe(path: Path, seeds: int, out: Path, overrides=()) -> dict:
             summary_file = run_dir / "run.json"
             if summary_file.is_file():  # only a run of this very config counts
                 config.data.file = str(Path(config.data.file).resolve())  # as the run wrote it
-                config_changes(run_dir, config, doing="reusing a finished run", hint=REUSE_HINT)
+                config_changes(run_dir, config, doing="reusing a finished run",
+                               hint=REUSE_HINT, free=REUSE_FREE)  # fmt: skip
                 log.info("%s: finished already, reusing its results", run_dir)
                 summary = json.loads(summary_file.read_text())
             else:

@@ -119,7 +119,9 @@ def check_offline(config: TrainConfig) -> dict:
                 # its ranks come from the weights (Null-LoRA's null space): its targets only,
                 # on a fresh model (the failed injection may have replaced some layers)
                 model = meta_model()
-                for earlier in report["sets"]:
+                for earlier, info in report["sets"].items():
+                    if "checked" in info:  # itself checked for its targets only
+                        continue
                     with torch.device("meta"):
                         vlpeft.add_adapter(model, adapter_methods(config, model)[earlier], earlier)
                 found = find_targets(model, method.targets)
@@ -133,7 +135,9 @@ def check_offline(config: TrainConfig) -> dict:
             enable_gradient_checkpointing(model)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"model {config.model.family}/{config.model.preset}: {err}") from None
-    cached = [n for n, s in config.data.tasks.items() if (s or {}).get("features")]
+    cached = [
+        n for n, s in config.data.tasks.items() if {**entries[n], **(s or {})}.get("features")
+    ]
     if cached and getattr(model, "cached_part", None) is None:
         raise ConfigError(
             f"data.tasks.{cached[0]}.features: {config.model.family} reads no cached visual "

@@ -88,7 +88,13 @@ def init_distributed(config: TrainConfig, world: int) -> None:
     its local rank's GPU, so that the collectives before DeepSpeed's engine (the shared-folder
     check, the resume choice) do not all land on GPU 0."""
     if torch.cuda.is_available() and world > 1:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK {local}, but this process sees {torch.cuda.device_count()} GPU(s): "
+                "start one process per visible GPU (CUDA_VISIBLE_DEVICES, --num_gpus)"
+            )
+        torch.cuda.set_device(local)
     if config.deepspeed.enabled:
         import deepspeed
 
@@ -741,26 +747,31 @@ RESUME_HINT = (
 
 def config_changes(
     run_dir: Path, config: TrainConfig, allow_change=(), doing: str = "resuming",
-    hint: str = RESUME_HINT,
+    hint: str = RESUME_HINT, free: tuple[str, ...] = EXECUTION_KEYS,
 ) -> dict:  # fmt: skip
     """The keys ``config`` changes against the run's config.yaml; a key that changes the
     optimisation (lr, schedule, steps, batch sizes, tasks, seeds, adapters, …) without
-    ``--allow-change KEY`` (a key or a section prefix) is refused, naming each."""
-    earlier = flatten(load_config(run_dir / "config.yaml").to_dict())
-    now = flatten(config.to_dict())
+    ``--allow-change KEY`` (a key or a section prefix) is refused, naming each. ``free``: the
+    keys that may change (default: how the run executes)."""
+
+    def flat(data: dict) -> dict:  # an empty section equals an absent one
+        return {k: v for k, v in flatten(data).items() if v != {}}
+
+    earlier = flat(load_config(run_dir / "config.yaml").to_dict())
+    now = flat(config.to_dict())
     changed = {
         k: [earlier.get(k), now.get(k)]
         for k in sorted(set(earlier) | set(now))
         if earlier.get(k) != now.get(k) and not (k in DERIVED_KEYS and now.get(k) is None)
     }
-    allowed = [*EXECUTION_KEYS, *allow_change]
+    allowed = [*free, *allow_change]
 
-    def free(key: str, rule: str) -> bool:
+    def matches(key: str, rule: str) -> bool:
         if rule.startswith("*."):
             return key.endswith(rule[1:])
         return key == rule or key.startswith(rule.rstrip(".") + ".")
 
-    refused = [k for k in changed if not any(free(k, a) for a in allowed)]
+    refused = [k for k in changed if not any(matches(k, a) for a in allowed)]
     if refused:
         listed = ", ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in refused)
         raise RunError(f"{run_dir}: {doing} with a changed config ({listed}); {hint}")
@@ -833,11 +844,10 @@ def nonfinite(run: Run, task: str, what: str, value, can_skip: bool = True) -> b
 
 
 def skip_step(run: Run) -> None:
-    """Drops a step's gradients; the step counts (the schedule advances, the run still ends at
-    train.steps)."""
+    """Drops a step's gradients; the step counts (the schedule advances — under DeepSpeed too:
+    the engine holds the same scheduler —, the run still ends at train.steps)."""
     run.optimizer.zero_grad(set_to_none=True)
-    if run.engine is None:
-        run.scheduler.step()
+    run.scheduler.step()
     run.step += 1
 
 

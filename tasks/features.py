@@ -65,8 +65,11 @@ def builder_of(model) -> dict:
         )
     mode = model.training
     model.train()  # what the part does in a training forward: dropout there would not cache
-    random_in_training = module.training and any(
-        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules()
+    config = getattr(module, "config", None)  # a transformers part: its functional dropout rates
+    settings = config.to_dict() if hasattr(config, "to_dict") else {}
+    random_in_training = module.training and (
+        any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
+        or any("dropout" in k and isinstance(v, float) and v > 0 for k, v in settings.items())
     )
     model.train(mode)
     if random_in_training:
@@ -160,7 +163,7 @@ class FeatureCache:
         name = image_key(image)
         if isinstance(image, Path) and name in self.keys:
             built = self.index.get("paths", {}).get(name)
-            if built is not None and Path(built).parts[-TAIL:] != image.parts[-TAIL:]:
+            if built is not None and not same_image(built, image):
                 raise DataError(
                     f"{self.directory}: image {name!r} was cached from {built}, not {image}: "
                     "two data sets share the file name; give each its own cache"
@@ -176,6 +179,20 @@ class FeatureCache:
 
 
 TAIL = 3  # path components compared between a cached image and the one asked for
+
+
+def same_image(built: str | Path, image: Path) -> bool:
+    """Whether ``image`` is the file a cache entry was built from: the same file, or (the data
+    moved) the same last folders and name — symbolic links and relative paths allowed."""
+    built, image = Path(built), Path(image)
+    try:
+        if built.resolve() == image.resolve():
+            return True
+    except OSError:
+        pass
+    a, b = built.absolute().parts, image.absolute().parts
+    n = min(TAIL, len(a), len(b))
+    return a[-n:] == b[-n:]
 
 
 def image_key(path: str | Path) -> str:
@@ -238,7 +255,7 @@ def write_features(
         log.info("%s: %d images cached already; continuing", directory, len(index["keys"]))
         for key, (image, where) in images.items():
             built = index.get("paths", {}).get(key)
-            if built is not None and Path(built) != Path(image).resolve():
+            if built is not None and not same_image(built, Path(image)):
                 raise DataError(
                     f"{where}: image {image} has the file name of {built}, cached in "
                     f"{directory} already: one feature cache cannot hold both"
@@ -261,7 +278,7 @@ def write_features(
         write_safetensors(directory / name, {k: buffer[k] for k in keys})
         index["shards"].append(name)
         index["keys"].update(dict.fromkeys(keys, shard))
-        index.setdefault("paths", {}).update({k: str(images[k][0].resolve()) for k in keys})
+        index.setdefault("paths", {}).update({k: str(Path(images[k][0]).absolute()) for k in keys})
         index["shape"] = list(buffer[keys[0]].shape)
         write_json(path, index)  # after the shard: an interrupted build loses one shard at most
         for key in keys:

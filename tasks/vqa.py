@@ -179,7 +179,9 @@ class VQA(Task):
         (``vqa_OpenEnded_mscoco_test-dev2015_<alg>_results.json``)."""
         official = self.split_name(split)
         if official.startswith(("test-dev", "test2015", "test-std")):
-            return f"vqa_OpenEnded_mscoco_{official}_vlpeft_results.json"
+            # <alg>: the task's name beside vlpeft, so two VQA tasks of a run never share a file
+            alg = "vlpeft" if self.config_name == "vqa" else f"vlpeft-{self.config_name}"
+            return f"vqa_OpenEnded_mscoco_{official}_{alg}_results.json"
         return super().submission_name(split)
 
     def predict(self, model, records, batches, settings):

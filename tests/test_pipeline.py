@@ -324,3 +324,16 @@ def test_vit_families_train_from_cached_features_as_from_pixels(data, tmp_path, 
     spec["adapters"]["default"] = {"method": "lora", "r": 4, "components": ["vision"]}
     with pytest.raises(DataError, match=r"adapters in the visual encoder \(vit\."):
         build_cache(load_config(None, data=spec), tmp_path / "other")
+    noisy = config(data, tasks={task: {"batch_size": 4}}, steps=3)
+    noisy["model"] = {"family": family, "preset": "tiny",
+                      "overrides": {"vision": {"attention_probs_dropout_prob": 0.5}}}  # fmt: skip
+    with pytest.raises(DataError, match=r"applies dropout in training"):  # functional dropout too
+        build_cache(load_config(None, data=noisy), tmp_path / "noisy")
+    if family == "gpt2-vit":  # generation needs neither text nor ids: images or features alone
+        from vlpeft.models import build_model
+
+        model = build_model(family, "tiny").eval()
+        features = model.visual_features(
+            torch.randn(2, 3, model.config.image_size, model.config.image_size)
+        )
+        assert len(model.generate({"features": features}, max_new_tokens=2)) == 2

@@ -107,4 +107,37 @@ def test_a_staged_recipe_reproduces_with_seeds(tmp_path, capsys):
     assert (out / "seed0" / "first" / "run.json").stat().st_mtime_ns == first
     # a finished run of another config is not mixed into the table
     assert reproduce.main([str(path), "train.steps=3", "--out", str(out)]) == 1
-    assert "reusing a finished run with a changed config (train.steps: 2 → 3)" in capsys.readouterr().err
+    assert (
+        "reusing a finished run with a changed config (train.steps: 2 → 3)"
+        in capsys.readouterr().err
+    )
+    assert (
+        reproduce.main([str(path), "eval.max_records=2", "--out", str(out)]) == 1
+    )  # results differ
+    assert "eval.max_records: 4 → 2" in capsys.readouterr().err
+
+
+def test_a_run_without_overrides_is_reused_as_the_same_config(tmp_path):
+    """roberta-vit fills model.overrides.answers when it starts: a config without overrides asks
+    for the same run (its empty overrides section equals the absent one)."""
+    from launch.train import config_changes, train
+
+    generate(tmp_path / "data", images=24, seed=0, size=32)
+    spec = {
+        "model": {"family": "roberta-vit", "preset": "tiny"},
+        "adapters": {"default": {"method": "lora", "r": 4}},
+        "data": {"file": str(tmp_path / "data" / "tasks.yaml"), "tasks": {"vqa": {"batch_size": 4}}},
+        "train": {"steps": 1, "checkpoint_every": 0, "tensorboard": False},
+        "eval": {"splits": []},
+    }  # fmt: skip
+    train(load_config(None, data=spec), tmp_path / "run")
+    assert config_changes(tmp_path / "run", load_config(None, data=spec)) == {}
+
+
+def test_validate_checks_two_sets_that_need_the_weights():
+    recipe = reproduce.find_recipe("nulllora_tab1_flickr30k")
+    second = "adapters.second={method: null_lora, components: [text_encoder]}"
+    with contextlib.redirect_stdout(io.StringIO()):
+        (report,) = validate_config(recipe, [second]).values()
+    assert all(info.get("checked") for info in report["sets"].values())
+    assert set(report["sets"]) == {"default", "second"}

@@ -422,6 +422,10 @@ def test_feature_cache_gives_the_pixel_numbers(tmp_path):
         write_features(model, clash, transform, tmp_path / "cache")
     with pytest.raises(DataError, match=r"was cached from .*, not .*gqa_like"):
         cache[elsewhere]
+    # the same images through a symbolic link (a data set mounted elsewhere) are the same images
+    (tmp_path / "linked").symlink_to(tmp_path / "coco")
+    linked = tmp_path / "linked" / first.relative_to(tmp_path / "coco")
+    torch.testing.assert_close(cache[linked], cache[first])
     other = build_model("clip-bart", "tiny", visual_grid=3)
     with pytest.raises(
         DataError,

@@ -16,7 +16,8 @@ A batch is a dict. Keys a family reads (the task's collate function writes them)
 
 ===================  ==========================================================================
 ``images``           float (B, 3, H, W), or (B, 2, 3, H, W) for two-image tasks (NLVR²)
-``features``         instead of ``images``: cached visual features (CLIP-BART, see its docstring)
+``features``         instead of ``images``: cached visual features (CLIP-BART's grid; the ViT
+                     families' [CLS]/pooler feature; ``tasks.features``)
 ``text``             list of B input texts, task prompt already applied
 ``targets``          list of B target texts (generation losses)
 ``answer_scores``    list of B ``{answer: soft score}`` (classification losses)

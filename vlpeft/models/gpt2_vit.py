@@ -168,7 +168,11 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
     def generate(
         self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1
     ) -> list[str]:
-        prompts = self._ids(batch.get("text") or [""] * len(batch["ids"]))
+        prompts = self._ids(
+            batch.get("text")
+            or [""]
+            * len(batch["features"] if batch.get("features") is not None else batch["images"])
+        )
         if len({tuple(p) for p in prompts}) > 1:
             raise ValueError("gpt2-vit generation: one prompt per batch")
         start = torch.tensor(
