@@ -124,6 +124,11 @@ def test_a_test_dev_split_gives_a_submission_file_without_scores(router, tmp_pat
     submitted = json.loads(server_file.read_text())
     assert submitted == [{"question_id": q["question_id"], "answer": "two"} for q in questions]
     assert testdev["vqa"].baseline("test")[2] is None  # nothing to score the baseline on either
+    second = TaskRouter.from_dict({"vqa_blip": config}, "/")  # another VQA task of the run
+    record = evaluate_task(model, second, "vqa_blip", "test", tmp_path, Settings())
+    assert record["predictions"].endswith(
+        "vqa_OpenEnded_mscoco_test-dev2015_vlpeft-vqa_blip_results.json"
+    )
 
 
 def test_hidden_gqa_and_nlvr2_test_splits_give_their_submission_files(router, tmp_path):
