@@ -44,7 +44,7 @@ from tasks.router import load_yaml
 from tasks.sampler import SamplerConfig
 from vlpeft.adapters import ReSoRAConfig
 from vlpeft.adapters.base import MethodConfig
-from vlpeft.config import Config, ConfigError, check
+from vlpeft.config import Config, ConfigError, check, deep_merge
 from vlpeft.models import get_family, preset_config
 
 __all__ = [
@@ -332,16 +332,6 @@ def stage_names(data: dict, where: str = "config") -> list[str]:
     return names
 
 
-def _deep_update(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_update(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def load_config(
     path: str | Path | None,
     overrides: list[str] = (),
@@ -365,7 +355,7 @@ def load_config(
     if stage is not None:
         if stage not in names:
             raise ConfigError(f"{where}: no stage {stage!r}; stages: {names or 'none'}")
-        data = _deep_update(data, stages[stage])
+        data = deep_merge(data, copy.deepcopy(stages[stage]))
         where = f"{where} (stage {stage})"
     data = apply_overrides(data, list(overrides))
     file = (data.get("data") or {}).get("file")

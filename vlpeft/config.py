@@ -49,6 +49,17 @@ def typed(value: Any, annotation: Any, where: str, error: type[Exception] = Conf
     raise error(f"{where}: expected {expected}, got {value!r}")
 
 
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` updated by ``override``, nested mappings merged key by key (neither is changed)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def check(condition: bool, where: str, expected: str, value: Any) -> None:
     """A config value checked by meaning: ``ConfigError("<where> must be <expected>, got …")``."""
     if not condition:

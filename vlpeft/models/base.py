@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import MethodConfig, adapted_layers
-from ..config import Config
+from ..config import Config, deep_merge
 from ..registry import Registry, nearest_hint
 from .tokenizer import PRESETS, load_tokenizer
 
@@ -71,16 +71,6 @@ IGNORE = -100
 def list_presets(family: str) -> list[str]:
     """Preset names shipped for ``family`` (``presets/<family>/<preset>.json``)."""
     return sorted(p.stem for p in (PRESETS / family).glob("*.json"))
-
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def load_preset(family: str, preset: str | Path) -> dict[str, Any]:
@@ -102,7 +92,7 @@ def load_preset(family: str, preset: str | Path) -> dict[str, Any]:
 def preset_config(family: str, preset: str | Path = "tiny", **overrides: Any) -> ModelConfig:
     """The config :func:`build_model` would build from (no weights are touched): a preset plus
     overrides, validated. What a family can serve depends on it (``capabilities_of``)."""
-    data = _deep_merge(load_preset(family, preset), overrides)
+    data = deep_merge(load_preset(family, preset), overrides)
     return get_family(family).config_class.from_dict(data, where=f"{family} preset {str(preset)!r}")
 
 
