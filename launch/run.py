@@ -109,7 +109,8 @@ def check_offline(config: TrainConfig) -> dict:
     report = {"family": config.model.family, "preset": config.model.preset, "sets": {}}
     try:
         model = meta_model()
-        for name, method in adapter_methods(config, model).items():
+        methods = adapter_methods(config, model)  # names and settings: the same on a fresh model
+        for name, method in methods.items():
             try:
                 with torch.device("meta"):
                     vlpeft.add_adapter(model, method, name=name)
@@ -123,7 +124,7 @@ def check_offline(config: TrainConfig) -> dict:
                     if "checked" in info:  # itself checked for its targets only
                         continue
                     with torch.device("meta"):
-                        vlpeft.add_adapter(model, adapter_methods(config, model)[earlier], earlier)
+                        vlpeft.add_adapter(model, methods[earlier], earlier)
                 found = find_targets(model, method.targets)
                 report["sets"][name] = {"method": method.method, "layers": len(found),
                                         "checked": "targets only (needs the weights)"}  # fmt: skip

@@ -480,7 +480,7 @@ class StepClock:
     """Where a step's time goes: waiting for the next batch vs the rest (the device's work)."""
 
     def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
+        self.last = time.perf_counter()
         self.wait = self.steps = self.examples = self.excluded_s = 0.0
 
     @contextlib.contextmanager
@@ -573,8 +573,7 @@ def check_shared(run_dir: Path, world: int) -> None:
         marker.write_text(token[0])
     barrier(world)
     seen = marker.is_file()
-    everyone = all_ranks_agree(seen, world)
-    barrier(world)
+    everyone = all_ranks_agree(seen, world)  # a collective: every rank has looked by now
     if rank == 0:
         marker.unlink(missing_ok=True)
     if not everyone:

@@ -185,14 +185,14 @@ def same_image(built: str | Path, image: Path) -> bool:
     """Whether ``image`` is the file a cache entry was built from: the same file, or (the data
     moved) the same last folders and name — symbolic links and relative paths allowed."""
     built, image = Path(built), Path(image)
-    try:
-        if built.resolve() == image.resolve():
-            return True
-    except OSError:
-        pass
     a, b = built.absolute().parts, image.absolute().parts
     n = min(TAIL, len(a), len(b))
-    return a[-n:] == b[-n:]
+    if a[-n:] == b[-n:]:  # the common case, without a system call (it runs for every image read)
+        return True
+    try:
+        return built.resolve() == image.resolve()
+    except OSError:
+        return False
 
 
 def image_key(path: str | Path) -> str:
