@@ -9,6 +9,9 @@ os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".torch_extensions")
 )
 
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -94,6 +97,23 @@ def perturb_adapters(model, scale=0.1, seed=3):
     for name, p in model.named_parameters():
         if ".adapters." in name:
             p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state (torch, numpy, random), whatever ran before
+    it and in whatever order: a test's outcome never depends on the draw of the day."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """``VLPEFT_TEST_ORDER=reverse`` runs the suite backwards: the same results in another order
+    show that no test leans on what an earlier one left behind (random state, globals)."""
+    if os.environ.get("VLPEFT_TEST_ORDER") == "reverse":
+        items.reverse()
 
 
 @pytest.fixture
