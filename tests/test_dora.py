@@ -18,7 +18,7 @@ from conftest import (
 )
 
 import vlpeft
-from vlpeft.adapters import DoRAConfig
+from vlpeft.adapters import DoRAConfig, LayerwiseConfig, LoRAConfig
 
 
 def dora_net(out=5, d_in=6, r=3, alpha=6.0, bias=True):
@@ -36,6 +36,17 @@ def test_config_defaults_are_loras():
     assert "dora" in vlpeft.list_methods()
     with pytest.raises(ValueError, match="r must be >= 1"):
         DoRAConfig(targets=["q"], r=0)
+
+
+def test_dora_names_its_deepspeed_problem_at_zero3_only():
+    """The launcher asks the method (``deepspeed_problem``), not its name: DoRA reads the whole W0
+    for its norm, which ZeRO-3 partitions; a layerwise DoRA says the same."""
+    reason = DoRAConfig(targets=["q"]).deepspeed_problem(3)
+    assert "ZeRO-3 partitions the base weights" in reason and "use ZeRO-2" in reason
+    assert DoRAConfig(targets=["q"]).deepspeed_problem(2) is None
+    assert LoRAConfig(targets=["q"]).deepspeed_problem(3) is None
+    layerwise = LayerwiseConfig(targets=["q"], base={"method": "dora", "r": 2}, ranks={"q": 1})
+    assert layerwise.deepspeed_problem(3) == reason
 
 
 def test_linear_equals_eq5_with_norm_per_output():

@@ -17,8 +17,9 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 
 import vlpeft
-from vlpeft.adapters import DoRAConfig, LoRAConfig
-from vlpeft.peft_import import LayerwiseConfig
+from vlpeft.adapters import DoRAConfig, LayerwiseConfig, LoRAConfig
+from vlpeft.peft_import import LayerwiseConfig as ImportedLayerwiseConfig
+from vlpeft.peft_import import peft_method
 
 
 @torch.no_grad()
@@ -332,3 +333,12 @@ def test_export_then_import_with_folded_scale_and_per_layer_ranks(tmp_path):
     vlpeft.save_adapter(back, tmp_path / "vlpeft")
     again = vlpeft.load_adapter(tiny_bart(), tmp_path / "vlpeft")
     assert torch.equal(run(again, inputs), run(back, inputs))
+
+
+def test_the_methods_say_which_peft_flags_select_them():
+    """The method a checkpoint loads as is the one whose ``peft_flags`` the file sets; the old
+    import path of LayerwiseConfig still works."""
+    assert peft_method({"use_dora": True}) is DoRAConfig
+    assert peft_method({"use_dora": False}) is LoRAConfig
+    assert peft_method({}) is LoRAConfig
+    assert ImportedLayerwiseConfig is LayerwiseConfig is vlpeft.LayerwiseConfig

@@ -127,8 +127,8 @@ def resolved_placement(module: nn.Module, name: str) -> dict[str, Any]:
             layers.append(path)
             if adapter.routing is not None:
                 routed.append(path)
-            if getattr(adapter, "slice_index", None) is not None:
-                slices[path] = {"parts": adapter.d_out // adapter.width, "use": adapter.slice_index}
+            if adapter.slice_spec is not None:
+                slices[path] = adapter.slice_spec
     return {"layers": layers, "routed": routed, "slices": slices}
 
 
@@ -155,7 +155,7 @@ def _from_resolved(config: MethodConfig, data: dict, path: Path) -> MethodConfig
         if getattr(config, "routing", None):
             routed = [str(n) for n in resolved.get("routed", [])]
             changes["route_targets"] = None if routed == layers else routed
-        if hasattr(config, "slices"):
+        if config.supports_slices:
             changes["slices"] = {str(k): v for k, v in resolved.get("slices", {}).items()}
         placed = dataclasses.replace(config, **changes)
     placed.exact_names = True  # slices are looked up by exact name only (LoRAConfig.slice_spec)
@@ -263,13 +263,14 @@ def export_peft_lora(
     lead = prefix + "." if prefix else ""
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    conv1d = dora = False
+    flags: dict[str, Any] = {}
+    conv1d = False
     for path, layer in adapted_layers(module):
         if name not in layer.adapters:
             continue
         adapter = layer.adapters[name]
-        dora = hasattr(adapter, "dora_factors")
-        if not adapter.lora_reducible and not dora:
+        layer_tensors = adapter.peft_tensors(layer.base_layer)  # the method says what it writes
+        if layer_tensors is None:
             raise TypeError(
                 f"adapter {name!r} at {path} ({type(adapter).__name__}) cannot be written as a plain "
                 "peft LoRA (its update is nonlinear or depends on the input)"
@@ -277,19 +278,15 @@ def export_peft_lora(
         if not path.startswith(lead):
             raise ValueError(f"layer {path} is outside the backbone prefix {prefix!r}")
         rel = path[len(lead) :]
-        if dora:  # peft's DoRA layer with α = r: A, s·B and the magnitude
-            a, b, magnitude = adapter.dora_factors(layer.base_layer)
-            shape = (1, -1, 1, 1) if isinstance(layer.base_layer, nn.Conv2d) else (-1,)
-            tensors[f"{PEFT_PREFIX}{rel}.lora_magnitude_vector"] = magnitude.reshape(shape)
-        else:
-            a, b = adapter.lora_factors(layer.base_layer)
-        if a.shape[0] == 0:
+        rank = layer_tensors["lora_A.weight"].shape[0]
+        if rank == 0:
             continue  # a rank-0 layer (Null-LoRA without null space) changes nothing
         # peft's saved-state names: the PeftModel prefix, the layer, lora_A / lora_B without the
         # adapter name (what ``get_peft_model_state_dict`` writes and ``from_pretrained`` reads)
-        tensors[f"{PEFT_PREFIX}{rel}.lora_A.weight"] = a
-        tensors[f"{PEFT_PREFIX}{rel}.lora_B.weight"] = b
-        ranks[rel] = a.shape[0]
+        for suffix, tensor in layer_tensors.items():
+            tensors[f"{PEFT_PREFIX}{rel}.{suffix}"] = tensor
+        ranks[rel] = rank
+        flags.update(adapter.peft_flags)
         conv1d |= is_conv1d(layer.base_layer)
     if not ranks:
         raise ValueError(f"adapter {name!r} has no layer with a nonzero rank: nothing to export")
@@ -315,7 +312,7 @@ def export_peft_lora(
     write_safetensors(Path(directory) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     write_json(
         Path(directory) / CONFIG_NAME,
-        peft_lora_config(ranks, conv1d, owners, base_model_name_or_path, use_dora=dora),
+        peft_lora_config(ranks, conv1d, owners, base_model_name_or_path, **flags),
     )
 
 
@@ -324,10 +321,11 @@ def peft_lora_config(
     fan_in_fan_out: bool,
     modules_to_save: list[str],
     base_model: str | None,
-    use_dora: bool = False,
+    **flags: Any,
 ) -> dict[str, Any]:
     """peft's own ``LoraConfig`` of an export, as the dict its ``save_pretrained`` writes: each layer
-    a LoRA (a DoRA with ``use_dora``) of its own rank with α = rank (the scale is folded into B)."""
+    a LoRA of its own rank with α = rank (the scale is folded into B); ``flags`` are the methods'
+    own ``LoraConfig`` fields (DoRA: ``use_dora=True``)."""
     from peft import LoraConfig  # heavy and optional: only the peft export needs it
 
     top = max(ranks.values())
@@ -342,9 +340,9 @@ def peft_lora_config(
         bias="none",
         modules_to_save=modules_to_save or None,
         init_lora_weights=True,
-        use_dora=use_dora,
         base_model_name_or_path=base_model,
         inference_mode=True,
+        **flags,
     )
     data = config.to_dict()
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}

@@ -41,10 +41,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .adapters import LoRAConfig
+from .adapters import LayerwiseConfig, LoRAConfig
 from .adapters.base import AdaptedLayer, AdapterModule, adapted_layers, adapter_configs, is_conv1d
 from .inject import add_adapter
-from .peft_import import LayerwiseConfig
 
 __all__ = ["MERGE_METHODS", "combine", "merge_task_adapters"]
 

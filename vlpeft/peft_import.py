@@ -14,14 +14,16 @@ error here: a pattern key that matches no module, a targeted module that gets no
 classic silent failure of a checkpoint written with another prefix), a tensor that belongs to no
 targeted module, a ``lora_B`` of zeros.
 
-:class:`LayerwiseConfig` (method ``layerwise``) is a method config with per-layer ranks and
-alphas — what a peft ``rank_pattern``/``alpha_pattern`` gives, and what a merge at per-layer ranks
-(:mod:`vlpeft.merge`) needs; it saves and reloads like every method.
+Which vlpeft method a checkpoint becomes is the methods' answer, not a name here: each method
+config that loads peft checkpoints says which ``LoraConfig`` flags select it (``peft_flags``:
+LoRA ``use_dora`` false, DoRA true) and which tensors each layer has in the file
+(``peft_layer_tensors``). A layer of its own rank or alpha makes the adapter a
+:class:`~vlpeft.adapters.LayerwiseConfig` (method ``layerwise``, in ``vlpeft/adapters/layerwise.py``;
+importable from here as before).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -33,70 +35,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapters import DoRAConfig, LoRAConfig
-from .adapters.base import AdaptedLayer, AdapterModule, MethodConfig, register_method
+from .adapters import LayerwiseConfig
+from .adapters.base import METHODS, AdaptedLayer, MethodConfig
 from .checkpoint import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
 from .inject import add_adapter
 
-__all__ = ["LayerwiseConfig", "load_peft_lora", "plain_name", "matches_name"]
+__all__ = ["LayerwiseConfig", "load_peft_lora", "matches_name", "peft_method", "plain_name"]
 
 _PLAIN = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")  # our pattern: never a file's
-
-
-@register_method("layerwise")
-@dataclasses.dataclass
-class LayerwiseConfig(MethodConfig):
-    """A rank-based method (``lora`` or ``dora``) with a rank and an alpha per layer.
-
-    Args:
-        base: the method's config as a dict (``{"method": "lora", "r": 8, "alpha": 8, ...}``):
-            everything but the per-layer rank and alpha.
-        ranks: exact layer name → rank (layers not named take ``base``'s r).
-        alphas: exact layer name → alpha (layers not named take ``base``'s alpha).
-        targets: the exact layer names (a list; matched as names or dotted suffixes).
-
-    Example:
-        >>> import torch, vlpeft
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-        >>> cfg = LayerwiseConfig(targets=["0", "1"], base={"method": "lora", "r": 2},
-        ...                       ranks={"1": 1}, alphas={"1": 4.0})
-        >>> _ = vlpeft.add_adapter(net, cfg)
-        >>> net[1].adapters["default"].lora_A.shape, net[1].adapters["default"].scaling
-        (torch.Size([1, 4]), 4.0)
-    """
-
-    base: dict[str, Any] = dataclasses.field(default_factory=dict)
-    ranks: dict[str, int] = dataclasses.field(default_factory=dict)
-    alphas: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.base, dict) or self.base.get("method") not in ("lora", "dora"):
-            raise ValueError(
-                "LayerwiseConfig.base must be a 'lora' or 'dora' config dict, got "
-                f"{self.base.get('method') if isinstance(self.base, dict) else self.base!r}"
-            )
-        for key, value in self.ranks.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"LayerwiseConfig.ranks[{key!r}] must be an int >= 1, got {value!r}"
-                )
-        for key, value in self.alphas.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"LayerwiseConfig.alphas[{key!r}] must be a number, got {value!r}")
-        base = dict(self.base)
-        base.setdefault("targets", list(self.targets))
-        self._inner = MethodConfig.from_dict(base, where="LayerwiseConfig.base")
-
-    def layer_config(self, layer_name: str) -> MethodConfig:
-        """The method config of one layer: the base with that layer's rank and alpha."""
-        inner = self._inner
-        r = self.ranks.get(layer_name, inner.r)
-        alpha = float(self.alphas.get(layer_name, inner.alpha))
-        return dataclasses.replace(inner, r=r, alpha=alpha)
-
-    def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
-        return self.layer_config(layer_name).build(base_layer, layer_name)
 
 
 def plain_name(key: Any, where: str) -> str:
@@ -215,6 +161,24 @@ def _first_match(path: str, keys: list[str]) -> str | None:
     return next((k for k in keys if matches_name(path, k)), None)
 
 
+def peft_method(data: dict[str, Any], where: str = "peft config") -> type[MethodConfig]:
+    """The registered method a peft LoRA config's flags select: the one whose ``peft_flags`` all
+    equal the file's (``use_dora`` false: LoRA, true: DoRA); an absent flag reads as false."""
+    found = [
+        cls
+        for _, cls in METHODS.items()
+        if cls.peft_flags is not None
+        and all(bool(data.get(key)) == bool(value) for key, value in cls.peft_flags.items())
+    ]
+    if len(found) != 1:
+        flags = {k: data.get(k) for _, c in METHODS.items() for k in (c.peft_flags or {})}
+        raise ValueError(
+            f"{where}: peft flags {flags} select {[c.method for c in found] or 'no'} vlpeft method "
+            "(exactly one must load the checkpoint)"
+        )
+    return found[0]
+
+
 def load_peft_lora(
     module: nn.Module,
     directory: str | os.PathLike,
@@ -227,7 +191,7 @@ def load_peft_lora(
     α/√r), ``use_dora``, ``lora_dropout`` and ``modules_to_save`` (their tensors are copied into
     the module and declared trainable by the new adapter, as vlpeft's own trainable extras) are
     honoured; ``fan_in_fan_out`` follows the layer type, as peft corrects it. A layer of its own
-    rank or alpha makes the adapter a :class:`LayerwiseConfig`; otherwise it is a plain
+    rank or alpha makes the adapter a :class:`~vlpeft.adapters.LayerwiseConfig`; otherwise it is a plain
     ``LoRAConfig``/``DoRAConfig`` whose targets are the exact layer names. Nothing is changed
     before every check has passed.
 
@@ -254,24 +218,24 @@ def load_peft_lora(
     where = f"{type(backbone).__name__}" + (f" (prefix {prefix!r})" if prefix else "")
     modules = _modules(backbone)
 
+    method = peft_method(data, str(cfg_path))
     saved = _keys(data, "modules_to_save", cfg_path)
     layers = _targeted(data, modules, saved, cfg_path, where)
     ranks, alphas = _layer_ranks(data, layers, cfg_path)
-    state, extra_tensors = _split_tensors(tensors, layers, bool(data.get("use_dora")), directory)
-    _check_layer_tensors(state, layers, ranks, bool(data.get("use_dora")), directory)
+    state, extra_tensors = _split_tensors(tensors, layers, method, directory)
+    _check_layer_tensors(state, layers, ranks, method, directory)
     extras = _modules_to_save(saved, modules, extra_tensors, lead, directory, where)
 
     params = {n for n, _ in module.named_parameters()}  # buffers are copied, not trained
     trained = [n for n in extras if n in params]
-    config = _vlpeft_config(data, layers, ranks, alphas, lead, trained)
+    config = _vlpeft_config(data, method, layers, ranks, alphas, lead, trained)
     add_adapter(module, config, name)
     with torch.no_grad():
         for rel in layers:
             adapter = module.get_submodule(lead + rel).adapters[name]
-            adapter.lora_A.copy_(state[rel]["lora_A"])
-            adapter.lora_B.copy_(state[rel]["lora_B"])
-            if "magnitude" in state[rel]:
-                adapter.magnitude.copy_(state[rel]["magnitude"].reshape(adapter.magnitude.shape))
+            for suffix, attr in method.peft_layer_tensors.items():
+                target = getattr(adapter, attr)  # a DoRA conv's magnitude: (1, out, 1, 1) in peft
+                target.copy_(state[rel][suffix].reshape(target.shape))
         for full, tensor in extras.items():
             _tensor_of(module, full).copy_(tensor)
     return module
@@ -340,57 +304,56 @@ def _layer_ranks(data: dict, layers: dict, path: Path) -> tuple[dict[str, int], 
     return ranks, alphas
 
 
-_LAYER_SUFFIXES = {
-    ".lora_A.weight": "lora_A",
-    ".lora_B.weight": "lora_B",
-    ".lora_magnitude_vector": "magnitude",
-}
-
-
 def _split_tensors(
-    tensors: dict[str, torch.Tensor], layers: dict, dora: bool, directory: Path
+    tensors: dict[str, torch.Tensor], layers: dict, method: type[MethodConfig], directory: Path
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """(layer → its lora tensors, relative name → every other tensor)."""
+    """(layer → its tensors by suffix, relative name → every other tensor). A layer tensor of
+    another method (DoRA's magnitude in a plain LoRA) is an error naming that method."""
     where = directory / WEIGHTS_NAME
+    owner = {s: name for name, c in METHODS.items() for s in c.peft_layer_tensors}
+    owner.update(dict.fromkeys(method.peft_layer_tensors, method.method))
     state: dict[str, dict[str, torch.Tensor]] = {}
     others: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"{where}: tensor {key!r} does not start with {PEFT_PREFIX!r}")
         rel = key[len(PEFT_PREFIX) :]
-        kind = next((k for s, k in _LAYER_SUFFIXES.items() if rel.endswith(s)), None)
-        if kind is None:
+        suffix = next((s for s in owner if rel.endswith("." + s)), None)
+        if suffix is None:
             if ".lora_" in rel:
                 raise ValueError(f"{where}: tensor {key!r} is of a LoRA kind vlpeft does not load")
             others[rel] = tensor
             continue
-        layer = rel[: -len(next(s for s, k in _LAYER_SUFFIXES.items() if k == kind))]
+        layer = rel[: -len(suffix) - 1]
         if layer not in layers:
             raise ValueError(
                 f"{where}: tensor {key!r} is for module {layer!r}, which target_modules does not "
                 "name in this model"
             )
-        if kind == "magnitude" and not dora:
-            raise ValueError(f"{where}: tensor {key!r} is DoRA's but the config has no use_dora")
-        state.setdefault(layer, {})[kind] = tensor
+        if suffix not in method.peft_layer_tensors:
+            flags = METHODS.get(owner[suffix]).peft_flags
+            raise ValueError(
+                f"{where}: tensor {key!r} is {owner[suffix]!r}'s but the config has no {flags} "
+                f"(it loads as {method.method!r})"
+            )
+        state.setdefault(layer, {})[suffix] = tensor
     return state, others
 
 
 def _check_layer_tensors(
-    state: dict, layers: dict, ranks: dict, dora: bool, directory: Path
+    state: dict, layers: dict, ranks: dict, method: type[MethodConfig], directory: Path
 ) -> None:
     where = directory / WEIGHTS_NAME
     for rel, base in layers.items():
         got = state.get(rel, {})
-        needed = ["lora_A", "lora_B"] + (["magnitude"] if dora else [])
-        missing = [k for k in needed if k not in got]
+        missing = [s for s in method.peft_layer_tensors if s not in got]
         if missing:
             raise ValueError(
-                f"{where}: module {rel!r} gets no {missing[0]} tensor (expected key "
-                f"{PEFT_PREFIX}{rel}{next(s for s, k in _LAYER_SUFFIXES.items() if k == missing[0])}"
-                "; a checkpoint written with another prefix?)"
+                f"{where}: module {rel!r} gets no {method.peft_layer_tensors[missing[0]]} tensor "
+                f"(expected key {PEFT_PREFIX}{rel}.{missing[0]}; a checkpoint written with "
+                "another prefix?)"
             )
-        a, b, r = got["lora_A"], got["lora_B"], ranks[rel]
+        a, b, r = got["lora_A.weight"], got["lora_B.weight"], ranks[rel]
         a_shape, b_shape, out = _expected_shapes(base, r, rel)
         for key, tensor, shape in (("lora_A", a, a_shape), ("lora_B", b, b_shape)):
             if tuple(tensor.shape) != shape:
@@ -398,9 +361,10 @@ def _check_layer_tensors(
                     f"{where}: {PEFT_PREFIX}{rel}.{key}.weight has shape {tuple(tensor.shape)}, "
                     f"expected {shape} (rank {r} from the config, the layer's sizes)"
                 )
-        if dora and got["magnitude"].numel() != out:
+        magnitude = got.get("lora_magnitude_vector")  # peft's DoRA: one value per output
+        if magnitude is not None and magnitude.numel() != out:
             raise ValueError(
-                f"{where}: {rel}.lora_magnitude_vector has {got['magnitude'].numel()} values, "
+                f"{where}: {rel}.lora_magnitude_vector has {magnitude.numel()} values, "
                 f"expected {out} (one per output)"
             )
         if not torch.any(b):
@@ -469,13 +433,18 @@ def _modules_to_save(
 
 
 def _vlpeft_config(
-    data: dict, layers: dict, ranks: dict, alphas: dict, lead: str, trained: list[str]
+    data: dict,
+    cls: type[MethodConfig],
+    layers: dict,
+    ranks: dict,
+    alphas: dict,
+    lead: str,
+    trained: list[str],
 ) -> MethodConfig:
-    """The adapter's config: targets the exact layer names, ``trained`` (parameters of the
-    modules_to_save modules) declared trainable by exact name."""
+    """The adapter's config of method ``cls``: targets the exact layer names, ``trained``
+    (parameters of the modules_to_save modules) declared trainable by exact name."""
     targets = [lead + rel for rel in layers]
     trainable = [f"^{re.escape(n)}$" for n in trained]
-    cls = DoRAConfig if data.get("use_dora") else LoRAConfig
     dropout = float(data.get("lora_dropout") or 0.0)
     pairs = {(ranks[rel], alphas[rel]) for rel in layers}
     if len(pairs) == 1:

@@ -18,6 +18,7 @@ from .base import (
 )
 from .dora import DoRAConfig
 from .flora import FLoRAConfig
+from .layerwise import LayerwiseConfig
 from .lora import LoRAConfig
 from .nulllora import NullLoRAConfig
 from .resora import ReSoRAConfig
@@ -30,6 +31,7 @@ __all__ = [
     "AdapterModule",
     "DoRAConfig",
     "FLoRAConfig",
+    "LayerwiseConfig",
     "LoRAConfig",
     "MethodConfig",
     "NullLoRAConfig",

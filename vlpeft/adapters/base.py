@@ -101,6 +101,16 @@ class MethodConfig(Config):
     # which default module kinds of a backbone family the method takes (``VLModel.default_kinds``):
     # "lora" — the projections (q, v); "adapter" — the sublayer outputs (o, ffn_out)
     placement: ClassVar[str] = "lora"
+    # whether the method adapts chosen equal parts of a fused projection's output (a ``slices``
+    # field): a backbone with a fused q|k|v asks before placing q and v alone
+    supports_slices: ClassVar[bool] = False
+    # whether the config has ``r`` and ``alpha`` that LayerwiseConfig may set per layer
+    layerwise_rank: ClassVar[bool] = False
+    # how a peft LoRA checkpoint of this method looks (vlpeft.load_peft_lora): the peft
+    # ``LoraConfig`` flags that select it (None: no peft checkpoint loads as this method), and each
+    # layer's tensors, by their suffix in the file, → the adapter module's tensor they load into
+    peft_flags: ClassVar[dict[str, Any] | None] = None
+    peft_layer_tensors: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -118,6 +128,17 @@ class MethodConfig(Config):
     def after_injection(self, adapters: dict[str, AdapterModule]) -> None:
         """Called by ``add_adapter`` with every layer path → adapter built (a method may report
         or refuse what it built); nothing by default."""
+
+    def deepspeed_problem(self, zero_stage: int) -> str | None:
+        """Why this method cannot train under DeepSpeed ZeRO stage ``zero_stage`` (a sentence the
+        launcher puts in its error), or None when it can; None by default.
+
+        Example:
+            >>> from vlpeft import DoRAConfig, LoRAConfig
+            >>> LoRAConfig(targets=["q"]).deepspeed_problem(3), DoRAConfig(targets=["q"]).deepspeed_problem(2)
+            (None, None)
+        """
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -181,6 +202,25 @@ class AdapterModule(nn.Module):
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in peft's shapes with the scale folded in: ΔW = B·A (LoRA-reducible methods)."""
         raise TypeError(f"{type(self).__name__} cannot be written as a plain LoRA")
+
+    # peft ``LoraConfig`` flags an export of this adapter sets (DoRA: ``use_dora``)
+    peft_flags: ClassVar[dict[str, Any]] = {}
+
+    def peft_tensors(self, base_layer: nn.Module) -> dict[str, torch.Tensor] | None:
+        """This layer in a peft LoRA checkpoint: tensor suffix after the layer's name
+        (``lora_A.weight``, ``lora_B.weight``, …) → tensor, the scale folded into B (peft's α = r);
+        None when the update cannot be written so (nonlinear, or input-dependent). Default: the
+        :meth:`lora_factors` of a LoRA-reducible adapter."""
+        if not self.lora_reducible:
+            return None
+        a, b = self.lora_factors(base_layer)
+        return {"lora_A.weight": a, "lora_B.weight": b}
+
+    @property
+    def slice_spec(self) -> dict | None:
+        """``{"parts": P, "use": [i, ...]}`` when the adapter covers only those equal parts of a
+        fused projection's output (LoRA ``slices``; saved with a checkpoint), else None."""
+        return None
 
     def weight_components(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(Aᵀ (d_in, r), B (d_out, r)) of the weight-level rank-1 components ΔW = Σ_i b_i a_iᵀ."""

@@ -25,7 +25,7 @@ adapters before it produced, as in peft.
 DoRA is mergeable: W' is folded into the base weight; since ΔW = W' − W0 depends on W0, merging
 keeps the norm n it used (one vector per layer) so that unmerging restores W0. It is not a plain
 LoRA (ΔW = (m/n − 1)⊙W0 + (m/n)⊙s·B·A is full-rank): the peft export writes it with
-``use_dora: true`` (:meth:`DoRALinear.dora_factors`). Supported base layers: ``nn.Linear``,
+``use_dora: true`` (:meth:`DoRALinear.peft_tensors`). Supported base layers: ``nn.Linear``,
 transformers' ``Conv1D`` and ``nn.Conv2d`` (groups = 1, zero padding), as LoRA's.
 """
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,14 @@ class DoRAConfig(MethodConfig):
     alpha: float | None = None
     dropout: float = 0.0
 
+    layerwise_rank: ClassVar[bool] = True
+    peft_flags: ClassVar[dict[str, Any] | None] = {"use_dora": True}
+    peft_layer_tensors: ClassVar[dict[str, str]] = {
+        "lora_A.weight": "lora_A",
+        "lora_B.weight": "lora_B",
+        "lora_magnitude_vector": "magnitude",
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.r < 1:
@@ -79,6 +88,14 @@ class DoRAConfig(MethodConfig):
             self.alpha = float(self.r)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DoRAConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    def deepspeed_problem(self, zero_stage: int) -> str | None:
+        if zero_stage == 3:
+            return (
+                "ZeRO-3 partitions the base weights, and DoRA reads the whole W0 at every forward "
+                "for its norm: use ZeRO-2"
+            )
+        return None
 
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
         if isinstance(base_layer, nn.Conv2d):
@@ -188,6 +205,19 @@ class _DoRA(AdapterModule):
         """(A, s·B, m) in peft's shapes (A and B as LoRA's, m one value per output): what peft's
         ``use_dora`` layer holds with α = r."""
         return self.lora_A, self.lora_B * self.scaling, self.magnitude
+
+    peft_flags: ClassVar[dict[str, Any]] = {"use_dora": True}
+
+    def peft_tensors(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """peft's DoRA layer with α = r: A, s·B and the magnitude (peft keeps a conv's as
+        (1, out, 1, 1))."""
+        a, b, magnitude = self.dora_factors(base_layer)
+        shape = (1, -1, 1, 1) if isinstance(base_layer, nn.Conv2d) else (-1,)
+        return {
+            "lora_A.weight": a,
+            "lora_B.weight": b,
+            "lora_magnitude_vector": magnitude.reshape(shape),
+        }
 
     def weight_components(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The rank-1 components of the directional update, scaled as in the output:

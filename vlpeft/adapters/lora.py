@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,14 @@ class LoRAConfig(RoutableConfig):
     dropout: float = 0.0
     slices: dict[str, dict] = dataclasses.field(default_factory=dict)
     mapping_rank: int | None = None
+
+    supports_slices: ClassVar[bool] = True
+    layerwise_rank: ClassVar[bool] = True
+    peft_flags: ClassVar[dict[str, Any] | None] = {"use_dora": False}
+    peft_layer_tensors: ClassVar[dict[str, str]] = {
+        "lora_A.weight": "lora_A",
+        "lora_B.weight": "lora_B",
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -156,6 +165,12 @@ class LoRALinear(AdapterModule):
     @property
     def rank(self) -> int:
         return self.r * self.n_slices
+
+    @property
+    def slice_spec(self) -> dict | None:
+        if self.slice_index is None:
+            return None
+        return {"parts": self.d_out // self.width, "use": self.slice_index}
 
     def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         """A·dropout(x): (..., S·r)."""

@@ -105,7 +105,7 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
         """LoRA: q and v (Sec. 2.1, as slices of c_attn); a LoRA-like method without slices
         (Null-LoRA, FLoRA): the whole c_attn."""
         kinds = super().default_kinds_for(config)
-        if config.placement == "lora" and not hasattr(config, "slices"):
+        if config.placement == "lora" and not config.supports_slices:
             return ("qkv",)
         return kinds
 
@@ -115,7 +115,7 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
         parts = [i for i, kind in enumerate(("q", "k", "v")) if kind in kinds]
         if "decoder" not in components or "qkv" in kinds or not parts or parts == [0, 1, 2]:
             return {}
-        if not hasattr(config, "slices"):
+        if not config.supports_slices:
             raise ValueError(
                 f"gpt2-vit: kinds {[k for k in kinds if k in 'qkv']} adapt parts of GPT-2's fused "
                 f"c_attn, which only LoRA can (slices); use kind 'qkv' for {config.method}"
