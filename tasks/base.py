@@ -13,14 +13,21 @@ itself, so adding a task is one file and one registry entry:
 - ``submission``: the official submission file of its predictions;
 - ``baseline``: its no-image baseline (scored like a model);
 - ``input_texts`` / ``answers``: the text it feeds the model and its training answers (the text
-  warm start, the answer vocabulary of a classifier).
+  warm start, the answer vocabulary of a classifier);
+- ``path_options``: which of its ``options`` name files (the router resolves them).
+
+The registry finds the task files itself (:func:`load_task_modules`): there is no list to edit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 import logging
+import pkgutil
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,8 +48,41 @@ class DataError(ValueError):
 
 TASKS: Registry = Registry("task reader", attribute="name", error=DataError)
 register_task = TASKS.register
-list_tasks = TASKS.names
-get_task = TASKS.get
+
+# a task module is one with a class decorated at its top level: no list of task files to edit
+_DEFINES_A_TASK = re.compile(r"^@register_task\(", re.MULTILINE)
+
+
+@functools.cache
+def load_task_modules() -> tuple[str, ...]:
+    """Imports every module of this package that defines a task, so the registry holds them all.
+
+    A task module is found by its source (a line starting ``@register_task(``), read without
+    importing anything else: the package's other modules (router, synthetic, check, …) stay
+    unimported. Adding a task is adding its file.
+
+    Returns:
+        The names of the task modules, e.g. ``("tasks.caption", …, "tasks.vqa")``.
+    """
+    folder = Path(__file__).parent
+    found = []
+    for info in pkgutil.iter_modules([str(folder)]):
+        source = folder / (f"{info.name}/__init__.py" if info.ispkg else f"{info.name}.py")
+        if source.is_file() and _DEFINES_A_TASK.search(source.read_text(encoding="utf-8")):
+            found.append(importlib.import_module(f"{__package__}.{info.name}").__name__)
+    return tuple(found)
+
+
+def list_tasks() -> list[str]:
+    """The registered tasks' names (every task file of this package, and any registered since)."""
+    load_task_modules()
+    return TASKS.names()
+
+
+def get_task(name: str) -> type[Task]:
+    """The task class registered as ``name``; an unknown name is a DataError naming the nearest."""
+    load_task_modules()
+    return TASKS.get(name)
 
 
 # -- careful reading ------------------------------------------------------------------------------
@@ -203,6 +243,8 @@ class Task:
         metric: the name of the headline score.
         submission_format: ``json`` or ``csv``, the official submission file's format.
         default_prompt: the task prompt prepended to its text.
+        path_options: the ``options`` that name files (relative paths are resolved against the
+            router YAML's folder, like ``root``), e.g. VQA's ``("karpathy",)``.
     """
 
     name: ClassVar[str] = ""
@@ -211,6 +253,7 @@ class Task:
     metric: ClassVar[str] = "accuracy"
     submission_format: ClassVar[str] = "json"
     default_prompt: ClassVar[str] = ""
+    path_options: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

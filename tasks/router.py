@@ -1,10 +1,12 @@
 """The task router: each task's reader, prompt, batches, adapter set and routing function.
 
 Configured in YAML (``tasks:`` of the training config, or the ``tasks.yaml`` the synthetic set
-writes): one entry per task, the fields of :class:`tasks.base.TaskConfig`. Relative paths are
-resolved against the YAML file's folder. ``adapter`` names the adapter set the task trains (the
-same name for several tasks = shared); ``routing`` switches the routing function of the active
-routed adapters when the task is activated (the per-task combinations of Qu et al.).
+writes): one entry per task, the fields of :class:`tasks.base.TaskConfig`; ``reader`` names a
+registered task (:func:`tasks.base.list_tasks`: every task file of the package). Relative paths —
+``root``, ``images``, ``features`` and the options a task names in ``path_options`` — are resolved
+against the YAML file's folder. ``adapter`` names the adapter set the task trains (the same name
+for several tasks = shared); ``routing`` switches the routing function of the active routed
+adapters when the task is activated (the per-task combinations of Qu et al.).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import yaml
 import vlpeft
 from vlpeft.adapters.routing import set_routing
 
-from . import caption, gqa, nlvr2, retrieval, vqa  # noqa: F401  (each registers its task)
 from .base import DataError, Task, TaskConfig, TaskDataset, get_task, image_transform
 from .features import FeatureCache, builder_of
 
@@ -31,6 +32,11 @@ def load_yaml(path: str | Path) -> Any:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise DataError(f"{path}: malformed YAML ({err})") from None
+
+
+def resolve_paths(options: dict, path_options, base: Path) -> dict:
+    """``options`` with those named in ``path_options`` (a task's) resolved against ``base``."""
+    return {k: str(base / v) if k in path_options else v for k, v in options.items()}
 
 
 class TaskRouter:
@@ -70,11 +76,8 @@ class TaskRouter:
             config.root = str(base / config.root)
             config.images = str(base / config.images) if config.images else ""
             config.features = str(base / config.features) if config.features else None
-            options = dict(config.options)
-            if "karpathy" in options:
-                options["karpathy"] = str(base / options["karpathy"])
-            config.options = options
-            get_task(config.reader)  # an unknown reader fails here, naming the task
+            task = get_task(config.reader)  # an unknown reader fails here, naming the task
+            config.options = resolve_paths(config.options, task.path_options, base)
             configs[name] = config
         return cls(configs)
 

@@ -68,6 +68,7 @@ class VQA(Task):
     needs = "answer"
     predicts = "generate"
     default_prompt = "vqa:"
+    path_options = ("karpathy",)
 
     def read_split(self, split: str) -> list[dict]:
         if split.startswith("karpathy_"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.base import DataError, TaskConfig
+from tasks.base import DataError, TaskConfig, get_task, list_tasks, load_task_modules
 from tasks.router import TaskRouter, take
 from tasks.sampler import MultitaskSampler, SamplerConfig
 from tasks.synthetic import generate
@@ -133,6 +133,28 @@ def vqa_task(root, **kw):
         **kw,
     }
     return TaskRouter.from_dict({"vqa": config}, root)["vqa"]
+
+
+def test_the_registry_holds_every_task_file_of_the_package():
+    """Task modules are found by scanning the package (no list to edit); modules that define no
+    task are not among them."""
+    modules = load_task_modules()
+    assert modules == tuple(sorted({get_task(name).__module__ for name in list_tasks()}))
+    assert not {"tasks.router", "tasks.synthetic", "tasks.check", "tasks.base"} & set(modules)
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_path_options_are_resolved_against_the_yaml_folder(name, tmp_path):
+    """Every option a task declares as a path is resolved like ``root``; other options are not."""
+    task = get_task(name)
+    options = {key: "some/file.json" for key in task.path_options} | {"other": "as/is"}
+    router = TaskRouter.from_dict(
+        {name: {"reader": name, "root": ".", "options": options}}, tmp_path
+    )
+    resolved = router[name].config.options
+    assert resolved == {key: str(tmp_path / "some/file.json") for key in task.path_options} | {
+        "other": "as/is"
+    }
 
 
 def test_soft_score_is_the_leave_one_out_average():
