@@ -16,9 +16,15 @@ it, which carries the *forward context* of this layer — nothing about a forwar
 - ``layer.recorder``: ReSoRA's recorder when enabled; ``layer.record(adapter, z, b)`` hands it the
   rank-1 components of a call (training mode with grad only, never a recompute).
 
-A mergeable method also gives ``delta_weight`` (the dense ΔW in the base weight's shape); a
-LoRA-reducible one gives ``lora_factors`` (A, B) with ΔW = B·A, which is what the peft export
-writes; ``weight_components`` gives the weight-level rank-1 components ReSoRA can penalise.
+A mergeable method gives ``delta_weight`` (the dense ΔW in the base weight's shape); a
+LoRA-reducible one gives ``lora_factors`` (A, B) with ΔW = B·A, from which the base class builds
+``delta_weight`` and ``peft_tensors`` (what the peft export writes), so only a method whose ΔW is
+not B·A (DoRA, FLoRA on a conv) writes its own; ``weight_components`` gives the weight-level
+rank-1 components ReSoRA can penalise.
+
+Code outside a method's file asks the method, never its name: ``supports_slices``,
+``deepspeed_problem(zero_stage)``, ``peft_flags``/``peft_layer_tensors`` on the config class;
+``peft_tensors(base_layer)``, ``peft_flags`` and ``slice_spec`` on the adapter module.
 """
 
 from __future__ import annotations
@@ -185,8 +191,17 @@ class AdapterModule(nn.Module):
         raise NotImplementedError
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        """Dense ΔW in the base weight's shape (mergeable methods only)."""
-        raise TypeError(f"{type(self).__name__} is not mergeable: its update is not a weight delta")
+        """Dense ΔW in the base weight's shape (mergeable methods only). Default: B·A from
+        :meth:`lora_factors` of a LoRA-reducible adapter — (out, in) for a Linear, (in, out) for a
+        Conv1D, (out, in, kh, kw) for a Conv2d (A a conv to r channels, B a 1×1 conv); a method
+        whose ΔW is not B·A (DoRA, FLoRA on a conv) overrides it."""
+        if not self.lora_reducible:
+            raise TypeError(
+                f"{type(self).__name__} is not mergeable: its update is not a weight delta"
+            )
+        a, b = self.lora_factors(base_layer)
+        delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
+        return delta.T if is_conv1d(base_layer) else delta
 
     def merge_into(self, base_layer: nn.Module) -> None:
         """Folds this adapter into ``base_layer``'s weight (called without grad). Default: W += ΔW.

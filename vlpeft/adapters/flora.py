@@ -93,7 +93,6 @@ class FLoRALinear(AdapterModule):
         self.a_out = _factor(d_out, r_out, **kw)
         self.core = nn.Parameter(torch.zeros(r_in, r_out, **kw))
         self.s = config.scale
-        self.transposed = is_conv1d(base)
         self.routing = make_routing(config, layer_name, d_in)
         self.a_in_visual = None
         if self.routing is not None:
@@ -121,13 +120,6 @@ class FLoRALinear(AdapterModule):
 
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.a_in @ self.core).T, self.a_out * self.s
-
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        if self.routing is not None:
-            return super().delta_weight(base_layer)
-        a, b = self.lora_factors(base_layer)
-        delta = b @ a
-        return delta.T if self.transposed else delta
 
 
 class FLoRAConv2d(AdapterModule):

@@ -145,7 +145,6 @@ class LoRALinear(AdapterModule):
             n_slices = len(self.slice_index)
         self.r, self.n_slices, self.width, self.d_out = config.r, n_slices, width, d_out
         self.scaling = config.alpha / config.r
-        self.transposed = is_conv1d(base)
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.routing = make_routing(config, layer_name, d_in, n_slices)
         separate = self.routing is not None and self.routing.separate
@@ -267,13 +266,6 @@ class LoRALinear(AdapterModule):
             mid = self.lora_mid.view(self.n_slices, self.r, self.m)
             a = (mid @ a.view(self.n_slices, self.m, -1)).flatten(0, 1)
         return a, self._dense_b() * self.scaling
-
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        if self.routing is not None:
-            return super().delta_weight(base_layer)
-        a, b = self.lora_factors(base_layer)
-        delta = b @ a
-        return delta.T if self.transposed else delta
 
 
 class _RoutedLoRA(torch.autograd.Function):
@@ -413,7 +405,3 @@ class LoRAConv2d(AdapterModule):
 
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A, self.lora_B * self.scaling
-
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        a, b = self.lora_factors(base_layer)
-        return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])

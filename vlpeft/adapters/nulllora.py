@@ -332,7 +332,6 @@ class NullLoRALinear(AdapterModule):
                 setattr(self, name, nn.Parameter(tensor))
             else:  # no null space: no update and nothing to train (ZeRO-3 refuses empty params)
                 self.register_buffer(name, tensor)
-        self.transposed = is_conv1d(base)
         self.routing = make_routing(config, layer_name, d_in)
         self.lora_A_visual = None
         if self.routing is not None:
@@ -416,13 +415,6 @@ class NullLoRALinear(AdapterModule):
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         a = torch.cat([self.null_right, self.lora_A], dim=0) * self.scale[:, None]
         return a, self.up_columns()
-
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        if self.routing is not None:
-            return super().delta_weight(base_layer)
-        a, b = self.lora_factors(base_layer)
-        delta = b @ a
-        return delta.T if self.transposed else delta
 
 
 class _NullLoRAProduct(torch.autograd.Function):
