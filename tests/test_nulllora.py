@@ -1,13 +1,15 @@
 """Null-LoRA: the null-space facts of the paper on weights with a planted rank deficiency."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import perturb_adapters
 
 import vlpeft
-from vlpeft.adapters import NullLoRAConfig
+from vlpeft.adapters import NullLoRAConfig, nulllora_report
 from vlpeft.adapters import nulllora as nl
 
 
@@ -122,10 +124,18 @@ def test_svd_cache_is_keyed_by_content_and_skips_the_second_svd(tmp_path, monkey
 def test_rank_report_json_and_png(tmp_path):
     model = torch.nn.Sequential(planted(16, 16, 2), torch.nn.ReLU(), planted(16, 16, 0, seed=3))
     vlpeft.add_adapter(model, NullLoRAConfig(targets=["0", "2"], min_rank=2, max_rank=8))
-    rows = nl.write_rank_report(model, tmp_path)
+    rows = nulllora_report.write_rank_report(model, tmp_path)
     assert [r["rank"] for r in rows] == [4, 2]
     assert json.loads((tmp_path / "null_lora_ranks.json").read_text()) == rows
     assert (tmp_path / "null_lora_ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert nulllora_report.rank_report(model) == rows
+
+
+def test_importing_vlpeft_loads_no_plotting_library():
+    """The rank report's plot imports matplotlib when a plot is written, never at import time."""
+    code = "import sys, vlpeft; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_exports_as_a_plain_lora_of_rank_r(tmp_path):

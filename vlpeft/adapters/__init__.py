@@ -2,10 +2,11 @@
 
 The core — :mod:`.base` (the layer protocol, traversal, the method registry) and :mod:`.routing`
 (routing functions, x_R per model) — is imported by every method file; methods never import each
-other. :mod:`.resora` is the regulariser and its recorder.
+other. :mod:`.resora` is the regulariser and its recorder; :mod:`.nulllora_report` is Null-LoRA's
+rank report (JSON + plot) and :mod:`.layerwise` a per-layer rank/alpha wrapper of LoRA or DoRA.
 """
 
-from . import resora, routing
+from . import nulllora_report, resora, routing
 from .adapter import AdapterConfig
 from .base import (
     METHODS,
@@ -39,6 +40,7 @@ __all__ = [
     "RoutableConfig",
     "get_method",
     "list_methods",
+    "nulllora_report",
     "register_method",
     "resora",
     "routing",

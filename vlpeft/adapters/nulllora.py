@@ -15,7 +15,8 @@ of its corresponding pre-trained weight", with no clipping: the layer's rank is 
 h = min(left nullity, right nullity) (Û and V̂ᵀ have h columns/rows each). A nullity counts the
 singular values that are zero to the precision the weight is stored in, plus the structural null
 directions of a non-square W0 on that side. A layer with no null space gets rank 0: no update
-(our reading of what the paper implies; the report lists it).
+(our reading of what the paper implies; the rank report lists it:
+:func:`vlpeft.adapters.nulllora_report.rank_report`).
 
 "Zero to the storage precision": rounding every entry of W0 to a format with unit roundoff u
 perturbs it by E with ‖E‖₂ ≤ ‖E‖_F ≤ u·‖W0‖_F, so by Weyl's inequality a singular value that is
@@ -44,32 +45,27 @@ A, B, s (the same count, the same state-dict keys, the same training dynamics), 
 LoRA's: two GEMMs with the add folded into the second, y + (x·A_eqᵀ)·B_eqᵀ, inside one autograd
 function whose backward is written out (8 operators: gz = g·B_eq, grad x, G = gzᵀ·x, grad A = s₂∘G₂,
 grad s = rowsum(G∘[A_f; A]) as one bmm, grad B = Û·((g·Û)ᵀ·z₁) from gz's second half). A_eq and
-B_eq are built without autograd and cached until a parameter or basis changes: the key is each
-source tensor's storage address and version counter (an optimizer step, ``load_state_dict`` or
-``copy_`` bumps the counter; ``.to()``, deepcopy and ZeRO gathering give new storage), and the
-cache holds aliases of the sources it was built from, so a freed address cannot be reused by a
-new tensor and mistaken for the old one. Under autocast the cached factors are kept in the autocast
-dtype (no per-forward weight casts). Routed, recording and compiled forwards take the
+B_eq are built without autograd at every forward, in the compute dtype (autocast's when it is on),
+and never cached across forwards: a write through ``.data`` or another view of a parameter
+(DeepSpeed ZeRO-1/2's flat buffers, ``load_adapter``) changes neither its address nor its version
+counter, so no cheap key could tell a stale cache from a fresh one (:meth:`NullLoRALinear.factors`).
+Routed, recording and compiled forwards take the
 differentiable path (``bottleneck``/``up_columns``), which torch.compile fuses itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tensor_cache import cached, content_key
 from .base import (
     AdaptedLayer,
     AdapterModule,
-    adapted_layers,
     gathered,
     is_conv1d,
     linear_shape,
@@ -95,7 +91,7 @@ class NullLoRAConfig(RoutableConfig):
             the report's ``null_leak``).
         max_rank: None (default, the paper): no cap; an even number caps a layer's rank.
         cache_dir: directory caching each layer's null-space bases, keyed by the weight's content
-            (a second run skips the SVDs); None: no cache.
+            (a second run skips the SVDs; :mod:`vlpeft.tensor_cache`); None: no cache.
         routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`.
     """
 
@@ -272,38 +268,14 @@ def smallest_directions(basis: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _cache_key(w: torch.Tensor, config: NullLoRAConfig) -> str:
-    digest = hashlib.sha256(w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    digest.update(
-        json.dumps(
-            [list(w.shape), config.rtol, config.storage_dtype, config.min_rank, config.max_rank, 2]
-        ).encode()
-    )
-    return digest.hexdigest()[:32]
-
-
 def cached_null_space(w: torch.Tensor, config: NullLoRAConfig) -> dict:
-    """:func:`null_space`, read from / written to ``config.cache_dir`` when set."""
+    """:func:`null_space`, read from / written to ``config.cache_dir`` when set (keyed by W0's
+    content and the settings that change the result; :mod:`vlpeft.tensor_cache`)."""
     if config.cache_dir is None:
         return null_space(w, config)
-    from safetensors.torch import load_file, save_file
-
-    path = Path(config.cache_dir) / f"nullspace-{_cache_key(w, config)}.safetensors"
-    ints = ("left_nullity", "right_nullity", "half_rank")
-    floats = ("null_leak",)
-    if path.is_file():
-        data = load_file(str(path))
-        return {
-            k: (int(v) if k in ints else float(v) if k in floats else v) for k, v in data.items()
-        }
-    result = null_space(w, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(
-        {k: (torch.tensor(v) if k in ints + floats else v) for k, v in result.items()}, str(tmp)
-    )
-    os.replace(tmp, path)
-    return result
+    settings = [config.rtol, config.storage_dtype, config.min_rank, config.max_rank]
+    key = content_key(w, [list(w.shape), *settings, 2])  # 2: the layout of the entries
+    return cached(config.cache_dir, "nullspace", key, lambda: null_space(w, config))
 
 
 class NullLoRALinear(AdapterModule):
@@ -389,7 +361,7 @@ class NullLoRALinear(AdapterModule):
         return y + F.linear(z, b).to(y.dtype)
 
     def fused(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """y + (x·A_eqᵀ)·B_eqᵀ through :class:`_NullLoRAProduct` with the cached factors."""
+        """y + (x·A_eqᵀ)·B_eqᵀ through :class:`_NullLoRAProduct` with this call's factors."""
         f = self.factors(dtype)
         rows = x.to(dtype).reshape(-1, x.shape[-1])
         out = _NullLoRAProduct.apply(
@@ -419,7 +391,8 @@ class NullLoRALinear(AdapterModule):
 
 class _NullLoRAProduct(torch.autograd.Function):
     """out = y + (x·A_eqᵀ)·B_eqᵀ for 2-D x (N, d_in) and y (N, d_out), with the gradients of the
-    parameters A, B, s written out (the cached A_eq, [A_f; A], B_eq and Û are constants)."""
+    parameters A, B, s written out (A_eq, [A_f; A] and B_eq, built for this call, and Û are
+    constants)."""
 
     @staticmethod
     def forward(ctx, x, y, lora_a, lora_b, scale, a_cat, a_eq, b_eq, left):
@@ -444,50 +417,3 @@ class _NullLoRAProduct(torch.autograd.Function):
             grad_k = gz[:, h:].T @ z[:, :h]
             grad_b = left @ grad_k.to(left.dtype)
         return grad_x, g, grad_a, grad_b, grad_s, None, None, None, None
-
-
-def rank_report(module: nn.Module, name: str = "default") -> list[dict]:
-    """Per-layer Null-LoRA report: layer, shape, nullities, chosen rank, exact or near-null."""
-    rows = []
-    for _, layer in adapted_layers(module):
-        adapter = layer.adapters[name] if name in layer.adapters else None
-        if isinstance(adapter, NullLoRALinear):
-            rows.append(dict(adapter.report))
-    return rows
-
-
-def write_rank_report(
-    module: nn.Module, directory: str | os.PathLike, name: str = "default"
-) -> list[dict]:
-    """Writes ``null_lora_ranks.json`` and a PNG plot (rank and nullities per layer) to ``directory``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = rank_report(module, name)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "null_lora_ranks.json").write_text(json.dumps(rows, indent=2) + "\n")
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
-    xs = range(len(rows))
-    ax.bar(
-        xs,
-        [r["rank"] for r in rows],
-        color=["tab:green" if r["left_exact"] else "tab:orange" for r in rows],
-        label="chosen rank (green: exact null space, orange: near-null)",
-    )
-    ax.plot(
-        xs,
-        [min(r["left_nullity"], r["right_nullity"]) * 2 for r in rows],
-        "k.",
-        label="2 × min nullity",
-    )
-    ax.set_xticks(list(xs), [r["layer"] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("rank")
-    ax.set_title("Null-LoRA rank per layer")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(directory / "null_lora_ranks.png", dpi=120)
-    plt.close(fig)
-    return rows
