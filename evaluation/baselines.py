@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evaluation.metrics import random_ranking_recall
 from tasks.base import DataError
+from tasks.retrieval import random_ranking_recall
 from tasks.router import TaskRouter
 
 __all__ = ["baseline_scores", "baseline_summary", "random_ranking_recall"]

@@ -9,7 +9,8 @@ itself, so adding a task is one file and one registry entry:
 - ``needs``: the model capability it asks for (``answer``, ``caption``, ``choices``, ``retrieval``);
   a family without it is refused when the training config loads;
 - ``predict``: how predictions are made (``predicts``: generate / choices / classify / rank);
-- ``score``: which function of :mod:`evaluation.metrics` scores them, and the headline ``metric``;
+- ``score``: its official metric (a function in its file, named in :mod:`evaluation.metrics`;
+  task-free pieces from :mod:`evaluation.scoring`) and the headline ``metric``;
 - ``submission``: the official submission file of its predictions;
 - ``baseline``: its no-image baseline (scored like a model);
 - ``input_texts`` / ``answers``: the text it feeds the model and its training answers (the text

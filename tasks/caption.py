@@ -5,15 +5,24 @@
 images with all their reference captions. Images: ``<images>/<filepath>/<filename>`` (Flickr30k
 has no filepath). ``options.file`` picks the file (default ``dataset_coco.json``).
 
-Predictions: generated captions, scored by the COCO caption metrics (CIDEr the headline);
+Predictions: generated captions, scored by the COCO caption metrics (:func:`caption_scores`:
+pycocoevalcap's PTB tokenizer and BLEU-1..4, METEOR, ROUGE-L, CIDEr, all ×100; SPICE only when its
+Stanford CoreNLP models are present; CIDEr the headline);
 submission ``[{"image_id", "caption"}]``; baseline: the most frequent training caption.
 """
 
 from __future__ import annotations
 
-from evaluation import metrics
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
 
 from .base import DataError, Task, field, read_json, register_task
+
+log = logging.getLogger(__name__)
 
 SPLITS = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"}}
 
@@ -64,6 +73,90 @@ def karpathy_records(task: Task, split: str) -> list[dict]:
     ]
 
 
+# -- the COCO caption metrics (pycocoevalcap) ------------------------------------------------------
+def spice_available() -> bool:
+    """SPICE needs Stanford CoreNLP jars in pycocoevalcap's spice/lib (it would download them)."""
+    from pycocoevalcap.spice import spice
+
+    lib = Path(spice.__file__).parent / "lib"
+    return any(lib.glob("stanford-corenlp-*-models.jar"))
+
+
+def caption_scores(
+    predictions: dict, references: dict, spice: bool | None = None
+) -> dict[str, float]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when available), all ×100.
+
+    Args:
+        predictions: image id → generated caption.
+        references: image id → list of reference captions.
+        spice: ``None`` = when its models are present; ``True`` insists (an error without them).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    if set(predictions) != set(references):
+        raise ValueError("caption_scores: predictions and references cover different images")
+    bad = [k for k, c in predictions.items() if not isinstance(c, str)]
+    if bad:
+        raise ValueError(f"caption_scores: the caption of image {bad[0]!r} is not a string")
+    tokenizer = PTBTokenizer()
+    with _quiet():  # pycocoevalcap prints its own progress lines: the output stays ours
+        gts = tokenizer.tokenize(
+            {k: [{"caption": c} for c in refs] for k, refs in references.items()}
+        )
+        res = tokenizer.tokenize({k: [{"caption": c}] for k, c in predictions.items()})
+    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
+               (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]  # fmt: skip
+    if spice is None:
+        spice = spice_available()
+        if not spice:
+            log.info(
+                "SPICE skipped: Stanford CoreNLP models are not installed (it cannot download offline)"
+            )
+    if spice:
+        from pycocoevalcap.spice.spice import Spice
+
+        scorers.append((Spice(), ["SPICE"]))
+    scores = {}
+    for scorer, names in scorers:
+        with _quiet():
+            value, _ = scorer.compute_score(gts, res)
+        for name, v in zip(names, value if isinstance(value, list) else [value]):
+            scores[name] = 100 * float(v)
+    return scores
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keeps what a scorer prints to stdout and stderr — from Python or from the Java processes it
+    starts (file descriptors 1 and 2 point at a temporary file for the duration) — out of our
+    output; when the scorer fails, what it printed is logged with the error."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(sink):
+                yield
+        except BaseException:
+            sink.flush()
+            sink.seek(0)
+            log.error("caption scorer output:\n%s", sink.read()[-4000:])
+            raise
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 @register_task("caption")
 class Caption(Task):
     needs = "caption"
@@ -93,7 +186,7 @@ class Caption(Task):
         return [{"image_id": r["image_id"], "caption": c} for r, c in zip(records, predictions)]
 
     def score(self, records, predictions):
-        scores = metrics.caption_scores(
+        scores = caption_scores(
             {r["image_id"]: c for r, c in zip(records, predictions)},
             {r["image_id"]: r["captions"] for r in records},
         )

@@ -3,14 +3,14 @@
 ``<root>/<split>_balanced_questions.json`` → ``{question_id: {"imageId", "question", "answer",
 "fullAnswer", "types", …}}`` (``<split>``: train, val, testdev, test — whose questions have no
 answers: its submission goes to the evaluation server); images ``<images>/<imageId>.jpg``.
-Accuracy is exact match; papers report testdev_balanced. Submission ``[{"questionId",
-"prediction"}]``; baseline: the most frequent training answer. A classifier family trains on the
-answer as a one-hot soft score.
+Accuracy is exact match (:func:`evaluation.scoring.exact_match_accuracy`); papers report
+testdev_balanced. Submission ``[{"questionId", "prediction"}]``; baseline: the most frequent
+training answer. A classifier family trains on the answer as a one-hot soft score.
 """
 
 from __future__ import annotations
 
-from evaluation import metrics
+from evaluation.scoring import exact_match_accuracy
 
 from .base import DataError, Task, field, read_json, register_task
 
@@ -62,7 +62,7 @@ class GQA(Task):
         return [{"questionId": r["id"], "prediction": a} for r, a in zip(records, predictions)]
 
     def score(self, records, predictions):
-        accuracy = metrics.exact_match_accuracy(
+        accuracy = exact_match_accuracy(
             {r["id"]: a for r, a in zip(records, predictions)},
             {r["id"]: r["target"] for r in records},
         )

@@ -4,17 +4,16 @@
 "dev-850-0-0", "sentence", "label": "True"|"False", "directory"?}``. The left/right images are
 named from the identifier without its last field: ``dev-850-0-img0.png`` / ``-img1.png``, under
 ``<images>/<split>/`` (plus ``<directory>/`` when the record has one, as train does).
-The model predicts by comparing the ``"true"`` and ``"false"`` logits (``score_choices``); the
-submission is the official CSV ``identifier,True|False``; baseline: the more frequent training
-label for every statement.
+The model predicts by comparing the ``"true"`` and ``"false"`` logits (``score_choices``); scored by
+accuracy and consistency (:func:`nlvr2_scores`); the submission is the official CSV
+``identifier,True|False``; baseline: the more frequent training label for every statement.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-
-from evaluation import metrics
+from collections import defaultdict
 
 from .base import DataError, Task, field, most_common, read_jsonl, register_task
 
@@ -24,6 +23,28 @@ CHOICES = ("true", "false")
 def image_names(identifier: str) -> tuple[str, str]:
     stem = identifier.rsplit("-", 1)[0]
     return f"{stem}-img0.png", f"{stem}-img1.png"
+
+
+def nlvr2_scores(predictions: dict[str, bool], labels: dict[str, bool]) -> dict:
+    """NLVR² accuracy and consistency (% of sentences — identifiers minus the last field — whose
+    statements over all their image pairs are all right), 0–100."""
+    if set(predictions) != set(labels):
+        raise ValueError("nlvr2_scores: predictions and labels cover different identifiers")
+    if not labels:
+        raise ValueError("nlvr2_scores: no statements to score")
+    right = {k: predictions[k] == labels[k] for k in labels}
+    groups = defaultdict(list)
+    for identifier, ok in right.items():
+        parts = identifier.split("-")  # <split>-<set>-<pair>-<sentence>
+        if len(parts) < 4:
+            raise ValueError(
+                f"nlvr2_scores: identifier {identifier!r} is not <split>-<set>-<pair>-<sentence>"
+            )
+        groups[(parts[0], parts[1], parts[-1])].append(ok)
+    return {
+        "accuracy": 100 * sum(right.values()) / len(right),
+        "consistency": 100 * sum(all(g) for g in groups.values()) / len(groups),
+    }
 
 
 @register_task("nlvr2")
@@ -84,7 +105,7 @@ class NLVR2(Task):
         return said
 
     def score(self, records, predictions):
-        scores = metrics.nlvr2_scores(
+        scores = nlvr2_scores(
             {r["id"]: bool(p) for r, p in zip(records, predictions)},
             {r["id"]: bool(r["label"]) for r in records},
         )

@@ -5,20 +5,103 @@ Same files as :mod:`tasks.caption`. Training records are (image, caption) pairs 
 are images with their captions, scored as a gallery.
 
 Predictions rank the gallery: ITC similarities of every image and caption, and with ``itm_k`` BLIP's
-re-ranking of each direction's top k by the ITM head (:func:`evaluation.metrics.itm_rerank`).
-Scores: R@1/5/10 both ways and their means (``r_mean`` the headline); the submission lists each
-image's top-10 captions; the baseline is the exact expected recall of a uniformly random ranking.
+re-ranking of each direction's top k by the ITM head (:func:`itm_rerank`). Scores
+(:func:`retrieval_recall`): R@1/5/10 both ways and their means (``r_mean`` the headline); the
+submission lists each image's top-10 captions; the baseline is the exact expected recall of a
+uniformly random ranking (:func:`random_ranking_recall`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 
-from evaluation import metrics
+from evaluation.scoring import best_target_ranks, recall_at_k
 
 from .base import Task, register_task
 from .caption import karpathy_records
+
+
+# -- the official metric: R@K both ways ------------------------------------------------------------
+def retrieval_recall(
+    similarity, text_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)
+) -> dict:
+    """R@K image→text and text→image (0–100) and their means.
+
+    Args:
+        similarity: (n_images, n_texts) scores.
+        text_to_image: for each text, the index of its image.
+
+    Returns:
+        ``{"i2t_r1", …, "t2i_r1", …, "i2t_mean", "t2i_mean", "r_mean"}`` (image→text: a hit when
+        the best-ranked of the image's captions is within K). Ties with a wrong candidate count
+        against the model: a constant scorer gets 0.
+
+    Example:
+        >>> retrieval_recall(np.eye(2), [0, 1], ks=(1,))["r_mean"]
+        100.0
+    """
+    sim = np.asarray(similarity, dtype=np.float64)
+    owner = np.asarray(text_to_image)
+    bad = np.isnan(sim).any(1)
+    if bad.any():  # NaN ≥ x is False: NaN scores would rank first and give R@K = 100
+        raise ValueError(
+            f"retrieval_recall: {int(bad.sum())} of {len(sim)} image rows have NaN similarities "
+            "(a diverged model?); ±inf are scores, NaN is not"
+        )
+    if sim.shape[1] != len(owner):
+        raise ValueError(
+            f"retrieval_recall: {sim.shape[1]} texts but {len(owner)} text→image entries"
+        )
+    i2t = best_target_ranks(sim, [np.flatnonzero(owner == i) for i in range(sim.shape[0])])
+    t2i = best_target_ranks(sim.T, [np.array([i]) for i in owner])
+    out = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        out.update({f"{name}_r{k}": recall for k, recall in recall_at_k(ranks, ks).items()})
+    return with_recall_means(out, ks)
+
+
+def with_recall_means(recalls: dict, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Adds ``i2t_mean``, ``t2i_mean`` (over R@ks) and ``r_mean`` (their average) to ``recalls``."""
+    for name in ("i2t", "t2i"):
+        recalls[f"{name}_mean"] = float(np.mean([recalls[f"{name}_r{k}"] for k in ks]))
+    recalls["r_mean"] = (recalls["i2t_mean"] + recalls["t2i_mean"]) / 2
+    return recalls
+
+
+def random_ranking_recall(positives: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Expected recall (in %) of a uniformly random ranking, exactly: ``positives[i]`` = captions of
+    image i; t2i R@K = K/N images, i2t R@K = 1 − C(T − n, K) / C(T, K) for an image with n of the T
+    captions."""
+    images, texts = len(positives), sum(positives)
+    scores = {}
+    for k in ks:
+        kk = min(k, texts)
+        scores[f"i2t_r{k}"] = (
+            100
+            * sum(1 - math.comb(texts - n, kk) / math.comb(texts, kk) for n in positives)
+            / images
+        )
+        scores[f"t2i_r{k}"] = 100 * min(k, images) / images
+    return with_recall_means(scores, ks)
+
+
+def itm_rerank(similarity, itm: Callable[[int, np.ndarray], np.ndarray], k: int) -> np.ndarray:
+    """BLIP's re-ranking of one direction: for each row, the top-k columns by similarity get
+    ``itm(row, columns) + similarity`` and the rest ``-inf``.
+
+    Call it once per direction (image→text rows = images; text→image on the transposed matrix).
+    """
+    sim = np.asarray(similarity, dtype=np.float64)
+    out = np.full_like(sim, -np.inf)
+    k = min(k, sim.shape[1])
+    for row in range(sim.shape[0]):
+        top = np.argsort(-sim[row], kind="stable")[:k]
+        out[row, top] = np.asarray(itm(row, top), dtype=np.float64) + sim[row, top]
+    return out
 
 
 @register_task("retrieval")
@@ -78,14 +161,14 @@ class Retrieval(Task):
             return model.match(states, [texts[row]] * len(cols))[:, 1].float().cpu().numpy()
 
         return {
-            "i2t": metrics.itm_rerank(sim, itm_i2t, settings.itm_k),
-            "t2i": metrics.itm_rerank(sim.T, itm_t2i, settings.itm_k).T,
+            "i2t": itm_rerank(sim, itm_i2t, settings.itm_k),
+            "t2i": itm_rerank(sim.T, itm_t2i, settings.itm_k).T,
         }
 
     def score(self, records, predictions):
         _, owner = self.gallery_texts(records)
-        i2t = metrics.retrieval_recall(predictions["i2t"], owner)
-        t2i = metrics.retrieval_recall(predictions["t2i"], owner)
+        i2t = retrieval_recall(predictions["i2t"], owner)
+        t2i = retrieval_recall(predictions["t2i"], owner)
         scores = {k: v for k, v in i2t.items() if k.startswith("i2t")}
         scores.update({k: v for k, v in t2i.items() if k.startswith("t2i")})
         scores["r_mean"] = (scores["i2t_mean"] + scores["t2i_mean"]) / 2
@@ -100,5 +183,5 @@ class Retrieval(Task):
         }
 
     def baseline(self, split: str = "test"):
-        scores = metrics.random_ranking_recall([len(r["captions"]) for r in self.read(split)])
+        scores = random_ranking_recall([len(r["captions"]) for r in self.read(split)])
         return "random ranking", scores, scores["r_mean"]

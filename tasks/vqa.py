@@ -19,17 +19,17 @@ leave-one-out subsets of min(1, matches / 3) — 0, .3, .6, .9, 1 for k = 0, 1, 
 Predictions: generated answers (a classifier family's top answer), lower-cased as the annotations
 are (the official metric compares a prediction verbatim, case included, with ten identical
 answers: a cased tokenizer's "No" would score 0 against ten "no"); scored by the official VQA
-accuracy (:func:`evaluation.metrics.vqa_accuracy`: overall, per answer type and question type),
-exactly as the evaluation server scores the submission ``[{"question_id", "answer"}]``; baseline:
-the most frequent training answer.
+accuracy, :func:`vqa_accuracy` in this file (overall, per answer type and question type; also
+``evaluation.metrics.vqa_accuracy``), exactly as the evaluation server scores the submission
+``[{"question_id", "answer"}]``; baseline: the most frequent training answer.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-
-from evaluation import metrics
 
 from .base import DataError, Task, field, read_json, register_task
 
@@ -61,6 +61,160 @@ def image_split(split: str) -> str:
 
 def coco_image(root: Path, split: str, image_id: int) -> Path:
     return root / split / f"COCO_{split}_{image_id:012d}.jpg"
+
+
+# -- the official metric (GT-Vision-Lab VQA vqaEval.py) --------------------------------------------
+# VL-T5/VL-Adapter always normalise the prediction; the official script (since its "Fixed processing
+# answers bug" commit) normalises prediction and answers — lower-casing included, inside
+# processDigitArticle — only when the ten answers are not all identical, and otherwise compares the
+# stripped prediction verbatim: "No" against ten "no" scores 0, as on the evaluation server. We
+# follow the official script.
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
+    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}  # fmt: skip
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
+          "`", ",", "?", "!"]  # fmt: skip
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the official pattern, verbatim in effect
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def vqa_punctuation(text: str) -> str:
+    """The official ``processPunctuation``: a punctuation mark touching a space (or any text with a
+    digit,digit comma) is removed, otherwise replaced by a space; then periods not followed by a
+    digit are removed (the official call passes re.UNICODE as ``count``, i.e. at most 32)."""
+    out = text
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out, count=re.UNICODE)
+
+
+def vqa_digits_articles(text: str) -> str:
+    """The official ``processDigitArticle``: lower-case, number words → digits, drop articles,
+    restore contractions."""
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_normalize(text: str) -> str:
+    return vqa_digits_articles(vqa_punctuation(text))
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_question_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Mean over the 10 leave-one-out subsets of min(1, #subset answers equal to prediction / 3).
+
+    As the official script: answers and prediction are stripped of newlines, tabs and surrounding
+    spaces; only when the answers are not all identical are both normalised (punctuation, then
+    lower-case, number words, articles, contractions); otherwise the comparison is verbatim.
+    """
+    answers = [_clean(a) for a in answers]
+    prediction = _clean(prediction)
+    if len(set(answers)) > 1:  # the official condition: normalise only when annotators disagree
+        answers = [vqa_normalize(a) for a in answers]
+        prediction = vqa_normalize(prediction)
+    matches = [a == prediction for a in answers]
+    total = sum(matches)
+    return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)
+
+
+def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
+    """Official VQA accuracy (0–100, two decimals like the official tool).
+
+    Args:
+        predictions: ``[{"question_id", "answer"}]`` (the submission format).
+        annotations: the official annotation records (``question_id``, ``answers`` [10 ×
+            {"answer"}], ``answer_type``, ``question_type``), one per predicted question.
+
+    Returns:
+        ``{"overall", "perAnswerType": {type: acc}, "perQuestionType": {type: acc},
+        "perQuestion": {question_id: acc}}`` — the official ``accuracy`` and ``evalQA``.
+
+    Example:
+        >>> ten = [{"answer": "yes"}] * 10
+        >>> vqa_accuracy([{"question_id": 1, "answer": "yes"}], [{"question_id": 1,
+        ...     "answers": ten, "answer_type": "yes/no", "question_type": "is there"}])["overall"]
+        100.0
+    """
+    predicted: dict = {}
+    for p in predictions:
+        if p["question_id"] in predicted:
+            raise ValueError(f"vqa_accuracy: two predictions for question_id {p['question_id']}")
+        if not isinstance(p["answer"], str):
+            raise ValueError(
+                f"vqa_accuracy: the answer of question_id {p['question_id']} is "
+                f"{type(p['answer']).__name__}, not a string"
+            )
+        predicted[p["question_id"]] = p["answer"]
+    annotated: set = set()
+    for a in annotations:
+        if a["question_id"] in annotated:
+            raise ValueError(f"vqa_accuracy: two annotations for question_id {a['question_id']}")
+        annotated.add(a["question_id"])
+    if set(predicted) != annotated:
+        missing, extra = sorted(annotated - set(predicted)), sorted(set(predicted) - annotated)
+        raise ValueError(
+            f"vqa_accuracy: predictions and annotations differ (missing {missing[:5]}, extra {extra[:5]})"
+        )
+    if not annotations:
+        raise ValueError("vqa_accuracy: no questions to score")
+    per_answer, per_question, overall = defaultdict(list), defaultdict(list), []
+    each = {}
+    for ann in annotations:
+        acc = vqa_question_accuracy(
+            predicted[ann["question_id"]], [a["answer"] for a in ann["answers"]]
+        )
+        each[ann["question_id"]] = round(100 * acc, 2)
+        overall.append(acc)
+        per_answer[ann["answer_type"]].append(acc)
+        per_question[ann["question_type"]].append(acc)
+
+    def pct(values):
+        return round(100 * sum(values) / len(values), 2)
+
+    return {
+        "overall": pct(overall),
+        "perAnswerType": {k: pct(v) for k, v in sorted(per_answer.items())},
+        "perQuestionType": {k: pct(v) for k, v in sorted(per_question.items())},
+        "perQuestion": each,
+    }
 
 
 @register_task("vqa")
@@ -200,5 +354,5 @@ class VQA(Task):
              "answer_type": r["answer_type"], "question_type": r["question_type"]}
             for r in records
         ]  # fmt: skip
-        scores = metrics.vqa_accuracy(self.submission(records, predictions), annotations)
+        scores = vqa_accuracy(self.submission(records, predictions), annotations)
         return scores, scores["overall"]

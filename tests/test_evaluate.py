@@ -11,10 +11,11 @@ import torch
 
 import vlpeft
 from evaluation.evaluate import evaluate_task
-from evaluation.metrics import retrieval_recall, vqa_question_accuracy
 from tasks.base import DataError
+from tasks.retrieval import retrieval_recall
 from tasks.router import TaskRouter
 from tasks.synthetic import generate
+from tasks.vqa import vqa_question_accuracy
 
 
 class Settings:

@@ -1,7 +1,8 @@
 """The import graph: every import of the project's files (module level and inside functions)
 points one way — vlpeft ← tasks ← evaluation ← launch ← bench — with no cycle between files, and no
 function-level import of a project module (the way a cycle used to be dodged). ``tasks`` may use
-the pure leaf ``evaluation.metrics``, which imports nothing of the project."""
+the pure leaf ``evaluation.scoring`` (task-free scoring), which imports nothing of the project;
+``evaluation.metrics`` gathers the task files' metrics by name, above them."""
 
 import ast
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["vlpeft", "tasks", "evaluation", "launch", "bench"]
-LEAF = "evaluation.metrics"
+LEAF = "evaluation.scoring"
 
 
 def project_modules() -> dict[str, Path]:
