@@ -148,9 +148,19 @@ def test_x_r_by_longest_module_prefix():
         h = net[0](x)
     with vlpeft.routing_inputs(net, dec):
         torch.testing.assert_close(net[1](h), both)
-    with pytest.warns(DeprecationWarning, match="without a module is deprecated"):
-        with vlpeft.routing_inputs({"": dec, "0": enc}):  # the old process-wide form still routes
-            torch.testing.assert_close(net(x), both)
+    with vlpeft.routing_inputs(net, {"": dec, "0": enc}):  # the per-model form of the old shim
+        torch.testing.assert_close(net(x), both)
+
+
+def test_module_less_routing_inputs_is_an_error_naming_the_per_model_call():
+    """The process-wide ``routing_inputs(x_r)`` is gone: calling it fails at once, saying what to
+    call instead, and no routed call reads a global."""
+    x_r = torch.randn(1, 4)
+    for old in (x_r, {"": x_r}):
+        with pytest.raises(TypeError, match=r"vlpeft\.routing_inputs\(model, x_r\)") as err:
+            vlpeft.routing_inputs(old)
+        assert "vlpeft.set_routing_inputs(model, x_r)" in str(err.value)
+    assert not hasattr(vlpeft.adapters.routing, "_LEGACY")
 
 
 def test_routed_layers_refuse_merge_and_export(tmp_path):

@@ -36,9 +36,7 @@ bottleneck, which lets ``proj``/``expand`` mix q and v components; ours keeps th
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -49,7 +47,6 @@ from .base import (
     AdaptedLayer,
     MethodConfig,
     adapted_layers,
-    by_longest_prefix,
     in_backward,
     matches_targets,
     set_layer_context,
@@ -57,11 +54,6 @@ from .base import (
 
 BASE_KINDS = ("mul", "add", "proj", "expand")
 KINDS = BASE_KINDS + tuple(f"relu_{k}" for k in BASE_KINDS)
-
-# the deprecated module-less routing_inputs(x_r): read only by layers whose model set no x_R
-_LEGACY: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.ContextVar(
-    "vlpeft_legacy_routing_inputs", default=None
-)
 
 
 def compute_dtype(x: torch.Tensor, parameter_dtype: torch.dtype) -> torch.dtype:
@@ -159,17 +151,14 @@ class Routing(nn.Module):
 
     def x_r(self, layer: AdaptedLayer, batch: int) -> torch.Tensor:
         """x_R of ``layer`` for a text batch of ``batch`` rows (beam-expanded when no grad)."""
-        legacy = _LEGACY.get()  # read layer_name only then: a compiled adapter would guard on it
-        found, x_r = by_longest_prefix(self.layer_name, legacy) if legacy else (False, None)
-        if not found:
-            x_r = layer.routing_input
-            if x_r is None:
-                raise RuntimeError(
-                    f"routed layer {self.layer_name!r} was called without x_R: set it with "
-                    "`vlpeft.set_routing_inputs(model, x_r)` or run the forward inside "
-                    "`with vlpeft.routing_inputs(model, x_r):` (vlpeft VL models do this)"
-                )
-            self._check_fresh(layer)
+        x_r = layer.routing_input
+        if x_r is None:
+            raise RuntimeError(
+                f"routed layer {self.layer_name!r} was called without x_R: set it with "
+                "`vlpeft.set_routing_inputs(model, x_r)` or run the forward inside "
+                "`with vlpeft.routing_inputs(model, x_r):` (vlpeft VL models do this)"
+            )
+        self._check_fresh(layer)
         if x_r.shape[-1] != self.visual_dim:
             raise ValueError(
                 f"routed layer {self.layer_name!r} maps x_R with a ({self.visual_dim} → r) matrix "
@@ -268,30 +257,34 @@ def set_routing_inputs(
         layer.routing_version += 1
 
 
-@contextlib.contextmanager
 def routing_inputs(
-    module: nn.Module | torch.Tensor | dict, x_r: torch.Tensor | dict | None = None
-) -> Iterator[None]:
+    module: nn.Module, x_r: torch.Tensor | dict[str, torch.Tensor] | None = None
+) -> contextlib.AbstractContextManager[None]:
     """x_R for the routed layers of ``module`` during the ``with`` block (forward and backward
     inside it see it); on exit each layer's previous x_R is restored. Same ``x_r`` forms as
     :func:`set_routing_inputs`.
 
-    ``routing_inputs(x_r)`` without a module is the deprecated process-wide form: while it is set it
-    wins over the layers' own x_R, with keys relative to the module adapters were added to.
+    x_R belongs to a model, never to the process: the module-less ``routing_inputs(x_r)`` of
+    earlier versions is a TypeError naming the per-model call.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = vlpeft.add_adapter(net, vlpeft.LoRAConfig(targets=["0"], r=2, routing="add"))
+        >>> with vlpeft.routing_inputs(net, torch.randn(3, 4)):
+        ...     y = net(torch.randn(3, 5, 4))
     """
     if not isinstance(module, nn.Module):
-        warnings.warn(
-            "routing_inputs(x_r) without a module is deprecated: use "
-            "routing_inputs(model, x_r) or set_routing_inputs(model, x_r)",
-            DeprecationWarning,
-            stacklevel=3,
+        raise TypeError(
+            f"routing_inputs takes the module whose layers route, got a {type(module).__name__}: "
+            "x_R belongs to a model, not to the process (the module-less routing_inputs(x_r) was "
+            "removed); use `vlpeft.routing_inputs(model, x_r)` for a block or "
+            "`vlpeft.set_routing_inputs(model, x_r)`"
         )
-        token = _LEGACY.set(module if isinstance(module, dict) else {"": module})
-        try:
-            yield
-        finally:
-            _LEGACY.reset(token)
-        return
+    return _routing_block(module, x_r)
+
+
+@contextlib.contextmanager
+def _routing_block(module: nn.Module, x_r: torch.Tensor | dict | None) -> Iterator[None]:
     layers = [layer for _, layer in adapted_layers(module)]
     previous = [layer.routing_input for layer in layers]
     set_routing_inputs(module, x_r)
