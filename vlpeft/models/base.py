@@ -12,16 +12,29 @@ One interface serves every task, whatever the family (the task router only ever 
   (normalised embeddings, image states), ``encode_texts(texts)`` → normalised embeddings, and
   ``match(image_states, texts)`` → ITM logits of each (image, text) pair.
 
-A batch is a dict. Keys a family reads (the task's collate function writes them):
+A batch is a dict: the batch contract between the tasks and the families. Every task's collate
+function (``tasks/*.py``) writes ``kind``, ``images`` (or ``features``), ``text`` and ``ids``, and
+the keys of its kind; a family reads what its capabilities need and ignores the rest:
 
 ===================  ==========================================================================
+``kind``             what the batch asks: ``"vqa"`` (VQAv2, GQA), ``"caption"``, ``"nlvr"``,
+                     ``"retrieval"``. BLIP picks its head by it (absent: its first head); the
+                     other families serve one kind per task and do not read it
 ``images``           float (B, 3, H, W), or (B, 2, 3, H, W) for two-image tasks (NLVR²)
 ``features``         instead of ``images``: cached visual features (CLIP-BART's grid; the ViT
-                     families' [CLS]/pooler feature; ``tasks.features``)
-``text``             list of B input texts, task prompt already applied
-``targets``          list of B target texts (generation losses)
-``answer_scores``    list of B ``{answer: soft score}`` (classification losses)
-``image_ids``        optional list of B ids; equal ids are positives of each other (retrieval)
+                     families' [CLS]/pooler feature; ``tasks.features``); the task's data loader
+                     renames ``images`` to it when it reads a feature cache
+``text``             list of B input texts, task prompt already applied (captioning: the prompt,
+                     e.g. ``"a picture of"``, or ``""``)
+``targets``          list of B target texts (generation losses; ``""`` for a record without one:
+                     test splits); VQA, GQA, NLVR², captioning
+``answer_scores``    list of B ``{answer: soft score}`` (classification losses: RoBERTa-ViT);
+                     VQA and GQA (``{}`` for a record without answers)
+``image_ids``        list of B image ids; equal ids are positives of each other (retrieval only;
+                     absent: every example its own image)
+``ids``              list of B record ids (question, sentence or image ids). No family reads
+                     them: the launcher counts a batch's examples by them (accumulation weights,
+                     the step clock's throughput)
 ===================  ==========================================================================
 
 Adapter placement: each family names its ``components`` (module-path regexes of vision encoder,
