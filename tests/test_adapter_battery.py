@@ -1,5 +1,7 @@
 """One table drives every method: each row runs the same battery (zero-init identity, only adapter
-parameters train, merge == unmerged, save -> load exact, several named adapters)."""
+parameters train, merge == unmerged, save -> load exact, several named adapters). The battery runs
+over the method registry: every registered method needs at least one row, and one without a row
+fails ``test_every_registered_method_has_a_battery_row`` with its name."""
 
 import pytest
 import torch
@@ -16,8 +18,14 @@ from conftest import (
 )
 
 import vlpeft
-from vlpeft.adapters import AdapterConfig, DoRAConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig
-from vlpeft.peft_import import LayerwiseConfig
+from vlpeft.adapters import (
+    AdapterConfig,
+    DoRAConfig,
+    FLoRAConfig,
+    LayerwiseConfig,
+    LoRAConfig,
+    NullLoRAConfig,
+)
 
 QV_SLICES = {"c_attn": {"parts": 3, "use": [0, 2]}}
 
@@ -191,7 +199,24 @@ ROWS = [
     ),
 ]
 
-params = pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+
+def rows_of(method: str) -> list[tuple]:
+    """The rows whose config is of registered method ``method``."""
+    return [row for row in ROWS if row[1]().method == method]
+
+
+# the battery's rows in registry order, method by method
+BATTERY = [row for method in vlpeft.list_methods() for row in rows_of(method)]
+params = pytest.mark.parametrize("row", BATTERY, ids=[r[0] for r in BATTERY])
+
+
+@pytest.mark.parametrize("method", vlpeft.list_methods())
+def test_every_registered_method_has_a_battery_row(method):
+    assert rows_of(method), f"method {method!r} is registered but has no row in the battery's ROWS"
+
+
+def test_every_row_is_in_the_battery():
+    assert sorted(r[0] for r in BATTERY) == sorted(r[0] for r in ROWS)
 
 
 def adapted(row, name="default", perturb=True):

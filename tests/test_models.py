@@ -7,12 +7,20 @@ import torch
 
 import vlpeft
 from tests.conftest import perturb_adapters
-from vlpeft.adapters import AdapterConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig
+from vlpeft.adapters import (
+    AdapterConfig,
+    DoRAConfig,
+    FLoRAConfig,
+    LayerwiseConfig,
+    LoRAConfig,
+    NullLoRAConfig,
+)
 from vlpeft.models import build_model, list_families
 from vlpeft.models.base import count
 
-FAMILIES = ["clip-bart", "blip", "roberta-vit", "gpt2-vit"]
-METHODS = {
+DESIGN_FAMILIES = ["clip-bart", "blip", "roberta-vit", "gpt2-vit"]  # the four of DESIGN.md
+FAMILIES = list_families()  # the family tests run over the registry
+METHODS = {  # every registered method (test_every_registered_method_has_a_family_row), routed too
     "lora": LoRAConfig(r=4, targets=["x"]),
     "adapter": AdapterConfig(bottleneck=8, targets=["x"]),
     "routed-lora": LoRAConfig(r=4, routing="proj", targets=["x"]),
@@ -21,6 +29,8 @@ METHODS = {
     "flora": FLoRAConfig(r=4, targets=["x"]),
     "routed-null-lora": NullLoRAConfig(min_rank=2, max_rank=4, routing="add", targets=["x"]),
     "routed-flora": FLoRAConfig(r=4, routing="mul", targets=["x"]),
+    "dora": DoRAConfig(r=4, targets=["x"]),
+    "layerwise": LayerwiseConfig(base={"method": "lora", "r": 4}, targets=["x"]),
 }
 TEXT = {  # components routed adapters may use (x_R comes from the vision encoder)
     "clip-bart": ["encoder", "decoder"],
@@ -36,28 +46,55 @@ def images(family, n=2, seed=0, pairs=False):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+QUESTIONS = ["what color is the circle?", "how many squares?", "is there a star?"]
+CAPTIONS = ["a red circle on the left", "two blue squares", "a star"]
+ANSWERS = ["red", "2", "yes"]
+
+
+def clip_bart_batches(n):
+    im, pair = images("clip-bart", n), images("clip-bart", n, pairs=True)
+    return [
+        {"images": im, "text": [f"vqa: {t}" for t in QUESTIONS[:n]], "targets": ANSWERS[:n]},
+        {"images": pair, "text": ["nlvr: two circles"] * n, "targets": ["true", "false"][:n]},
+    ]
+
+
+def blip_batches(n):
+    im = images("blip", n)
+    return [
+        {"kind": "vqa", "images": im, "text": QUESTIONS[:n], "targets": ANSWERS[:n]},
+        {"kind": "caption", "images": im, "text": ["a picture of"] * n, "targets": CAPTIONS[:n]},
+        {"kind": "retrieval", "images": im, "text": CAPTIONS[:n], "image_ids": list(range(n))},
+    ]
+
+
+def roberta_vit_batches(n):
+    scores = [{"1": 1.0, "2": 0.3}, {"3": 0.6}, {}][:n]
+    return [{"images": images("roberta-vit", n), "text": QUESTIONS[:n], "answer_scores": scores}]
+
+
+def gpt2_vit_batches(n):
+    return [{"images": images("gpt2-vit", n), "text": [""] * n, "targets": CAPTIONS[:n]}]
+
+
+BATCHES = {  # the training batches each family serves (one per task kind)
+    "clip-bart": clip_bart_batches,
+    "blip": blip_batches,
+    "roberta-vit": roberta_vit_batches,
+    "gpt2-vit": gpt2_vit_batches,
+}
+VISUAL = {  # what each family hands its language model for an image
+    "clip-bart": lambda model, im: model.visual_tokens({"images": im}),
+    "blip": lambda model, im: model.encode_images(im)[0],  # the ITC embedding (from [CLS])
+    "roberta-vit": lambda model, im: model.visual(model.vit, im),
+    "gpt2-vit": lambda model, im: model.visual(model.vit, im),
+}
+FAMILY_TABLES = {"TEXT": TEXT, "BATCHES": BATCHES, "VISUAL": VISUAL}
+
+
 def batches(family, n=2):
     """The training batches each family serves (one per task kind)."""
-    im = images(family, n)
-    q = ["what color is the circle?", "how many squares?", "is there a star?"][:n]
-    caps = ["a red circle on the left", "two blue squares", "a star"][:n]
-    if family == "clip-bart":
-        pair = images(family, n, pairs=True)
-        return [
-            {"images": im, "text": [f"vqa: {t}" for t in q], "targets": ["red", "2", "yes"][:n]},
-            {"images": pair, "text": ["nlvr: two circles"] * n, "targets": ["true", "false"][:n]},
-        ]
-    if family == "blip":
-        return [
-            {"kind": "vqa", "images": im, "text": q, "targets": ["red", "2", "yes"][:n]},
-            {"kind": "caption", "images": im, "text": ["a picture of"] * n, "targets": caps},
-            {"kind": "retrieval", "images": im, "text": caps, "image_ids": list(range(n))},
-        ]
-    if family == "roberta-vit":
-        return [
-            {"images": im, "text": q, "answer_scores": [{"1": 1.0, "2": 0.3}, {"3": 0.6}, {}][:n]}
-        ]
-    return [{"images": im, "text": [""] * n, "targets": caps}]
+    return BATCHES[family](n)
 
 
 def adapted(family, method, seed=0):
@@ -69,7 +106,21 @@ def adapted(family, method, seed=0):
 
 
 def test_registry_lists_the_four_families():
-    assert list_families() == sorted(FAMILIES)
+    assert list_families() == sorted(DESIGN_FAMILIES)
+
+
+@pytest.mark.parametrize("family", list_families())
+def test_every_registered_family_has_test_entries(family):
+    """A family registered without entries in the family tables is not tested: this names it."""
+    missing = [name for name, table in FAMILY_TABLES.items() if family not in table]
+    assert not missing, f"family {family!r} is registered but has no entry in {missing}"
+
+
+@pytest.mark.parametrize("method", vlpeft.list_methods())
+def test_every_registered_method_has_a_family_row(method):
+    """Every registered method runs on every family: a method with no METHODS row names itself."""
+    rows = [key for key, config in METHODS.items() if config.method == method]
+    assert rows, f"method {method!r} is registered but has no row in test_models.METHODS"
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -364,11 +415,7 @@ def test_random_weights_are_a_function_of_the_seed():
 
 def visual_features(model, family, im):
     """What each family hands its language model for an image."""
-    if family == "clip-bart":
-        return model.visual_tokens({"images": im})
-    if family == "blip":
-        return model.encode_images(im)[0]  # the ITC embedding (from [CLS])
-    return model.visual(model.vit, im)
+    return VISUAL[family](model, im)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
