@@ -17,7 +17,8 @@ import torch
 from bench.adapters import Step, bart_base, inputs, with_method
 from bench.common import machine, paired, report, write
 from launch.config import load_config
-from launch.train import deepspeed_config, distributed_env
+from launch.distributed import distributed_env
+from launch.engine import deepspeed_config
 
 
 def main(argv: list[str] | None = None) -> dict:

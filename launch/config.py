@@ -48,7 +48,7 @@ from vlpeft.config import Config, ConfigError, check, deep_merge
 from vlpeft.models import get_family, preset_config
 
 __all__ = [
-    "ConfigError", "TrainConfig", "apply_overrides", "load_config", "read_recipe", "stage_names",
+    "ConfigError", "RunError", "TrainConfig", "apply_overrides", "load_config", "read_recipe", "stage_names",
     "validate",
 ]  # fmt: skip
 # keys of an adapter set that place it in the model (the rest are the method's fields)
@@ -56,6 +56,10 @@ PLACEMENT_KEYS = ("components", "kinds", "route_components")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICE = re.compile(r"cuda:\d+")
 STAGE_PREFIX = "stage:"  # train.init_from: stage:<name> — an earlier stage of the same recipe
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked (missing files, a run already there)."""
 
 
 @dataclasses.dataclass

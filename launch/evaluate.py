@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from evaluation.evaluate import evaluate_all
+from launch.distributed import resolve_device
 from launch.run import RunError, load_run
-from launch.train import resolve_device
 from tasks.base import DataError
 
 

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from launch.config import ConfigError, load_config
+from launch.distributed import num_workers, resolve_device
 from launch.run import RunError, build_model, build_router
-from launch.train import num_workers, resolve_device
 from tasks.base import DataError, image_transform
 from tasks.features import DTYPES, unique_images, write_features
 

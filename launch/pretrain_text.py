@@ -32,8 +32,8 @@ from transformers.models.bart.modeling_bart import shift_tokens_right
 
 import vlpeft
 from launch.config import ConfigError, TrainConfig, load_config
+from launch.engine import linear_schedule
 from launch.run import build_router
-from launch.train import linear_schedule
 from vlpeft.models.base import lm_loss, pad_to_ignore
 
 

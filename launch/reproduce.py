@@ -27,8 +27,10 @@ import sys
 from pathlib import Path
 
 from launch.config import STAGE_PREFIX, ConfigError, load_config, read_recipe, stage_names
+from launch.distributed import distributed_env
+from launch.resume import EXECUTION_KEYS, config_changes
 from launch.run import RunError, build_router
-from launch.train import EXECUTION_KEYS, config_changes, distributed_env, train
+from launch.train import train
 from tasks.base import DataError
 from vlpeft.checkpoint import atomic_write, write_json
 

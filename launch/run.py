@@ -9,17 +9,22 @@ import torch
 from transformers import PreTrainedModel
 
 import vlpeft
-from launch.config import PLACEMENT_KEYS, ConfigError, TrainConfig, load_config
+from launch.config import (
+    PLACEMENT_KEYS,
+    ConfigError,
+    RunError,
+    TrainConfig,
+    load_config,
+    read_recipe,
+    stage_names,
+)  # fmt: skip
+from launch.engine import deepspeed_config
 from tasks.base import TaskConfig
 from tasks.router import TaskRouter, load_yaml
 from tasks.vqa import most_frequent_answers
 from vlpeft.adapters.base import MethodConfig
 from vlpeft.inject import find_targets
 from vlpeft.models import get_family
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as asked (missing files, a run already there)."""
 
 
 def build_router(config: TrainConfig) -> TaskRouter:
@@ -148,6 +153,47 @@ def check_offline(config: TrainConfig) -> dict:
     if any("checked" in info for info in report["sets"].values()):
         report["trainable"] = None  # the ranks are the weights'
     return report
+
+
+def validate_config(path: Path, overrides=(), stage: str | None = None) -> dict:
+    """``launch.train --validate``: loads the config (each stage of a recipe, or ``stage``) and
+    checks what can be checked without data or weights (:func:`check_offline`); prints a report."""
+    names = [stage] if stage else stage_names(read_recipe(path), str(path)) or [None]
+    reports = {}
+    for name in names:
+        config = load_config(path, overrides, stage=name)
+        if config.deepspeed.enabled:
+            deepspeed_config(config, world=1)  # the JSON parses and agrees with the config
+        report = check_offline(config)
+        reports[name or "config"] = report
+        sets = ", ".join(
+            f"{set_name}: {info['method']} on {info['layers']} layers"
+            + (f" ({info['checked']})" if "checked" in info else "")
+            for set_name, info in report["sets"].items()
+        )
+        trainable = report["trainable"]
+        counted = (
+            "an unknown number (ranks from the weights)" if trainable is None else f"{trainable:,}"
+        )
+        print(
+            f"{path}{f' (stage {name})' if name else ''}: valid — {report['family']}/"
+            f"{report['preset']}, {counted} of {report['total']:,} parameters train; "
+            f"{sets or 'no adapters'}"
+        )
+    return reports
+
+
+def method_name(config: TrainConfig) -> str:
+    """A short description of the adapter sets, e.g. ``lora r=8 proj``."""
+    parts = []
+    for spec in config.adapters.values():
+        words = [spec.get("method", "?")]
+        for key in ("r", "bottleneck", "routing"):
+            if spec.get(key) is not None:
+                words.append(f"{key}={spec[key]}" if key != "routing" else str(spec[key]))
+        parts.append(" ".join(words))
+    name = " + ".join(dict.fromkeys(parts))
+    return name + (f" + resora {config.resora.get('kind', 'linear')}" if config.resora else "")
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:

@@ -153,7 +153,8 @@ import os, json, sys, torch
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT=str(29600 + os.getpid() % 300))
 import deepspeed
-from launch.train import RunError, load_deepspeed_state_safely
+from launch.config import RunError
+from launch.engine import load_deepspeed_state_safely
 deepspeed.init_distributed(dist_backend="gloo")
 out, marker = sys.argv[1], sys.argv[2]
 

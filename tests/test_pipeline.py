@@ -7,6 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import launch.distributed as distributed_module
+import launch.engine as engine_module
+import launch.run as run_module
 import launch.train as train_module
 from launch.config import ConfigError, load_config
 from tasks.loader import multitask_loader
@@ -71,7 +74,7 @@ def test_workers_change_nothing_and_resume_with_workers_is_exact(data, tmp_path,
     RNG alone), and a run with workers killed mid-way and resumed equals the uninterrupted one."""
     train(data, tmp_path / "w0", num_workers=0)
     train(data, tmp_path / "w2", num_workers=2)
-    real_step, calls = train_module.train_step, {"n": 0}
+    real_step, calls = engine_module.train_step, {"n": 0}
 
     def dying_step(run, micro_batches):
         calls["n"] += 1
@@ -79,10 +82,10 @@ def test_workers_change_nothing_and_resume_with_workers_is_exact(data, tmp_path,
             raise KeyboardInterrupt("killed")
         return real_step(run, micro_batches)
 
-    monkeypatch.setattr(train_module, "train_step", dying_step)
+    monkeypatch.setattr(engine_module, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train(data, tmp_path / "killed", num_workers=2)
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    monkeypatch.setattr(engine_module, "train_step", real_step)
     train(data, tmp_path / "killed", resume=True, num_workers=2)
     plain = adapters(tmp_path / "w0")
     for other in ("w2", "killed"):
@@ -125,9 +128,9 @@ def test_grad_accum_trains_as_the_larger_batch(data, tmp_path):
 def test_gradient_checkpointing_trains_as_without(data, tmp_path, monkeypatch):
     train(data, tmp_path / "plain", steps=3)
     calls = []
-    real = train_module.enable_gradient_checkpointing
+    real = run_module.enable_gradient_checkpointing
     monkeypatch.setattr(
-        train_module,
+        run_module,
         "enable_gradient_checkpointing",
         lambda m: calls.append((m, real(m))) or calls[-1][1],
     )
@@ -141,13 +144,13 @@ def test_gradient_checkpointing_trains_as_without(data, tmp_path, monkeypatch):
 
 def test_an_explicit_device_runs_the_plain_loop_there(data, tmp_path, monkeypatch):
     seen = []
-    real = train_module.to_device
+    real = distributed_module.to_device
 
     def spy(batch, device):
         seen.append(device)
         return real(batch, device)
 
-    monkeypatch.setattr(train_module, "to_device", spy)
+    monkeypatch.setattr(distributed_module, "to_device", spy)
     summary = train(data, tmp_path / "cpu", steps=2, device="cpu")
     assert summary["steps"] == 2 and seen and all(d == torch.device("cpu") for d in seen)
     if not torch.cuda.is_available():
@@ -165,7 +168,7 @@ def test_fp16_resumes_exactly_with_its_loss_scaler(data, tmp_path, monkeypatch):
         (tmp_path / "whole" / "checkpoints" / "step_0000002" / "state.json").read_text()
     )
     assert state["scaler"]["scale"] == 65536.0 and state["scaler"]["_growth_tracker"] == 2
-    real_step, calls = train_module.train_step, {"n": 0}
+    real_step, calls = engine_module.train_step, {"n": 0}
 
     def dying_step(run, micro_batches):
         calls["n"] += 1
@@ -173,10 +176,10 @@ def test_fp16_resumes_exactly_with_its_loss_scaler(data, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real_step(run, micro_batches)
 
-    monkeypatch.setattr(train_module, "train_step", dying_step)
+    monkeypatch.setattr(engine_module, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train(data, tmp_path / "cut", steps=4, checkpoint_every=2, precision="fp16")
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    monkeypatch.setattr(engine_module, "train_step", real_step)
     train(data, tmp_path / "cut", resume=True, steps=4, checkpoint_every=2, precision="fp16")
     whole, cut = adapters(tmp_path / "whole"), adapters(tmp_path / "cut")
     for key in whole:
@@ -193,8 +196,10 @@ def test_fp16_overflows_hold_the_schedule_and_a_collapsing_scale_stops(data, tmp
     lines = [json.loads(x) for x in (tmp_path / "over" / "metrics.jsonl").read_text().splitlines()]
     assert [x["train/overflow_skipped"] for x in lines] == [1, 2, 3]
     assert all(x["train/lr"] == 1e-2 for x in lines)  # linear decay would have moved it
-    monkeypatch.setattr(train_module, "MIN_LOSS_SCALE", 1e37)  # steps 1–5 at 1e38, 5e37, …, 6.25e36
-    with pytest.raises(train_module.NonFiniteError, match=r"step 5 .*loss scale 6.25e\+36"):
+    monkeypatch.setattr(
+        engine_module, "MIN_LOSS_SCALE", 1e37
+    )  # steps 1–5 at 1e38, 5e37, …, 6.25e36
+    with pytest.raises(engine_module.NonFiniteError, match=r"step 5 .*loss scale 6.25e\+36"):
         train(data, tmp_path / "collapse", steps=6, precision="fp16")
 
 
@@ -202,7 +207,7 @@ def test_accumulated_batches_weigh_by_their_examples():
     def batch(n):
         return {"ids": list(range(n))}
 
-    weights = train_module.micro_batch_weights
+    weights = engine_module.micro_batch_weights
     assert weights([("vqa", batch(4)), ("vqa", batch(2))]) == pytest.approx([4 / 6, 2 / 6])
     assert weights([("vqa", batch(4)), ("gqa", batch(2))]) == pytest.approx([0.5, 0.5])
     got = weights([("vqa", batch(4)), ("vqa", batch(2)), ("gqa", batch(3))])
@@ -213,7 +218,7 @@ def test_deepspeed_accumulation_is_filled_or_must_agree(tmp_path):
     from launch.config import TrainConfig
 
     cfg = TrainConfig.from_dict({"train": {"grad_accum": 4, "precision": "fp16"}})
-    ds = train_module.deepspeed_config(cfg, world=2, micro=8)
+    ds = engine_module.deepspeed_config(cfg, world=2, micro=8)
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 8 * 4 * 2
     assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
     mine = tmp_path / "ds.json"
@@ -222,10 +227,10 @@ def test_deepspeed_accumulation_is_filled_or_must_agree(tmp_path):
     with pytest.raises(
         ConfigError, match=r"gradient_accumulation_steps is 2 but train.grad_accum is 4"
     ):
-        train_module.deepspeed_config(cfg, world=1)
+        engine_module.deepspeed_config(cfg, world=1)
     mine.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ConfigError, match=r"bf16.enabled is True but train.precision is 'fp16'"):
-        train_module.deepspeed_config(cfg, world=1)
+        engine_module.deepspeed_config(cfg, world=1)
 
 
 def test_a_cached_features_run_equals_the_pixel_run(data, tmp_path, monkeypatch):
@@ -262,9 +267,9 @@ def test_a_cached_features_run_equals_the_pixel_run(data, tmp_path, monkeypatch)
         assert torch.equal(whole[key], cut[key]), key
     train(data, tmp_path / "pixels", tasks=tasks, steps=3)
     cached = {t: {**s, "features": str(tmp_path / "whole")} for t, s in tasks.items()}
-    seen, to_device = [], train_module.to_device
+    seen, to_device = [], distributed_module.to_device
     monkeypatch.setattr(
-        train_module, "to_device", lambda b, d: seen.append(set(b)) or to_device(b, d)
+        distributed_module, "to_device", lambda b, d: seen.append(set(b)) or to_device(b, d)
     )
     train(data, tmp_path / "cached", tasks=cached, steps=3, num_workers=2)
     assert seen and all("features" in keys and "images" not in keys for keys in seen)

@@ -11,7 +11,7 @@ import yaml
 
 import launch.reproduce as reproduce
 from launch.config import ConfigError, load_config
-from launch.train import validate_config
+from launch.run import validate_config
 from tasks.synthetic import generate
 
 
@@ -120,7 +120,8 @@ def test_a_staged_recipe_reproduces_with_seeds(tmp_path, capsys):
 def test_a_run_without_overrides_is_reused_as_the_same_config(tmp_path):
     """roberta-vit fills model.overrides.answers when it starts: a config without overrides asks
     for the same run (its empty overrides section equals the absent one)."""
-    from launch.train import config_changes, train
+    from launch.resume import config_changes
+    from launch.train import train
 
     generate(tmp_path / "data", images=24, seed=0, size=32)
     spec = {

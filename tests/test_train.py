@@ -7,6 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import launch.checkpoints as checkpoints_module
+import launch.engine as engine_module
+import launch.run as run_module
 import launch.train as train_module
 from evaluation import leaderboard
 from launch import evaluate
@@ -74,7 +77,7 @@ def run(data, out, resume=False, **train):
 def test_killed_run_resumes_to_identical_weights(data, tmp_path, monkeypatch):
     run(data, tmp_path / "whole")
     calls = {"n": 0}
-    real_step = train_module.train_step
+    real_step = engine_module.train_step
 
     def dying_step(run, micro_batches):
         calls["n"] += 1
@@ -82,10 +85,10 @@ def test_killed_run_resumes_to_identical_weights(data, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real_step(run, micro_batches)
 
-    monkeypatch.setattr(train_module, "train_step", dying_step)
+    monkeypatch.setattr(engine_module, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         run(data, tmp_path / "resumed")
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    monkeypatch.setattr(engine_module, "train_step", real_step)
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step_*")] == [
         "step_0000003"
     ]
@@ -301,7 +304,7 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint(data,
     """lr 1e6: the loss becomes non-finite. Default: stop naming step, task and the last finite
     loss, the last good checkpoint intact, metrics.jsonl strict JSON. on_nonfinite: skip counts."""
     with pytest.raises(
-        train_module.NonFiniteError,
+        engine_module.NonFiniteError,
         match=r"step \d+ \(task \w+\): the (loss|gradient norm) is .*last finite loss",
     ):
         run(data, tmp_path / "stop", steps=6, lr=1e6, checkpoint_every=1)
@@ -337,7 +340,7 @@ def test_numeric_config_values_are_checked_by_meaning(data):
     ]:
         with pytest.raises((ConfigError, DataError), match=message):
             config = load_config(None, [override], data=good)
-            train_module.build_router(config)  # task settings are checked with the router
+            run_module.build_router(config)  # task settings are checked with the router
     assert load_config(None, ["train.grad_clip=null"], data=good).train.grad_clip is None
 
 
@@ -431,21 +434,21 @@ def test_a_failed_checkpoint_write_is_clear_and_keeps_the_previous_one(data, tmp
     from launch.run import RunError
 
     run(data, tmp_path / "whole")
-    real = train_module.write_safetensors
+    real = checkpoints_module.write_safetensors
 
     def full_disk(path, tensors, metadata=None):
         if "step_0000006" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, tensors, metadata)
 
-    monkeypatch.setattr(train_module, "write_safetensors", full_disk)
+    monkeypatch.setattr(checkpoints_module, "write_safetensors", full_disk)
     with pytest.raises(
         RunError,
         match=r"step 6: the checkpoint could not be written .*No space left.*step_0000003 is intact",
     ):
         run(data, tmp_path / "full")
-    monkeypatch.setattr(train_module, "write_safetensors", real)
-    assert train_module.damage(tmp_path / "full" / "checkpoints" / "step_0000003") is None
+    monkeypatch.setattr(checkpoints_module, "write_safetensors", real)
+    assert checkpoints_module.damage(tmp_path / "full" / "checkpoints" / "step_0000003") is None
     run(data, tmp_path / "full", resume=True)
     whole = load_file(tmp_path / "whole" / "adapters" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "full" / "adapters" / "adapter_model.safetensors")

@@ -1,0 +1,102 @@
+"""What a run reports while it trains: ``metrics.jsonl`` + TensorBoard (rank 0), and where a
+step's time goes (:class:`StepClock`: ``perf/step_s``, ``perf/examples_per_s``,
+``perf/data_wait``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+from launch.config import RunError
+from vlpeft.checkpoint import atomic_write
+
+
+class Logger:
+    """metrics.jsonl + TensorBoard (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(run_dir / "tensorboard")
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        # strict JSON: a non-finite value (a skipped step's loss) is written as null, never NaN
+        clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+        self.file.write(json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
+        self.file.flush()
+        if self.writer:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.writer:
+            self.writer.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drops the lines a killed run logged after its last checkpoint (they are logged again),
+    and a partial last line (killed mid-write)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the line a killed process was writing
+            raise RunError(f"{path}: line {number} is not JSON") from None
+        if record["step"] <= step:
+            kept.append(line)
+    atomic_write(path, lambda t: Path(t).write_text("".join(line + "\n" for line in kept)))
+
+
+class StepClock:
+    """Where a step's time goes: waiting for the next batch vs the rest (the device's work)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.wait = self.steps = self.examples = self.excluded_s = 0.0
+
+    @contextlib.contextmanager
+    def waiting(self):
+        started = time.perf_counter()
+        yield
+        self.wait += time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def excluded(self):
+        """Time that is not the training loop's (checkpoints, validation): left out of the
+        figures of the interval it falls in."""
+        started = time.perf_counter()
+        yield
+        self.excluded_s += time.perf_counter() - started
+
+    def step(self, examples: int) -> None:
+        self.steps += 1
+        self.examples += examples
+
+    def report(self) -> dict:
+        """Over the steps since the last report: ``perf/step_s``, ``perf/examples_per_s`` and
+        ``perf/data_wait`` (the fraction 0–1 of the time spent waiting for batches)."""
+        now = time.perf_counter()
+        elapsed = max(now - self.last - self.excluded_s, 1e-9)
+        figures = {
+            "perf/step_s": elapsed / max(self.steps, 1),
+            "perf/examples_per_s": self.examples / elapsed,
+            "perf/data_wait": self.wait / elapsed,
+        }
+        self.last, self.wait, self.steps, self.examples, self.excluded_s = now, 0.0, 0, 0, 0.0
+        return figures
