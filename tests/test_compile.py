@@ -12,7 +12,14 @@ from torch import nn
 
 import vlpeft
 from vlpeft import compile as vc
-from vlpeft.adapters import AdapterConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig
+from vlpeft.adapters import (
+    AdapterConfig,
+    DoRAConfig,
+    FLoRAConfig,
+    LayerwiseConfig,
+    LoRAConfig,
+    NullLoRAConfig,
+)
 
 
 def deficient_linear(d_in, d_out, deficiency, seed):
@@ -43,7 +50,16 @@ CONFIGS = {
     "routed-null-lora": NullLoRAConfig(targets=["0"], routing="add"),
     "flora": FLoRAConfig(targets=["0", "2"], r=3, scale=0.5),
     "routed-flora": FLoRAConfig(targets=["0"], r=3, routing="expand"),
+    "dora": DoRAConfig(targets=["0", "2"], r=3, alpha=6),
+    "layerwise": LayerwiseConfig(
+        targets=["0", "2"], base={"method": "dora", "r": 3}, ranks={"2": 2}, alphas={"0": 1.0}
+    ),
 }
+
+
+@pytest.mark.parametrize("method", vlpeft.list_methods())
+def test_every_registered_method_has_a_compile_row(method):
+    assert any(c.method == method for c in CONFIGS.values()), f"no CONFIGS row for {method!r}"
 
 
 def adapted(name):

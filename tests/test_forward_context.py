@@ -9,7 +9,7 @@ from torch import nn
 import vlpeft
 from vlpeft.adapters import FLoRAConfig, LoRAConfig, NullLoRAConfig
 from vlpeft.adapters.routing import route
-from vlpeft.models import build_model
+from vlpeft.models import build_model, list_families
 
 
 def trainable(model):
@@ -212,10 +212,12 @@ FAMILY_BATCHES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_BATCHES))
+@pytest.mark.parametrize("family", list_families())
 def test_model_call_returns_the_loss(family):
     """``model(batch).loss`` equals ``model.loss(batch)`` (under one RNG state: BLIP samples hard
-    negatives), so engines that wrap ``forward`` (DDP, FSDP, DeepSpeed) can wrap the model."""
+    negatives), so engines that wrap ``forward`` (DDP, FSDP, DeepSpeed) can wrap the model. Runs
+    over the family registry: a family without a FAMILY_BATCHES entry fails here, named."""
+    assert family in FAMILY_BATCHES, f"family {family!r} is registered but has no FAMILY_BATCHES"
     model = build_model(family, "tiny").train()
     vlpeft.add_adapter(model, model.adapter_config(LoRAConfig(r=2, targets=["x"])))
     perturb_adapters(model)

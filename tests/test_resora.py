@@ -9,7 +9,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlpeft
 from bench.resora import naive_penalty as naive
-from vlpeft.adapters import AdapterConfig, FLoRAConfig, LoRAConfig, NullLoRAConfig, ReSoRAConfig
+from vlpeft.adapters import (
+    AdapterConfig,
+    DoRAConfig,
+    FLoRAConfig,
+    LayerwiseConfig,
+    LoRAConfig,
+    NullLoRAConfig,
+    ReSoRAConfig,
+)
 from vlpeft.adapters.resora import KINDS, recorder_of, subspace_penalty
 
 
@@ -53,7 +61,22 @@ METHODS = [
     ("null-lora", NullLoRAConfig(targets=["fc1"], min_rank=4), bart_inputs),
     ("flora", FLoRAConfig(targets=["fc2"], r=3), bart_inputs),
     ("adapter", AdapterConfig(targets=["fc2"], bottleneck=4), bart_inputs),
+    ("dora", DoRAConfig(targets=["k_proj"], r=3), bart_inputs),
+    (
+        "layerwise",
+        LayerwiseConfig(
+            targets=["q_proj"],
+            base={"method": "lora", "r": 4},
+            ranks={"model.encoder.layers.0.self_attn.q_proj": 2},
+        ),
+        bart_inputs,
+    ),
 ]
+
+
+@pytest.mark.parametrize("method", vlpeft.list_methods())
+def test_every_registered_method_has_a_recorder_row(method):
+    assert any(c.method == method for _, c, _ in METHODS), f"no METHODS row for {method!r}"
 
 
 def kept_calls(model):
