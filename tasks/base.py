@@ -15,7 +15,8 @@ itself, so adding a task is one file and one registry entry:
 - ``baseline``: its no-image baseline (scored like a model);
 - ``input_texts`` / ``answers``: the text it feeds the model and its training answers (the text
   warm start, the answer vocabulary of a classifier);
-- ``path_options``: which of its ``options`` name files (the router resolves them).
+- ``path_options``: which of its ``options`` name files (the router resolves them);
+- ``synthetic_writer``: its files of the synthetic set (:mod:`tasks.synthetic`).
 
 The registry finds the task files itself (:func:`load_task_modules`): there is no list to edit.
 """
@@ -246,6 +247,8 @@ class Task:
         default_prompt: the task prompt prepended to its text.
         path_options: the ``options`` that name files (relative paths are resolved against the
             router YAML's folder, like ``root``), e.g. VQA's ``("karpathy",)``.
+        synthetic_writer: its part of the synthetic set (a :class:`tasks.synthetic.Writer`
+            subclass; None: the task has none).
     """
 
     name: ClassVar[str] = ""
@@ -255,6 +258,7 @@ class Task:
     submission_format: ClassVar[str] = "json"
     default_prompt: ClassVar[str] = ""
     path_options: ClassVar[tuple[str, ...]] = ()
+    synthetic_writer: ClassVar[type | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from .base import DataError, Task, field, read_json, register_task
+from .synthetic import Writer
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +158,21 @@ def _quiet():
                 os.close(fd)
 
 
+class SyntheticCaption(Writer):
+    """Reads the synthetic set's shared Karpathy file (``coco/dataset_coco.json``, 5 captions an
+    image, written by :func:`tasks.synthetic.generate`): no files of its own."""
+
+    order = 3
+    entry = {"reader": "caption", "root": "coco", "images": "coco/images"}
+
+
 @register_task("caption")
 class Caption(Task):
     needs = "caption"
     predicts = "generate"
     default_prompt = "caption:"
     metric = "CIDEr"
+    synthetic_writer = SyntheticCaption
 
     def read_split(self, split: str) -> list[dict]:
         return karpathy_records(self, split)

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import random
 from collections import defaultdict
 
 from .base import DataError, Task, field, most_common, read_jsonl, register_task
+from .synthetic import COLOURS, SHAPES, Writer, plural, render
 
 CHOICES = ("true", "false")
 
@@ -47,6 +50,70 @@ def nlvr2_scores(predictions: dict[str, bool], labels: dict[str, bool]) -> dict:
     }
 
 
+# -- the synthetic set (tasks.synthetic calls this writer) -----------------------------------------
+def nlvr_statement(left: list[dict], right: list[dict], truth: bool, rng: random.Random) -> str:
+    """A statement about the pair that is ``truth`` (tries templates until one fits)."""
+    both = left + right
+    for _ in range(50):
+        kind = rng.randrange(4)
+        if kind == 0:
+            shape = rng.choice(SHAPES)
+            n = sum(o["shape"] == shape for o in both)
+            k = n if truth else rng.choice([m for m in range(1, 7) if m != n])
+            return f"there are {k} {plural(shape, k)} in total"
+        if kind == 1:
+            colour = rng.choice(list(COLOURS))
+            if any(o["colour"] == colour for o in left) == truth:
+                return f"the left image contains a {colour} shape"
+        if kind == 2:
+            shape = rng.choice(SHAPES)
+            holds = any(o["shape"] == shape for o in left) and any(
+                o["shape"] == shape for o in right
+            )
+            if holds == truth:
+                return f"both images contain a {shape}"
+        if kind == 3 and len(left) != len(right) and (len(left) > len(right)) == truth:
+            return "there are more shapes in the left image than in the right image"
+    raise RuntimeError("no statement found")  # unreachable: kind 0 always returns
+
+
+class SyntheticNLVR2(Writer):
+    """JSON Lines statements about pairs of scenes drawn within one split (each pair once True,
+    once False) and the pairs' images under ``nlvr2/images/<split>/``."""
+
+    order = 2
+    entry = {
+        "reader": "nlvr2",
+        "root": "nlvr2",
+        "images": "nlvr2/images",
+        "splits": {"train": "train", "val": "dev", "test": "test1"},
+    }
+    split_of = {"train": "train", "restval": "train", "val": "dev", "test": "test1"}
+
+    def finish(self) -> dict[str, int]:
+        data, rng = self.data, self.data.rng
+        rows: dict[str, list] = {"train": [], "dev": [], "test1": []}
+        for name in rows:
+            pool = [i for i, s in enumerate(data.splits) if self.split_of[s] == name]
+            for pair in range(len(pool)):
+                a, b = rng.sample(pool, 2)
+                stem = f"{name}-{pair}-0"
+                folder = data.out / "nlvr2" / "images" / name
+                folder.mkdir(parents=True, exist_ok=True)
+                render(data.scenes[a], data.size).save(folder / f"{stem}-img0.png")
+                render(data.scenes[b], data.size).save(folder / f"{stem}-img1.png")
+                for k, truth in enumerate(rng.sample([True, False], 2)):
+                    sentence = nlvr_statement(data.scenes[a], data.scenes[b], truth, rng)
+                    rows[name].append(
+                        {"identifier": f"{stem}-{k}", "sentence": sentence, "label": str(truth),
+                         "left_url": "", "right_url": "", "synset": "", "query": ""}
+                    )  # fmt: skip
+        for name, lines in rows.items():
+            path = data.out / "nlvr2" / f"{name}.json"
+            path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        return {"nlvr2_statements": sum(map(len, rows.values()))}
+
+
 @register_task("nlvr2")
 class NLVR2(Task):
     needs = "choices"
@@ -54,6 +121,7 @@ class NLVR2(Task):
     submission_format = "csv"
     default_prompt = "nlvr:"
     choices = CHOICES
+    synthetic_writer = SyntheticNLVR2
 
     def read_split(self, split: str) -> list[dict]:
         path = self.root / f"{split}.json"

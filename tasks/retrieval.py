@@ -23,6 +23,7 @@ from evaluation.scoring import best_target_ranks, recall_at_k
 
 from .base import Task, register_task
 from .caption import karpathy_records
+from .synthetic import Writer
 
 
 # -- the official metric: R@K both ways ------------------------------------------------------------
@@ -104,12 +105,20 @@ def itm_rerank(similarity, itm: Callable[[int, np.ndarray], np.ndarray], k: int)
     return out
 
 
+class SyntheticRetrieval(Writer):
+    """Reads the synthetic set's shared Karpathy file, as captioning does: no files of its own."""
+
+    order = 4
+    entry = {"reader": "retrieval", "root": "coco", "images": "coco/images"}
+
+
 @register_task("retrieval")
 class Retrieval(Task):
     needs = "retrieval"
     predicts = "rank"
     default_prompt = ""
     metric = "r_mean"
+    synthetic_writer = SyntheticRetrieval
 
     def read_split(self, split: str) -> list[dict]:
         return karpathy_records(self, split)

@@ -8,26 +8,33 @@ determined by the image, so a model can learn it. Written under DIR:
 
 - ``coco/dataset_coco.json`` (Karpathy format: train / restval / val / test) and the images in
   ``coco/images/{train2014,val2014}/COCO_<split>_<id:012d>.jpg``; 5 captions per image in varied
-  wording (captioning and retrieval);
-- ``vqa/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json`` + ``v2_mscoco_*_annotations.json``:
-  colour, count, yes/no and position questions with 10 answers each (a little annotator noise);
-- ``gqa/{train,val,testdev}_balanced_questions.json`` + ``gqa/images/<imageId>.jpg``: relational
-  questions (left of, bigger than) with answer and fullAnswer;
-- ``nlvr2/{train,dev,test1}.json`` (JSON Lines) + ``nlvr2/images/<split>/<id>-img{0,1}.png``:
-  statements about image pairs, half True, half False;
-- ``tasks.yaml``: a task-router config reading all of the above.
+  wording (captioning and retrieval; VQA's Karpathy splits) — written here, shared by three tasks;
+- each registered task's own files, by its writer (:class:`Writer`, in the task's file): VQA
+  ``vqa/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json`` + ``v2_mscoco_*_annotations.json``
+  (colour, count, yes/no and position questions with 10 answers each, a little annotator noise);
+  GQA ``gqa/{train,val,testdev}_balanced_questions.json`` + ``gqa/images/<imageId>.jpg``
+  (relational questions with answer and fullAnswer); NLVR² ``nlvr2/{train,dev,test1}.json`` (JSON
+  Lines) + ``nlvr2/images/<split>/<id>-img{0,1}.png`` (statements about image pairs, half True);
+- ``tasks.yaml``: a task-router config reading all of the above (each writer's ``entry``).
 
-Deterministic for a seed. The readers in ``tasks/`` read it through the same code as real files.
+Deterministic for a seed: one random stream, drawn from in a fixed order (the scenes, then per
+scene its captions and each writer's :meth:`Writer.scene`, then each writer's
+:meth:`Writer.finish`; writers in their ``order``). The readers in ``tasks/`` read it through the
+same code as real files.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 from pathlib import Path
+from typing import ClassVar
 
 from PIL import Image, ImageDraw
+
+from .base import get_task, list_tasks
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -94,132 +101,13 @@ def captions(scene: list[dict], rng: random.Random) -> list[str]:
     ]
 
 
-def answers_with_noise(answer: str, pool: list[str], rng: random.Random) -> list[str]:
-    """Ten annotator answers: mostly the right one, up to two others (soft scores get exercised)."""
-    noisy = rng.choice([0, 0, 0, 1, 2])
-    wrong = [a for a in pool if a != answer] or [answer]
-    return [answer] * (10 - noisy) + [rng.choice(wrong) for _ in range(noisy)]
+def coco_folder(split: str) -> str:
+    """The COCO image folder of a scene's Karpathy split (train2014, or val2014 for the rest)."""
+    return "train2014" if split == "train" else "val2014"
 
 
-def vqa_questions(
-    scene: list[dict], rng: random.Random
-) -> list[tuple[str, str, str, str, list[str]]]:
-    """(question, answer, answer_type, question_type, answer pool) — colour, count, yes/no, position."""
-    shapes = [o["shape"] for o in scene]
-    unique = [o for o in scene if shapes.count(o["shape"]) == 1]
-    out = []
-    if unique:
-        obj = rng.choice(unique)
-        out.append(
-            (
-                f"what color is the {obj['shape']}?",
-                obj["colour"],
-                "other",
-                "what color is the",
-                list(COLOURS),
-            )
-        )
-        out.append(
-            (
-                f"where is the {obj['shape']}?",
-                COLUMNS[obj["column"]],
-                "other",
-                "where is the",
-                list(COLUMNS),
-            )
-        )
-    colour = rng.choice(list(COLOURS))
-    count = sum(o["colour"] == colour for o in scene)
-    out.append(
-        (
-            f"how many {colour} shapes are there?",
-            str(count),
-            "number",
-            "how many",
-            ["0", "1", "2", "3"],
-        )
-    )
-    out.append(
-        ("how many shapes are there?", str(len(scene)), "number", "how many", ["1", "2", "3"])
-    )
-    probe = (
-        rng.choice(scene)
-        if rng.random() < 0.5
-        else {"colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES)}
-    )
-    present = any(o["colour"] == probe["colour"] and o["shape"] == probe["shape"] for o in scene)
-    out.append(
-        (
-            f"is there a {probe['colour']} {probe['shape']}?",
-            "yes" if present else "no",
-            "yes/no",
-            "is there a",
-            ["yes", "no"],
-        )
-    )
-    return out
-
-
-def gqa_questions(scene: list[dict], rng: random.Random) -> list[tuple[str, str, str]]:
-    """(question, answer, fullAnswer) about relations between shapes."""
-    out = []
-    for left, right in zip(scene, scene[1:]):
-        out.append(
-            (
-                f"what color is the shape to the left of the {right['shape']}?",
-                left["colour"],
-                f"the {left['shape']} is {left['colour']}.",
-            )
-        )
-        bigger = "yes" if left["size"] == "large" and right["size"] == "small" else "no"
-        out.append(
-            (
-                f"is the {left['shape']} bigger than the {right['shape']}?",
-                bigger,
-                f"{bigger}, the {left['shape']} is {'bigger' if bigger == 'yes' else 'not bigger'}.",
-            )
-        )
-    obj = scene[-1]
-    out.append(
-        (
-            f"what shape is on the {COLUMNS[obj['column']]}?",
-            obj["shape"],
-            f"it is a {obj['shape']}.",
-        )
-    )
-    return out
-
-
-def nlvr_statement(left: list[dict], right: list[dict], truth: bool, rng: random.Random) -> str:
-    """A statement about the pair that is ``truth`` (tries templates until one fits)."""
-    both = left + right
-    for _ in range(50):
-        kind = rng.randrange(4)
-        if kind == 0:
-            shape = rng.choice(SHAPES)
-            n = sum(o["shape"] == shape for o in both)
-            k = n if truth else rng.choice([m for m in range(1, 7) if m != n])
-            return f"there are {k} {plural(shape, k)} in total"
-        if kind == 1:
-            colour = rng.choice(list(COLOURS))
-            if any(o["colour"] == colour for o in left) == truth:
-                return f"the left image contains a {colour} shape"
-        if kind == 2:
-            shape = rng.choice(SHAPES)
-            holds = any(o["shape"] == shape for o in left) and any(
-                o["shape"] == shape for o in right
-            )
-            if holds == truth:
-                return f"both images contain a {shape}"
-        if kind == 3 and len(left) != len(right) and (len(left) > len(right)) == truth:
-            return "there are more shapes in the left image than in the right image"
-    raise RuntimeError("no statement found")  # unreachable: kind 0 always returns
-
-
-def generate(out: Path, images: int = 300, seed: int = 0, size: int = 64) -> dict[str, int]:
-    """Writes the data set under ``out``; returns counts per file family."""
-    rng = random.Random(seed)
-    scenes = [draw_scene(rng) for _ in range(images)]
+def karpathy_splits(images: int) -> list[str]:
+    """The Karpathy split of each scene: the last tenth (at least 4) test, then val, restval."""
     splits = ["train"] * images
     n_eval = max(4, images // 10)
     for i in range(n_eval):
@@ -228,124 +116,118 @@ def generate(out: Path, images: int = 300, seed: int = 0, size: int = 64) -> dic
             "val",
             "restval",
         )
-    coco_split = {
-        s: ("train2014" if s == "train" else "val2014") for s in ("train", "restval", "val", "test")
+    return splits
+
+
+# -- the writers' hook ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class SyntheticSet:
+    """What every writer gets: where the set goes, its scenes and the one random stream.
+
+    Args:
+        out: the data set's folder.
+        scenes: the scenes (lists of shapes), image id ``i + 1`` for ``scenes[i]``.
+        splits: each scene's Karpathy split (train, restval, val, test).
+        size: the image side in pixels.
+        rng: the stream every writer draws from, in the documented order.
+    """
+
+    out: Path
+    scenes: list[list[dict]]
+    splits: list[str]
+    size: int
+    rng: random.Random
+
+
+class Writer:
+    """A task's part of the synthetic set; the task class names it as ``synthetic_writer``.
+
+    :func:`generate` calls the writers of every registered task, sorted by ``order``:
+    ``scene(...)`` for each scene (after the shared COCO image and captions of that scene), then
+    ``finish()`` once. All draw from one stream, so a writer's place decides the data of the
+    writers after it: the built-in tasks have places 0–4 (their data stay the same from version to
+    version); a new task takes a higher place.
+
+    Attributes:
+        order: the writer's place; also the task's place in ``tasks.yaml``.
+        entry: the task's ``tasks.yaml`` entry (:class:`tasks.base.TaskConfig` fields; paths
+            relative to the set's folder; values are plain words or one-level mappings).
+
+    Example (in a task's file; its task class sets ``synthetic_writer = SyntheticCount``):
+        >>> class SyntheticCount(Writer):
+        ...     order = 10
+        ...     entry = {"reader": "count", "root": "count"}
+        ...     def finish(self):
+        ...         counts = [len(scene) for scene in self.data.scenes]
+        ...         write_json(self.data.out / "count" / "train.json", counts)
+        ...         return {"count_questions": len(counts)}
+    """
+
+    order: ClassVar[int] = 100
+    entry: ClassVar[dict] = {}
+
+    def __init__(self, data: SyntheticSet) -> None:
+        self.data = data
+
+    def scene(self, image_id: int, scene: list[dict], split: str, picture: Image.Image) -> None:
+        """Called for each scene in image order, ``picture`` its rendered image."""
+
+    def finish(self) -> dict[str, int]:
+        """Writes the task's files; returns what it wrote, counted (``{"vqa_questions": 1500}``)."""
+        return {}
+
+
+def writers(data: SyntheticSet) -> dict[str, Writer]:
+    """Task name → its writer, for every registered task that has one, in writer order."""
+    classes = {name: get_task(name).synthetic_writer for name in list_tasks()}
+    ordered = sorted((cls.order, name) for name, cls in classes.items() if cls is not None)
+    return {name: classes[name](data) for _, name in ordered}
+
+
+def coco_image(out: Path, image_id: int, scene: list[dict], split: str, picture, rng) -> dict:
+    """Saves the scene's COCO image; its Karpathy record with 5 captions (drawn from ``rng``)."""
+    folder = coco_folder(split)
+    filename = f"COCO_{folder}_{image_id:012d}.jpg"
+    path = out / "coco" / "images" / folder / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, quality=95)
+    sentences = [
+        {"raw": c, "tokens": c.split(), "imgid": image_id - 1, "sentid": 5 * (image_id - 1) + j}
+        for j, c in enumerate(captions(scene, rng))
+    ]
+    return {
+        "filepath": folder,
+        "filename": filename,
+        "cocoid": image_id,
+        "imgid": image_id - 1,
+        "split": split,
+        "sentids": [s["sentid"] for s in sentences],
+        "sentences": sentences,
     }
-    counts = {"images": images}
 
-    karpathy, questions, annotations = (
-        [],
-        {"train2014": [], "val2014": []},
-        {"train2014": [], "val2014": []},
-    )
-    for image_id, (scene, split) in enumerate(zip(scenes, splits), 1):
-        folder = coco_split[split]
-        filename = f"COCO_{folder}_{image_id:012d}.jpg"
-        path = out / "coco" / "images" / folder / filename
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+def generate(out: Path, images: int = 300, seed: int = 0, size: int = 64) -> dict[str, int]:
+    """Writes the data set under ``out``; returns counts per file family.
+
+    Example:
+        >>> generate(Path("/tmp/shapes"), images=40)  # doctest: +SKIP
+        {'images': 40, 'vqa_questions': 200, 'gqa_questions': 120, 'nlvr2_statements': 80}
+    """
+    rng = random.Random(seed)
+    scenes = [draw_scene(rng) for _ in range(images)]
+    data = SyntheticSet(out, scenes, karpathy_splits(images), size, rng)
+    tasks = writers(data)
+    karpathy = []
+    for image_id, (scene, split) in enumerate(zip(scenes, data.splits), 1):
         picture = render(scene, size)
-        picture.save(path, quality=95)
-        (out / "gqa" / "images").mkdir(parents=True, exist_ok=True)
-        picture.save(out / "gqa" / "images" / f"{image_id}.jpg", quality=95)
-        sentences = [
-            {"raw": c, "tokens": c.split(), "imgid": image_id - 1, "sentid": 5 * (image_id - 1) + j}
-            for j, c in enumerate(captions(scene, rng))
-        ]
-        karpathy.append(
-            {
-                "filepath": folder,
-                "filename": filename,
-                "cocoid": image_id,
-                "imgid": image_id - 1,
-                "split": split,
-                "sentids": [s["sentid"] for s in sentences],
-                "sentences": sentences,
-            }
-        )
-        for j, (q, a, a_type, q_type, pool) in enumerate(vqa_questions(scene, rng)):
-            qid = image_id * 100 + j
-            questions[folder].append({"image_id": image_id, "question": q, "question_id": qid})
-            given = answers_with_noise(a, pool, rng)
-            annotations[folder].append(
-                {
-                    "question_id": qid,
-                    "image_id": image_id,
-                    "question_type": q_type,
-                    "answer_type": a_type,
-                    "multiple_choice_answer": a,
-                    "answers": [
-                        {"answer": x, "answer_confidence": "yes", "answer_id": k + 1}
-                        for k, x in enumerate(given)
-                    ],
-                }
-            )
+        karpathy.append(coco_image(out, image_id, scene, split, picture, rng))
+        for writer in tasks.values():
+            writer.scene(image_id, scene, split, picture)
     write_json(out / "coco" / "dataset_coco.json", {"images": karpathy, "dataset": "coco"})
-    for folder in questions:
-        write_json(
-            out / "vqa" / f"v2_OpenEnded_mscoco_{folder}_questions.json",
-            {
-                "info": {"description": "vlpeft synthetic"},
-                "task_type": "Open-Ended",
-                "data_type": "mscoco",
-                "data_subtype": folder,
-                "questions": questions[folder],
-            },
-        )
-        write_json(
-            out / "vqa" / f"v2_mscoco_{folder}_annotations.json",
-            {
-                "info": {"description": "vlpeft synthetic"},
-                "data_type": "mscoco",
-                "data_subtype": folder,
-                "annotations": annotations[folder],
-            },
-        )
-    counts["vqa_questions"] = sum(map(len, questions.values()))
-
-    gqa_split = {"train": "train", "restval": "train", "val": "val", "test": "testdev"}
-    gqa = {"train": {}, "val": {}, "testdev": {}}
-    for image_id, (scene, split) in enumerate(zip(scenes, splits), 1):
-        for j, (q, a, full) in enumerate(gqa_questions(scene, rng)):
-            gqa[gqa_split[split]][f"{image_id}{j:02d}"] = {
-                "imageId": str(image_id),
-                "question": q,
-                "answer": a,
-                "fullAnswer": full,
-                "isBalanced": True,
-                "types": {"structural": "query", "semantic": "rel", "detailed": "relation"},
-            }
-    for name, data in gqa.items():
-        write_json(out / "gqa" / f"{name}_balanced_questions.json", data)
-    counts["gqa_questions"] = sum(map(len, gqa.values()))
-
-    nlvr_split = {"train": "train", "restval": "train", "val": "dev", "test": "test1"}
-    rows = {"train": [], "dev": [], "test1": []}
-    pools = {name: [i for i, s in enumerate(splits) if nlvr_split[s] == name] for name in rows}
-    for name, pool in pools.items():
-        for pair in range(len(pool)):
-            a, b = rng.sample(pool, 2)
-            stem = f"{name}-{pair}-0"
-            folder = out / "nlvr2" / "images" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            render(scenes[a], size).save(folder / f"{stem}-img0.png")
-            render(scenes[b], size).save(folder / f"{stem}-img1.png")
-            for k, truth in enumerate(rng.sample([True, False], 2)):
-                rows[name].append(
-                    {
-                        "identifier": f"{stem}-{k}",
-                        "sentence": nlvr_statement(scenes[a], scenes[b], truth, rng),
-                        "label": str(truth),
-                        "left_url": "",
-                        "right_url": "",
-                        "synset": "",
-                        "query": "",
-                    }
-                )
-    for name, data in rows.items():
-        path = out / "nlvr2" / f"{name}.json"
-        path.write_text("".join(json.dumps(r) + "\n" for r in data))
-    counts["nlvr2_statements"] = sum(map(len, rows.values()))
-    write_tasks_yaml(out)
+    counts = {"images": images}
+    for writer in tasks.values():
+        counts.update(writer.finish())
+    write_tasks_yaml(out, {name: writer.entry for name, writer in tasks.items()})
     return counts
 
 
@@ -354,36 +236,16 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data))
 
 
-def write_tasks_yaml(out: Path) -> None:
-    """A router config for the synthetic set (paths relative to the YAML file's folder)."""
-    text = """\
-# Task-router config for the synthetic set written by `python -m tasks.synthetic`.
-vqa:
-  reader: vqa
-  root: vqa
-  images: coco/images
-  splits: {train: karpathy_train, val: karpathy_val, test: karpathy_test}
-  options: {karpathy: coco/dataset_coco.json}
-gqa:
-  reader: gqa
-  root: gqa
-  images: gqa/images
-  splits: {train: train, val: val, test: testdev}
-nlvr2:
-  reader: nlvr2
-  root: nlvr2
-  images: nlvr2/images
-  splits: {train: train, val: dev, test: test1}
-caption:
-  reader: caption
-  root: coco
-  images: coco/images
-retrieval:
-  reader: retrieval
-  root: coco
-  images: coco/images
-"""
-    (out / "tasks.yaml").write_text(text)
+def write_tasks_yaml(out: Path, entries: dict[str, dict]) -> None:
+    """A router config for the synthetic set: each task's entry (paths relative to its folder)."""
+    lines = ["# Task-router config for the synthetic set written by `python -m tasks.synthetic`."]
+    for name, entry in entries.items():
+        lines.append(f"{name}:")
+        for key, value in entry.items():
+            if isinstance(value, dict):  # a flow mapping, one line: {train: train, val: dev}
+                value = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+            lines.append(f"  {key}: {value}")
+    (out / "tasks.yaml").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

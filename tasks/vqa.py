@@ -26,12 +26,14 @@ accuracy, :func:`vqa_accuracy` in this file (overall, per answer type and questi
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 from .base import DataError, Task, field, read_json, register_task
+from .synthetic import COLOURS, COLUMNS, SHAPES, SyntheticSet, Writer, coco_folder, write_json
 
 
 def soft_score(matches: int, total: int = 10) -> float:
@@ -217,12 +219,107 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
     }
 
 
+# -- the synthetic set (tasks.synthetic calls this writer) -----------------------------------------
+def answers_with_noise(answer: str, pool: list[str], rng: random.Random) -> list[str]:
+    """Ten annotator answers: mostly the right one, up to two others (soft scores get exercised)."""
+    noisy = rng.choice([0, 0, 0, 1, 2])
+    wrong = [a for a in pool if a != answer] or [answer]
+    return [answer] * (10 - noisy) + [rng.choice(wrong) for _ in range(noisy)]
+
+
+def vqa_questions(scene: list[dict], rng: random.Random) -> list[tuple]:
+    """(question, answer, answer_type, question_type, answer pool) — colour, count, yes/no, position."""
+    shapes = [o["shape"] for o in scene]
+    unique = [o for o in scene if shapes.count(o["shape"]) == 1]
+    out = []
+    if unique:
+        obj = rng.choice(unique)
+        shape = obj["shape"]
+        colours, where = list(COLOURS), COLUMNS[obj["column"]]
+        out.append(
+            (f"what color is the {shape}?", obj["colour"], "other", "what color is the", colours)
+        )
+        out.append((f"where is the {shape}?", where, "other", "where is the", list(COLUMNS)))
+    colour = rng.choice(list(COLOURS))
+    count = str(sum(o["colour"] == colour for o in scene))
+    out.append(
+        (f"how many {colour} shapes are there?", count, "number", "how many", ["0", "1", "2", "3"])
+    )
+    out.append(
+        ("how many shapes are there?", str(len(scene)), "number", "how many", ["1", "2", "3"])
+    )
+    probe = (
+        rng.choice(scene)
+        if rng.random() < 0.5
+        else {"colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES)}
+    )
+    present = any(o["colour"] == probe["colour"] and o["shape"] == probe["shape"] for o in scene)
+    question = f"is there a {probe['colour']} {probe['shape']}?"
+    out.append((question, "yes" if present else "no", "yes/no", "is there a", ["yes", "no"]))
+    return out
+
+
+class SyntheticVQA(Writer):
+    """VQAv2 question and annotation files for the scenes (train2014 / val2014 as the COCO images);
+    ten answers a question, a little annotator noise."""
+
+    order = 0
+    entry = {
+        "reader": "vqa",
+        "root": "vqa",
+        "images": "coco/images",
+        "splits": {"train": "karpathy_train", "val": "karpathy_val", "test": "karpathy_test"},
+        "options": {"karpathy": "coco/dataset_coco.json"},
+    }
+
+    def __init__(self, data: SyntheticSet) -> None:
+        super().__init__(data)
+        self.questions: dict[str, list] = {"train2014": [], "val2014": []}
+        self.annotations: dict[str, list] = {"train2014": [], "val2014": []}
+
+    def scene(self, image_id, scene, split, picture) -> None:
+        folder = coco_folder(split)
+        for j, (q, a, a_type, q_type, pool) in enumerate(vqa_questions(scene, self.data.rng)):
+            qid = image_id * 100 + j
+            self.questions[folder].append({"image_id": image_id, "question": q, "question_id": qid})
+            given = answers_with_noise(a, pool, self.data.rng)
+            self.annotations[folder].append(
+                {
+                    "question_id": qid,
+                    "image_id": image_id,
+                    "question_type": q_type,
+                    "answer_type": a_type,
+                    "multiple_choice_answer": a,
+                    "answers": [
+                        {"answer": x, "answer_confidence": "yes", "answer_id": k + 1}
+                        for k, x in enumerate(given)
+                    ],
+                }
+            )
+
+    def finish(self) -> dict[str, int]:
+        info = {"info": {"description": "vlpeft synthetic"}}
+        for folder, questions in self.questions.items():
+            write_json(
+                self.data.out / "vqa" / f"v2_OpenEnded_mscoco_{folder}_questions.json",
+                {**info, "task_type": "Open-Ended", "data_type": "mscoco",
+                 "data_subtype": folder, "questions": questions},
+            )  # fmt: skip
+            write_json(
+                self.data.out / "vqa" / f"v2_mscoco_{folder}_annotations.json",
+                {**info, "data_type": "mscoco", "data_subtype": folder,
+                 "annotations": self.annotations[folder]},
+            )  # fmt: skip
+        return {"vqa_questions": sum(map(len, self.questions.values()))}
+
+
 @register_task("vqa")
 class VQA(Task):
     needs = "answer"
     predicts = "generate"
     default_prompt = "vqa:"
     path_options = ("karpathy",)
+    synthetic_writer = SyntheticVQA
 
     def read_split(self, split: str) -> list[dict]:
         if split.startswith("karpathy_"):
