@@ -130,9 +130,10 @@ def _check(adapter: AdapterModule, source: str, path: str, method: str) -> None:
 
 
 def _scale(adapter: AdapterModule) -> float:
-    """The LoRA scale α/r that ``lora_factors`` folded into B (1 for methods without one)."""
-    s = getattr(adapter, "scaling", None)
-    return float(s) if isinstance(s, int | float) and s > 0 else 1.0
+    """The scale that ``lora_factors`` folded into B (the adapter's ``factor_scale``: LoRA's α/r,
+    1 for methods without one); a scale ≤ 0 weighs as 1."""
+    s = float(adapter.factor_scale)
+    return s if s > 0 else 1.0
 
 
 def _merge_factors(sources, method, density, generator):

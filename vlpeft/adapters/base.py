@@ -24,7 +24,8 @@ rank-1 components ReSoRA can penalise.
 
 Code outside a method's file asks the method, never its name: ``supports_slices``,
 ``deepspeed_problem(zero_stage)``, ``peft_flags``/``peft_layer_tensors`` on the config class;
-``peft_tensors(base_layer)``, ``peft_flags`` and ``slice_spec`` on the adapter module.
+``peft_tensors(base_layer)``, ``peft_flags``, ``slice_spec`` and ``factor_scale`` on the adapter
+module.
 """
 
 from __future__ import annotations
@@ -217,6 +218,13 @@ class AdapterModule(nn.Module):
     def lora_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in peft's shapes with the scale folded in: ΔW = B·A (LoRA-reducible methods)."""
         raise TypeError(f"{type(self).__name__} cannot be written as a plain LoRA")
+
+    @property
+    def factor_scale(self) -> float:
+        """The scale s that :meth:`lora_factors` folded into B, which peft's factor merges weigh
+        the factors by (``merge_task_adapters``' ``linear``, ``ties``, …): LoRA's α/r; 1 for a
+        method whose factors carry their own scale (Null-LoRA, FLoRA)."""
+        return 1.0
 
     # peft ``LoraConfig`` flags an export of this adapter sets (DoRA: ``use_dora``)
     peft_flags: ClassVar[dict[str, Any]] = {}

@@ -166,6 +166,10 @@ class LoRALinear(AdapterModule):
         return self.r * self.n_slices
 
     @property
+    def factor_scale(self) -> float:
+        return self.scaling
+
+    @property
     def slice_spec(self) -> dict | None:
         if self.slice_index is None:
             return None
@@ -387,6 +391,10 @@ class LoRAConv2d(AdapterModule):
     @property
     def rank(self) -> int:
         return self.r
+
+    @property
+    def factor_scale(self) -> float:
+        return self.scaling
 
     def forward(
         self, base_layer: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
