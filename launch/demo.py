@@ -31,12 +31,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from evaluation.baselines import baseline_summary  # noqa: E402
 from evaluation.leaderboard import write_all  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from launch.pretrain_text import pretrain  # noqa: E402
 from launch.train import train  # noqa: E402
 from tasks import synthetic  # noqa: E402
+from tasks.baselines import baseline_summary  # noqa: E402
 from tasks.router import TaskRouter  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "configs"

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import vlpeft
+from evaluation import baselines as old_baselines
 from evaluation.evaluate import evaluate_task
+from tasks import baselines
 from tasks.base import DataError
 from tasks.retrieval import retrieval_recall
 from tasks.router import TaskRouter
@@ -171,3 +173,15 @@ def test_hidden_gqa_and_nlvr2_test_splits_give_their_submission_files(router, tm
         DataError, match=r"test_balanced_questions.json: record '.*' has no annotation while 1 of"
     ):
         evaluate_task(model, hidden_router, "gqa", "test", tmp_path, Settings())
+
+
+def test_baselines_command_scores_every_task_of_the_file(router, capsys):
+    """``python -m tasks.baselines TASKS_YAML``: each task's no-image baseline, scored like a model;
+    ``python -m evaluation.baselines`` (its old name) says where it went."""
+    tasks_yaml = router["vqa"].root.parent / "tasks.yaml"
+    summary = baselines.main([str(tasks_yaml), "--split", "test"])
+    assert sorted(summary) == sorted(router.tasks)
+    assert all(0 <= row["headline"] <= 100 for row in summary.values())
+    assert summary["retrieval"]["baseline"] == "random ranking"
+    assert "vqa/test: " in capsys.readouterr().out
+    assert old_baselines.main([]) == 2 and "python -m tasks.baselines" in capsys.readouterr().err
