@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -189,6 +190,74 @@ class TrainConfig(Config):
     deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
     paper: dict | None = None  # what the paper reported (recipes); training ignores it
 
+    def adapter_sets(self, where: str = "config") -> dict[str, AdapterSet]:
+        """``adapters`` parsed into typed method configs — once: every later caller (placement,
+        the DeepSpeed checks, the run's name) gets the same objects, parsed again only if the
+        section was changed since."""
+        key = json.dumps(self.adapters, sort_keys=True, default=str)
+        cached = self.__dict__.get("_adapter_sets")
+        if cached is None or cached[0] != key:
+            cached = (key, parse_adapter_sets(self.adapters, self.model.family, where))
+            self.__dict__["_adapter_sets"] = cached
+        return cached[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSet:
+    """One entry of ``adapters:``, parsed. ``method`` is the method's typed config; its targets
+    are the module names the entry gives (``explicit``), else a placeholder until the model
+    places the set by its family's ``components`` × ``kinds`` (:func:`launch.run.adapter_methods`).
+    """
+
+    method: MethodConfig
+    components: list | None = None
+    kinds: list | None = None
+    route_components: list | None = None
+    explicit: bool = False
+
+
+def parse_adapter_sets(adapters: dict, family_name: str, where: str) -> dict[str, AdapterSet]:
+    """Each set's method config and placement, checked against the family (unknown keys,
+    components, kinds; targets and a placement together), or a ConfigError naming the set."""
+    sets = {}
+    for name, spec in adapters.items():
+        prefix = f"{where}: adapters.{name}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{prefix}: expected a mapping of method settings")
+        placement = {k: spec.get(k) for k in PLACEMENT_KEYS}
+        method_spec = {k: v for k, v in spec.items() if k not in placement}
+        try:
+            if "targets" in spec:
+                given = [k for k, v in placement.items() if v is not None]
+                if given:
+                    raise ConfigError(
+                        f"{prefix}: give either targets (module names or a regex) or {given} "
+                        "(the family's components × module kinds), not both"
+                    )
+                method = MethodConfig.from_dict(method_spec, where=prefix)
+                sets[name] = AdapterSet(method, explicit=True)
+                continue
+            method = MethodConfig.from_dict({"targets": ["_"], **method_spec}, where=prefix)
+            routed = bool(getattr(method, "routing", None))
+            if placement["route_components"] is not None and not routed:
+                raise ValueError("route_components needs a routing function (routing: …)")
+            family = get_family(family_name)
+            family.check_placement(
+                placement["components"] or family.default_components,
+                placement["kinds"] or family.default_kinds_for(method),
+                routed,
+                placement["route_components"],
+            )
+        except KeyError as err:
+            raise ConfigError(f"{prefix}: {err.args[0]}") from None
+        except (ValueError, TypeError) as err:
+            message = str(err)
+            raise ConfigError(
+                message if message.startswith(prefix) else f"{prefix}: {message}"
+            ) from None
+        sets[name] = AdapterSet(method, **placement)
+    return sets
+
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """``["train.steps=50", "model.preset=base"]`` → nested updates (values parsed as YAML)."""
@@ -254,45 +323,7 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
         )
     if not config.data.tasks:
         raise ConfigError(f"{where}: data.tasks is empty: name the tasks to train")
-    family = get_family(config.model.family)
-    for name, spec in config.adapters.items():
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{where}: adapters.{name}: expected a mapping of method settings")
-        placement = {k: spec.get(k) for k in PLACEMENT_KEYS}
-        method_spec = {k: v for k, v in spec.items() if k not in placement}
-        if "targets" in spec:
-            given = [k for k, v in placement.items() if v is not None]
-            if given:
-                raise ConfigError(
-                    f"{where}: adapters.{name}: give either targets (module names or a regex) or "
-                    f"{given} (the family's components × module kinds), not both"
-                )
-            try:
-                MethodConfig.from_dict(method_spec, where=f"{where}: adapters.{name}")
-            except KeyError as err:
-                raise ConfigError(f"{where}: adapters.{name}: {err.args[0]}") from None
-            continue
-        try:
-            method = MethodConfig.from_dict(
-                {"targets": ["_"], **method_spec}, where=f"{where}: adapters.{name}"
-            )
-            if placement["route_components"] is not None and not getattr(method, "routing", None):
-                raise ValueError("route_components needs a routing function (routing: …)")
-            kinds = placement["kinds"] or family.default_kinds_for(method)
-            family.check_placement(
-                placement["components"] or family.default_components,
-                kinds,
-                bool(getattr(method, "routing", None)),
-                placement["route_components"],
-            )
-        except KeyError as err:
-            raise ConfigError(f"{where}: adapters.{name}: {err.args[0]}") from None
-        except (ValueError, TypeError) as err:
-            message = str(err)
-            prefix = f"{where}: adapters.{name}"
-            raise ConfigError(
-                message if message.startswith(prefix) else f"{prefix}: {message}"
-            ) from None
+    config.adapter_sets(where)
     if config.resora is not None:
         ReSoRAConfig.from_dict(config.resora, f"{where}: resora")
     check_tasks_fit_model(config, where)

@@ -86,12 +86,13 @@ def deepspeed_config(config: TrainConfig, world: int, micro: int = 1) -> dict:
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    dora = [n for n, spec in config.adapters.items() if spec.get("method") == "dora"]
-    if stage == 3 and dora:
-        raise ConfigError(
-            f"deepspeed.config {path}: ZeRO-3 partitions the base weights, and DoRA (adapter set "
-            f"{dora[0]!r}) reads the whole W0 at every forward for its norm: use ZeRO-2"
-        )
+    for name, adapter_set in config.adapter_sets().items():  # each method knows its limits
+        problem = adapter_set.method.deepspeed_problem(stage)
+        if problem:
+            raise ConfigError(
+                f"deepspeed.config {path}: ZeRO stage {stage}, adapter set {name!r} "
+                f"({adapter_set.method.method}): {problem}"
+            )
     for block, precision in (("bf16", "bf16"), ("fp16", "fp16")):
         settings = ds.setdefault(block, {})
         if settings.get("enabled", "auto") == "auto":

@@ -10,7 +10,6 @@ from transformers import PreTrainedModel
 
 import vlpeft
 from launch.config import (
-    PLACEMENT_KEYS,
     ConfigError,
     RunError,
     TrainConfig,
@@ -66,20 +65,19 @@ def build_model(config: TrainConfig, router: TaskRouter):
 
 
 def adapter_methods(config: TrainConfig, model) -> dict[str, MethodConfig]:
-    """Each adapter set's method config with its targets resolved on ``model`` (explicit module
-    names honoured as given; else the family's components × kinds) and the family's trainable
-    tensors added."""
+    """Each adapter set's method config (:meth:`TrainConfig.adapter_sets`) with its targets
+    resolved on ``model`` (explicit module names honoured as given; else the family's
+    components × kinds) and the family's trainable tensors added."""
     methods = {}
-    for name, spec in config.adapters.items():
-        spec = dict(spec)
-        placement = [spec.pop(key, None) for key in PLACEMENT_KEYS]
-        if "targets" in spec:  # explicit module names: honoured as given (validate refuses a mix)
-            method = MethodConfig.from_dict(spec, where=f"adapters.{name}")
+    for name, adapter_set in config.adapter_sets().items():
+        method = adapter_set.method
+        if adapter_set.explicit:  # module names: honoured as given (validate refuses a mix)
             trainable = list(dict.fromkeys([*method.trainable, *model.trainable_patterns]))
             methods[name] = dataclasses.replace(method, trainable=trainable)
         else:
-            method = MethodConfig.from_dict({"targets": ["_"], **spec}, where=f"adapters.{name}")
-            methods[name] = model.adapter_config(method, *placement)
+            methods[name] = model.adapter_config(
+                method, adapter_set.components, adapter_set.kinds, adapter_set.route_components
+            )
     return methods
 
 
@@ -184,7 +182,8 @@ def validate_config(path: Path, overrides=(), stage: str | None = None) -> dict:
 
 
 def method_name(config: TrainConfig) -> str:
-    """A short description of the adapter sets, e.g. ``lora r=8 proj``."""
+    """A short description of the adapter sets as the config words them, e.g. ``lora r=8 proj``
+    (a setting left to its default is not named)."""
     parts = []
     for spec in config.adapters.values():
         words = [spec.get("method", "?")]
