@@ -262,6 +262,28 @@ def test_gqa_and_nlvr2_files(tmp_path):
     assert batch["targets"] == ["true", "false"] and batch["text"][0] == "nlvr: One dog."
 
 
+# The tests above that read each task's official files, written by hand: a registered task without
+# a row fails, naming it (the synthetic set alone would not catch a reader that misreads a format).
+OFFICIAL_FILE_TESTS = {
+    "vqa": [test_vqa_official_files, test_vqa_karpathy_split_mapping],
+    "gqa": [test_gqa_and_nlvr2_files],
+    "nlvr2": [test_gqa_and_nlvr2_files],
+    "caption": [test_karpathy_captions_and_retrieval],
+    "retrieval": [test_karpathy_captions_and_retrieval],
+}
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_every_task_reads_hand_written_official_files(name):
+    if name not in OFFICIAL_FILE_TESTS:
+        pytest.fail(
+            f"task {name!r} has no test on hand-written official files (OFFICIAL_FILE_TESTS)"
+        )
+    assert all(
+        callable(test) and test.__name__.startswith("test_") for test in OFFICIAL_FILE_TESTS[name]
+    )
+
+
 def test_synthetic_set_reads_through_the_official_readers(tmp_path):
     counts = generate(tmp_path, images=60, seed=3)
     again = generate(tmp_path / "again", images=60, seed=3)
