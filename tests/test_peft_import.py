@@ -272,6 +272,88 @@ def test_wrong_rank_existing_name_pickle_and_unsupported_fields(tmp_path):
         vlpeft.load_peft_lora(tiny_bart(), pickled)
 
 
+NAN, INF = float("nan"), float("inf")  # json.dumps writes them as NaN / Infinity
+
+
+@pytest.mark.parametrize(
+    "changes,key",
+    [
+        ({"lora_alpha": NAN}, "lora_alpha"),
+        ({"lora_alpha": INF}, "lora_alpha"),
+        ({"r": NAN}, "r"),
+        ({"alpha_pattern": {"q_proj": NAN}}, "alpha_pattern['q_proj']"),
+        ({"alpha_pattern": {"q_proj": INF}}, "alpha_pattern['q_proj']"),
+        ({"alpha_pattern": {"q_proj": "2"}}, "alpha_pattern['q_proj']"),
+        ({"alpha_pattern": {"q_proj": None}}, "alpha_pattern['q_proj']"),
+        ({"alpha_pattern": {"q_proj": True}}, "alpha_pattern['q_proj']"),
+        ({"rank_pattern": {"q_proj": NAN}}, "rank_pattern['q_proj']"),
+        ({"rank_pattern": {"q_proj": INF}}, "rank_pattern['q_proj']"),
+        ({"lora_dropout": NAN}, "lora_dropout"),
+        ({"lora_dropout": "0.1"}, "lora_dropout"),
+        ({"use_dora": "false"}, "use_dora"),  # a truthy string would have selected DoRA
+        ({"use_rslora": "no"}, "use_rslora"),  # ... and scaled by α/√r
+        ({"init_lora_weights": ["gaussian"]}, "init_lora_weights"),
+    ],
+)
+def test_a_non_finite_or_mistyped_config_value_is_an_error_naming_file_and_key(
+    tmp_path, changes, key
+):
+    peft_checkpoint(tiny_bart, tmp_path, r=2, target_modules=["q_proj"])
+    _rewrite_config(tmp_path, **changes)
+    model = tiny_bart()
+    with pytest.raises(ValueError) as err:
+        vlpeft.load_peft_lora(model, tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'adapter_config.json'}: {key} must be ")
+    assert "\n" not in message
+    assert not list(vlpeft.adapted_layers(model))
+
+
+@pytest.mark.parametrize(
+    "text,says",
+    [
+        (b"\xff\xfe{}", "not valid JSON"),  # not UTF-8
+        (b"3", "expected a JSON object"),
+        (b"null", "expected a JSON object"),
+        (b'["LORA"]', "expected a JSON object"),
+    ],
+)
+def test_a_config_that_is_no_json_object_is_a_one_line_error_naming_the_file(tmp_path, text, says):
+    peft_checkpoint(tiny_bart, tmp_path, r=2, target_modules=["q_proj"])
+    (tmp_path / "adapter_config.json").write_bytes(text)
+    with pytest.raises(ValueError, match=says) as err:
+        vlpeft.load_peft_lora(tiny_bart(), tmp_path)
+    assert str(err.value).startswith(str(tmp_path / "adapter_config.json"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+@pytest.mark.parametrize("kind", ["lora_A", "lora_B", "layernorm_embedding"])  # a saved module
+def test_a_non_finite_tensor_is_an_error_naming_file_and_key(tmp_path, kind, value):
+    peft_checkpoint(
+        tiny_bart, tmp_path, r=2, target_modules=["q_proj"], modules_to_save=["layernorm_embedding"]
+    )
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = sorted(k for k in tensors if kind in k)[-1]
+    tensors[key].view(-1)[1] = value
+    save_file(tensors, path)
+    model = tiny_bart()
+    with pytest.raises(ValueError, match="NaN or inf") as err:
+        vlpeft.load_peft_lora(model, tmp_path)
+    assert str(err.value).startswith(f"{path}: tensor {key!r}")
+    assert not list(vlpeft.adapted_layers(model))
+
+
+def test_an_unreadable_weights_file_is_an_error_naming_it(tmp_path):
+    peft_checkpoint(tiny_bart, tmp_path, r=2, target_modules=["q_proj"])
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file") as err:
+        vlpeft.load_peft_lora(tiny_bart(), tmp_path)
+    assert str(err.value).startswith(str(path))
+
+
 def test_load_adapter_on_a_peft_directory_points_to_load_peft_lora(tmp_path):
     peft_checkpoint(tiny_bart, tmp_path, r=2, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="vlpeft.load_peft_lora"):

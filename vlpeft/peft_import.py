@@ -12,7 +12,9 @@ peft's pattern keys (``target_modules`` when it is a string, ``rank_pattern``, `
 that is not a plain dotted name is an error naming it. Everything peft would skip silently is an
 error here: a pattern key that matches no module, a targeted module that gets no tensor (the
 classic silent failure of a checkpoint written with another prefix), a tensor that belongs to no
-targeted module, a ``lora_B`` of zeros.
+targeted module, a ``lora_B`` of zeros, a NaN or inf in a rank, an alpha or a tensor. A malformed
+``adapter_config.json`` (not JSON, not an object, a value of the wrong type) is a one-line
+``ValueError`` naming the file and the key.
 
 Which vlpeft method a checkpoint becomes is the methods' answer, not a name here: each method
 config that loads peft checkpoints says which ``LoraConfig`` flags select it (``peft_flags``:
@@ -85,11 +87,15 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no peft adapter config here")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("peft_type") != "LORA":
-        found = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object (a peft LoRA config), got {type(data).__name__}"
+        )
+    found = data.get("peft_type")
+    if found != "LORA":
         hint = " (a vlpeft checkpoint: use vlpeft.load_adapter)" if "vlpeft_format" in data else ""
         raise ValueError(
             f"{path}: expected a peft LoRA config (peft_type 'LORA'), got {found!r}{hint}"
@@ -99,16 +105,50 @@ def _read_config(directory: Path) -> dict[str, Any]:
         if value != neutral and not (neutral is None and value in ([], {}, "")):
             raise ValueError(f"{path}: {key}={value!r} is not supported (expected {neutral!r})")
     init = data.get("init_lora_weights", True)
+    if not isinstance(init, bool | str):
+        raise ValueError(f"{path}: init_lora_weights must be true, false or a name, got {init!r}")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise ValueError(
             f"{path}: init_lora_weights={init!r} trains against a modified base weight; convert "
             "the adapter to a plain LoRA with peft first (path_initial_model_for_weight_conversion)"
         )
-    for key in ("r", "lora_alpha"):
-        value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ValueError(f"{path}: {key} must be a positive number, got {value!r}")
+    _check_numbers(data, path)
     return data
+
+
+def _check_numbers(data: dict[str, Any], path: Path) -> None:
+    """The scalar fields vlpeft reads, by type and range, each error naming the key (a NaN or inf
+    — which Python's json reads from ``NaN``/``Infinity`` — is no rank, alpha or probability)."""
+    _rank(data.get("r"), f"{path}: r")
+    _alpha(data.get("lora_alpha"), f"{path}: lora_alpha")
+    for field, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
+        value = data.get(field) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: {field} must be a mapping, got {value!r}")
+        for key, item in value.items():
+            check(item, f"{path}: {field}[{key!r}]")
+    dropout = data.get("lora_dropout") or 0.0
+    if not _real(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    flags = {k for _, c in METHODS.items() for k in (c.peft_flags or {})} | {"use_rslora"}
+    for key in sorted(flags):
+        if data.get(key) is not None and not isinstance(data[key], bool):
+            raise ValueError(f"{path}: {key} must be true or false, got {data[key]!r}")
+
+
+def _real(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (a bool is neither)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _rank(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} must be an int >= 1, got {value!r}")
+
+
+def _alpha(value: Any, where: str) -> None:
+    if not _real(value) or value <= 0:
+        raise ValueError(f"{where} must be a positive finite number, got {value!r}")
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -122,7 +162,14 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
             else ""
         )
         raise FileNotFoundError(f"{path}: adapter weights missing{why}")
-    return load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors' own error type is not a ValueError
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {key!r} has NaN or inf values")
+    return tensors
 
 
 def _keys(data: dict, field: str, path: Path) -> list[str]:
@@ -281,10 +328,8 @@ def _layer_ranks(data: dict, layers: dict, path: Path) -> tuple[dict[str, int], 
     """Per layer: rank and the alpha that gives peft's scale with vlpeft's alpha / r."""
     ranks, alphas = {}, {}
     patterns = {}
-    for field in ("rank_pattern", "alpha_pattern"):
+    for field in ("rank_pattern", "alpha_pattern"):  # types and values: _check_numbers
         value = data.get(field) or {}
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: {field} must be a mapping, got {value!r}")
         keys = [plain_name(k, f"{path}: {field}") for k in value]
         for key in keys:
             if not any(matches_name(p, key) for p in layers):
@@ -294,8 +339,6 @@ def _layer_ranks(data: dict, layers: dict, path: Path) -> tuple[dict[str, int], 
         keys, value = patterns["rank_pattern"]
         key = _first_match(rel, keys)
         r = value[key] if key is not None else data["r"]
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{path}: the rank of {rel} must be an int >= 1, got {r!r}")
         keys, value = patterns["alpha_pattern"]
         key = _first_match(rel, keys)
         alpha = float(value[key] if key is not None else data["lora_alpha"])
