@@ -286,6 +286,48 @@ def test_argument_errors():
     assert SVD_METHODS[0] == "svd"
 
 
+@pytest.mark.parametrize("density", ["0.5", True])  # NaN and inf: refused before #25 too
+def test_a_density_that_is_no_number_is_refused(density):
+    model = two_task_model()
+    with pytest.raises(ValueError, match=r"'ties' needs density in \(0, 1\], got "):
+        vlpeft.merge_task_adapters(model, {"vqa": 1.0, "caption": 1.0}, "ties", density=density)
+    assert "merged" not in vlpeft.inject.adapter_configs(model)
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "ties_svd"])
+def test_a_density_that_keeps_no_entry_is_an_error_naming_method_density_and_layer(method):
+    model = two_task_model()  # the smallest factor has 4·32 = 128 entries: 1e-4 keeps none
+    with pytest.raises(ValueError, match="keeps no entry") as err:
+        vlpeft.merge_task_adapters(model, {"vqa": 1.0, "caption": 1.0}, method, density=1e-4)
+    first = next(p for p, _ in vlpeft.adapted_layers(model))
+    assert f"at {first} (method {method!r} at density 0.0001)" in str(err.value)
+    assert "merged" not in vlpeft.inject.adapter_configs(model)
+
+
+@pytest.mark.parametrize(
+    "method,density,weights",
+    [
+        ("dare_linear", 1e-3, {"vqa": 1.0, "caption": 1.0}),  # keeps each entry w.p. 1e-3
+        ("cat", None, {"vqa": 0.0, "caption": 0.0}),
+        ("svd", None, {"vqa": 1.0, "vqa_copy": -1.0}),  # an adapter minus itself
+    ],
+)
+def test_a_merge_whose_update_is_all_zeros_is_an_error_naming_the_layer(method, density, weights):
+    model = two_task_model()
+    config = vlpeft.inject.adapter_configs(model)["vqa"]
+    vlpeft.add_adapter(model, config, "vqa_copy")
+    with torch.no_grad():
+        for _, layer in vlpeft.adapted_layers(model):
+            for key, t in layer.adapters["vqa"].state_dict().items():
+                layer.adapters["vqa_copy"].get_parameter(key).copy_(t)
+    with pytest.raises(ValueError, match="all-zero update") as err:
+        vlpeft.merge_task_adapters(model, weights, method, density=density)
+    first = next(p for p, _ in vlpeft.adapted_layers(model))
+    what = f"method {method!r}" + (f" at density {density}" if density else "")
+    assert f"at {first}: {what} gives" in str(err.value)
+    assert "merged" not in vlpeft.inject.adapter_configs(model)
+
+
 # -- the merged adapter is an adapter like any other -------------------------------------------
 def test_merged_adapter_saves_reloads_and_exports(tmp_path):
     from peft import PeftModel

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .adapters import LayerwiseConfig, LoRAConfig
-from .adapters.base import AdaptedLayer, AdapterModule, adapted_layers, adapter_configs, is_conv1d
+from .adapters.base import AdapterModule, adapted_layers, adapter_configs, is_conv1d
 from .inject import add_adapter
 
 __all__ = ["MERGE_METHODS", "combine", "merge_task_adapters"]
@@ -55,10 +55,16 @@ _DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}
 
 # -- the elementwise definitions (peft's merge_utils) ------------------------------------------
 def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keeps the top ``density`` fraction of entries by magnitude (int(density·numel) of them)."""
+    """Keeps the top ``density`` fraction of entries by magnitude (int(density·numel) of them);
+    a density that keeps none is an error (the merge would be all zeros)."""
     if density >= 1:
         return t
     k = int(density * t.numel())
+    if k == 0:
+        raise ValueError(
+            f"density {density} keeps no entry of a tensor of {t.numel()} "
+            f"(int(density·numel) = 0: keeping one needs density >= 1/{t.numel()})"
+        )
     mask = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
     mask[torch.topk(t.abs().reshape(-1), k=k).indices] = 1
     return t * mask.view(t.shape)
@@ -200,7 +206,9 @@ def merge_task_adapters(
         method: one of :data:`MERGE_METHODS` (definitions in the module docstring).
         name: the new adapter's name (an existing name is an error); it is not made active.
         density: the fraction kept by ``ties``, ``dare_*`` and ``magnitude_prune`` (required
-            there, in (0, 1]); not used by the others.
+            there, in (0, 1]); not used by the others. A density that keeps no entry of a
+            tensor, or a merge whose update at a layer is all zeros, is an error naming the
+            layer.
         rank: the rank of the ``_svd`` methods (default per layer: the largest source rank).
         seed: seeds DARE's drops.
 
@@ -226,10 +234,7 @@ def merge_task_adapters(
                 sources.append((layer.adapters[n], float(w), layer.base_layer))
         if not sources or all(_rank_of(a, b) == 0 for a, _, b in sources):
             continue  # no source here, or only rank-0 layers (Null-LoRA without null space)
-        try:
-            merged[path] = _merge_layer(layer, sources, method, density, generator, rank)
-        except ValueError as err:
-            raise ValueError(f"merge_task_adapters at {path}: {err}") from None
+        merged[path] = _merge_layer(path, sources, method, density, generator, rank)
     merged = {p: f for p, f in merged.items() if f[0].shape[0] > 0}
     if not merged:
         raise ValueError(f"adapters {sorted(weights)} have no layer with a nonzero rank to merge")
@@ -243,12 +248,25 @@ def merge_task_adapters(
     return module
 
 
-def _merge_layer(layer: AdaptedLayer, sources, method, density, generator, rank):
-    if method in FACTOR_METHODS:
-        return _merge_factors(sources, method, density, generator)
-    if rank is None:
-        rank = max(_rank_of(a, b) for a, _, b in sources)
-    return _merge_svd(sources, method, density, generator, rank)
+def _merge_layer(path: str, sources, method, density, generator, rank):
+    """(A, B) of the layer at ``path``; an error naming the layer, the method and the density
+    when the merge fails there or its update B·A is all zeros (an adapter that changes nothing)."""
+    what = f"method {method!r}" + (f" at density {density}" if density is not None else "")
+    try:
+        if method in FACTOR_METHODS:
+            a, b = _merge_factors(sources, method, density, generator)
+        else:
+            k = rank if rank is not None else max(_rank_of(a, b) for a, _, b in sources)
+            a, b = _merge_svd(sources, method, density, generator, k)
+    except ValueError as err:
+        raise ValueError(f"merge_task_adapters at {path} ({what}): {err}") from None
+    if a.shape[0] > 0 and not torch.any(b.flatten(1) @ a.flatten(1)):
+        hint = "raise the density, or check" if density is not None else "check"
+        raise ValueError(
+            f"merge_task_adapters at {path}: {what} gives an all-zero update (the merged adapter "
+            f"would change nothing here): {hint} the weights and the sources"
+        )
+    return a, b
 
 
 def _validate(configs, weights, method, name, density, rank) -> None:
@@ -265,7 +283,8 @@ def _validate(configs, weights, method, name, density, rank) -> None:
     if name in configs:
         raise ValueError(f"adapter {name!r} already exists; names in use: {sorted(configs)}")
     needs_density = method.removesuffix("_svd") in _DENSITY
-    if needs_density and (density is None or not 0 < density <= 1):
+    real = not isinstance(density, bool) and isinstance(density, int | float)
+    if needs_density and not (real and math.isfinite(density) and 0 < density <= 1):
         raise ValueError(f"method {method!r} needs density in (0, 1], got {density!r}")
     if not needs_density and density is not None:
         raise ValueError(f"density is used by ties, dare and magnitude_prune, not by {method!r}")
