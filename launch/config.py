@@ -111,6 +111,8 @@ class TrainSection(Config):
     init_from: str | None = None
     # a non-finite loss or gradient norm: stop (the last good checkpoint stays) | skip the step
     on_nonfinite: str = "stop"
+    # on_nonfinite: skip — a run that skips more than this share of its steps is an error
+    max_skipped_share: float = 0.5
 
     def __post_init__(self) -> None:
         w = "train"
@@ -149,6 +151,10 @@ class TrainSection(Config):
         check(
             self.on_nonfinite in ("stop", "skip"), f"{w}.on_nonfinite", "stop or skip",
             self.on_nonfinite,
+        )  # fmt: skip
+        check(
+            math.isfinite(self.max_skipped_share) and 0 <= self.max_skipped_share <= 1,
+            f"{w}.max_skipped_share", "a share in [0, 1]", self.max_skipped_share,
         )  # fmt: skip
 
 

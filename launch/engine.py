@@ -300,13 +300,21 @@ def build_stepper(config: TrainConfig, model, world: int, device: torch.device, 
 def on_nonfinite(run, task: str, found: NonFinite) -> None:
     """Stops the run with a clear error (``on_nonfinite: stop``, or a step that cannot be undone),
     or drops the step and counts it (``skip``)."""
-    if run.config.train.on_nonfinite == "skip" and found.can_skip:
+    train = run.config.train
+    if train.on_nonfinite == "skip" and found.can_skip:
         run.skipped += 1
         log.warning(
             "step %d (task %s): %s is %s; step skipped", run.step + 1, task, found.what, found.value
         )
         run.stepper.skip()
         run.step += 1
+        if run.skipped > train.max_skipped_share * train.steps:  # it can only grow from here
+            raise NonFiniteError(
+                f"step {run.step} (task {task}): {run.skipped} of the run's {train.steps} steps "
+                f"skipped for non-finite values, more than train.max_skipped_share "
+                f"({train.max_skipped_share}): the run is not training. A lower train.lr or "
+                "train.grad_clip usually cures a diverging run"
+            )
         return
     last = "none yet" if run.last_finite_loss is None else f"{run.last_finite_loss:.4g}"
     raise NonFiniteError(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from launch.config import ConfigError, load_config
 from launch.distributed import num_workers, resolve_device
+from launch.resume import folder_lock
 from launch.run import RunError, build_model, build_router
 from tasks.base import DataError, image_transform
 from tasks.features import DTYPES, unique_images, write_features
@@ -37,23 +38,24 @@ def build_cache(
 ) -> Path:  # fmt: skip
     """Writes the cache of ``config``'s tasks (default: all) and splits (default: every split
     each task configures); returns the folder."""
-    router = build_router(config)
-    model = build_model(config, router)
-    records = []
-    for name in tasks or list(router.tasks):
-        task = router[name]
-        for split in splits or list(task.config.splits):
-            read = task.read(split)
-            log.info("%s/%s: %d records", name, split, len(read))
-            records += read
-    images = unique_images(records)  # each image once, across tasks and splits
-    cfg = model.config
-    transform = image_transform(cfg.image_size, cfg.image_mean, cfg.image_std)
-    device = resolve_device(config)
-    workers = num_workers(config, device)
-    return write_features(
-        model, images, transform, out, dtype, shard_images, batch_size, workers, device
-    )
+    with folder_lock(Path(out), "building a feature cache"):  # two builds would mix shards
+        router = build_router(config)
+        model = build_model(config, router)
+        records = []
+        for name in tasks or list(router.tasks):
+            task = router[name]
+            for split in splits or list(task.config.splits):
+                read = task.read(split)
+                log.info("%s/%s: %d records", name, split, len(read))
+                records += read
+        images = unique_images(records)  # each image once, across tasks and splits
+        cfg = model.config
+        transform = image_transform(cfg.image_size, cfg.image_mean, cfg.image_std)
+        device = resolve_device(config)
+        workers = num_workers(config, device)
+        return write_features(
+            model, images, transform, out, dtype, shard_images, batch_size, workers, device
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-images", type=int, default=4096, help="images per shard")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         config = load_config(args.config, args.overrides, stage=args.stage)

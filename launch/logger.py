@@ -29,13 +29,15 @@ class Logger:
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        # strict JSON: a non-finite value (a skipped step's loss) is written as null, never NaN
-        clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+        # strict JSON: a non-finite value (a skipped step's loss) is written as null, never NaN;
+        # None (no score: a split an evaluation server scores) too, and left out of TensorBoard
+        clean = {k: (v if v is not None and math.isfinite(v) else None) for k, v in values.items()}
         self.file.write(json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
         self.file.flush()
         if self.writer:
             for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
+                if value is not None:
+                    self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
         if self.file:

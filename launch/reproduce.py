@@ -137,7 +137,8 @@ def run_recipe(path: Path, seeds: int, out: Path, overrides=()) -> dict:
                 summary = json.loads(summary_file.read_text())
             else:
                 resume = any((run_dir / "checkpoints").glob("step_*"))
-                summary = train(config, run_dir, resume=resume)
+                # a seed's run killed before its first checkpoint starts again from scratch
+                summary = train(config, run_dir, resume=resume, restart=True)
             done[label] = run_dir
             results[label].append(summary.get("results", {}))
     comparison = {}
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="seeds to run (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="default runs/reproduce/<recipe>")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options before or after the overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         if args.list:

@@ -37,7 +37,7 @@ from evaluation.leaderboard import render_markdown
 from launch import checkpoints, distributed, engine
 from launch.config import STAGE_PREFIX, ConfigError, RunError, TrainConfig, load_config
 from launch.logger import Logger, StepClock, truncate_metrics
-from launch.resume import check_run_dir, config_changes
+from launch.resume import check_run_dir, config_changes, lock_run_dir, mark_run_dir
 from tasks.base import DataError
 from tasks.loader import multitask_loader
 from tasks.router import TaskRouter
@@ -82,56 +82,67 @@ class Run:
         return self.stepper.scheduler
 
 
-def train(config: TrainConfig, run_dir: Path, resume: bool = False, allow_change=()) -> dict:
+def train(
+    config: TrainConfig, run_dir: Path, resume: bool = False, allow_change=(),
+    restart: bool = False,
+) -> dict:  # fmt: skip
     """Runs training (and the final evaluation); returns the run summary written to run.json.
+    ``restart``: a run that stopped before its first checkpoint starts again from scratch
+    (``launch.reproduce`` reruns its seeds so).
 
     Raises :class:`ConfigError`, :class:`RunError` or :class:`tasks.base.DataError` for what the
     user has to fix; ``main`` turns them into an exit code."""
     # setup
     rank, world = distributed.distributed_env()
     distributed.init_distributed(config, world)
-    check_run_dir(run_dir, resume, world)
-    config.data.file = str(Path(config.data.file).resolve())
-    run = setup(config, run_dir, rank, world, resume)
-    # resume
-    resume_or_start(run, resume, allow_change)
-    logger = Logger(run_dir, rank == 0, config.train.tensorboard)
-    zero3 = run.engine is not None and run.engine.zero_optimization_stage() == 3
-    replica = (lambda: launch_run.build_model(config, run.router)) if zero3 else None
-    rank0 = distributed.RankZero(run.model, rank, world, replica)
-    # steps, with logging, checkpoints and validation
-    started = time.time()
-    workers = distributed.num_workers(config, run.device)
-    loader = multitask_loader(
-        run.datasets, run.sampler, run.position, workers, pin_memory=run.device.type == "cuda"
-    )
-    stream = iter(loader)
-    bar = tqdm(total=config.train.steps, initial=run.step, desc="train", disable=rank != 0)
-    run.model.train()
-    clock = StepClock()
-    while run.step < config.train.steps:
-        micro_batches = []
-        for _ in range(config.train.grad_accum):
-            with clock.waiting():
-                run.position, task, batch = next(stream)
-            micro_batches.append((task, batch))
-        losses, per_task = engine.train_step(run, micro_batches)  # (its loss.item() syncs)
-        bar.update(1)
-        clock.step(sum(len(b["ids"]) for _, b in micro_batches))
-        distributed.fault_point("step", run.step, run.rank)
-        if run.step % config.train.log_every == 0 or run.step == config.train.steps:
-            log_step(run, losses, per_task, logger, bar, clock)
-        with clock.excluded():  # not the loop's time: left out of the perf/* figures
-            checkpoint_and_validate(run, logger, rank0)
-    del stream, loader  # its workers end here
-    bar.close()
-    seconds = time.time() - started
-    if run.resora:
-        vlpeft.enable_resora(run.model, False)
-    # finish
-    summary = rank0.run(lambda model: finish(run, model, seconds, logger)) or {}
-    logger.close()
-    return summary
+    with lock_run_dir(run_dir, rank, world):  # one process at a time trains into a run directory
+        check_run_dir(run_dir, resume, world, restart)
+        if rank == 0:
+            mark_run_dir(run_dir)
+        config.data.file = str(Path(config.data.file).resolve())
+        resuming = resume and any((run_dir / "checkpoints").glob("step_*"))
+        # a change the resume refuses is named before any heavy work
+        changed = config_changes(run_dir, config, allow_change) if resuming else {}
+        run = setup(config, run_dir, rank, world, resume)
+        # resume
+        resume_or_start(run, resuming, changed)
+        logger = Logger(run_dir, rank == 0, config.train.tensorboard)
+        zero3 = run.engine is not None and run.engine.zero_optimization_stage() == 3
+        replica = (lambda: launch_run.build_model(config, run.router)) if zero3 else None
+        rank0 = distributed.RankZero(run.model, rank, world, replica)
+        # steps, with logging, checkpoints and validation
+        started = time.time()
+        workers = distributed.num_workers(config, run.device)
+        loader = multitask_loader(
+            run.datasets, run.sampler, run.position, workers, pin_memory=run.device.type == "cuda"
+        )
+        stream = iter(loader)
+        bar = tqdm(total=config.train.steps, initial=run.step, desc="train", disable=rank != 0)
+        run.model.train()
+        clock = StepClock()
+        while run.step < config.train.steps:
+            micro_batches = []
+            for _ in range(config.train.grad_accum):
+                with clock.waiting():
+                    run.position, task, batch = next(stream)
+                micro_batches.append((task, batch))
+            losses, per_task = engine.train_step(run, micro_batches)  # (its loss.item() syncs)
+            bar.update(1)
+            clock.step(sum(len(b["ids"]) for _, b in micro_batches))
+            distributed.fault_point("step", run.step, run.rank)
+            if run.step % config.train.log_every == 0 or run.step == config.train.steps:
+                log_step(run, losses, per_task, logger, bar, clock)
+            with clock.excluded():  # not the loop's time: left out of the perf/* figures
+                checkpoint_and_validate(run, logger, rank0)
+        del stream, loader  # its workers end here
+        bar.close()
+        seconds = time.time() - started
+        if run.resora:
+            vlpeft.enable_resora(run.model, False)
+        # finish
+        summary = rank0.run(lambda model: finish(run, model, seconds, logger)) or {}
+        logger.close()
+        return summary
 
 
 def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: bool = False) -> Run:
@@ -221,11 +232,10 @@ def init_from_run(model, config: TrainConfig, source: Path) -> None:
     log.info("initialised the adapters from %s", source)
 
 
-def resume_or_start(run: Run, resume: bool, allow_change=()) -> None:
-    """Loads the newest intact checkpoint when resuming (refusing config changes not allowed;
-    every change is appended to ``config_history.jsonl``); writes the resolved config (rank 0)."""
-    if resume and any((run.run_dir / "checkpoints").glob("step_*")):
-        changed = config_changes(run.run_dir, run.config, allow_change)
+def resume_or_start(run: Run, resuming: bool, changed: dict) -> None:
+    """Loads the newest intact checkpoint when resuming (the config's allowed ``changed`` keys are
+    appended to ``config_history.jsonl``); writes the resolved config (rank 0)."""
+    if resuming:
         checkpoint = checkpoints.choose_checkpoint(run.run_dir, run.rank, run.world)
         state = checkpoints.load_checkpoint(
             checkpoint, run.model, run.optimizer, run.scheduler, run.engine, run.rank
@@ -306,7 +316,8 @@ def finish(run: Run, model, seconds: float, logger) -> dict:
         "run": run_dir.name, "family": config.model.family, "preset": config.model.preset,
         "method": launch_run.method_name(config), "trainable": trainable, "total": total_params,
         "processes": run.world, "deepspeed": config.deepspeed.enabled,
-        "train_seconds": round(seconds, 1), "steps": run.step, "results": results,
+        "train_seconds": round(seconds, 1), "steps": run.step, "steps_skipped": run.skipped,
+        "results": results,
         "weights": getattr(model, "weight_sources", {}), "init_from": config.train.init_from,
     }  # fmt: skip
     write_json(run_dir / "run.json", summary)
@@ -321,9 +332,9 @@ def run_evaluation(
     """Evaluates every task on ``splits``; logs and returns ``{"<task>/<split>": headline}``."""
     records = evaluate_all(model, router, splits, run_dir / "eval", config.eval)
     for record in records.values():
-        logger.log(
-            step, {f"{record['split']}/{record['task']}_{record['metric']}": record["headline"]}
-        )
+        if record["headline"] is not None:  # None: an evaluation server scores that split
+            name = f"{record['split']}/{record['task']}_{record['metric']}"
+            logger.log(step, {name: record["headline"]})
     return {key: record["headline"] for key, record in records.items()}
 
 
@@ -349,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="check the config (every stage) without data or weights, then exit",
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options before or after the overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_dir = args.out or Path("runs") / args.config.stem
     try:

@@ -314,12 +314,15 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint(data,
         assert torch.isfinite(tensor).all()
     for line in (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    summary = run(data, tmp_path / "skip", steps=6, lr=1e6, on_nonfinite="skip")
+    summary = run(
+        data, tmp_path / "skip", steps=6, lr=1e6, on_nonfinite="skip", max_skipped_share=1.0
+    )  # it diverges: most of its steps are skipped
     logged = [
         json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()
     ]
     skipped = [r["train/skipped"] for r in logged if "train/skipped" in r]
     assert summary["steps"] == 6 and skipped[-1] > 0
+    assert summary["steps_skipped"] == skipped[-1]
 
 
 def test_numeric_config_values_are_checked_by_meaning(data):

@@ -1,0 +1,217 @@
+"""No lost run (issue #25): what ``--out`` may name, one process per run directory, restarts,
+structural changes on resume, skipped-step limits, and the non-finite and fp16 properties of the
+step (each a case that failed or was untested before)."""
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import launch.engine as engine_module
+import launch.reproduce as reproduce
+import launch.train as train_module
+from launch.config import RunError, load_config
+from launch.resume import LOCK, MARKER, folder_lock
+from tasks.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, images=24, seed=0, size=32)
+    return root
+
+
+def spec(data, tasks=None, **train):
+    return {
+        "model": {"family": "clip-bart", "preset": "tiny", "overrides": {"image_size": 32}},
+        "adapters": {"default": {"method": "lora", "r": 4}},
+        "data": {"file": str(data / "tasks.yaml"), "tasks": tasks or {"vqa": {"batch_size": 4}}},
+        "train": {"steps": 3, "lr": 1e-2, "checkpoint_every": 0, "log_every": 1,
+                  "tensorboard": False, **train},
+        "eval": {"splits": []},
+    }  # fmt: skip
+
+
+def run(data, out, resume=False, allow_change=(), **train):
+    config = load_config(None, data=spec(data, **train))
+    return train_module.train(config, out, resume=resume, allow_change=allow_change)
+
+
+def adapters(run_dir):
+    return load_file(run_dir / "adapters" / "adapter_model.safetensors")
+
+
+# -- what --out may name -------------------------------------------------------------------------
+def test_a_folder_that_is_not_a_run_is_never_overwritten(data, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my own file\n")
+    with pytest.raises(RunError, match=r"not a vlpeft run and not empty .*'config.yaml'"):
+        run(data, mine)
+    assert (mine / "config.yaml").read_text() == "my own file\n"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunError, match=r"--out .*file: a file, not a folder"):
+        run(data, tmp_path / "file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(data, empty)["steps"] == 3  # an empty folder is fine
+    assert json.loads((empty / MARKER).read_text())["format"] == 1
+
+
+def test_a_run_from_before_the_marker_still_resumes(data, tmp_path):
+    run(data, tmp_path / "old", checkpoint_every=1, steps=2)
+    (tmp_path / "old" / MARKER).unlink()  # as vlpeft wrote runs before the marker
+    summary = run(data, tmp_path / "old", True, ["train.steps"], checkpoint_every=1, steps=3)
+    assert summary["steps"] == 3
+
+
+def test_a_run_of_another_format_is_refused_naming_the_marker(data, tmp_path):
+    run(data, tmp_path / "r", checkpoint_every=1, steps=2)
+    (tmp_path / "r" / MARKER).write_text(json.dumps({"format": 99}))
+    with pytest.raises(
+        RunError, match=r"\.vlpeft_run: format is 99, this vlpeft reads run format 1"
+    ):
+        run(data, tmp_path / "r", resume=True, checkpoint_every=1, steps=3)
+
+
+def test_one_process_at_a_time_trains_into_a_run_directory(data, tmp_path):
+    """A second process on the same --out is refused at once (the lock is held for the whole
+    run), naming the holder; once it is released the folder trains."""
+    out = tmp_path / "busy"
+    with folder_lock(out, "training"):
+        assert (out / LOCK).read_text() == str(os.getpid())
+        with pytest.raises(RunError, match=rf"another process \(pid {os.getpid()}\) is training"):
+            run(data, out)
+    assert run(data, out)["steps"] == 3
+
+
+def test_one_process_at_a_time_builds_a_feature_cache(data, tmp_path):
+    from launch.features import build_cache
+
+    config = load_config(None, data=spec(data))
+    with folder_lock(tmp_path / "cache", "building a feature cache"):
+        with pytest.raises(RunError, match=r"another process .* building a feature cache"):
+            build_cache(config, tmp_path / "cache", splits=["val"])
+    assert build_cache(config, tmp_path / "cache", splits=["val"]) == tmp_path / "cache"
+
+
+def test_reproduce_restarts_a_seed_killed_before_its_first_checkpoint(data, tmp_path, monkeypatch):
+    """A seed's run killed before any checkpoint left config.yaml and metrics.jsonl: reproduce
+    reruns it from scratch (with its options after the overrides) and it equals a clean run."""
+    recipe = {**spec(data), "paper": {"source": "A", "table": "T", "results": {}}}
+    recipe["data"]["file"] = str(data / "tasks.yaml")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    real, calls = engine_module.train_step, {"n": 0}
+
+    def dying_step(run, micro_batches):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(run, micro_batches)
+
+    monkeypatch.setattr(engine_module, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main([str(path), "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(engine_module, "train_step", real)
+    seed_run = tmp_path / "out" / "seed0" / "run"
+    assert (seed_run / "metrics.jsonl").is_file() and not (seed_run / "checkpoints").exists()
+    assert reproduce.main([str(path), "train.log_every=1", "--out", str(tmp_path / "out")]) == 0
+    run(data, tmp_path / "clean")
+    clean, again = adapters(tmp_path / "clean"), adapters(seed_run)
+    for key in clean:
+        assert torch.equal(clean[key], again[key]), key
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [["adapters.default.r=8"], ["adapters.default.method=dora"],
+     ["model.family=gpt2-vit", "model.overrides={}"]],
+)  # fmt: skip
+def test_no_allow_change_takes_a_change_of_the_tensors(data, tmp_path, changes):
+    """The checkpoint holds the old rank's, method's or family's tensors: refused with the
+    reason, whatever --allow-change says, before the model is built."""
+    run(data, tmp_path / "r", checkpoint_every=1, steps=2)
+    key = changes[0].split("=")[0]
+    config = load_config(None, [*changes, "train.steps=3", "train.checkpoint_every=1"],
+                         data=spec(data))  # fmt: skip
+    with pytest.raises(RunError, match=rf"{key}: .*no --allow-change can take it"):
+        train_module.train(config, tmp_path / "r", resume=True, allow_change=[key, "train.steps"])
+
+
+# -- non-finite steps ----------------------------------------------------------------------------
+def infinite_after(monkeypatch, first_bad: int, last_bad: int = 10**9):
+    """The loss of the model's forward calls first_bad..last_bad (1-based) is +inf (not NaN)."""
+    real, calls = engine_module.forward_loss, {"n": 0}
+
+    def forward(run, task, batch):
+        calls["n"] += 1
+        loss, penalty = real(run, task, batch)
+        if first_bad <= calls["n"] <= last_bad:
+            loss = loss * float("inf")
+        return loss, penalty
+
+    monkeypatch.setattr(engine_module, "forward_loss", forward)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_an_infinite_loss_stops_or_skips_the_step(data, tmp_path, monkeypatch, precision):
+    infinite_after(monkeypatch, 2, 2)
+    with pytest.raises(engine_module.NonFiniteError, match=r"step 2 \(task vqa\): the loss is inf"):
+        run(data, tmp_path / "stop", precision=precision)
+    infinite_after(monkeypatch, 2, 2)
+    summary = run(data, tmp_path / "skip", precision=precision, on_nonfinite="skip")
+    assert summary["steps"] == 3 and summary["steps_skipped"] == 1
+
+
+def test_skipped_steps_keep_the_schedule_and_too_many_are_an_error(data, tmp_path, monkeypatch):
+    """After k skipped steps the learning rate is the schedule's value at step k (the schedule
+    advances; a skipped step counts); a run that skipped more than train.max_skipped_share of
+    its steps is an error and writes no run.json."""
+    infinite_after(monkeypatch, 1, 2)
+    run(data, tmp_path / "skip", steps=4, warmup=0, on_nonfinite="skip")
+    logged = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    lr = [x["train/lr"] for x in logged if "train/lr" in x]
+    assert lr == pytest.approx([1e-2 * (4 - k) / 4 for k in (1, 2, 3, 4)])
+    assert [x["train/loss"] for x in logged][:2] == [None, None]  # the skipped steps
+    infinite_after(monkeypatch, 1)
+    with pytest.raises(engine_module.NonFiniteError, match=r"3 of the run's 4 steps skipped"):
+        run(data, tmp_path / "all", steps=4, on_nonfinite="skip")
+    assert not (tmp_path / "all" / "run.json").exists()
+    infinite_after(monkeypatch, 1)
+    summary = run(data, tmp_path / "allowed", steps=4, on_nonfinite="skip", max_skipped_share=1.0)
+    assert summary["steps_skipped"] == 4
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_the_fp16_stepper_with_accumulation_takes_the_fp32_step(clip):
+    """The loss scaler's step on N accumulated micro-batches: the gradients are unscaled once,
+    after the last one, then clipped — so the update is the plain fp32 step's, exactly (the scale
+    is a power of two and the arithmetic float32: scaling and unscaling are exact). A scale left
+    in the gradients, unscaling per micro-batch, or clipping the scaled gradients all differ.
+    SGD (lr 1) makes the update the gradient itself, which Adam's normalisation would hide."""
+    inputs = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1))
+    weights = [0.75, 0.25]
+
+    def stepped(make):
+        model = torch.nn.Linear(6, 3)
+        torch.nn.init.normal_(model.weight, generator=torch.Generator().manual_seed(2))
+        torch.nn.init.zeros_(model.bias)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        stepper = make(model, optimizer, schedule)
+        for x, weight in zip(inputs, weights):
+            stepper.backward(model(x).square().mean(), weight, len(weights))
+        assert stepper.update() is None
+        return model.weight.detach().clone()
+
+    plain = stepped(lambda m, o, s: engine_module.PlainStepper(m, o, s, clip))
+    scaled = stepped(
+        lambda m, o, s: engine_module.ScalerStepper(m, o, s, clip, torch.device("cpu"))
+    )
+    assert scaled.abs().sum() > 0 and not torch.equal(plain, torch.zeros_like(plain))
+    assert torch.equal(scaled, plain)
