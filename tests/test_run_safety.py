@@ -215,3 +215,32 @@ def test_the_fp16_stepper_with_accumulation_takes_the_fp32_step(clip):
     )
     assert scaled.abs().sum() > 0 and not torch.equal(plain, torch.zeros_like(plain))
     assert torch.equal(scaled, plain)
+
+
+def test_a_split_without_answers_is_evaluated_at_the_end_of_training(tmp_path):
+    """VQA test-dev (questions only, as nulllora_tab2_vqav2 evaluates): training ends with the
+    server's submission file, run.json (its score None) and the leaderboard (–)."""
+    import shutil
+
+    generate(tmp_path / "data", images=24, seed=0, size=32)
+    root, images = tmp_path / "data" / "vqa", tmp_path / "data" / "coco" / "images"
+    val = json.loads((root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    questions = val["questions"][:4]
+    (root / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(
+        json.dumps({"questions": questions})
+    )
+    (images / "test2015").mkdir()
+    for q in questions:
+        name = f"COCO_val2014_{q['image_id']:012d}.jpg"
+        shutil.copy(
+            images / "val2014" / name, images / "test2015" / name.replace("val2014", "test2015")
+        )
+    splits = {"train": "karpathy_train", "val": "karpathy_val", "test": "test-dev2015"}
+    config = spec(tmp_path / "data", {"vqa": {"batch_size": 4, "splits": splits}}, steps=2)
+    config["eval"] = {"splits": ["test"], "max_new_tokens": 2}
+    summary = train_module.train(load_config(None, data=config), tmp_path / "run")
+    assert summary["results"] == {"vqa/test": None}
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["results"]["vqa/test"] is None
+    assert "| – |" in (tmp_path / "run" / "leaderboard.md").read_text()
+    submitted = tmp_path / "run" / "eval" / "vqa_OpenEnded_mscoco_test-dev2015_vlpeft_results.json"
+    assert len(json.loads(submitted.read_text())) == len(questions)
