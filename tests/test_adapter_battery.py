@@ -3,8 +3,13 @@ parameters train, merge == unmerged, save -> load exact, several named adapters)
 over the method registry: every registered method needs at least one row, and one without a row
 fails ``test_every_registered_method_has_a_battery_row`` with its name."""
 
+import dataclasses
+import math
+import re
+
 import pytest
 import torch
+import yaml
 from conftest import (
     bart_inputs,
     image_inputs,
@@ -26,6 +31,8 @@ from vlpeft.adapters import (
     LoRAConfig,
     NullLoRAConfig,
 )
+from vlpeft.adapters.base import MethodConfig
+from vlpeft.config import ConfigError
 
 QV_SLICES = {"c_attn": {"parts": 3, "use": [0, 2]}}
 
@@ -314,3 +321,46 @@ def test_several_named_adapters(row):
     assert torch.equal(run(model, inputs), out_a)
     with pytest.raises(KeyError, match="task_c"):
         vlpeft.set_active_adapter(model, "task_c")
+
+
+# -- config values -----------------------------------------------------------------------------
+def number_fields(config) -> list[dataclasses.Field]:
+    """The fields of a method config that hold numbers: int or float, alone or as dict values."""
+    return [f for f in dataclasses.fields(config) if re.search(r"\b(int|float)\b", str(f.type))]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("method", vlpeft.list_methods())
+def test_a_nan_or_inf_in_any_number_field_is_refused_naming_it(method, bad):
+    config = rows_of(method)[0][1]()
+    fields = number_fields(config)
+    assert fields, f"{method}: no number field found to check"
+    for f in fields:
+        value = {"layer": bad} if str(f.type).startswith("dict") else bad
+        name = re.escape(f"{type(config).__name__}.{f.name}")
+        with pytest.raises(ConfigError, match=rf"^{name}(\['layer'\])? must be a finite number"):
+            dataclasses.replace(config, **{f.name: value})
+
+
+@pytest.mark.parametrize(
+    "text,field",
+    [
+        ("{method: lora, targets: [q], alpha: .nan}", "LoRAConfig.alpha"),
+        ("{method: lora, targets: [q], alpha: .inf}", "LoRAConfig.alpha"),
+        ("{method: lora, targets: [q], dropout: .nan}", "LoRAConfig.dropout"),
+        ("{method: dora, targets: [q], alpha: -.inf}", "DoRAConfig.alpha"),
+        ("{method: flora, targets: [q], scale: .nan}", "FLoRAConfig.scale"),
+        ("{method: null_lora, targets: [q], rtol: .nan}", "NullLoRAConfig.rtol"),
+        (
+            "{method: layerwise, targets: [q], base: {method: lora, alpha: .nan}}",
+            "LayerwiseConfig.base['alpha']",
+        ),
+        (
+            "{method: layerwise, targets: [q], base: {method: dora}, alphas: {q: .inf}}",
+            "LayerwiseConfig.alphas['q']",
+        ),
+    ],
+)
+def test_a_nan_or_inf_read_from_yaml_is_refused_naming_the_field(text, field):
+    with pytest.raises(ConfigError, match=re.escape(field) + " must be a finite number"):
+        MethodConfig.from_dict(yaml.safe_load(text))

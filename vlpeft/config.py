@@ -9,6 +9,7 @@ keys; ``to_dict`` is its inverse. Validation by meaning stays in each config's `
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, TypeVar
 
 from .registry import nearest_hint
@@ -64,6 +65,33 @@ def check(condition: bool, where: str, expected: str, value: Any) -> None:
     """A config value checked by meaning: ``ConfigError("<where> must be <expected>, got …")``."""
     if not condition:
         raise ConfigError(f"{where} must be {expected}, got {value!r}")
+
+
+def check_finite(config: Any) -> None:
+    """Every number in the fields of dataclass ``config`` (inside dicts and lists too) is finite: a
+    NaN or inf is a ``ConfigError`` naming the field. No setting means them, and YAML reads
+    ``.nan``/``.inf`` as floats that range checks such as ``alpha > 0`` let through.
+
+    Example:
+        >>> from vlpeft import LoRAConfig
+        >>> LoRAConfig(targets=["q"], alpha=float("nan"))
+        Traceback (most recent call last):
+        ...
+        vlpeft.config.ConfigError: LoRAConfig.alpha must be a finite number, got nan
+    """
+    for f in dataclasses.fields(config):
+        _check_finite(getattr(config, f.name), f"{type(config).__name__}.{f.name}")
+
+
+def _check_finite(value: Any, where: str) -> None:
+    if isinstance(value, float):
+        check(math.isfinite(value), where, "a finite number", value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
 
 
 class Config:

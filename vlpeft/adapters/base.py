@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, check_finite
 from ..registry import Registry, nearest_hint
 
 METHODS: Registry = Registry("method", attribute="method")
@@ -120,6 +120,7 @@ class MethodConfig(Config):
     peft_layer_tensors: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
+        check_finite(self)  # before any range check: NaN passes `not x < 0`
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
         if not self.targets:

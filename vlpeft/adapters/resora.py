@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import Config, check_finite
 from .base import AdaptedLayer, AdapterModule, adapted_layers, set_layer_context
 
 KINDS = ("euclidean", "cosine", "linear", "kernel")
@@ -89,6 +89,7 @@ class ReSoRAConfig(Config):
     reduction: str = "mean"
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.sigma not in ("per_subspace", "shared"):
             raise ValueError(
                 f"ReSoRAConfig.sigma must be 'per_subspace' or 'shared', got {self.sigma!r}"
