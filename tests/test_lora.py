@@ -87,6 +87,45 @@ def test_dropout_only_in_training():
     assert not torch.allclose(net(x), no_dropout)
 
 
+def _lora_branch(layer, x):
+    """(α/r)·B·A·x of a Linear's or a Conv2d's LoRA, written out (A a conv, B a 1×1 conv)."""
+    ad = layer.adapters["default"]
+    if isinstance(layer.base_layer, torch.nn.Linear):
+        return ad.scaling * x @ ad.lora_A.T @ ad.lora_B.T
+    conv = layer.base_layer
+    h = F.conv2d(x, ad.lora_A, stride=conv.stride, padding=conv.padding)
+    return ad.scaling * F.conv2d(h, ad.lora_B)
+
+
+@pytest.mark.parametrize(
+    "base,shape",
+    [
+        (lambda: torch.nn.Linear(16, 12), (6, 16)),
+        (lambda: torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 7, 7)),
+    ],
+    ids=["linear", "conv2d"],
+)
+def test_dropout_acts_on_the_branch_input_only(base, shape):
+    net = torch.nn.Sequential(base()).double()  # float64: the two sides round alike to ~1e-15
+    vlpeft.add_adapter(net, LoRAConfig(targets=["0"], r=4, alpha=8, dropout=0.5))
+    perturb_adapters(net)
+    layer = net[0]
+    seen = []
+    layer.base_layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    net.train()
+    torch.manual_seed(123)  # the adapter's dropout is the forward's only draw
+    y = net(x)
+    torch.manual_seed(123)
+    dropped = F.dropout(x, 0.5, training=True)  # the same mask, drawn again
+    assert 0 < int((dropped == 0).sum()) < x.numel()  # it drops some entries, not all
+    assert torch.equal(seen[0], x)  # the base layer sees x itself
+    expected = layer.base_layer(x) + _lora_branch(layer, dropped)
+    torch.testing.assert_close(y, expected, atol=1e-12, rtol=1e-12)
+    undropped = layer.base_layer(x) + _lora_branch(layer, x)
+    assert not torch.allclose(y, undropped)  # the mask did reach the branch
+
+
 EXPORT_ROWS = [
     (
         "bart",
