@@ -386,10 +386,11 @@ class Task:
         answer = most_common(self.answers(train), f"task {self.name}: answers")
         return f"always {answer!r}", [answer] * len(records)
 
-    def baseline(self, split: str = "test") -> tuple[str, dict, float]:
-        """(what it does, all scores, headline) of the no-image baseline on ``split``, scored like
-        a model's predictions."""
-        records = self.read(split)
+    def baseline(self, split: str = "test", limit: int | None = None) -> tuple[str, dict, float]:
+        """(what it does, all scores, headline) of the no-image baseline on ``split`` (its first
+        ``limit`` records, as a run's ``eval.max_records`` scores), scored like a model's
+        predictions."""
+        records = self.read(split, limit)
         note, predictions = self.baseline_predictions(self.read("train"), records)
         if not self.scorable(records):
             return note, None, None
