@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -75,6 +76,17 @@ def karpathy_records(task: Task, split: str) -> list[dict]:
 
 
 # -- the COCO caption metrics (pycocoevalcap) ------------------------------------------------------
+# every character str.splitlines breaks at: pycocoevalcap's PTB tokenizer writes one caption a line
+# for Java and replaces only "\n", while Java also ends lines at "\r", U+2028, U+2029, \v, \f, …:
+# one such character in one caption shifted every later caption onto the wrong image
+LINE_BREAKS = re.compile(r"[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(caption: str) -> str:
+    """``caption`` with every line separator a space (what the PTB tokenizer can take)."""
+    return LINE_BREAKS.sub(" ", caption)
+
+
 def spice_available() -> bool:
     """SPICE needs Stanford CoreNLP jars in pycocoevalcap's spice/lib (it would download them)."""
     from pycocoevalcap.spice import spice
@@ -92,6 +104,9 @@ def caption_scores(
         predictions: image id → generated caption.
         references: image id → list of reference captions.
         spice: ``None`` = when its models are present; ``True`` insists (an error without them).
+
+    Line separators inside a caption (``\\r``, U+2028, …) count as spaces: the tokenizer reads one
+    caption per line.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -104,12 +119,15 @@ def caption_scores(
     bad = [k for k, c in predictions.items() if not isinstance(c, str)]
     if bad:
         raise ValueError(f"caption_scores: the caption of image {bad[0]!r} is not a string")
+    bad = [k for k, refs in references.items() if not all(isinstance(c, str) for c in refs)]
+    if bad:
+        raise ValueError(f"caption_scores: a reference of image {bad[0]!r} is not a string")
     tokenizer = PTBTokenizer()
     with _quiet():  # pycocoevalcap prints its own progress lines: the output stays ours
         gts = tokenizer.tokenize(
-            {k: [{"caption": c} for c in refs] for k, refs in references.items()}
+            {k: [{"caption": one_line(c)} for c in refs] for k, refs in references.items()}
         )
-        res = tokenizer.tokenize({k: [{"caption": c}] for k, c in predictions.items()})
+        res = tokenizer.tokenize({k: [{"caption": one_line(c)}] for k, c in predictions.items()})
     scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
                (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]  # fmt: skip
     if spice is None:

@@ -237,3 +237,33 @@ def test_random_ranking_recall_is_the_expectation_over_all_rankings():
         assert np.isclose(np.mean([r[f"i2t_r{k}"] for r in i2t]), expected[f"i2t_r{k}"])
         assert np.isclose(np.mean([r[f"t2i_r{k}"] for r in t2i]), expected[f"t2i_r{k}"])
     assert np.isclose(expected["i2t_r1"], 100 * (3 / 4 + 1 / 4) / 2)  # by hand
+
+
+def test_every_line_separator_is_a_space_for_the_caption_tokenizer():
+    """Every character that ends a line (for Python's splitlines, and so for Java's readers) is
+    among those the caption scorer turns into spaces."""
+    from tasks.caption import LINE_BREAKS, one_line
+
+    breaks = [chr(c) for c in range(0x3000) if len(f"a{chr(c)}b".splitlines()) == 2]
+    assert breaks and all(LINE_BREAKS.fullmatch(c) for c in breaks)
+    assert one_line("a\r\nb\u2028c\x85d\te") == "a  b c d\te"  # a tab is no line separator
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
+def test_line_separators_in_captions_score_as_spaces():
+    """One ``\\r`` or U+2028 in one caption used to shift every later caption onto the wrong image
+    in the PTB tokenizer (one caption a line for Java): an oracle's CIDEr fell from ~400 to ~20.
+    Captions with line separators score exactly as the same captions with spaces."""
+    words = ["red", "blue", "green", "small", "large", "round", "square", "bright"]
+    refs = {
+        i: [f"a {words[i % 8]} shape next to a {words[(i + j) % 8]} one" for j in range(1, 4)]
+        for i in range(12)
+    }
+    oracle = {i: refs[i][0] for i in refs}
+    seps = ["\r", "\u2028", "\u2029", "\x85", "\r\n", "\v"]
+    dirty_refs = {i: [c.replace(" ", seps[i % 6], 1) for c in r] for i, r in refs.items()}
+    dirty_oracle = {i: c.replace(" ", seps[(i + 1) % 6], 2) for i, c in oracle.items()}
+    clean = caption_scores(oracle, refs, spice=False)
+    dirty = caption_scores(dirty_oracle, dirty_refs, spice=False)
+    assert clean["CIDEr"] > 300  # an oracle: its captions are references
+    assert dirty == pytest.approx(clean, rel=1e-12)  # the same tokens: the same float64 sums
