@@ -150,6 +150,38 @@ def test_equals_peft_add_weighted_adapter(backbone, method, density, tmp_path, m
     )
 
 
+def test_svd_default_rank_of_unequal_sources_is_the_largest_as_in_peft(tmp_path):
+    """peft's add_weighted_adapter: new_rank = svd_rank or max(source ranks) for the _svd
+    methods; r = 4 and r = 8 sum to rank 12 on a 32-wide layer, so rank 8 truncates."""
+    from peft import PeftModel
+
+    for task, r, seed in (("vqa", 4, 0), ("caption", 8, 1)):
+        config = dict(r=r, lora_alpha=8, target_modules=["q_proj", "fc1"])
+        peft_checkpoint(tiny_bart, tmp_path / task, seed=seed, **config)
+    peft_model = PeftModel.from_pretrained(tiny_bart(), tmp_path / "vqa", adapter_name="vqa")
+    peft_model.load_adapter(tmp_path / "caption", adapter_name="caption")
+    model = tiny_bart()
+    for task in ("vqa", "caption"):
+        vlpeft.load_peft_lora(model, tmp_path / task, name=task)
+    weights = {"vqa": 1.0, "caption": 0.6}
+    peft_model.add_weighted_adapter(list(weights), list(weights.values()), "merged", "svd")
+    vlpeft.merge_task_adapters(model, weights, method="svd")
+    assert peft_model.peft_config["merged"].r == 8
+    theirs = dict(peft_model.base_model.model.named_modules())
+    for path, layer in vlpeft.adapted_layers(model):
+        assert layer.adapters["merged"].r == 8, path
+        total = layer.delta_weight("vqa") + 0.6 * layer.delta_weight("caption")
+        u, s, vh = torch.linalg.svd(total.double())
+        assert s[11] > 1e-3 * s[0] and s[12] < 1e-5 * s[0]  # rank 12: truncating matters
+        best = (u[:, :8] * s[:8] @ vh[:8]).float()
+        got = layer.delta_weight("merged")
+        torch.testing.assert_close(got, best, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            got, theirs[path].get_delta_weight("merged"), atol=1e-5, rtol=1e-4
+        )
+        assert (got - total).norm() > 1e-3 * total.norm()  # not the exact sum (rank 12)
+
+
 def test_dare_depends_on_the_seed_and_only_on_it():
     model = two_task_model()
     w = {"vqa": 1.0, "caption": 1.0}
