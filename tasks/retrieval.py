@@ -53,16 +53,33 @@ def retrieval_recall(
             f"retrieval_recall: {int(bad.sum())} of {len(sim)} image rows have NaN similarities "
             "(a diverged model?); ±inf are scores, NaN is not"
         )
-    if sim.shape[1] != len(owner):
+    if sim.ndim != 2 or owner.ndim != 1 or sim.shape[1] != len(owner):
         raise ValueError(
-            f"retrieval_recall: {sim.shape[1]} texts but {len(owner)} text→image entries"
+            f"retrieval_recall: similarity of shape {sim.shape} (images, texts) but "
+            f"{len(owner)} text→image entries"
         )
+    check_owners(owner, len(sim))
     i2t = best_target_ranks(sim, [np.flatnonzero(owner == i) for i in range(sim.shape[0])])
     t2i = best_target_ranks(sim.T, [np.array([i]) for i in owner])
     out = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         out.update({f"{name}_r{k}": recall for k, recall in recall_at_k(ranks, ks).items()})
     return with_recall_means(out, ks)
+
+
+def check_owners(owner: np.ndarray, images: int) -> None:
+    """Each text's image must be an integer index in [0, images): a negative one would silently
+    score as an image counted from the end (-1: the last)."""
+    if owner.size and not np.issubdtype(owner.dtype, np.integer):
+        raise TypeError(
+            f"retrieval_recall: text→image entries must be integer image indices, got {owner.dtype}"
+        )
+    bad = np.flatnonzero((owner < 0) | (owner >= images))
+    if bad.size:
+        raise ValueError(
+            f"retrieval_recall: text {int(bad[0])} is mapped to image {int(owner[bad[0]])}, "
+            f"expected an index in 0..{images - 1} ({bad.size} such text(s))"
+        )
 
 
 def with_recall_means(recalls: dict, ks: Sequence[int] = (1, 5, 10)) -> dict:
@@ -191,6 +208,6 @@ class Retrieval(Task):
             for i, r in enumerate(records)
         }
 
-    def baseline(self, split: str = "test"):
-        scores = random_ranking_recall([len(r["captions"]) for r in self.read(split)])
+    def baseline(self, split: str = "test", limit: int | None = None):
+        scores = random_ranking_recall([len(r["captions"]) for r in self.read(split, limit)])
         return "random ranking", scores, scores["r_mean"]
