@@ -17,6 +17,8 @@ import json
 import random
 from collections import defaultdict
 
+import numpy as np
+
 from .base import DataError, Task, field, most_common, read_jsonl, register_task
 from .synthetic import COLOURS, SHAPES, Writer, plural, render
 
@@ -30,11 +32,24 @@ def image_names(identifier: str) -> tuple[str, str]:
 
 def nlvr2_scores(predictions: dict[str, bool], labels: dict[str, bool]) -> dict:
     """NLVR² accuracy and consistency (% of sentences — identifiers minus the last field — whose
-    statements over all their image pairs are all right), 0–100."""
+    statements over all their image pairs are all right), 0–100.
+
+    Args:
+        predictions: identifier → the predicted truth value, a bool (``"True"``/``"False"``
+            strings as in the official files are a TypeError: they would never equal a bool).
+        labels: identifier → the right truth value, a bool; the same identifiers.
+    """
     if set(predictions) != set(labels):
         raise ValueError("nlvr2_scores: predictions and labels cover different identifiers")
     if not labels:
         raise ValueError("nlvr2_scores: no statements to score")
+    for what, values in (("prediction", predictions), ("label", labels)):
+        bad = next((k for k, v in values.items() if not isinstance(v, (bool, np.bool_))), None)
+        if bad is not None:
+            raise TypeError(
+                f"nlvr2_scores: the {what} of identifier {bad!r} is {values[bad]!r} "
+                f"({type(values[bad]).__name__}), expected a bool"
+            )
     right = {k: predictions[k] == labels[k] for k in labels}
     groups = defaultdict(list)
     for identifier, ok in right.items():
@@ -174,7 +189,7 @@ class NLVR2(Task):
 
     def score(self, records, predictions):
         scores = nlvr2_scores(
-            {r["id"]: bool(p) for r, p in zip(records, predictions)},
+            {r["id"]: p for r, p in zip(records, predictions)},  # bool(): "False" would be True
             {r["id"]: bool(r["label"]) for r in records},
         )
         return scores, scores["accuracy"]

@@ -8,7 +8,7 @@ import pytest
 
 from evaluation import metrics, scoring
 from evaluation.scoring import exact_match_accuracy
-from tasks.base import list_tasks
+from tasks.base import TaskConfig, get_task, list_tasks
 from tasks.caption import caption_scores
 from tasks.nlvr2 import nlvr2_scores
 from tasks.retrieval import itm_rerank, random_ranking_recall, retrieval_recall
@@ -267,3 +267,32 @@ def test_line_separators_in_captions_score_as_spaces():
     dirty = caption_scores(dirty_oracle, dirty_refs, spice=False)
     assert clean["CIDEr"] > 300  # an oracle: its captions are references
     assert dirty == pytest.approx(clean, rel=1e-12)  # the same tokens: the same float64 sums
+
+
+def test_nlvr2_truth_values_given_as_strings_are_refused():
+    """ "True"/"False" strings (the official files' spelling) never equal a bool: they scored 0
+    (and Task.score's bool() made "False" True); each is an error naming the identifier."""
+    labels = {"dev-1-0-0": True, "dev-1-0-1": False}
+    with pytest.raises(TypeError, match=r"prediction of identifier 'dev-1-0-1' is 'False'.*bool"):
+        nlvr2_scores({"dev-1-0-0": True, "dev-1-0-1": "False"}, labels)
+    with pytest.raises(TypeError, match=r"label of identifier 'dev-1-0-0' is 'True'.*bool"):
+        nlvr2_scores(dict(labels), {**labels, "dev-1-0-0": "True"})
+    assert nlvr2_scores({k: np.bool_(v) for k, v in labels.items()}, labels)["accuracy"] == 100.0
+    task = get_task("nlvr2")(TaskConfig(reader="nlvr2", root="."))
+    records = [{"id": k, "label": int(v)} for k, v in labels.items()]
+    with pytest.raises(TypeError, match="identifier 'dev-1-0-0' is 'True'"):
+        task.score(records, ["True", "False"])
+
+
+@pytest.mark.parametrize(
+    ("owner", "error", "match"),
+    [
+        ([0, -1], ValueError, r"text 1 is mapped to image -1, expected an index in 0\.\.1"),
+        ([0, 2], ValueError, r"text 1 is mapped to image 2, expected an index in 0\.\.1"),
+        ([0.0, 1.0], TypeError, "must be integer image indices, got float64"),
+    ],
+)
+def test_retrieval_refuses_texts_mapped_to_no_image(owner, error, match):
+    """A text mapped to image -1 was scored as the last image's (numpy's negative index)."""
+    with pytest.raises(error, match=match):
+        retrieval_recall(np.eye(2), owner)
