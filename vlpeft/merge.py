@@ -17,8 +17,10 @@ The methods (wᵢ the weights, sᵢ a LoRA's α/r):
 - ``linear`` (peft's; an approximation): A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ, B = Σ √|wᵢsᵢ|·Bᵢ — the
   factors are averaged, so B·A has the cross terms Bᵢ·Aⱼ (i ≠ j) that Σ wᵢΔWᵢ has not; it needs
   equal ranks. (Null-LoRA and FLoRA factors carry their scale: sᵢ = 1 for them.)
-- ``svd``: the best rank-``rank`` approximation of Σ wᵢ ΔWᵢ (default: the layer's largest source
-  rank; at full rank it is exact).
+- ``svd``: the best rank-``rank`` approximation of Σ wᵢ ΔWᵢ at every layer (default: the largest
+  rank any source has at any layer, peft's ``svd_rank or max(source ranks)`` — so two adapters of
+  ``rank_pattern`` rank 2 at a layer merge there at their adapters' rank, not truncated to 2; a
+  layer narrower than that keeps its full rank, where the merge is exact).
 - ``ties``: each source's factors trimmed to their top ``density`` fraction by magnitude, a sign
   elected per entry (the sign of the sum of the trimmed factors), and the weighted factors that
   agree with it averaged (the disjoint mean) — on A and B separately, with linear's weights,
@@ -209,7 +211,8 @@ def merge_task_adapters(
             there, in (0, 1]); not used by the others. A density that keeps no entry of a
             tensor, or a merge whose update at a layer is all zeros, is an error naming the
             layer.
-        rank: the rank of the ``_svd`` methods (default per layer: the largest source rank).
+        rank: the rank of the ``_svd`` methods (default: the largest rank of any source at any
+            layer, as peft's).
         seed: seeds DARE's drops.
 
     Returns:
@@ -224,17 +227,14 @@ def merge_task_adapters(
     """
     configs = adapter_configs(module)
     _validate(configs, weights, method, name, density, rank)
+    layers = _sources(module, weights, method)
+    if rank is None and method in SVD_METHODS and layers:
+        rank = max(_rank_of(a, b) for sources in layers.values() for a, _, b in sources)
     generator = torch.Generator().manual_seed(seed)
-    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for path, layer in adapted_layers(module):
-        sources = []
-        for n, w in weights.items():
-            if n in layer.adapters:
-                _check(layer.adapters[n], n, path, method)
-                sources.append((layer.adapters[n], float(w), layer.base_layer))
-        if not sources or all(_rank_of(a, b) == 0 for a, _, b in sources):
-            continue  # no source here, or only rank-0 layers (Null-LoRA without null space)
-        merged[path] = _merge_layer(path, sources, method, density, generator, rank)
+    merged = {
+        path: _merge_layer(path, sources, method, density, generator, rank)
+        for path, sources in layers.items()
+    }
     merged = {p: f for p, f in merged.items() if f[0].shape[0] > 0}
     if not merged:
         raise ValueError(f"adapters {sorted(weights)} have no layer with a nonzero rank to merge")
@@ -248,6 +248,22 @@ def merge_task_adapters(
     return module
 
 
+def _sources(module: nn.Module, weights: Mapping[str, float], method: str) -> dict[str, list]:
+    """Layer path → [(adapter, weight, base layer)] of the sources there, each checked to be
+    mergeable by ``method``; layers with no source, or only rank-0 ones (Null-LoRA without null
+    space), are left out."""
+    layers = {}
+    for path, layer in adapted_layers(module):
+        sources = []
+        for n, w in weights.items():
+            if n in layer.adapters:
+                _check(layer.adapters[n], n, path, method)
+                sources.append((layer.adapters[n], float(w), layer.base_layer))
+        if any(_rank_of(a, b) > 0 for a, _, b in sources):
+            layers[path] = sources
+    return layers
+
+
 def _merge_layer(path: str, sources, method, density, generator, rank):
     """(A, B) of the layer at ``path``; an error naming the layer, the method and the density
     when the merge fails there or its update B·A is all zeros (an adapter that changes nothing)."""
@@ -256,8 +272,7 @@ def _merge_layer(path: str, sources, method, density, generator, rank):
         if method in FACTOR_METHODS:
             a, b = _merge_factors(sources, method, density, generator)
         else:
-            k = rank if rank is not None else max(_rank_of(a, b) for a, _, b in sources)
-            a, b = _merge_svd(sources, method, density, generator, k)
+            a, b = _merge_svd(sources, method, density, generator, rank)
     except ValueError as err:
         raise ValueError(f"merge_task_adapters at {path} ({what}): {err}") from None
     if a.shape[0] > 0 and not torch.any(b.flatten(1) @ a.flatten(1)):
