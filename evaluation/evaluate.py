@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tasks.provenance import evaluated_data
 from vlpeft.checkpoint import atomic_write, write_json
 
 log = logging.getLogger("vlpeft.evaluate")
@@ -57,7 +58,8 @@ def evaluate_task(model, router, name: str, split: str, out_dir: str | Path, set
     else:
         write_json(path, submission)
     record = {"task": name, "reader": task.name, "split": split, "predicts": task.predicts,
-              "metric": task.metric, "headline": headline, "scores": scores}  # fmt: skip
+              "metric": task.metric, "headline": headline, "scores": scores,
+              "data": evaluated_data(task, split, records, settings.max_records)}  # fmt: skip
     record["predictions"] = str(path)
     if not scorable:
         record["note"] = (

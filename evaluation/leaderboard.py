@@ -26,27 +26,66 @@ def load_summary(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def evaluation_of(summary: dict, key: str) -> tuple | None:
+    """What a run's score ``key`` was computed on, as a comparable value: the data set's split,
+    the record count and ids, and the annotation files by name, size and content hash (not by
+    folder or mtime: moved or copied data is the same evaluation). None: not recorded (a run
+    from before run.json kept it)."""
+    data = (summary.get("evaluations") or {}).get(key)
+    if data is None:
+        return None
+    files = sorted(
+        (Path(path).name, f["bytes"], f["head_tail_sha256"]) for path, f in data["files"].items()
+    )
+    return data["split_name"], data["records"], data["ids_sha256"], tuple(files)
+
+
+def columns(summaries: list[dict], split: str) -> list[tuple[str, str, tuple | None, bool]]:
+    """(column name, result key, evaluation, whether the column is the key's only one). A task
+    whose runs were scored on different data (another split, a subset, other files) gets one
+    column per evaluation, named by the split and the record count, so no two numbers of
+    different evaluations share a column or an average."""
+    keys = sorted({k for s in summaries for k in s["results"] if k.endswith(f"/{split}")})
+    found = []
+    for key in keys:
+        task = key.split("/")[0]
+        scored = [s for s in summaries if s["results"].get(key) is not None]
+        seen = list(dict.fromkeys(evaluation_of(s, key) for s in scored))
+        if len(seen) <= 1:
+            found.append((task, key, None, True))
+            continue
+        names = {e: f"{task} ({e[0]}, {e[1]})" if e else f"{task} (unrecorded)" for e in seen}
+        for e in seen:
+            clash = sum(name == names[e] for name in names.values()) > 1
+            found.append((names[e][:-1] + f", {e[2][:6]})" if clash else names[e], key, e, False))
+    return found
+
+
 def rows(summaries: list[dict], split: str = "test") -> tuple[list[str], list[dict]]:
     """The task columns and one row per run (headline metrics of ``split``).
 
-    ``average`` is over the tasks *every* row has, so rows are ranked on the same thing (a
-    retrieval-only row and a four-task row share none: no average, "–")."""
-    tasks = sorted(
-        {k.split("/")[0] for s in summaries for k in s["results"] if k.endswith(f"/{split}")}
-    )
-    shared = [
-        t for t in tasks if all(s["results"].get(f"{t}/{split}") is not None for s in summaries)
-    ]
+    ``average`` is over the columns *every* row has, so rows are ranked on the same thing (a
+    retrieval-only row and a four-task row share none: no average, "–"); scores of different
+    evaluations of one task are separate columns (:func:`columns`)."""
+    cols = columns(summaries, split)
+
+    def score(s: dict, key: str, evaluation, only: bool):
+        value = s["results"].get(key)
+        return value if only or evaluation_of(s, key) == evaluation else None
+
     table = []
     for s in summaries:
-        scores = {t: s["results"].get(f"{t}/{split}") for t in tasks}
-        common = [scores[t] for t in shared]
+        scores = {name: score(s, key, e, only) for name, key, e, only in cols}
         table.append({
             "run": s["run"], "method": s["method"], "backbone": s.get("backbone") or f"{s['family']} ({s['preset']})",
             "trainable": s["trainable"], "train_s": s["train_seconds"], **scores,
-            "average": sum(common) / len(common) if common else None,
         })  # fmt: skip
-    return tasks, table
+    names = [name for name, *_ in cols]
+    shared = [n for n in names if all(row[n] is not None for row in table)]
+    for row in table:
+        common = [row[n] for n in shared]
+        row["average"] = sum(common) / len(common) if common else None
+    return names, table
 
 
 def _fmt(value) -> str:

@@ -10,7 +10,7 @@
 4. trains a tiny BLIP with Null-LoRA regularised by ReSoRA on image-text retrieval
    (``launch/configs/demo_blip.yaml``) and evaluates it;
 5. prints the leaderboard: both runs and the no-image baselines (majority answer, most common
-   caption, random ranking; :mod:`evaluation.baselines`) scored with the same metrics, and writes
+   caption, random ranking; :mod:`tasks.baselines`) scored with the same metrics, and writes
    it to OUT/leaderboard.{md,csv,json,png}.
 
 The data and the warm-started text model are reused when present (same settings); the runs are
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> str:
     stage("2/5 denoising warm start of the tiny BART (stands in for pretrained weights)")
     warm_start(RUNS["clip_bart"], clip_bart, text_model, settings)
 
-    summaries, tasks = {}, []
+    summaries, tasks, limits = {}, [], set()
     for number, (name, overrides) in enumerate(
         (("clip_bart", clip_bart), ("blip", [*common, *extra])), 3
     ):
@@ -124,10 +124,13 @@ def main(argv: list[str] | None = None) -> str:
         run_dir = args.out / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         tasks += list(config.data.tasks)
+        limits.add(config.eval.max_records)
         summaries[name] = train(config, run_dir)
 
     stage("5/5 leaderboard (test splits; baseline = no image, same metrics)")
-    baseline = baseline_summary(TaskRouter.from_yaml(tasks_yaml, only=tasks), tasks)
+    router = TaskRouter.from_yaml(tasks_yaml, only=tasks)
+    (limit,) = limits  # both runs score the same records: the baseline scores them too
+    baseline = baseline_summary(router, tasks, max_records=limit)
     markdown = write_all([baseline, *summaries.values()], args.out / "leaderboard.md")
     print(markdown)
     print("baseline: " + "; ".join(f"{k} {v}" for k, v in baseline["baselines"].items()))

@@ -308,9 +308,10 @@ def finish(run: Run, model, seconds: float, logger) -> dict:
     """Saves the adapters, evaluates the test splits, writes run.json and leaderboard.md."""
     config, run_dir = run.config, run.run_dir
     vlpeft.save_adapter(model, run_dir / "adapters")
-    results = run_evaluation(
+    records = run_evaluation(
         model, run.router, config, run_dir, config.eval.splits, logger, run.step
     )
+    results = {key: record["headline"] for key, record in records.items()}
     trainable, total_params = vlpeft.count_parameters(model)
     summary = {
         "run": run_dir.name, "family": config.model.family, "preset": config.model.preset,
@@ -318,6 +319,8 @@ def finish(run: Run, model, seconds: float, logger) -> dict:
         "processes": run.world, "deepspeed": config.deepspeed.enabled,
         "train_seconds": round(seconds, 1), "steps": run.step, "steps_skipped": run.skipped,
         "results": results,
+        # what each score was computed on: the leaderboard compares only the same evaluation
+        "evaluations": {key: record["data"] for key, record in records.items()},
         "weights": getattr(model, "weight_sources", {}), "init_from": config.train.init_from,
     }  # fmt: skip
     write_json(run_dir / "run.json", summary)
@@ -329,13 +332,14 @@ def finish(run: Run, model, seconds: float, logger) -> dict:
 def run_evaluation(
     model, router, config: TrainConfig, run_dir: Path, splits, logger, step: int
 ) -> dict:
-    """Evaluates every task on ``splits``; logs and returns ``{"<task>/<split>": headline}``."""
+    """Evaluates every task on ``splits``; logs the headlines and returns the score records
+    (:func:`evaluation.evaluate.evaluate_task`) by ``"<task>/<split>"``."""
     records = evaluate_all(model, router, splits, run_dir / "eval", config.eval)
     for record in records.values():
         if record["headline"] is not None:  # None: an evaluation server scores that split
             name = f"{record['split']}/{record['task']}_{record['metric']}"
             logger.log(step, {name: record["headline"]})
-    return {key: record["headline"] for key, record in records.items()}
+    return records
 
 
 def main(argv: list[str] | None = None) -> dict:

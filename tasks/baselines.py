@@ -17,23 +17,33 @@ import argparse
 import sys
 
 from .base import DataError
+from .provenance import evaluated_data
 from .router import TaskRouter
 
 __all__ = ["baseline_scores", "baseline_summary"]
 
 
-def baseline_scores(router: TaskRouter, name: str, split: str = "test") -> tuple[str, dict, float]:
-    """(what the baseline does, all scores, headline) for task ``name`` on ``split``."""
-    return router[name].baseline(split)
+def baseline_scores(
+    router: TaskRouter, name: str, split: str = "test", limit: int | None = None
+) -> tuple[str, dict, float]:
+    """(what the baseline does, all scores, headline) for task ``name`` on ``split`` (its first
+    ``limit`` records)."""
+    return router[name].baseline(split, limit)
 
 
-def baseline_summary(router: TaskRouter, tasks: list[str], split: str = "test") -> dict:
-    """A ``run.json``-shaped summary whose results are the baselines of ``tasks``."""
-    results, notes = {}, {}
+def baseline_summary(
+    router: TaskRouter, tasks: list[str], split: str = "test", max_records: int | None = None
+) -> dict:
+    """A ``run.json``-shaped summary whose results are the baselines of ``tasks``, scored on the
+    records a run with ``eval.max_records: max_records`` scores (and recording them, so the
+    leaderboard puts it beside the runs of the same evaluation only)."""
+    results, notes, evaluations = {}, {}, {}
     for name in tasks:
-        note, _, headline = baseline_scores(router, name, split)
+        note, _, headline = baseline_scores(router, name, split, max_records)
         results[f"{name}/{split}"] = headline
         notes[name] = note
+        records = router[name].read(split, max_records)
+        evaluations[f"{name}/{split}"] = evaluated_data(router[name], split, records, max_records)
     return {
         "run": "baseline",
         "method": "no image",
@@ -42,6 +52,7 @@ def baseline_summary(router: TaskRouter, tasks: list[str], split: str = "test") 
         "trainable": 0,
         "train_seconds": 0.0,
         "results": results,
+        "evaluations": evaluations,
     }
 
 

@@ -244,3 +244,39 @@ def test_a_split_without_answers_is_evaluated_at_the_end_of_training(tmp_path):
     assert "| – |" in (tmp_path / "run" / "leaderboard.md").read_text()
     submitted = tmp_path / "run" / "eval" / "vqa_OpenEnded_mscoco_test-dev2015_vlpeft_results.json"
     assert len(json.loads(submitted.read_text())) == len(questions)
+
+
+def test_the_leaderboard_never_averages_different_evaluations(data, tmp_path):
+    """Runs scored on the test split, on a one-record subset of it, and on val renamed test:
+    run.json records what each score was computed on, and the leaderboard gives each evaluation
+    its own column (named by the data set's split and record count); only the same one shares a
+    column and the average."""
+    from evaluation.leaderboard import load_summary, rows
+
+    def scored(name, eval_section, tasks=None):
+        config = spec(data, tasks, steps=1)
+        config["eval"] = {"splits": ["test"], "max_new_tokens": 2, **eval_section}
+        train_module.train(load_config(None, data=config), tmp_path / name)
+        return load_summary(tmp_path / name)
+
+    full = scored("full", {"max_records": 6})
+    again = scored("again", {"max_records": 6})
+    subset = scored("subset", {"max_records": 1})
+    splits = {"train": "karpathy_train", "val": "karpathy_val", "test": "karpathy_val"}
+    renamed = scored("renamed", {"max_records": 6}, {"vqa": {"batch_size": 4, "splits": splits}})
+    data_of = full["evaluations"]["vqa/test"]
+    assert data_of["split_name"] == "karpathy_test" and data_of["records"] == 6
+    assert data_of["max_records"] == 6 and len(data_of["files"]) == 1
+    (info,) = data_of["files"].values()
+    assert set(info) == {"bytes", "mtime", "head_tail_sha256"}
+    names, table = rows([full, again])
+    assert names == ["vqa"] and table[0]["average"] == table[0]["vqa"]
+    names, table = rows([full, again, subset, renamed])
+    assert names == ["vqa (karpathy_test, 6)", "vqa (karpathy_test, 1)", "vqa (karpathy_val, 6)"]
+    by_run = {row["run"]: row for row in table}
+    assert by_run["full"]["vqa (karpathy_test, 6)"] == full["results"]["vqa/test"]
+    assert by_run["again"]["vqa (karpathy_test, 6)"] == again["results"]["vqa/test"]
+    assert by_run["subset"]["vqa (karpathy_test, 6)"] is None
+    assert by_run["subset"]["vqa (karpathy_test, 1)"] == subset["results"]["vqa/test"]
+    assert by_run["renamed"]["vqa (karpathy_val, 6)"] == renamed["results"]["vqa/test"]
+    assert all(row["average"] is None for row in table)  # no column every row has
