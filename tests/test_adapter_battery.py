@@ -361,6 +361,8 @@ def test_a_nan_or_inf_in_any_number_field_is_refused_naming_it(method, bad):
         ),
     ],
 )
-def test_a_nan_or_inf_read_from_yaml_is_refused_naming_the_field(text, field):
-    with pytest.raises(ConfigError, match=re.escape(field) + " must be a finite number"):
-        MethodConfig.from_dict(yaml.safe_load(text))
+def test_a_nan_or_inf_read_from_yaml_is_refused_naming_file_and_field(text, field):
+    data = yaml.safe_load(text)
+    where = f"run.yaml: adapters.vqa (method {data['method']!r})"
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{where}: {field} must be a finite")):
+        MethodConfig.from_dict(data, where="run.yaml: adapters.vqa")

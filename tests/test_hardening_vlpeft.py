@@ -18,8 +18,10 @@ RESORA_FLOATS = [f.name for f in dataclasses.fields(ReSoRAConfig) if f.type == "
 @pytest.mark.parametrize("field", RESORA_FLOATS)
 def test_resora_refuses_a_nan_or_inf_naming_the_field(field, bad):
     value = yaml.safe_load(f"{field}: {bad}")
-    with pytest.raises(ConfigError, match=rf"^ReSoRAConfig\.{field} must be a finite number"):
-        ReSoRAConfig.from_dict(value)
+    where = "run.yaml: resora"  # what the launcher passes: the message says where, then what
+    message = rf"^{where}: ReSoRAConfig\.{field} must be a finite number"
+    with pytest.raises(ConfigError, match=message):
+        ReSoRAConfig.from_dict(value, where)
 
 
 def test_check_finite_names_the_place_inside_nested_fields():

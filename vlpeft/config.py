@@ -130,7 +130,11 @@ class Config:
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as err:
-            if isinstance(err, cls.error) or str(err).startswith(where):
+            # a ConfigError says where it is (a nested from_dict, a dotted path such as
+            # ``train.steps``) unless it names the field by its class (``LoRAConfig.alpha``, as
+            # check_finite does): that one, like any other error, gets ``where`` (the file)
+            located = isinstance(err, cls.error) and not str(err).startswith(f"{cls.__name__}.")
+            if located or str(err).startswith(where):
                 raise
             raise cls.error(f"{where}: {err}") from None
 
