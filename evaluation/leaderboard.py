@@ -23,7 +23,13 @@ def load_summary(run_dir: Path) -> dict:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (is {run_dir} a finished run?)")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # malformed, not UTF-8, nested too deeply
+        raise FileNotFoundError(f"{path}: not a run summary ({type(err).__name__})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("results"), dict):
+        raise FileNotFoundError(f"{path}: not a run summary (no 'results' mapping)")
+    return summary
 
 
 def evaluation_of(summary: dict, key: str) -> tuple | None:

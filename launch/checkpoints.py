@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from launch.config import RunError
+from launch.config import RunError, read_json
 from launch.distributed import barrier, fault_point, trainable_state
 from vlpeft.adapters.base import gathered
 from vlpeft.checkpoint import write_json, write_safetensors
@@ -139,7 +139,8 @@ def damage(checkpoint: Path) -> str | None:
                 return f"{file} has {file.stat().st_size} bytes, {info['bytes']} were written"
             if _sha256(file) != info["sha256"]:
                 return f"{file} does not match its checksum"
-    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError, AttributeError, KeyError,
+            TypeError):  # fmt: skip
         return f"{path} is not a manifest of this launcher"
     return None
 
@@ -178,7 +179,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, engine=None, rank: 
     ``state.json`` (step, sampler position, the run's counters)."""
     from safetensors.torch import load_file
 
-    state = json.loads((path / "state.json").read_text())
+    state = read_json(path / "state.json")
     if engine is not None:
         engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False)
     else:

@@ -37,6 +37,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -49,7 +50,7 @@ from vlpeft.config import Config, ConfigError, check, deep_merge
 from vlpeft.models import get_family, preset_config
 
 __all__ = [
-    "ConfigError", "RunError", "TrainConfig", "apply_overrides", "load_config", "read_recipe", "stage_names",
+    "ConfigError", "RunError", "TrainConfig", "read_json", "apply_overrides", "load_config", "read_recipe", "stage_names",
     "validate",
 ]  # fmt: skip
 # keys of an adapter set that place it in the model (the rest are the method's fields)
@@ -271,14 +272,36 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        node = data
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key (e.g. train.steps)")
+        node = data
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except (yaml.YAMLError, RecursionError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"override {item!r}: not a YAML value ({reason})") from None
     return data
+
+
+def read_json(path: str | Path, error: type[Exception] = RunError) -> Any:
+    """A JSON file vlpeft wrote or was given, or a one-line ``error`` naming it: missing, not a
+    regular file (a FIFO would block), not UTF-8, malformed, or nested too deeply to parse."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: not found (or not a regular file)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: malformed JSON ({err})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read") from None
 
 
 def check_tasks_fit_model(config: TrainConfig, where: str) -> None:
@@ -339,12 +362,17 @@ def validate(config: TrainConfig, where: str) -> TrainConfig:
 def read_recipe(path: str | Path) -> dict:
     """A config file's mapping (YAML, checked)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
+    if not path.is_file():  # a FIFO or a folder is no config file (and would block or fail)
+        raise ConfigError(f"{path}: file not found (or not a regular file)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: malformed YAML ({err})") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:  # a python tag included: safe_load refuses it
+        reason = " ".join(str(err).split())
+        raise ConfigError(
+            f"{path}: malformed YAML or a tag safe loading refuses ({reason})"
+        ) from None
+    except (UnicodeDecodeError, RecursionError) as err:
+        raise ConfigError(f"{path}: unreadable YAML ({type(err).__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data

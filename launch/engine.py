@@ -12,7 +12,6 @@ the training run's state (:class:`launch.train.Run`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import pickle
@@ -23,7 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 
 import vlpeft
 from launch import distributed
-from launch.config import ConfigError, RunError, TrainConfig
+from launch.config import ConfigError, RunError, TrainConfig, read_json
 
 log = logging.getLogger("vlpeft.train")
 REPO = Path(__file__).resolve().parent.parent
@@ -63,10 +62,9 @@ def deepspeed_config(config: TrainConfig, world: int, micro: int = 1) -> dict:
     """The ds_config JSON with "auto" filled from our config (one source of truth); a value the
     JSON sets that contradicts our config is an error naming both."""
     path = resolve_ds_path(config.deepspeed.config)
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"deepspeed.config {path}: malformed JSON ({err})") from None
+    ds = read_json(path, ConfigError)
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed.config {path}: expected a JSON object")
     # One sampler step = one task batch per process (``micro``: the largest task batch);
     # DeepSpeed uses the batch sizes only for reporting, since we feed it our own batches.
     accum = config.train.grad_accum

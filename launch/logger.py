@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -19,7 +20,10 @@ class Logger:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.file = None
+        if enabled:  # never through a symbolic link (O_NOFOLLOW): a run writes only its own files
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+            self.file = os.fdopen(os.open(run_dir / "metrics.jsonl", flags, 0o666), "a")
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter

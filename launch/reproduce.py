@@ -19,14 +19,20 @@ with ``deepspeed.enabled=true``); rank 0 prints and writes ``reproduce.{json,md}
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
 import sys
 from pathlib import Path
 
-from launch.config import STAGE_PREFIX, ConfigError, load_config, read_recipe, stage_names
+from launch.config import (
+    STAGE_PREFIX,
+    ConfigError,
+    load_config,
+    read_json,
+    read_recipe,
+    stage_names,
+)  # fmt: skip
 from launch.distributed import distributed_env
 from launch.resume import EXECUTION_KEYS, config_changes
 from launch.run import RunError, build_router
@@ -134,7 +140,7 @@ def run_recipe(path: Path, seeds: int, out: Path, overrides=()) -> dict:
                 config_changes(run_dir, config, doing="reusing a finished run",
                                hint=REUSE_HINT, free=REUSE_FREE)  # fmt: skip
                 log.info("%s: finished already, reusing its results", run_dir)
-                summary = json.loads(summary_file.read_text())
+                summary = read_json(summary_file)
             else:
                 resume = any((run_dir / "checkpoints").glob("step_*"))
                 # a seed's run killed before its first checkpoint starts again from scratch

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
-from launch.config import RunError, TrainConfig, load_config
+from launch.config import RunError, TrainConfig, load_config, read_json
 from launch.distributed import all_ranks_agree, barrier, check_shared
 from vlpeft.checkpoint import write_json
 
@@ -131,6 +130,7 @@ def check_run_dir(run_dir: Path, resume: bool, world: int, restart: bool = False
             f"entries, e.g. {foreign[0]!r}): training would overwrite them; name a new or empty folder"
         )
     check_format(run_dir)
+    check_no_links(run_dir)
     checkpoints = any((run_dir / "checkpoints").glob("step_*"))
     finished = (run_dir / "adapters").exists() or (run_dir / "run.json").exists()
     used = checkpoints or finished or (run_dir / "metrics.jsonl").exists()
@@ -150,16 +150,30 @@ def check_run_dir(run_dir: Path, resume: bool, world: int, restart: bool = False
     check_shared(run_dir, world)
 
 
+def check_no_links(run_dir: Path) -> None:
+    """A symbolic link inside a run directory is refused: writing the run's files through it
+    would write wherever it points (another run, a user's file)."""
+    if not run_dir.is_dir():
+        return
+    for folder, dirs, files in os.walk(run_dir):  # does not descend into linked folders
+        for name in [*dirs, *files]:
+            if os.path.islink(os.path.join(folder, name)):
+                raise RunError(
+                    f"{os.path.join(folder, name)}: a symbolic link inside the run directory; "
+                    "vlpeft writes no run file through a link: remove it"
+                )
+
+
 def check_format(run_dir: Path) -> None:
     """A run directory written by a vlpeft whose checkpoint format differs is refused, naming the
     marker's key; other version differences do not matter."""
     path = run_dir / MARKER
     if not path.is_file():
         return
-    try:
-        found = json.loads(path.read_text()).get("format")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-        raise RunError(f"{path}: not a vlpeft run marker (expected a JSON object)") from None
+    marker = read_json(path)
+    if not isinstance(marker, dict):
+        raise RunError(f"{path}: not a vlpeft run marker (expected a JSON object)")
+    found = marker.get("format")
     if found != RUN_FORMAT:
         raise RunError(
             f"{path}: format is {found!r}, this vlpeft reads run format {RUN_FORMAT}: the run was "

@@ -280,3 +280,51 @@ def test_the_leaderboard_never_averages_different_evaluations(data, tmp_path):
     assert by_run["subset"]["vqa (karpathy_test, 1)"] == subset["results"]["vqa/test"]
     assert by_run["renamed"]["vqa (karpathy_val, 6)"] == renamed["results"]["vqa/test"]
     assert all(row["average"] is None for row in table)  # no column every row has
+
+
+# -- one-line errors -----------------------------------------------------------------------------
+def test_malformed_overrides_and_config_files_are_one_line_errors(data, tmp_path):
+    from launch.config import ConfigError
+
+    good = spec(data)
+    for override, message in [
+        ("train.steps=!!python/object/apply:os.system [echo]", "not a YAML value"),
+        ("train.steps=[1, 2", "not a YAML value"),
+        ("train..steps=3", "not a dotted key"),
+        ("=3", "not a dotted key"),
+        ("train.steps", "expected key=value"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"override .*{message}"):
+            load_config(None, [override], data=good)
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("train: !!python/object/apply:os.system [echo]\n")
+    with pytest.raises(ConfigError, match=r"tagged.yaml: malformed YAML or a tag safe loading"):
+        load_config(tagged)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"fifo.yaml: file not found \(or not a regular file\)"):
+        load_config(fifo)  # not read: it would block
+    nested = tmp_path / "ds.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    config = load_config(None, [f"deepspeed.config={nested}"], data=good)
+    with pytest.raises(ConfigError, match=r"ds.json: JSON nested too deeply"):
+        engine_module.deepspeed_config(config, world=1)
+
+
+def test_no_run_file_is_written_through_a_symbolic_link(data, tmp_path):
+    run(data, tmp_path / "r", checkpoint_every=1, steps=2)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "r" / "metrics.jsonl").unlink()
+    (tmp_path / "r" / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(RunError, match=r"metrics.jsonl: a symbolic link inside the run directory"):
+        run(data, tmp_path / "r", True, ["train.steps"], checkpoint_every=1, steps=3)
+    assert victim.read_text() == "keep me\n"
+
+
+def test_the_leaderboard_names_a_run_summary_it_cannot_read(tmp_path):
+    from evaluation import leaderboard
+
+    (tmp_path / "run.json").write_text("[" * 100_000)
+    with pytest.raises(SystemExit, match=r"run.json: not a run summary"):
+        leaderboard.main([str(tmp_path), "--out", str(tmp_path / "lb.md")])
