@@ -18,7 +18,7 @@ from launch.config import (
     stage_names,
 )  # fmt: skip
 from launch.engine import deepspeed_config
-from tasks.base import TaskConfig
+from tasks.base import TaskConfig, get_task
 from tasks.router import TaskRouter, load_yaml
 from tasks.vqa import most_frequent_answers
 from vlpeft.adapters.base import MethodConfig
@@ -59,6 +59,7 @@ def build_model(config: TrainConfig, router: TaskRouter):
         raise ConfigError(
             f"tasks {[sets[m] for m in missing]} train adapter set(s) {missing}, not defined under adapters"
         )
+    check_text_positions(config, model, router.tasks.values())
     for name, method in adapter_methods(config, model).items():
         vlpeft.add_adapter(model, method, name=name)
     return model
@@ -147,10 +148,28 @@ def check_offline(config: TrainConfig) -> dict:
             f"data.tasks.{cached[0]}.features: {config.model.family} reads no cached visual "
             "features (clip-bart, roberta-vit and gpt2-vit do): train it from pixels"
         )
+    readers = [get_task(entries[name]["reader"]) for name in config.data.tasks
+               if "reader" in (entries.get(name) or {})]  # fmt: skip
+    check_text_positions(config, model, readers)
     report["trainable"], report["total"] = vlpeft.count_parameters(model)
     if any("checked" in info for info in report["sets"].values()):
         report["trainable"] = None  # the ranks are the weights'
     return report
+
+
+def check_text_positions(config: TrainConfig, model, tasks) -> None:
+    """Texts longer than the model's positions (``model.overrides.max_text_length``,
+    ``eval.max_new_tokens``, visual tokens that take positions) would fail in the middle of the
+    run: refused now, naming the sequence and the keys. ``tasks``: the run's task classes."""
+    images = max((getattr(task, "images_per_record", 1) for task in tasks), default=1)
+    for sequence, needed, limit in model.text_positions(config.eval.max_new_tokens, images):
+        if needed > limit:
+            raise ConfigError(
+                f"model {config.model.family}/{config.model.preset}: {sequence} needs "
+                f"{needed} positions, the model has {limit} (model.overrides.max_text_length "
+                f"{model.config.max_text_length}, eval.max_new_tokens "
+                f"{config.eval.max_new_tokens}): lower them"
+            )
 
 
 def validate_config(path: Path, overrides=(), stage: str | None = None) -> dict:

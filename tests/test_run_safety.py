@@ -328,3 +328,27 @@ def test_the_leaderboard_names_a_run_summary_it_cannot_read(tmp_path):
     (tmp_path / "run.json").write_text("[" * 100_000)
     with pytest.raises(SystemExit, match=r"run.json: not a run summary"):
         leaderboard.main([str(tmp_path), "--out", str(tmp_path / "lb.md")])
+
+
+@pytest.mark.parametrize(
+    "override, sequence",
+    [("eval.max_new_tokens=200", "decoder: generation needs 201 positions, the model has 128"),
+     ("model.overrides.max_text_length=150", "encoder: text \\+ visual tokens needs 154")],
+)  # fmt: skip
+def test_texts_longer_than_the_model_positions_are_refused_before_training(
+    data, tmp_path, override, sequence, capsys
+):
+    """The tiny BART has 128 positions: a generation or a text that needs more is refused by
+    --validate and by training, before the first step (it used to fail mid-run)."""
+    from launch.config import ConfigError
+    from launch.run import validate_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(spec(data)))
+    with pytest.raises(ConfigError, match=rf"clip-bart/tiny: {sequence}"):
+        validate_config(path, [override])
+    with pytest.raises(ConfigError, match=rf"clip-bart/tiny: {sequence}"):
+        train_module.train(load_config(path, [override]), tmp_path / "r")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    validate_config(path)  # the defaults fit
+    assert "valid" in capsys.readouterr().out

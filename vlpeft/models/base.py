@@ -377,6 +377,15 @@ class VLModel(nn.Module):
     ) -> list[str]:
         raise NotImplementedError
 
+    def text_positions(self, max_new_tokens: int, images: int = 1) -> list[tuple[str, int, int]]:
+        """(sequence, positions it needs at least, positions the model has) for each text
+        sequence the model builds: texts are cut to ``max_text_length`` tokens and generation
+        adds ``max_new_tokens``; ``images`` per example (NLVR²: 2) where visual tokens take
+        positions. A longer sequence would fail in the middle of a run, so configs are checked
+        against it first (a task's short prompt is not counted: never a false refusal). A family
+        lists its own; none by default."""
+        return []
+
     def score_choices(self, batch: dict[str, Any], choices: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError(f"{self.family} does not score fixed choices")
 

@@ -418,6 +418,16 @@ class Blip(VLModel):
         itm = F.cross_entropy(self.match(pair_states, pair_texts).float(), labels)
         return itc + itm
 
+    def text_positions(self, max_new_tokens: int, images: int = 1) -> list[tuple[str, int, int]]:
+        # the text encoder and decoder share one text config; the decoder adds [DEC]/[SEP]
+        limit = self.text_config.max_position_embeddings
+        text = self.config.max_text_length
+        return [
+            ("text", text, limit),
+            ("decoder: [DEC] + text + [SEP]", text + 2, limit),
+            ("decoder: [DEC] + generation", 1 + max_new_tokens, limit),  # + the prompt
+        ]
+
     @torch.no_grad()
     def generate(
         self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1

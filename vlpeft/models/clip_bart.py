@@ -224,6 +224,17 @@ class ClipBart(VLModel):
         tokens = tokens + self.image_order(order)[None, :, None, :]
         return tokens.flatten(1, 2)
 
+    def text_positions(self, max_new_tokens: int, images: int = 1) -> list[tuple[str, int, int]]:
+        # the encoder's position table covers text and visual tokens (the visual ones' positions
+        # are subtracted again); the decoder starts from one token
+        limit = self.bart.config.max_position_embeddings
+        visual = images * self.config.visual_grid**2
+        return [
+            ("encoder: text + visual tokens", self.config.max_text_length + visual, limit),
+            ("decoder: generation", max_new_tokens + 1, limit),
+            ("decoder: training targets", self.config.max_text_length, limit),
+        ]
+
     # -- encoder ----------------------------------------------------------------------------------
     def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder last hidden state and attention mask of text + visual tokens."""

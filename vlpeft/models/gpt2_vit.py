@@ -146,6 +146,15 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
         )
         return ids, mask, labels
 
+    def text_positions(self, max_new_tokens: int, images: int = 1) -> list[tuple[str, int, int]]:
+        # one sequence: visual prefix + bos + the task's prompt (a few words, not counted) +
+        # the caption (cut to max_text_length) + eos, or the generated tokens
+        limit = self.gpt2.config.n_positions
+        return [
+            ("prefix + bos + caption + eos", 3 + self.config.max_text_length, limit),
+            ("prefix + bos + generation", 2 + max_new_tokens, limit),
+        ]
+
     def _embed(self, batch: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor):
         prefix = self.visual_input(batch)
         embeds = self.gpt2.transformer.wte(ids)

@@ -113,6 +113,12 @@ class RobertaVit(CachedViTFeatures, VLModel):
             nn.Linear(2 * width, len(self.answers)),
         )
 
+    def text_positions(self, max_new_tokens: int, images: int = 1) -> list[tuple[str, int, int]]:
+        # RoBERTa's positions start after the padding index (max_position_embeddings - 2 usable)
+        cfg = self.roberta.config
+        limit = cfg.max_position_embeddings - cfg.pad_token_id - 1
+        return [("visual token + text", 1 + self.config.max_text_length, limit)]
+
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """Answer logits (B, num_answers)."""
         visual = self.visual_input(batch)
