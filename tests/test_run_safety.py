@@ -352,3 +352,34 @@ def test_texts_longer_than_the_model_positions_are_refused_before_training(
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
     validate_config(path)  # the defaults fit
     assert "valid" in capsys.readouterr().out
+
+
+def test_a_same_size_one_byte_change_of_a_checkpoint_is_detected_and_resume_falls_back(
+    data, tmp_path, monkeypatch
+):
+    """A run killed during step 4 left checkpoints 2 and 3; one byte of step 3's tensors is
+    changed in place (the size stays): the checksum catches it, step 3 is moved aside, and the
+    resume from step 2 ends where an uninterrupted run does."""
+    run(data, tmp_path / "whole", steps=4, checkpoint_every=1)
+    real, calls = engine_module.train_step, {"n": 0}
+
+    def dying_step(run_, micro_batches):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real(run_, micro_batches)
+
+    monkeypatch.setattr(engine_module, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, tmp_path / "cut", steps=4, checkpoint_every=1)
+    monkeypatch.setattr(engine_module, "train_step", real)
+    newest = tmp_path / "cut" / "checkpoints" / "step_0000003"
+    tensors = newest / "trainable.safetensors"
+    raw = bytearray(tensors.read_bytes())
+    raw[-5] ^= 0x01  # the last tensor's data: still a loadable file of the same size
+    tensors.write_bytes(bytes(raw))
+    run(data, tmp_path / "cut", resume=True, steps=4, checkpoint_every=1)
+    assert (tmp_path / "cut" / "checkpoints" / ".damaged_step_0000003").is_dir()
+    whole, cut = adapters(tmp_path / "whole"), adapters(tmp_path / "cut")
+    for key in whole:
+        assert torch.equal(whole[key], cut[key]), key
