@@ -30,11 +30,14 @@ import json
 import logging
 import pkgutil
 import re
+import stat
+import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -88,36 +91,68 @@ def get_task(name: str) -> type[Task]:
 
 
 # -- careful reading ------------------------------------------------------------------------------
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is no regular file to read (``"not found"``, ``"is not a regular file (a
+    FIFO)"``, …), or None when it is one. A FIFO, device or folder is never opened: reading a FIFO
+    blocks until a writer comes."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as err:
+        return f"cannot be opened ({err.strerror or err})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
+    return f"is not a regular file ({kind}): not read"
+
+
+def regular_file(path: str | Path) -> Path:
+    """``path`` when it names a regular file; otherwise a one-line DataError naming it."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise DataError(f"{path}: file {problem}")
+    return Path(path)
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of a regular file, or a DataError naming it."""
+    path = regular_file(path)
+    try:
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise DataError(f"{path}: unreadable ({err.strerror or err})") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content, or a one-line DataError naming the file (missing, not a regular
+    file, not UTF-8, malformed, or nested too deeply for the parser)."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(
             f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}"
         ) from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    """The rows of a JSON Lines file (lines end at ``\\n`` only: a U+2028 inside a string is
+    text), or a one-line DataError naming the file and line."""
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: line {number}: malformed JSON ({err.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: line {number}: JSON nested too deeply to read") from None
     return rows
 
 
@@ -198,25 +233,76 @@ def image_transform(size: int, mean, std):
     )
 
 
+# 16-bit grey pixels (PNG, TIFF): PIL's convert("RGB") clips them at 255, so nearly every pixel
+# of a 16-bit image came out white; they are scaled by their bit depth instead
+WIDE_MODES = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16}
+
+
+def bit_depth(image: Image.Image) -> int | None:
+    """The bits of an integer grey image's pixels (mode ``I;16*``, or ``I`` holding 16-bit data as
+    older Pillows open 16-bit PNGs), read from the file's raw mode before decoding; None when
+    ``image`` is not a 16-bit integer image."""
+    if image.mode in WIDE_MODES:
+        return WIDE_MODES[image.mode]
+    if image.mode == "I" and image.tile:
+        args = image.tile[0].args
+        raw = args if isinstance(args, str) else (args or [None])[0]
+        return WIDE_MODES.get(raw)
+    return None
+
+
+def to_rgb(image: Image.Image, path: str | Path, where: str) -> Image.Image:
+    """8-bit RGB of a freshly opened ``image``: 16-bit grey scaled to 0–255 (v·255 / 65535, i.e.
+    ÷257, rounded); pixels whose value range a file does not say (32-bit integers, floats) are a
+    DataError rather than a guess."""
+    bits = bit_depth(image)
+    if bits is not None:
+        wide = np.asarray(image).astype(np.int64)
+        top = (1 << bits) - 1
+        narrow = ((wide * 255 + top // 2) // top).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(narrow, "L").convert("RGB")
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        raise DataError(
+            f"{where}: field 'image': {path} has {image.mode!r} pixels (32-bit integers or "
+            "floats) whose value range is unknown: convert it to 8 or 16 bits"
+        )
+    return image.convert("RGB")
+
+
 def load_image(path: str | Path, where: str) -> Image.Image:
+    """The 8-bit RGB pixels of the image file ``path``; anything else is a one-line DataError
+    naming ``where`` (the file and record) and the image: missing, not a regular file (a FIFO is
+    never opened), undecodable, a decompression bomb (more than ``PIL.Image.MAX_IMAGE_PIXELS``
+    pixels), or pixels of an unknown value range."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise DataError(f"{where}: field 'image': {path} {problem}")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"{where}: field 'image': file {path} not found") from None
-    except OSError as err:
-        raise DataError(f"{where}: field 'image': {path} is unreadable ({err})") from None
+        with warnings.catch_warnings():  # PIL only warns between 1× and 2× its pixel limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return to_rgb(image, path, where)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(
+            f"{where}: field 'image': {path} is refused as a decompression bomb ({err})"
+        ) from None
+    except Exception as err:  # a decoder's failure on a damaged file has no one type
+        raise DataError(
+            f"{where}: field 'image': {path} is unreadable ({type(err).__name__}: {err})"
+        ) from None
 
 
 def readable(path: str | Path) -> bool:
-    """Whether the image decodes completely. ``Image.verify`` passes a JPEG cut at 50–99 %, so
-    this decodes every pixel: about 5 ms for a 640×480 JPEG on one core (10 min for COCO's 123k
-    images) — the price of ``skip_unreadable_images`` and of ``python -m tasks.check``."""
+    """Whether the image decodes completely into RGB pixels (:func:`load_image`). ``Image.verify``
+    passes a JPEG cut at 50–99 %, so this decodes every pixel: about 5 ms for a 640×480 JPEG on
+    one core (10 min for COCO's 123k images) — the price of ``skip_unreadable_images`` and of
+    ``python -m tasks.check``."""
     try:
-        with Image.open(path) as image:
-            image.load()
+        load_image(path, str(path))
         return True
-    except (OSError, SyntaxError, ValueError):
+    except DataError:
         return False
 
 
@@ -305,9 +391,11 @@ class Task:
         if not self.config.skip_unreadable_images:
             for record in records:
                 for path in record["images"]:
-                    if not Path(path).is_file():
+                    problem = file_problem(path)
+                    if problem is not None:
                         raise DataError(
-                            f"{record['source']}: record {record['id']!r}: field 'image': {path} not found"
+                            f"{record['source']}: record {record['id']!r}: field 'image': "
+                            f"{path} {problem}"
                         )
             return records
         kept = [r for r in records if all(readable(p) for p in r["images"])]
@@ -424,3 +512,35 @@ class TaskDataset(torch.utils.data.Dataset):
         if self.features is not None:
             batch["features"] = batch.pop("images")
         return batch
+
+
+class DataLoader(torch.utils.data.DataLoader):
+    """``torch.utils.data.DataLoader`` whose worker processes' DataErrors reach the caller as the
+    one-line DataError the worker raised: torch re-raises a worker's error with the worker's
+    whole traceback as its message (22 lines for one unreadable image)."""
+
+    def __iter__(self):
+        return _one_line_errors(super().__iter__())
+
+
+def _one_line_errors(batches: Iterable) -> Iterator:
+    try:
+        yield from batches
+    except DataError as err:
+        raise DataError(worker_message(str(err))) from None
+
+
+# torch's message for an error in a worker: "Caught DataError in DataLoader worker process 0.\n
+# Original Traceback (most recent call last):\n … \ntasks.base.DataError: <the message>\n"
+_WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\s*\nOriginal Traceback")
+_LAST_LINE = re.compile(r"^[\w.]+: (.+)$")
+
+
+def worker_message(text: str) -> str:
+    """The message a DataLoader worker's error was raised with (``text`` unchanged when it is not
+    a worker's re-raised error)."""
+    if not _WORKER_ERROR.match(text):
+        return text
+    lines = [line for line in text.splitlines() if line.strip()]
+    found = _LAST_LINE.match(lines[-1]) if lines else None
+    return found.group(1) if found else text

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .base import DataError, Task, readable
+from .base import DataError, Task, file_problem, readable
 from .router import TaskRouter
 
 
@@ -33,9 +33,10 @@ def check_task(name: str, task: Task, splits: list[str] | None = None) -> list[s
             problems.append(f"{name}/{split}: the split is empty")
         paths = {str(p): r for r in records for p in r["images"]}
         for path, record in tqdm(paths.items(), desc=f"check {name}/{split}", leave=False):
-            if not Path(path).is_file():
+            problem = file_problem(path)
+            if problem is not None:
                 problems.append(
-                    f"{record['source']}: record {record['id']!r}: image {path} not found"
+                    f"{record['source']}: record {record['id']!r}: image {path} {problem}"
                 )
             elif not readable(path):
                 problems.append(

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from vlpeft.adapters.base import AdaptedLayer
 from vlpeft.checkpoint import write_json, write_safetensors
 
-from .base import DataError, load_image
+from .base import DataError, DataLoader, load_image
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
@@ -261,7 +261,7 @@ def write_features(
                     f"{directory} already: one feature cache cannot hold both"
                 )
     todo = [(k, p, w) for k, (p, w) in images.items() if k not in index["keys"]]
-    loader = torch.utils.data.DataLoader(
+    loader = DataLoader(
         _Images(todo, transform), batch_size=batch_size, num_workers=num_workers,
         collate_fn=lambda items: ([k for k, _ in items], torch.stack([x for _, x in items])),
     )  # fmt: skip

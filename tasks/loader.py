@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .base import TaskDataset
+from .base import DataLoader, TaskDataset
 from .sampler import MultitaskSampler
 
 
@@ -79,7 +79,7 @@ def multitask_loader(
     """
     dataset = MultitaskDataset(datasets)
     workers = num_workers > 0
-    return torch.utils.data.DataLoader(
+    return DataLoader(  # a worker's DataError arrives as its one line, not its traceback
         dataset,
         batch_sampler=SamplerSteps(sampler, position),
         collate_fn=dataset.collate,

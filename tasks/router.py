@@ -11,6 +11,7 @@ adapters when the task is activated (the per-task combinations of Qu et al.).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,53 @@ import yaml
 import vlpeft
 from vlpeft.adapters.routing import set_routing
 
-from .base import DataError, Task, TaskConfig, TaskDataset, get_task, image_transform
+from .base import (
+    DataError,
+    DataLoader,
+    Task,
+    TaskConfig,
+    TaskDataset,
+    get_task,
+    image_transform,
+    read_text,
+)
 from .features import FeatureCache, builder_of
 
 
 def load_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    """A task-router YAML's content (plain values only), or a one-line DataError naming the file:
+    missing, not a regular file, not UTF-8, malformed, nested too deeply, or holding a tag —
+    ``!!python/…`` and any other: safe loading builds no objects, and says so here in one line."""
+    text = read_text(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        problem = " ".join(p for p in (err.context, err.problem) if p)
+        if "constructor for the tag" in problem:
+            problem += " (a task YAML holds plain mappings, lists, strings and numbers: no tags)"
+        raise DataError(f"{path}: malformed YAML at {at}{problem}") from None
     except yaml.YAMLError as err:
-        raise DataError(f"{path}: malformed YAML ({err})") from None
+        raise DataError(f"{path}: malformed YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise DataError(f"{path}: YAML nested too deeply to read") from None
+
+
+# a task's name becomes part of file names (eval/<task>.json, submissions): a plain name only
+TASK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+def check_task_name(name: Any, where: str) -> str:
+    """``name`` when it is a plain task name (letters, digits, ``_``, ``-``, ``.``, not starting
+    with ``.``); anything that could leave a folder (``../x``, ``a/b``, an absolute path) is a
+    DataError naming the key."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise DataError(
+            f"{where}: task name {name!r} is not a plain name (letters, digits, '_', '-', '.', "
+            "not starting with '.'): it names files of the run"
+        )
+    return name
 
 
 def resolve_paths(options: dict, path_options, base: Path) -> dict:
@@ -51,6 +87,8 @@ class TaskRouter:
     def __init__(self, configs: dict[str, TaskConfig]) -> None:
         if not configs:
             raise DataError("task router: no tasks configured")
+        for name in configs:
+            check_task_name(name, "task router")
         self.configs = configs
         self.tasks: dict[str, Task] = {
             name: get_task(cfg.reader)(cfg) for name, cfg in configs.items()
@@ -72,6 +110,7 @@ class TaskRouter:
         base = Path(base_dir)
         configs = {}
         for name, entry in data.items():
+            check_task_name(name, f"{where}: key {name!r}")
             config = TaskConfig.from_dict(dict(entry), f"{where}.{name}")
             config.root = str(base / config.root)
             config.images = str(base / config.images) if config.images else ""
@@ -122,7 +161,7 @@ class TaskRouter:
     ) -> torch.utils.data.DataLoader:
         """An evaluation loader over ``split`` in file order (``eval_batch_size``)."""
         dataset = self.dataset(name, split, model, features, limit)
-        return torch.utils.data.DataLoader(
+        return DataLoader(
             dataset, batch_size=self[name].config.eval_batch_size, collate_fn=dataset.collate
         )
 
