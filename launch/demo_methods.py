@@ -158,8 +158,9 @@ def run_one(
         fresh = vlpeft.load_adapter(tiny_backbone(kind).eval(), path)
         reload_exact = torch.equal(forward(fresh, batch).logits, logits)
         peft_diff = "n/a"
-        if all(
-            layer.adapters["default"].lora_reducible for _, layer in vlpeft.adapted_layers(model)
+        if all(  # every layer can be written as peft's LoRA/DoRA (the method says)
+            layer.adapters["default"].peft_tensors(layer.base_layer) is not None
+            for _, layer in vlpeft.adapted_layers(model)
         ):
             from peft import PeftModel
 
