@@ -120,3 +120,44 @@ def test_no_import_cycle():
     for module in MODULES:
         if module not in state:
             walk(module)
+
+
+SCRIPT = 'if __name__ == "__main__"'
+# what another module may take from a command-line script: its entry points, never its helpers
+ENTRY_POINTS = {"launch.train": {"train", "main"}, "launch.pretrain_text": {"pretrain", "main"}}
+
+
+def scripts() -> set[str]:
+    return {m for m in MODULES if m.startswith("launch.") and SCRIPT in MODULES[m].read_text()}
+
+
+def test_no_launcher_borrows_another_launchers_helpers():
+    """``launch.train`` and the other command lines are entry points: a module may call their
+    ``train()`` / ``main()``, while the pieces they are made of live in modules by role
+    (``launch.distributed``, ``engine``, ``checkpoints``, ``resume``, ``logger``, ``run``)."""
+    found = scripts()
+    assert {"launch.train", "launch.evaluate", "launch.reproduce"} <= found
+    borrowed = []
+    for module in MODULES:
+        if not module.startswith(("launch.", "bench.")):
+            continue
+        tree = ast.parse(MODULES[module].read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in found:
+                allowed = ENTRY_POINTS.get(node.module, {"main"})
+                borrowed += [
+                    f"{MODULES[module].relative_to(ROOT)}:{node.lineno} takes {alias.name} "
+                    f"from the script {node.module}"
+                    for alias in node.names
+                    if alias.name not in allowed
+                ]
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names]
+                if isinstance(node, ast.ImportFrom) and node.module == "launch":
+                    names = [f"launch.{n}" for n in names]
+                borrowed += [
+                    f"{MODULES[module].relative_to(ROOT)}:{node.lineno} imports the script {n}"
+                    for n in names
+                    if n in found
+                ]
+    assert not borrowed, "\n".join(borrowed)
