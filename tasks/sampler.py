@@ -101,13 +101,15 @@ class MultitaskSampler:
         return order[self.rank :: self.world_size]
 
     def epoch(self, epoch: int) -> Iterator[tuple[str, list[int]]]:
-        """``(task, indices)`` per step; a task whose pass runs out starts a new shuffled pass."""
-        queues: dict[str, list[int]] = {}
+        """``(task, indices)`` per step; a task whose pass runs out starts a new shuffled pass.
+        A step costs O(batch): each task's pass is read through a cursor, never re-sliced."""
+        passes: dict[str, list[int]] = {}
+        cursors = dict.fromkeys(self.sizes, 0)
         cycles = dict.fromkeys(self.sizes, 0)
         for task in self.schedule(epoch):
-            size = self.batch_sizes[task]
-            if len(queues.get(task, [])) == 0:
-                queues[task] = self.shard(task, epoch, cycles[task])
+            size, start = self.batch_sizes[task], cursors[task]
+            if task not in passes or start >= len(passes[task]):
+                passes[task], start = self.shard(task, epoch, cycles[task]), 0
                 cycles[task] += 1
-            batch, queues[task] = queues[task][:size], queues[task][size:]
-            yield task, batch
+            cursors[task] = start + size
+            yield task, passes[task][start : start + size]
