@@ -169,10 +169,11 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[str, MethodConfig
         raise FileNotFoundError(
             f"{path}: no adapter config here (expected {CONFIG_NAME} + {WEIGHTS_NAME})"
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object (a vlpeft adapter config), got {type(data).__name__}"
+        )
     for key in ("adapter_name", "config"):
         if key not in data:
             hint = (
@@ -181,8 +182,49 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[str, MethodConfig
                 else ""
             )
             raise ValueError(f"{path}: missing key {key!r}{hint}")
-    config = MethodConfig.from_dict(data["config"], where=str(path))
+    _check_layout(data, path)
+    try:
+        config = MethodConfig.from_dict(data["config"], where=str(path))
+    except RecursionError:  # parsed, but too deep for the checks that walk it
+        raise ValueError(f"{path}: config nested too deeply to read") from None
     return data["adapter_name"], _from_resolved(config, data, path)
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or a one-line ValueError naming it: not UTF-8, malformed, or nested
+    too deeply to parse (Python's parser recurses)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
+
+
+def _check_layout(data: dict, path: Path) -> None:
+    """The keys loading reads besides ``config``, by type, each error naming the key: a damaged
+    or crafted file gives a message, not a TypeError from inside ``_from_resolved``."""
+    name = data["adapter_name"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{path}: adapter_name must be a non-empty string, got {name!r:.80}")
+    _names(data.get("extra_trainable", []), f"{path}: extra_trainable")
+    resolved = data.get("resolved")
+    if resolved is None:
+        return
+    if not isinstance(resolved, dict) or "layers" not in resolved:
+        raise ValueError(f"{path}: resolved must be an object with 'layers', got {resolved!r:.80}")
+    _names(resolved["layers"], f"{path}: resolved.layers")
+    _names(resolved.get("routed", []), f"{path}: resolved.routed")
+    slices = resolved.get("slices", {})
+    if not isinstance(slices, dict):
+        raise ValueError(f"{path}: resolved.slices must be an object, got {slices!r:.80}")
+
+
+def _names(value: Any, where: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ValueError(f"{where} must be a list of names, got {value!r:.80}")
 
 
 def load_adapter(
@@ -214,7 +256,10 @@ def load_adapter(
 def _load_tensors(module: nn.Module, path: Path, name: str) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: adapter weights missing")
-    stored = load_file(str(path))
+    try:
+        stored = load_file(str(path))
+    except Exception as e:  # safetensors' own error type is not a ValueError
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     expected = adapter_state_dict(module, name)
     for key, tensor in expected.items():
         if key not in stored:
@@ -224,6 +269,8 @@ def _load_tensors(module: nn.Module, path: Path, name: str) -> None:
                 f"{path}: shape mismatch at {key!r}: checkpoint {tuple(stored[key].shape)} vs "
                 f"model {tuple(tensor.shape)}"
             )
+        if stored[key].is_floating_point() and not torch.isfinite(stored[key]).all():
+            raise ValueError(f"{path}: tensor {key!r} has NaN or inf values")
     unexpected = sorted(set(stored) - set(expected))
     if unexpected:
         raise ValueError(

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import MethodConfig, adapted_layers
-from ..config import Config, deep_merge
+from ..config import Config, check_finite, deep_merge
 from ..registry import Registry, nearest_hint
 from .tokenizer import PRESETS, load_tokenizer
 
@@ -152,6 +152,9 @@ class ModelConfig(Config):
     weights: dict[str, str] = dataclasses.field(default_factory=dict)
     max_text_length: int = 40
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_finite(self)  # a NaN/inf (YAML's .nan) anywhere, nested dicts and tuples included
 
 
 def missing_weights(what: str, source: str, err: Exception) -> FileNotFoundError:

@@ -151,6 +151,7 @@ class BlipConfig(ModelConfig):
     image_std: tuple = CLIP_STD
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = [h for h in self.heads if h not in HEADS]
         if unknown or not self.heads:
             raise ValueError(f"blip heads {self.heads!r}: choose one or more of {list(HEADS)}")
