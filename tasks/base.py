@@ -498,12 +498,24 @@ class TaskDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[dict, torch.Tensor]:
         record = self.records[index]
+        where = f"{record['source']}: record {record['id']!r}"
         if self.features is not None:  # a FeatureCache checks the path; a mapping has names
             by_path = getattr(self.features, "by_path", False)
             keys = [Path(p) if by_path else Path(p).name for p in record["images"]]
-            return record, torch.stack([self.features[k] for k in keys])
-        where = f"{record['source']}: record {record['id']!r}"
+            try:
+                return record, torch.stack([self.features[k] for k in keys])
+            except DataError as err:
+                raise DataError(f"{where}: {err}") from None
         return record, torch.stack([self.transform(load_image(p, where)) for p in record["images"]])
+
+    def check_features(self) -> None:
+        """When the images come from a feature cache with a ``check`` (a
+        :class:`tasks.features.FeatureCache`): that every image of the records is cached,
+        unchanged since, and every shard intact (a DataError naming the first problem). A run
+        calls it once before its first step; without a cache it does nothing."""
+        check = getattr(self.features, "check", None)
+        if check is not None:
+            check(Path(p) for record in self.records for p in record["images"])
 
     def collate(self, items: list[tuple[dict, torch.Tensor]]) -> dict[str, Any]:
         records = [r for r, _ in items]

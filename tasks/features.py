@@ -5,21 +5,36 @@ layer-4 grid, the VL-Adapter way; RoBERTa/GPT-2 + ViT: the ViT's [CLS] or pooler
 read ``batch["features"]`` instead of decoding images. BLIP cannot (its recipes adapt the ViT).
 ``python -m launch.features --config RUN_CONFIG --out DIR`` writes a cache folder::
 
-    DIR/index.json                 what built it, the feature shape and dtype, image → shard
+    DIR/index.json                 what built it, the feature shape and dtype, image → shard,
+                                   each shard's size and SHA-256, each image's path, size, mtime
     DIR/shard_00000.safetensors    up to ``shard_images`` images each, keyed by image file name
 
 Shards are written one at a time (atomically) and the index after each, so an interrupted build
 continues where it stopped. :class:`FeatureCache` opens shards memory-mapped, lazily in each
-process (DataLoader workers included): COCO's 123k images never sit in RAM at once. A cache built
-by another model or another preprocessing (``builder``: the family, image size, normalisation,
-grid, the frozen encoder's weights' SHA-256) is refused when a training run opens it.
+process (DataLoader workers included): COCO's 123k images never sit in RAM at once. Nothing in a
+cache is trusted blindly:
+
+- a cache built by another model or another preprocessing (``builder``: the family, image size,
+  normalisation, grid, the frozen encoder's weights' SHA-256) is refused when a training run opens
+  it;
+- a shard's size and SHA-256 are checked the first time a process opens it (once per process and
+  file: a shard a process verified — :meth:`FeatureCache.check` verifies them all — is not hashed
+  again, and DataLoader workers inherit what their parent verified), each tensor read has the
+  index's dtype and shape, and a shard named outside the cache folder is refused;
+- an image read by path whose file now has another size or modification time than when its
+  features were computed is an error naming it (rebuild the cache): the image was replaced.
+  Copies that keep modification times (``mv``, ``cp -p``, ``rsync -a``) are the same images.
+
+Format ``vlpeft-features/2``; a cache of format 1 (no checksums, no image sizes) is refused with a
+request to rebuild it.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
-import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,11 +44,11 @@ from tqdm import tqdm
 from vlpeft.adapters.base import AdaptedLayer
 from vlpeft.checkpoint import write_json, write_safetensors
 
-from .base import DataError, DataLoader, load_image
+from .base import DataError, DataLoader, file_problem, load_image, read_json
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
-FORMAT = "vlpeft-features/1"
+FORMAT = "vlpeft-features/2"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -100,6 +115,32 @@ def builder_of(model) -> dict:
     }
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (read in chunks: a shard holds gigabytes)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def source_stat(path: str | Path) -> list[int]:
+    """``[size in bytes, modification time in ns]`` of an image file (what the index records)."""
+    info = os.stat(path)
+    return [info.st_size, info.st_mtime_ns]
+
+
+def same_mtime(a: int, b: int) -> bool:
+    """Modification times equal to the coarser of their two resolutions (a copy to a file system
+    that keeps whole seconds or microseconds only is the same time)."""
+    step = 1
+    while step < 10**9 and (a % (step * 10) == 0 or b % (step * 10) == 0):
+        step *= 10
+    return a // step == b // step
+
+
+# shards this process has hashed: (path, size, mtime) → verified (kept across FeatureCache objects,
+# so a cache the launcher checked is not hashed again by the data sets or forked workers)
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
 class FeatureCache:
     """A cache folder's features by image file name, read memory-mapped (as float32).
 
@@ -107,28 +148,40 @@ class FeatureCache:
         directory: the folder ``launch.features`` wrote.
         expected: the builder the features must come from (:func:`builder_of` of the training
             model); a mismatch is an error naming the fields that differ. None: not checked.
+
+    Example:
+        >>> cache = FeatureCache("/cache/clip-rn101", builder_of(model))
+        >>> cache.check(path for r in records for path in r["images"])  # before the first step
+        >>> cache[Path("coco/images/val2014/COCO_val2014_000000000042.jpg")].shape
     """
 
     def __init__(self, directory: str | Path, expected: dict | None = None) -> None:
         self.directory = Path(directory)
         path = self.directory / INDEX
-        if not path.is_file():
+        if file_problem(path) is not None:
             raise DataError(
-                f"{path}: not found: build the cache with python -m launch.features --out "
-                f"{self.directory}"
+                f"{path}: {file_problem(path)}: build the cache with python -m launch.features "
+                f"--out {self.directory}"
+            )
+        self.index = read_json(path)
+        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT:
+            found = self.index.get("format") if isinstance(self.index, dict) else None
+            raise DataError(
+                f"{path}: format {found!r}, expected {FORMAT!r} (a cache written before shards "
+                f"carried checksums and images their sizes): rebuild it with python -m "
+                f"launch.features --out <a new folder>"
             )
         try:
-            self.index = json.loads(path.read_text())
             self.keys: dict[str, int] = self.index["keys"]
-            self.shards: list[str] = self.index["shards"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            self.shards: list[str] = [shard["file"] for shard in self.index["shards"]]
+            self.dtype = DTYPES[self.index["dtype"]]
+        except (KeyError, TypeError):
             raise DataError(f"{path}: not a feature-cache index of launch.features") from None
-        if self.index.get("format") != FORMAT:
-            raise DataError(f"{path}: format {self.index.get('format')!r}, expected {FORMAT!r}")
         if not self.index.get("complete"):
             raise DataError(
                 f"{path}: the cache is incomplete (run launch.features again to finish it)"
             )
+        self._check_index(path)
         if expected is not None:
             built = self.index["builder"]
             differ = sorted(
@@ -144,6 +197,22 @@ class FeatureCache:
                 )
         self._open: dict[int, object] = {}
 
+    def _check_index(self, path: Path) -> None:
+        """Shard files named inside the folder, each image's shard among them, the records each
+        image needs: a hand-edited or damaged index is refused before anything is read."""
+        for name in self.shards:
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                raise DataError(
+                    f"{path}: shard {name!r} is not a file name inside {self.directory}: "
+                    "a cache reads only its own folder"
+                )
+        sources = self.index.get("sources", {})
+        for key, shard in self.keys.items():
+            if not isinstance(shard, int) or not 0 <= shard < len(self.shards):
+                raise DataError(f"{path}: image {key!r} names shard {shard!r}, which is not there")
+            if key not in sources:
+                raise DataError(f"{path}: image {key!r} has no recorded size and mtime")
+
     def __getstate__(self) -> dict:  # worker processes open their own memory maps
         return {**self.__dict__, "_open": {}}
 
@@ -157,25 +226,108 @@ class FeatureCache:
 
     def __getitem__(self, image: str | Path) -> torch.Tensor:
         """The features of ``image``: a file name, or a path — then checked to be the image the
-        cache was built from (its last folders and name; the data may have moved)."""
-        from safetensors import safe_open
-
+        cache was built from (its last folders and name; the data may have moved) and unchanged
+        since (its size and modification time)."""
         name = image_key(image)
-        if isinstance(image, Path) and name in self.keys:
-            built = self.index.get("paths", {}).get(name)
-            if built is not None and not same_image(built, image):
-                raise DataError(
-                    f"{self.directory}: image {name!r} was cached from {built}, not {image}: "
-                    "two data sets share the file name; give each its own cache"
-                )
         if name not in self.keys:
             raise DataError(
                 f"{self.directory}: no features for image {name!r} (built for other splits?)"
             )
-        shard = self.keys[name]
+        if isinstance(image, Path):
+            self._check_source(name, image)
+        tensor = self._shard(self.keys[name]).get_tensor(name)
+        if tensor.dtype != self.dtype or list(tensor.shape) != self.index.get("shape"):
+            raise DataError(
+                f"{self.directory / self.shards[self.keys[name]]}: features of {name!r} are "
+                f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, the index "
+                f"says {self.index['dtype']} {self.index.get('shape')}: rebuild the cache"
+            )
+        return tensor.float()
+
+    def _check_source(self, name: str, image: Path) -> None:
+        """``image`` is the file ``name``'s features were computed from, unchanged since."""
+        built = self.index.get("paths", {}).get(name)
+        if built is not None and not same_image(built, image):
+            raise DataError(
+                f"{self.directory}: image {name!r} was cached from {built}, not {image}: "
+                "two data sets share the file name; give each its own cache"
+            )
+        try:
+            size, mtime = source_stat(image)
+        except OSError as err:
+            raise DataError(f"{image}: cannot stat the cached image ({err.strerror})") from None
+        was_size, was_mtime = self.index["sources"][name]
+        if size != was_size or not same_mtime(mtime, was_mtime):
+            raise DataError(
+                f"{image}: changed since its features were cached in {self.directory} (size "
+                f"{was_size} → {size} bytes, modified {mtime_text(was_mtime)} → "
+                f"{mtime_text(mtime)}): rebuild the cache with python -m launch.features"
+            )
+
+    def _shard(self, shard: int):
+        """The open shard ``shard``, verified (size, SHA-256) the first time this process opens
+        the file."""
         if shard not in self._open:
-            self._open[shard] = safe_open(str(self.directory / self.shards[shard]), framework="pt")
-        return self._open[shard].get_tensor(name).float()
+            from safetensors import safe_open
+
+            path = self.verify_shard(shard)
+            self._open[shard] = safe_open(str(path), framework="pt")
+        return self._open[shard]
+
+    def verify_shard(self, shard: int) -> Path:
+        """Checks shard ``shard``'s file against the index (present, size, SHA-256), hashing it
+        unless this process verified the same file (path, size, mtime) already; returns its path."""
+        path = self.directory / self.shards[shard]
+        recorded = self.index["shards"][shard]
+        problem = file_problem(path)
+        if problem is not None:
+            raise DataError(f"{path}: shard {problem} (the cache is damaged: rebuild it)")
+        size, mtime = source_stat(path)
+        seen = (str(path.resolve()), size, mtime)
+        if seen in _VERIFIED:
+            return path
+        if size != recorded.get("bytes"):
+            raise DataError(
+                f"{path}: {size} bytes, the index recorded {recorded.get('bytes')} (the shard "
+                "was changed or cut short): rebuild the cache"
+            )
+        if file_sha256(path) != recorded.get("sha256"):
+            raise DataError(
+                f"{path}: SHA-256 differs from the one recorded when it was written (the shard "
+                "was changed or damaged): rebuild the cache"
+            )
+        _VERIFIED.add(seen)
+        return path
+
+    def check(self, images: Iterable[str | Path]) -> None:
+        """Before a run: every image of ``images`` has features here (a path is also checked to
+        be the file they were computed from, unchanged since), and every shard file is present
+        with its recorded size and SHA-256. Raises a DataError naming the first problem.
+
+        Args:
+            images: image paths (as the records name them) or bare file names.
+        """
+        seen = set()
+        for image in images:
+            name = image_key(image)
+            if name in seen:
+                continue
+            seen.add(name)
+            if name not in self.keys:
+                raise DataError(
+                    f"{self.directory}: no features for image {image} (built for other splits or "
+                    "tasks? rebuild with python -m launch.features for this config)"
+                )
+            if isinstance(image, Path) or os.sep in str(image):
+                self._check_source(name, Path(image))
+        for shard in range(len(self.shards)):
+            self.verify_shard(shard)
+
+
+def mtime_text(mtime_ns: int) -> str:
+    """A modification time for a message (UTC, to the microsecond)."""
+    stamp = datetime.datetime.fromtimestamp(mtime_ns / 1e9, datetime.UTC)
+    return stamp.strftime("%Y-%m-%d %H:%M:%S.%f UTC")
 
 
 TAIL = 3  # path components compared between a cached image and the one asked for
@@ -243,9 +395,15 @@ def write_features(
     builder = builder_of(model)
     path = directory / INDEX
     index = {"format": FORMAT, "builder": builder, "dtype": dtype, "shards": [], "keys": {},
-             "paths": {}, "complete": False}  # fmt: skip
-    if path.is_file():
-        earlier = json.loads(path.read_text())
+             "paths": {}, "sources": {}, "complete": False}  # fmt: skip
+    if path.exists():
+        earlier = read_json(path)
+        if not isinstance(earlier, dict) or earlier.get("format") != FORMAT:
+            found = earlier.get("format") if isinstance(earlier, dict) else None
+            raise DataError(
+                f"{path}: a cache of format {found!r}, not {FORMAT!r}: choose another --out "
+                "(or delete the folder) to build it anew"
+            )
         if earlier.get("builder") != builder or earlier.get("dtype") != dtype:
             raise DataError(
                 f"{directory}: holds features of another builder or dtype "
@@ -261,6 +419,12 @@ def write_features(
                     f"{directory} already: one feature cache cannot hold both"
                 )
     todo = [(k, p, w) for k, (p, w) in images.items() if k not in index["keys"]]
+    sources = {}  # size and mtime before the image is read: a later change is seen on use
+    for key, image, where in todo:
+        problem = file_problem(image)
+        if problem is not None:
+            raise DataError(f"{where}: field 'image': {image} {problem}")
+        sources[key] = source_stat(image)
     loader = DataLoader(
         _Images(todo, transform), batch_size=batch_size, num_workers=num_workers,
         collate_fn=lambda items: ([k for k, _ in items], torch.stack([x for _, x in items])),
@@ -276,9 +440,13 @@ def write_features(
         shard = len(index["shards"])
         name = f"shard_{shard:05d}.safetensors"
         write_safetensors(directory / name, {k: buffer[k] for k in keys})
-        index["shards"].append(name)
+        written = directory / name  # hashed as written: what a reader must find
+        index["shards"].append(
+            {"file": name, "bytes": written.stat().st_size, "sha256": file_sha256(written)}
+        )
         index["keys"].update(dict.fromkeys(keys, shard))
-        index.setdefault("paths", {}).update({k: str(Path(images[k][0]).absolute()) for k in keys})
+        index["paths"].update({k: str(Path(images[k][0]).absolute()) for k in keys})
+        index["sources"].update({k: sources[k] for k in keys})
         index["shape"] = list(buffer[keys[0]].shape)
         write_json(path, index)  # after the shard: an interrupted build loses one shard at most
         for key in keys:

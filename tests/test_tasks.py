@@ -531,6 +531,136 @@ def test_feature_cache_gives_the_pixel_numbers(tmp_path):
         FeatureCache(tmp_path / "cache", builder_of(other))
 
 
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+    """One small feature cache (2 shards) of the synthetic set's VQA val images, built once: each
+    test works on a copy (new paths: nothing this process verified before)."""
+    import torch
+
+    from tasks.features import unique_images, write_features
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("cached")
+    generate(root, images=40, seed=2)
+    router = TaskRouter.from_yaml(root / "tasks.yaml", only=["vqa"])
+    model = build_model("clip-bart", "tiny").eval()
+    records = router["vqa"].read("val")
+    transform = router.dataset("vqa", "val", model).transform
+    write_features(model, unique_images(records), transform, root / "cache", shard_images=2)
+    return root, router, model, records
+
+
+def cache_copy(built_cache, tmp_path):
+    from tasks.features import FeatureCache
+
+    root, router, model, records = built_cache
+    shutil.copytree(root / "cache", tmp_path / "cache")
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    return tmp_path / "cache", index, lambda: FeatureCache(tmp_path / "cache")
+
+
+def test_a_damaged_feature_shard_is_refused_when_first_opened(built_cache, tmp_path, monkeypatch):
+    """A same-size shard with a zeroed block trained silently; each shard's SHA-256 is checked the
+    first time the process opens it — once: later reads and caches do not hash it again."""
+    import tasks.features as features
+
+    folder, index, open_cache = cache_copy(built_cache, tmp_path)
+    shard = folder / index["shards"][1]["file"]
+    assert index["format"] == "vlpeft-features/2" and len(index["shards"]) == 2
+    assert index["shards"][1]["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    hashed, real = [], features.file_sha256
+    monkeypatch.setattr(features, "file_sha256", lambda p: hashed.append(p.name) or real(p))
+    cache = open_cache()
+    names = list(cache.keys)
+    for name in names + names:
+        cache[name]
+    open_cache()[names[0]]
+    assert sorted(hashed) == sorted(s["file"] for s in index["shards"])  # each once
+    data = bytearray(shard.read_bytes())
+    data[-64:] = bytes(64)  # zeros inside the tensor data: the same size, the header intact
+    shard.write_bytes(bytes(data))
+    victim = next(k for k, i in index["keys"].items() if i == 1)
+    with pytest.raises(DataError, match=rf"{shard.name}: SHA-256 differs .* rebuild the cache"):
+        open_cache()[victim]
+    with pytest.raises(DataError, match=rf"{shard.name}: SHA-256 differs"):
+        open_cache().check([])
+    shard.write_bytes(bytes(data[:-8]))
+    with pytest.raises(
+        DataError, match=rf"{shard.name}: {len(data) - 8} bytes, the index recorded"
+    ):
+        open_cache().check([])
+    shard.unlink()
+    with pytest.raises(DataError, match=rf"{shard.name}: shard not found"):
+        open_cache().check([])
+
+
+def test_a_shard_of_another_dtype_is_refused(built_cache, tmp_path):
+    """A float16 shard in a float32 cache (its checksum updated, so only the dtype tells) was
+    read and upcast silently."""
+    from safetensors.torch import load_file, save_file
+
+    folder, index, open_cache = cache_copy(built_cache, tmp_path)
+    shard = folder / index["shards"][0]["file"]
+    save_file({k: v.half() for k, v in load_file(shard).items()}, shard)
+    index["shards"][0].update(
+        bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest()
+    )
+    (folder / "index.json").write_text(json.dumps(index))
+    victim = next(k for k, i in index["keys"].items() if i == 0)
+    with pytest.raises(DataError, match=rf"{shard.name}: features of '{victim}' are float16 "
+                       r"\[4, \d+\], the index says float32 \[4, \d+\]"):  # fmt: skip
+        open_cache()[victim]
+
+
+def test_an_image_changed_since_its_features_were_cached_is_refused(built_cache, tmp_path):
+    """Features of an image replaced in place were read as if it were the same image; its size
+    and modification time at build time are in the index and checked on every read by path."""
+    import os
+
+    _, router, model, records = built_cache
+    folder, index, open_cache = cache_copy(built_cache, tmp_path)
+    dataset = router.dataset("vqa", "val", model, features=open_cache())
+    dataset.check_features()  # all there, unchanged
+    take(dataset, [0, 1])
+    image = Path(records[0]["images"][0])
+    original, stat = image.read_bytes(), image.stat()
+    try:
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # touched
+        with pytest.raises(DataError, match=rf"{records[0]['id']!r}: {image}: changed since its "
+                           r"features were cached in .* modified .* rebuild the cache"):  # fmt: skip
+            dataset[0]
+        image.write_bytes(original + b"\0")  # replaced: another size
+        with pytest.raises(DataError, match=rf"{image}: changed since .* \(size "
+                           rf"{len(original)} → {len(original) + 1} bytes"):  # fmt: skip
+            dataset.check_features()
+    finally:
+        image.write_bytes(original)
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    open_cache().check(p for r in records for p in r["images"])  # the same file again
+    with pytest.raises(DataError, match=r"no features for image .*elsewhere.jpg"):
+        open_cache().check([tmp_path / "elsewhere.jpg"])
+
+
+@pytest.mark.parametrize("name", ["../x.safetensors", "/etc/x.safetensors", "sub/x.safetensors"])
+def test_a_cache_index_naming_a_shard_outside_its_folder_is_refused(built_cache, tmp_path, name):
+    folder, index, open_cache = cache_copy(built_cache, tmp_path)
+    index["shards"][0]["file"] = name
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match=rf"index.json: shard '{name}' is not a file name inside"):
+        open_cache()
+
+
+def test_a_cache_of_the_first_format_asks_for_a_rebuild(built_cache, tmp_path):
+    """Format 1 carried no checksums and no image sizes: refused, asking for a rebuild (reading
+    it unchecked would be the blind trust format 2 ends)."""
+    folder, index, open_cache = cache_copy(built_cache, tmp_path)
+    index["format"] = "vlpeft-features/1"
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match=r"format 'vlpeft-features/1', expected 'vlpeft-features/2'"
+                       r" .* rebuild it with python -m launch.features"):  # fmt: skip
+        open_cache()
+
+
 def test_router_activation_restores_the_configured_routing(tmp_path):
     """A task that names no routing function runs the set's own, not the previous task's."""
     import vlpeft
