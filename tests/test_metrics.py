@@ -296,3 +296,70 @@ def test_retrieval_refuses_texts_mapped_to_no_image(owner, error, match):
     """A text mapped to image -1 was scored as the last image's (numpy's negative index)."""
     with pytest.raises(error, match=match):
         retrieval_recall(np.eye(2), owner)
+
+
+def test_identical_texts_of_different_images_count_as_one(caplog):
+    """Two images share the caption "a dog": a perfect scorer scores it the same against both (the
+    same input), so under the ground-truth-only rule it misses both ways; with the texts given,
+    identical texts are one text and it reaches 100, with one warning naming the count."""
+    texts, owner = ["a dog", "a cat", "a dog"], [0, 0, 1]
+    perfect = np.array([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])  # text j among image i's captions
+    strict = retrieval_recall(perfect, owner, ks=(1,))
+    assert strict["i2t_r1"] == 0.0 and strict["t2i_r1"] == pytest.approx(100 / 3)
+    with caplog.at_level("WARNING"):
+        shared = retrieval_recall(perfect, owner, ks=(1,), texts=texts)
+    assert shared["r_mean"] == 100.0
+    assert [r.getMessage() for r in caplog.records] == [
+        "retrieval gallery: 2 of 3 texts are identical to a text of another image; each counts "
+        "as a hit for every image that has it (tasks.retrieval.retrieval_recall)"
+    ]
+    # a wrong text still scoring above the shared one is a miss: the rule adds no other credit
+    worse = perfect.copy()
+    worse[1, 1] = 2.0  # image 1 prefers "a cat" (image 0's only)
+    out = retrieval_recall(worse, owner, ks=(1,), texts=texts)
+    assert out["i2t_r1"] == 50.0 and out["t2i_r1"] == pytest.approx(100 * 2 / 3)
+
+
+def test_a_perfect_scorer_reaches_100_on_the_synthetic_test_gallery(tmp_path, caplog):
+    """The synthetic test split has 27 of its 150 captions shared with another image: a perfect
+    scorer was capped at r_mean 84; Retrieval.score counts identical texts as one (warning once)
+    and the random-ranking baseline counts them the same way (its exact expectation)."""
+    from tasks.router import TaskRouter
+    from tasks.synthetic import generate
+
+    generate(tmp_path, seed=0)
+    task = TaskRouter.from_yaml(tmp_path / "tasks.yaml", only=["retrieval"])["retrieval"]
+    records = task.read("test")
+    texts, owner = task.gallery_texts(records)
+    perfect = np.array([[float(t in r["captions"]) for t in texts] for r in records])
+    assert len(texts) == 150
+    with caplog.at_level("WARNING"):
+        scores, headline = task.score(records, {"i2t": perfect, "t2i": perfect})
+    assert headline == 100.0 and scores["i2t_r1"] == scores["t2i_r1"] == 100.0
+    assert [r.getMessage()[:52] for r in caplog.records] == [
+        "retrieval gallery: 27 of 150 texts are identical to "
+    ]
+    assert retrieval_recall(perfect, owner)["r_mean"] < 85  # the ground-truth-only rule
+    _, baseline, _ = task.baseline("test")
+    draws = np.random.RandomState(0).rand(400, *perfect.shape)  # random rankings: same mean
+    mean = np.mean([task.score(records, {"i2t": d, "t2i": d})[0]["t2i_r5"] for d in draws])
+    assert mean == pytest.approx(baseline["t2i_r5"], abs=1.5)  # 400 draws: ~0.3 standard error
+
+
+def test_random_ranking_recall_with_shared_texts_is_the_expectation_over_all_rankings():
+    """The closed form with several right images per text against every ranking of a small case
+    (2 images; texts "a", "a", "b" of images 0, 1, 1: text "a" is right for both)."""
+    texts, owner = ["a", "a", "b"], [0, 1, 1]
+    expected = random_ranking_recall([2, 3], ks=(1, 2), text_positives=[2, 2, 1])
+    i2t = [
+        retrieval_recall(np.array([p, p], dtype=float), owner, ks=(1, 2), texts=texts)
+        for p in permutations(range(3))
+    ]
+    t2i = [
+        retrieval_recall(np.array(cols, dtype=float).T, owner, ks=(1, 2), texts=texts)
+        for cols in product(permutations(range(2)), repeat=3)
+    ]
+    for k in (1, 2):
+        assert np.isclose(np.mean([r[f"i2t_r{k}"] for r in i2t]), expected[f"i2t_r{k}"])
+        assert np.isclose(np.mean([r[f"t2i_r{k}"] for r in t2i]), expected[f"t2i_r{k}"])
+    assert np.isclose(expected["t2i_r1"], 100 * (1 + 1 + 1 / 2) / 3)  # by hand
