@@ -8,7 +8,8 @@
 - :func:`caption_scores` (:mod:`tasks.caption`): pycocoevalcap's PTB tokenizer and BLEU-1..4,
   METEOR, ROUGE-L, CIDEr, all ×100; SPICE only when its Stanford CoreNLP models are present;
 - :func:`retrieval_recall` and :func:`itm_rerank` (:mod:`tasks.retrieval`): R@1/5/10 both ways from
-  a similarity matrix, optionally re-ranked by an ITM head on the top-k (BLIP/UniAdapter).
+  a similarity matrix (identical texts of different images counted as one when the texts are
+  given), optionally re-ranked by an ITM head on the top-k (BLIP/UniAdapter).
 
 A task file owns its metric, so this module only gathers the names users and scripts know (the
 task files themselves use the task-free pieces of :mod:`evaluation.scoring`, which imports nothing
