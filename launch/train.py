@@ -174,6 +174,8 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
                 f"task {name}: its train split ({router[name].split_name('train')}) has no "
                 "annotations to train on (a test split for an evaluation server?)"
             )
+        dataset.check_features()  # once per process, before the workers fork
+    check_eval_features(router, config, model)
     sampler = MultitaskSampler(
         {n: len(d) for n, d in datasets.items()},
         {n: router[n].config.batch_size for n in datasets},
@@ -202,6 +204,16 @@ def check_eval_splits(router: TaskRouter, config: TrainConfig) -> None:
     for task in router.tasks.values():
         for split in dict.fromkeys(splits):
             task.read(split, limit=config.eval.max_records)
+
+
+def check_eval_features(router: TaskRouter, config: TrainConfig, model) -> None:
+    """The feature caches of the splits the run evaluates hold every image of them, unchanged,
+    in intact shards — checked now, not found out after the training."""
+    splits = list(config.eval.splits) + (["val"] if config.eval.val_every else [])
+    for name, task in router.tasks.items():
+        if task.config.features:
+            for split in dict.fromkeys(splits):
+                router.dataset(name, split, model, limit=config.eval.max_records).check_features()
 
 
 def init_from_run(model, config: TrainConfig, source: Path) -> None:

@@ -383,3 +383,26 @@ def test_a_same_size_one_byte_change_of_a_checkpoint_is_detected_and_resume_fall
     whole, cut = adapters(tmp_path / "whole"), adapters(tmp_path / "cut")
     for key in whole:
         assert torch.equal(whole[key], cut[key]), key
+
+
+def test_a_feature_cache_without_an_eval_split_or_with_a_cut_shard_stops_before_training(
+    data, tmp_path
+):
+    """The cache was built for the train split only: the test split's images are missing, found
+    before the first step (it used to be after the training); then a cut shard, likewise."""
+    from launch.features import build_cache
+    from tasks.base import DataError
+
+    built = load_config(None, data=spec(data))
+    cache = build_cache(built, tmp_path / "cache", splits=["train"])
+    config = spec(data, {"vqa": {"batch_size": 4, "features": str(cache)}})
+    config["eval"] = {"splits": ["test"], "max_new_tokens": 2}
+    with pytest.raises(DataError, match=r"no features for image"):
+        train_module.train(load_config(None, data=config), tmp_path / "r")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    config["eval"] = {"splits": []}
+    shard = sorted(cache.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(DataError, match=rf"{shard.name}"):
+        train_module.train(load_config(None, data=config), tmp_path / "r2")
+    assert not (tmp_path / "r2" / "metrics.jsonl").exists()
