@@ -30,7 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+import vlpeft
 from bench.common import machine, report, write
+from tasks.base import DataLoader
+from tasks.router import TaskRouter
 
 SIZES = {
     "vqa_train2014": 443_757, "vqa_val2014": 214_354, "coco_train2014_images": 82_783,
@@ -172,8 +177,6 @@ def child_floor(tasks_yaml: Path) -> dict:
 
 
 def child_read(tasks_yaml: Path) -> dict:
-    from tasks.router import TaskRouter
-
     router = TaskRouter.from_yaml(tasks_yaml)
     before = rss_mb()
     begin = time.perf_counter()
@@ -191,12 +194,6 @@ def child_read(tasks_yaml: Path) -> dict:
 
 
 def child_workers(tasks_yaml: Path, fraction: float) -> dict:
-    import torch
-
-    import vlpeft
-    from tasks.base import DataLoader
-    from tasks.router import TaskRouter
-
     router = TaskRouter.from_yaml(tasks_yaml, only=["gqa"])
     model = vlpeft.build_model("roberta-vit", "tiny")
     dataset = router.dataset("gqa", "train", model)

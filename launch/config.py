@@ -5,8 +5,8 @@ Sections (every key has a default except ``model.family`` and ``data.file``)::
     model:    {family: clip-bart, preset: tiny, overrides: {}}
     adapters: {<set name>: {method: lora, r: 8, routing: proj, components: [encoder, decoder],
                kinds: [q, v], route_components: [decoder], …method fields}}
-    data:     {file: data/tasks.yaml, root: null, tasks: {vqa: {batch_size: 16, adapter: default,
-               features: null}, …}}
+    data:     {file: data/tasks.yaml, root: null, cache_dir: null, tasks: {vqa: {batch_size: 16,
+               adapter: default, features: null}, …}}
     sampler:  {mode: proportional, temperature: 2.0, seed: 0}
     train:    {steps: 300, lr: 1e-3, weight_decay: 0.01, warmup: 0.1, grad_clip: 1.0, device: auto,
                num_workers: null, grad_accum: 1, gradient_checkpointing: false, compile: false,
@@ -76,6 +76,9 @@ class DataSection(Config):
     file: str = ""
     root: str | None = None  # where the task file's relative paths resolve (default: its folder)
     tasks: dict = dataclasses.field(default_factory=dict)
+    # the parsed splits' record cache (tasks.records; default: <data file's folder>/.vlpeft_cache;
+    # "off": no cache) — how a run executes: free to change on --resume
+    cache_dir: str | None = None
 
 
 @dataclasses.dataclass

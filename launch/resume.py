@@ -33,6 +33,7 @@ EXECUTION_KEYS = (
     # how the run executes, for the keys the GPU/data-pipeline work adds
     "train.device", "train.num_workers", "train.compile", "train.gradient_checkpointing",
     "train.compile_mode", "train.compile_backend", "paper.", "train.max_skipped_share",
+    "data.cache_dir",
 )  # fmt: skip
 # keys whose change no --allow-change can accept: the checkpoint's tensors have the old shapes
 STRUCTURE_KEYS = ("model.family", "model.preset")

@@ -19,7 +19,7 @@ from launch.config import (
 )  # fmt: skip
 from launch.engine import deepspeed_config
 from tasks.base import TaskConfig, get_task
-from tasks.router import TaskRouter, load_yaml
+from tasks.router import CACHE_FOLDER, TaskRouter, load_yaml
 from tasks.vqa import most_frequent_answers
 from vlpeft.adapters.base import MethodConfig
 from vlpeft.inject import find_targets
@@ -39,7 +39,15 @@ def build_router(config: TrainConfig) -> TaskRouter:
     base = Path(config.data.root) if config.data.root else path.parent
     if config.data.root and not base.is_dir():
         raise ConfigError(f"data.root {config.data.root}: no such folder")
-    return TaskRouter.from_dict(merged, base, where=str(path))
+    return TaskRouter.from_dict(merged, base, where=str(path), cache_dir=record_cache(config))
+
+
+def record_cache(config: TrainConfig) -> Path | None:
+    """Where the parsed splits are cached: ``data.cache_dir``, by default beside the data file
+    (``off``: nowhere)."""
+    if config.data.cache_dir == "off":
+        return None
+    return Path(config.data.cache_dir or Path(config.data.file).parent / CACHE_FOLDER)
 
 
 def build_model(config: TrainConfig, router: TaskRouter):
@@ -234,6 +242,34 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:
             "that supports it"
         )
     return enabled
+
+
+def check_eval_splits(router: TaskRouter, config: TrainConfig) -> None:
+    """Reads every split the run will evaluate before training, so a bad test file (an image
+    without captions, a missing image) is an error now, not after the training."""
+    splits = list(config.eval.splits) + (["val"] if config.eval.val_every else [])
+    for task in router.tasks.values():
+        for split in dict.fromkeys(splits):
+            task.read(split, limit=config.eval.max_records)
+
+
+def warm_record_caches(router: TaskRouter, config: TrainConfig) -> None:
+    """Reads every split the run uses into its record cache (local rank 0, before the others)."""
+    splits = ["train", *config.eval.splits] + (["val"] if config.eval.val_every else [])
+    for task in router.tasks.values():
+        if task.cache_dir is not None:
+            for split in dict.fromkeys(splits):
+                task.read_cached(task.split_name(split))
+
+
+def check_eval_features(router: TaskRouter, config: TrainConfig, model) -> None:
+    """The feature caches of the splits the run evaluates hold every image of them, unchanged,
+    in intact shards — checked now, not found out after the training."""
+    splits = list(config.eval.splits) + (["val"] if config.eval.val_every else [])
+    for name, task in router.tasks.items():
+        if task.config.features:
+            for split in dict.fromkeys(splits):
+                router.dataset(name, split, model, limit=config.eval.max_records).check_features()
 
 
 def finished_run_config(run_dir: str | Path, what: str = "") -> TrainConfig:

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -157,7 +158,11 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     router = launch_run.build_router(config)
-    check_eval_splits(router, config)
+    if world > 1:  # one process per node parses each split into the record cache, then the
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # others map what it wrote
+            launch_run.warm_record_caches(router, config)
+        distributed.barrier(world)
+    launch_run.check_eval_splits(router, config)
     model = launch_run.build_model(config, router)
     resuming = resume and any((run_dir / "checkpoints").glob("step_*"))
     if source and not resuming:  # before the optimizer copies any weight
@@ -175,7 +180,7 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
                 "annotations to train on (a test split for an evaluation server?)"
             )
         dataset.check_features()  # once per process, before the workers fork
-    check_eval_features(router, config, model)
+    launch_run.check_eval_features(router, config, model)
     sampler = MultitaskSampler(
         {n: len(d) for n, d in datasets.items()},
         {n: router[n].config.batch_size for n in datasets},
@@ -195,25 +200,6 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
         vlpeft.enable_resora(model)  # the recorder keeps each training forward's activations
     return Run(config, run_dir, rank, world, router, model, datasets, sampler, stepper, resora,
                device)  # fmt: skip
-
-
-def check_eval_splits(router: TaskRouter, config: TrainConfig) -> None:
-    """Reads every split the run will evaluate before training, so a bad test file (an image
-    without captions, a missing image) is an error now, not after the training."""
-    splits = list(config.eval.splits) + (["val"] if config.eval.val_every else [])
-    for task in router.tasks.values():
-        for split in dict.fromkeys(splits):
-            task.read(split, limit=config.eval.max_records)
-
-
-def check_eval_features(router: TaskRouter, config: TrainConfig, model) -> None:
-    """The feature caches of the splits the run evaluates hold every image of them, unchanged,
-    in intact shards — checked now, not found out after the training."""
-    splits = list(config.eval.splits) + (["val"] if config.eval.val_every else [])
-    for name, task in router.tasks.items():
-        if task.config.features:
-            for split in dict.fromkeys(splits):
-                router.dataset(name, split, model, limit=config.eval.max_records).check_features()
 
 
 def init_from_run(model, config: TrainConfig, source: Path) -> None:

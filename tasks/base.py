@@ -26,14 +26,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import json
 import logging
+import os
 import pkgutil
 import re
-import stat
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,11 +43,19 @@ from PIL import Image
 from vlpeft.config import Config
 from vlpeft.registry import Registry
 
+from .files import (  # noqa: F401  (re-exported: the readers' careful file reading)
+    DataError,
+    file_problem,
+    note_source,
+    read_json,
+    read_jsonl,
+    read_text,
+    recording_sources,
+    regular_file,
+)
+from .records import cached_read
+
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the record and the field."""
 
 
 TASKS: Registry = Registry("task reader", attribute="name", error=DataError)
@@ -88,72 +95,6 @@ def get_task(name: str) -> type[Task]:
     """The task class registered as ``name``; an unknown name is a DataError naming the nearest."""
     load_task_modules()
     return TASKS.get(name)
-
-
-# -- careful reading ------------------------------------------------------------------------------
-def file_problem(path: str | Path) -> str | None:
-    """Why ``path`` is no regular file to read (``"not found"``, ``"is not a regular file (a
-    FIFO)"``, …), or None when it is one. A FIFO, device or folder is never opened: reading a FIFO
-    blocks until a writer comes."""
-    try:
-        mode = Path(path).stat().st_mode
-    except FileNotFoundError:
-        return "not found"
-    except OSError as err:
-        return f"cannot be opened ({err.strerror or err})"
-    if stat.S_ISREG(mode):
-        return None
-    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
-    return f"is not a regular file ({kind}): not read"
-
-
-def regular_file(path: str | Path) -> Path:
-    """``path`` when it names a regular file; otherwise a one-line DataError naming it."""
-    problem = file_problem(path)
-    if problem is not None:
-        raise DataError(f"{path}: file {problem}")
-    return Path(path)
-
-
-def read_text(path: str | Path) -> str:
-    """The UTF-8 text of a regular file, or a DataError naming it."""
-    path = regular_file(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
-    except OSError as err:
-        raise DataError(f"{path}: unreadable ({err.strerror or err})") from None
-
-
-def read_json(path: str | Path) -> Any:
-    """A JSON file's content, or a one-line DataError naming the file (missing, not a regular
-    file, not UTF-8, malformed, or nested too deeply for the parser)."""
-    text = read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}"
-        ) from None
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply to read") from None
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The rows of a JSON Lines file (lines end at ``\\n`` only: a U+2028 inside a string is
-    text), or a one-line DataError naming the file and line."""
-    rows = []
-    for number, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {number}: malformed JSON ({err.msg})") from None
-        except RecursionError:
-            raise DataError(f"{path}: line {number}: JSON nested too deeply to read") from None
-    return rows
 
 
 def field(record: dict, name: str, where: str, kind: type | tuple = object) -> Any:
@@ -294,6 +235,28 @@ def load_image(path: str | Path, where: str) -> Image.Image:
         ) from None
 
 
+def missing_images(records: Sequence[dict]) -> list[Path]:
+    """The images of ``records`` that are not regular files, checked once per image with one
+    listing per folder — not a ``stat`` per record, which a network file system makes slow (a
+    record store lists its distinct images without building its records)."""
+    if hasattr(records, "distinct"):
+        images = [Path(p) for p in records.distinct("images")]
+    else:
+        images = list(dict.fromkeys(Path(p) for r in records for p in r["images"]))
+    listed: dict[Path, set[str]] = {}
+    missing = []
+    for image in images:
+        if image.parent not in listed:
+            try:
+                with os.scandir(image.parent) as entries:
+                    listed[image.parent] = {e.name for e in entries if e.is_file()}
+            except OSError:  # no such folder (or unreadable): none of its images is there
+                listed[image.parent] = set()
+        if image.name not in listed[image.parent]:
+            missing.append(image)
+    return missing
+
+
 def readable(path: str | Path) -> bool:
     """Whether the image decodes completely into RGB pixels (:func:`load_image`). ``Image.verify``
     passes a JPEG cut at 50–99 %, so this decodes every pixel: about 5 ms for a 640×480 JPEG on
@@ -335,6 +298,13 @@ class Task:
             router YAML's folder, like ``root``), e.g. VQA's ``("karpathy",)``.
         synthetic_writer: its part of the synthetic set (a :class:`tasks.synthetic.Writer`
             subclass; None: the task has none).
+        annotation_key: the field an annotated record has (None: every record is annotated); a
+            split without it is for an evaluation server.
+        images_per_record: how many images a record shows the model (NLVR²: 2).
+        reader_version: the reader's version: a record cache of another version is re-read
+            (bump it when the reader changes what its records hold).
+        cache_dir: where the task's parsed splits are cached (:mod:`tasks.records`; the router
+            sets it, None: no cache).
     """
 
     name: ClassVar[str] = ""
@@ -345,6 +315,9 @@ class Task:
     default_prompt: ClassVar[str] = ""
     path_options: ClassVar[tuple[str, ...]] = ()
     synthetic_writer: ClassVar[type | None] = None
+    annotation_key: ClassVar[str | None] = None
+    images_per_record: ClassVar[int] = 1
+    reader_version: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -360,6 +333,7 @@ class Task:
         self.image_root = Path(config.images or config.root)
         self.prompt = self.default_prompt if config.prompt is None else config.prompt
         self.config_name = self.name  # the router's name for the task (it sets it)
+        self.cache_dir: Path | None = None
 
     @classmethod
     def serves(cls, capabilities) -> bool:
@@ -377,26 +351,55 @@ class Task:
         """Records of ``split`` (checked: non-empty, images present or skipped with a report).
 
         At most ``limit`` records (default: the config's ``max_records``)."""
-        records = self.read_split(self.split_name(split))
+        records = self.read_cached(self.split_name(split))
         limit = limit or self.config.max_records
         if limit:
-            records = records[:limit]
+            records = records[:limit]  # (a store gives a list of the first records)
         if not records:
             raise DataError(
                 f"task {self.name}: split {split!r} ({self.split_name(split)}) is empty under {self.root}"
             )
         return self.check_images(records, split)
 
-    def check_images(self, records: list[dict], split: str) -> list[dict]:
+    def read_cached(self, split: str) -> Sequence[dict]:
+        """The records of the data set's split ``split``: from the record cache when the task has
+        one (memory-mapped, shared by every process of a node; parsed and written on the first
+        read, re-read when a source file changed), else parsed."""
+        if self.cache_dir is None or not self.cacheable(split):
+            return self.read_split(split)
+        identity = {"reader": self.name, "version": self.reader_version, "split": split,
+                    "root": str(self.root), "images": str(self.image_root),
+                    "options": self.config.options}  # fmt: skip
+
+        def read() -> tuple[list[dict], list[Path]]:
+            with recording_sources() as sources:
+                records = self.read_split(split)
+            return records, sources
+
+        try:
+            store = cached_read(self.cache_dir, identity, read)
+        except OSError as err:  # a read-only data folder: read without a cache (said once)
+            log.warning("record cache %s unusable (%s): reading without it", self.cache_dir, err)
+            self.cache_dir = None
+            return self.read_split(split)
+        for source in store.sources():  # a split made of this one depends on its files too
+            note_source(source)
+        return store
+
+    def cacheable(self, split: str) -> bool:
+        """Whether the data set's split ``split`` is cached as records (a split that is a view
+        of other cached splits is not)."""
+        return True
+
+    def check_images(self, records: Sequence[dict], split: str) -> Sequence[dict]:
         if not self.config.skip_unreadable_images:
-            for record in records:
-                for path in record["images"]:
-                    problem = file_problem(path)
-                    if problem is not None:
-                        raise DataError(
-                            f"{record['source']}: record {record['id']!r}: field 'image': "
-                            f"{path} {problem}"
-                        )
+            missing = missing_images(records)
+            if missing:  # the first record that shows it names the file
+                record = next(r for r in records if str(missing[0]) in map(str, r["images"]))
+                raise DataError(
+                    f"{record['source']}: record {record['id']!r}: field 'image': "
+                    f"{missing[0]} {file_problem(missing[0]) or 'not found'}"
+                )
             return records
         kept = [r for r in records if all(readable(p) for p in r["images"])]
         if len(kept) < len(records):
@@ -440,22 +443,25 @@ class Task:
         return answers
 
     def annotated(self, record: dict) -> bool:
-        """Whether ``record`` carries its answer (a test split for a server's has none; tasks
-        whose files always carry their annotations keep this default)."""
-        return True
+        """Whether ``record`` carries its answer (``annotation_key``; a test split for a server's
+        has none)."""
+        return self.annotation_key is None or self.annotation_key in record
 
     def scorable(self, records: list[dict]) -> bool:
         """Whether ``records`` carry what scoring needs (a test split without annotations does
         not: its submission file is for the evaluation server); a split where some records have
         annotations and some not is an error."""
-        annotated = [self.annotated(r) for r in records]
-        if any(annotated) and not all(annotated):
+        if self.annotation_key is not None and hasattr(records, "present"):
+            annotated = records.present(self.annotation_key)  # a store: without the records
+        else:
+            annotated = np.array([self.annotated(r) for r in records], dtype=bool)
+        if annotated.any() and not annotated.all():
             missing = next(r for r, a in zip(records, annotated) if not a)
             raise DataError(
                 f"{missing['source']}: record {missing['id']!r} has no annotation while "
                 f"{sum(annotated)} of the split's {len(records)} records have one"
             )
-        return all(annotated)
+        return bool(annotated.all())
 
     def submission_name(self, split: str) -> str:
         """The submission file's name for ``split`` (as an evaluation server expects it)."""

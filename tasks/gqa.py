@@ -89,6 +89,7 @@ class GQA(Task):
     predicts = "generate"
     default_prompt = "gqa:"
     synthetic_writer = SyntheticGQA
+    annotation_key = "target"  # the test split's questions come without answers
 
     def read_split(self, split: str) -> list[dict]:
         path = self.root / f"{split}_balanced_questions.json"
@@ -123,9 +124,6 @@ class GQA(Task):
             "answer_scores": [{r["target"]: 1.0} if "target" in r else {} for r in records],
             "ids": [r["id"] for r in records],
         }
-
-    def annotated(self, record) -> bool:
-        return "target" in record
 
     def submission(self, records, predictions):
         return [{"questionId": r["id"], "prediction": a} for r, a in zip(records, predictions)]

@@ -137,6 +137,8 @@ class NLVR2(Task):
     default_prompt = "nlvr:"
     choices = CHOICES
     synthetic_writer = SyntheticNLVR2
+    annotation_key = "label"  # test2 (hidden) has none
+    images_per_record = 2
 
     def read_split(self, split: str) -> list[dict]:
         path = self.root / f"{split}.json"
@@ -193,9 +195,6 @@ class NLVR2(Task):
             {r["id"]: bool(r["label"]) for r in records},
         )
         return scores, scores["accuracy"]
-
-    def annotated(self, record) -> bool:
-        return "label" in record
 
     def submission(self, records, predictions):
         text = io.StringIO()

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import DataError, file_problem
+from .files import DataError, file_problem
 from .provenance import file_fingerprint
 
 try:
@@ -475,6 +475,14 @@ class RecordStore(Sequence):
             if present is None or present[i]
         }
 
+    def sources(self) -> list[str]:
+        """The files the cached split was read from (its ``meta.json``; none without one)."""
+        try:
+            meta = json.loads((self.directory / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        return list(meta.get("sources") or {}) if isinstance(meta, dict) else []
+
     def keys(self) -> list[str]:
         """Every key some record has, in the order first seen."""
         return [key for key, _, _ in self.columns]
@@ -483,32 +491,119 @@ class RecordStore(Sequence):
         """Bytes of the store's arrays (the ``.npy`` files, headers included)."""
         return sum((self.directory / f"{name}.npy").stat().st_size for name in self.arrays)
 
-    def distinct(self, key: str) -> list:
+    def _column(self, key: str):
+        for name, present, decoder in self.columns:
+            if name == key:
+                return present, decoder
+        raise KeyError(f"no record has key {key!r}; keys: {self.keys()}")
+
+    def column(self, key: str) -> np.ndarray:
+        """A number column every record has (no None) as its memory-mapped array: selections
+        over a split without building its records (VQA's Karpathy splits by image id)."""
+        present, decoder = self._column(key)
+        if present is not None or not isinstance(decoder, _Numbers):
+            raise TypeError(f"column {key!r} is not a number every record has")
+        return decoder.data
+
+    def present(self, key: str) -> np.ndarray:
+        """Which records have ``key`` (a bool per record), without building them."""
+        if key not in self.keys():
+            return np.zeros(self.size, dtype=bool)
+        present, _ = self._column(key)
+        return np.ones(self.size, dtype=bool) if present is None else np.asarray(present, bool)
+
+    def distinct(self, key: str, rows: np.ndarray | None = None) -> list:
         """The distinct values of a str/``Path`` column or list-of-them column (e.g. ``images``),
-        in the order first seen, read from the categorical table without building every record:
-        an image-existence check can ask once per image.
+        of all records or of ``rows`` (indices), in the order first seen, read from the
+        categorical table without building the records: an image-existence check asks once per
+        image.
 
         Raises:
             KeyError: no record has ``key``. TypeError: the column holds other values.
         """
-        found = {k: (p, d) for k, p, d in self.columns}
-        if key not in found:
-            raise KeyError(f"no record has key {key!r}; keys: {self.keys()}")
-        present, decoder = found[key]
-        rows = np.ones(self.size, dtype=bool) if present is None else np.array(present)
+        present, decoder = self._column(key)
+        mask = np.ones(self.size, dtype=bool) if present is None else np.array(present, bool)
+        if rows is not None:
+            chosen = np.zeros(self.size, dtype=bool)
+            chosen[np.asarray(rows, dtype=np.int64)] = True
+            mask &= chosen
         if isinstance(decoder, _Nullable):
-            rows, decoder = rows & ~np.asarray(decoder.null), decoder.inner
-        if isinstance(decoder, _List):  # absent and null lists span no items
-            decoder, rows = decoder.items, None
+            mask &= ~np.asarray(decoder.null, bool)
+            decoder = decoder.inner
+        selected = np.flatnonzero(mask)
+        if isinstance(decoder, _List):  # the items of the selected lists
+            selected, decoder = _items(decoder, selected), decoder.items
             if isinstance(decoder, _Nullable):
-                rows, decoder = ~np.asarray(decoder.null), decoder.inner
+                selected = selected[~np.asarray(decoder.null, bool)[selected]]
+                decoder = decoder.inner
         if isinstance(decoder, _Categorical):
-            codes = decoder.codes if rows is None else decoder.codes[rows]
-            return [decoder.table.get(int(c)) for c in np.unique(codes)]  # codes: first-seen order
+            codes = np.unique(np.asarray(decoder.codes)[selected])  # codes: first-seen order
+            return [decoder.table.get(int(c)) for c in codes]
         if isinstance(decoder, _Text):
-            chosen = range(len(decoder.offsets) - 1) if rows is None else np.flatnonzero(rows)
-            return list(dict.fromkeys(decoder.get(int(i)) for i in chosen))
+            return list(dict.fromkeys(decoder.get(int(i)) for i in selected))
         raise TypeError(f"column {key!r} holds neither strings, paths nor lists of them")
+
+
+def _items(spans: _Spans, rows: np.ndarray) -> np.ndarray:
+    """The item indices of the lists at ``rows`` (in order)."""
+    if spans.offsets is None:
+        return (rows[:, None] * spans.width + np.arange(spans.width)).ravel()
+    offsets = np.asarray(spans.offsets, dtype=np.int64)
+    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+class Subset(Sequence):
+    """Records picked from other stores — a split made of other splits' records (VQA's Karpathy
+    splits over train2014 + val2014) without copying them. ``picks`` is a store of two number
+    columns: ``part`` (which of ``parts``) and ``index`` (the record there), in the split's order.
+    """
+
+    def __init__(self, parts: Sequence[RecordStore], picks: RecordStore) -> None:
+        self.parts, self.picks = list(parts), picks
+        self.part, self.index = picks.column("part"), picks.column("index")
+
+    def __getstate__(self) -> dict:
+        return {"parts": self.parts, "picks": self.picks}  # stores pickle as their folders
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["parts"], state["picks"])
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = operator.index(index)
+        return self.parts[int(self.part[i])][int(self.index[i])]
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"Subset({len(self)} records of {self.parts})"
+
+    def _rows(self, part: int) -> np.ndarray:
+        return np.asarray(self.index)[np.asarray(self.part) == part]
+
+    def sources(self) -> list[str]:
+        """The files the picked records and the picks were read from."""
+        found = [*self.picks.sources(), *(f for store in self.parts for f in store.sources())]
+        return list(dict.fromkeys(found))
+
+    def present(self, key: str) -> np.ndarray:
+        """Which picked records have ``key``."""
+        out = np.zeros(len(self), dtype=bool)
+        for p, store in enumerate(self.parts):
+            out[np.asarray(self.part) == p] = store.present(key)[self._rows(p)]
+        return out
+
+    def distinct(self, key: str) -> list:
+        """The distinct values of a (list-of-)str/``Path`` column over the picked records."""
+        found = [store.distinct(key, self._rows(p)) for p, store in enumerate(self.parts)]
+        return list(dict.fromkeys(value for values in found for value in values))
 
 
 # -- the record cache ------------------------------------------------------------------------------

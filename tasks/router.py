@@ -33,6 +33,8 @@ from .base import (
 )
 from .features import FeatureCache, builder_of
 
+CACHE_FOLDER = ".vlpeft_cache"  # the record cache's default place: beside the router YAML
+
 
 def load_yaml(path: str | Path) -> Any:
     """A task-router YAML's content (plain values only), or a one-line DataError naming the file:
@@ -84,7 +86,7 @@ class TaskRouter:
         >>> loader = router.loader("vqa", "val", model)
     """
 
-    def __init__(self, configs: dict[str, TaskConfig]) -> None:
+    def __init__(self, configs: dict[str, TaskConfig], cache_dir: str | Path | None = None) -> None:
         if not configs:
             raise DataError("task router: no tasks configured")
         for name in configs:
@@ -95,11 +97,15 @@ class TaskRouter:
         }
         for name, task in self.tasks.items():
             task.config_name = name
+            task.cache_dir = Path(cache_dir) if cache_dir else None
 
     @classmethod
     def from_dict(
-        cls, data: dict, base_dir: str | Path = ".", only=None, where: str = "tasks"
-    ) -> TaskRouter:
+        cls, data: dict, base_dir: str | Path = ".", only=None, where: str = "tasks",
+        cache_dir: str | Path | None = None,
+    ) -> TaskRouter:  # fmt: skip
+        """The tasks of ``data`` (name → settings) with paths relative to ``base_dir``; their
+        parsed splits are cached in ``cache_dir`` (:mod:`tasks.records`; None: not cached)."""
         if not isinstance(data, dict):
             raise DataError(f"{where}: expected a mapping of task name → settings")
         if only is not None:
@@ -118,11 +124,19 @@ class TaskRouter:
             task = get_task(config.reader)  # an unknown reader fails here, naming the task
             config.options = resolve_paths(config.options, task.path_options, base)
             configs[name] = config
-        return cls(configs)
+        return cls(configs, cache_dir)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, only=None) -> TaskRouter:
-        return cls.from_dict(load_yaml(path), Path(path).parent, only, where=str(path))
+    def from_yaml(
+        cls, path: str | Path, only=None, cache_dir: str | Path | bool = True
+    ) -> TaskRouter:
+        """The tasks of a router YAML; ``cache_dir`` True: the record cache in
+        ``<its folder>/.vlpeft_cache``, a path: there, False/None: no cache."""
+        if cache_dir is True:
+            cache_dir = Path(path).parent / CACHE_FOLDER
+        return cls.from_dict(
+            load_yaml(path), Path(path).parent, only, where=str(path), cache_dir=cache_dir or None
+        )
 
     def __getitem__(self, name: str) -> Task:
         if name not in self.tasks:

@@ -32,7 +32,10 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import DataError, Task, field, read_json, register_task
+import numpy as np
+
+from .base import DataError, Task, field, read_json, recording_sources, register_task
+from .records import RecordStore, Subset, cached_read
 from .synthetic import COLOURS, COLUMNS, SHAPES, SyntheticSet, Writer, coco_folder, write_json
 
 
@@ -59,6 +62,16 @@ def most_frequent_answers(answers: list[str], size: int = 3129) -> list[str]:
 def image_split(split: str) -> str:
     """The COCO image folder of a question split: test-dev2015 asks about test2015 images."""
     return "test2015" if split.startswith("test-dev") else split
+
+
+def karpathy_image_ids(path: str | Path, wanted: set[str]) -> set[int]:
+    """The COCO ids of the images of a Karpathy ``dataset_coco.json`` in the splits ``wanted``."""
+    ids = set()
+    for i, image in enumerate(field(read_json(path), "images", str(path), list)):
+        where = f"{path}: images[{i}]"
+        if field(image, "split", where, str) in wanted:
+            ids.add(field(image, "cocoid", where, int))
+    return ids
 
 
 def coco_image(root: Path, split: str, image_id: int) -> Path:
@@ -320,6 +333,7 @@ class VQA(Task):
     default_prompt = "vqa:"
     path_options = ("karpathy",)
     synthetic_writer = SyntheticVQA
+    annotation_key = "answers"  # test-dev / test-std have questions only: for the server
 
     def read_split(self, split: str) -> list[dict]:
         if split.startswith("karpathy_"):
@@ -388,29 +402,44 @@ class VQA(Task):
             "label": answer_scores(answers),
         }
 
-    def read_karpathy(self, which: str) -> list[dict]:
+    def cacheable(self, split: str) -> bool:
+        """A Karpathy split is not cached as records: it picks from the cached official splits."""
+        return not split.startswith("karpathy_")
+
+    def read_karpathy(self, which: str) -> Sequence[dict]:
+        """The Karpathy split ``which`` of train2014 + val2014's questions (restval → train): with
+        a record cache, the official splits are parsed once for all three Karpathy splits and each
+        is a :class:`tasks.records.Subset` of them (its picks cached too); else a list."""
         path = self.config.options.get("karpathy")
         if not path:
             raise DataError(
                 f"task {self.name}: split karpathy_{which} needs options.karpathy (a dataset_coco.json)"
             )
-        karpathy = read_json(path)
         wanted = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"}}.get(which)
         if wanted is None:
             raise DataError(
                 f"task {self.name}: unknown Karpathy split {which!r} (train, val, test)"
             )
-        images = set()
-        for i, image in enumerate(field(karpathy, "images", str(path), list)):
-            where = f"{path}: images[{i}]"
-            if field(image, "split", where, str) in wanted:
-                images.add(field(image, "cocoid", where, int))
-        return [
-            r
-            for split in ("train2014", "val2014")
-            for r in self.read_official(split)
-            if r["image_id"] in images
-        ]
+        parts = [self.read_cached(split) for split in ("train2014", "val2014")]
+        if not all(isinstance(part, RecordStore) for part in parts):  # no record cache
+            images = karpathy_image_ids(path, wanted)
+            return [r for part in parts for r in part if r["image_id"] in images]
+        identity = {"reader": "vqa-karpathy", "version": self.reader_version, "split": which,
+                    "karpathy": str(path), "parts": [str(part.directory) for part in parts]}  # fmt: skip
+
+        def read() -> tuple[list[dict], list[Path]]:
+            with recording_sources() as sources:
+                images = np.fromiter(karpathy_image_ids(path, wanted), dtype=np.int64)
+            picks = [
+                {"part": k, "index": int(i)}
+                for k, part in enumerate(parts)
+                if len(part)  # (an empty official split has no columns)
+                for i in np.flatnonzero(np.isin(part.column("image_id"), images))
+            ]
+            return picks, [*sources, *(s for part in parts for s in part.sources())]
+
+        picks = cached_read(self.cache_dir, identity, read)
+        return Subset(parts, picks) if len(picks) else []
 
     def collate(self, records, images):
         return {
@@ -421,10 +450,6 @@ class VQA(Task):
             "answer_scores": [r.get("label", {}) for r in records],
             "ids": [r["id"] for r in records],
         }
-
-    def annotated(self, record) -> bool:
-        """test-dev / test-std have questions only: their predictions go to the server."""
-        return "answers" in record
 
     def submission_name(self, split: str) -> str:
         """The VQA evaluation server's name for a results file of an unannotated split

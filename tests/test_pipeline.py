@@ -342,3 +342,24 @@ def test_vit_families_train_from_cached_features_as_from_pixels(data, tmp_path, 
             torch.randn(2, 3, model.config.image_size, model.config.image_size)
         )
         assert len(model.generate({"features": features}, max_new_tokens=2)) == 2
+
+
+def test_the_record_cache_changes_nothing_that_trains(data, tmp_path):
+    """Records parsed from the JSON (data.cache_dir: off) against the record cache, cold with 2
+    workers and warm with none: bit-identical adapters (dropout on), and the cache is where the
+    config says, one folder per cached split."""
+    cache = tmp_path / "cache"
+
+    def run(name, cache_dir, workers):
+        spec = config(data, num_workers=workers)
+        spec["data"]["cache_dir"] = cache_dir
+        train_module.train(load_config(None, data=spec), tmp_path / name)
+        return adapters(tmp_path / name)
+
+    parsed = run("json", "off", 0)
+    cold = run("cold", str(cache), 2)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) >= 5  # official VQA, GQA, NLVR², picks
+    warm = run("warm", str(cache), 0)
+    for key in parsed:
+        assert torch.equal(cold[key], parsed[key]), key
+        assert torch.equal(warm[key], parsed[key]), key

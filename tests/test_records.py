@@ -42,7 +42,26 @@ def column_specs(folder: Path) -> dict:
 def router(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, images=24, seed=0, size=32)
-    return TaskRouter.from_yaml(root / "tasks.yaml")
+    return TaskRouter.from_yaml(root / "tasks.yaml", cache_dir=False)  # the readers' own lists
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_a_cached_router_reads_what_the_readers_read(router, name, tmp_path):
+    """Every split of every task through the record cache (cold, then warm) equals the readers'
+    records, value by value and type by type; the Karpathy VQA splits are views of the cached
+    official splits (no copy of their records)."""
+    from tasks.records import Subset
+
+    yaml_file = Path(router[name].root).parent / "tasks.yaml"
+    for attempt in ("cold", "warm"):
+        cached = TaskRouter.from_yaml(yaml_file, cache_dir=tmp_path / "cache")
+        for split in router[name].config.splits:
+            records = router[name].read(split)
+            got = cached[name].read(split)
+            assert not isinstance(got, list), (attempt, split)  # a store or a view
+            assert typed(list(got)) == typed(records), (attempt, split)
+            if name == "vqa":  # karpathy_{train,val,test}
+                assert isinstance(got, Subset)
 
 
 @pytest.mark.parametrize("name", list_tasks())
