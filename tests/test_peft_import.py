@@ -316,6 +316,7 @@ def test_a_non_finite_or_mistyped_config_value_is_an_error_naming_file_and_key(
         (b"3", "expected a JSON object"),
         (b"null", "expected a JSON object"),
         (b'["LORA"]', "expected a JSON object"),
+        (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
     ],
 )
 def test_a_config_that_is_no_json_object_is_a_one_line_error_naming_the_file(tmp_path, text, says):

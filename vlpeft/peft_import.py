@@ -90,6 +90,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"{path}: expected a JSON object (a peft LoRA config), got {type(data).__name__}"
