@@ -67,5 +67,5 @@ def load_tokenizer(source: str, wrap: bool = True):
         raise FileNotFoundError(
             f"tokenizer {source!r} was not found (looked for a local directory of that name and in "
             "the Hugging Face cache; downloads are off when HF_HUB_OFFLINE=1). Download it once with "
-            f"`huggingface-cli download {source}` or pass tokenizer='tiny' for random-weight runs."
+            f"`hf download {source}` or pass tokenizer='tiny' for random-weight runs."
         ) from err
