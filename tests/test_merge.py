@@ -243,9 +243,12 @@ def test_dare_on_hand_worked_deltas():
     agree = got.sign() == sign
     weighted = got * torch.tensor([1.0, 0.5])[:, None]
     torch.testing.assert_close((weighted * agree).sum(0) / agree.sum(0).clamp(min=1), want)
-    from vlpeft.merge import _elect
-
-    torch.testing.assert_close(_elect(got, weighted), want)
+    # combine's dare_ties: the seeded masks m1, m2, then peft's elect + disjoint mean
+    ties = combine([d1, d2], [1.0, 0.5], "dare_ties", 0.5, torch.Generator().manual_seed(0))
+    q = torch.stack([d1 * m1 * 2, d2 * m2 * 2])
+    elected = q.sign() == torch.where(q.sum(0) >= 0, 1.0, -1.0)
+    w = q * torch.tensor([1.0, 0.5])[:, None]
+    torch.testing.assert_close(ties, (w * elected).sum(0) / elected.sum(0).clamp(min=1))
     # unbiased: over many seeds DARE's mean is the weighted sum
     big = torch.randn(2000)
     mean = torch.stack(
@@ -445,3 +448,13 @@ def test_export_merge_command_on_a_two_task_run(tmp_path):
         main([str(run_dir), "--merge", "vqa=1,caption=1", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit):  # --task or --merge, not both
         main([str(run_dir), "--task", "vqa", "--merge", "vqa=1", "--out", str(tmp_path / "x")])
+
+
+def test_import_vlpeft_does_not_import_peft():
+    """peft's merge helpers are imported inside the functions that use them."""
+    import subprocess
+    import sys
+
+    code = "import sys, vlpeft; print('peft' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

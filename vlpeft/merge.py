@@ -55,38 +55,31 @@ MERGE_METHODS = FACTOR_METHODS + SVD_METHODS
 _DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}
 
 
-# -- the elementwise definitions (peft's merge_utils) ------------------------------------------
+# -- the elementwise definitions: peft's merge_utils (imported lazily: ``import vlpeft`` stays
+# without peft), except DARE's drops, drawn from our seeded generator (peft's use the global RNG)
 def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keeps the top ``density`` fraction of entries by magnitude (int(density·numel) of them);
-    a density that keeps none is an error (the merge would be all zeros)."""
+    """Keeps the top ``density`` fraction of entries by magnitude (int(density·numel) of them,
+    peft's ``magnitude_based_pruning``); a density that keeps none is an error (the merge would
+    be all zeros)."""
+    from peft.utils.merge_utils import magnitude_based_pruning
+
     if density >= 1:
         return t
-    k = int(density * t.numel())
-    if k == 0:
+    if int(density * t.numel()) == 0:
         raise ValueError(
             f"density {density} keeps no entry of a tensor of {t.numel()} "
             f"(int(density·numel) = 0: keeping one needs density >= 1/{t.numel()})"
         )
-    mask = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
-    mask[torch.topk(t.abs().reshape(-1), k=k).indices] = 1
-    return t * mask.view(t.shape)
+    return magnitude_based_pruning(t, density)
 
 
 def _drop(t: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """DARE: each entry kept with probability ``density`` (drawn on the CPU from ``generator``),
-    the kept ones rescaled by 1/density."""
+    the kept ones rescaled by 1/density (peft's ``random_pruning`` with ``rescale``)."""
     if density >= 1:
         return t
     keep = torch.bernoulli(torch.full(t.shape, density, dtype=t.dtype), generator=generator)
     return t * keep.to(t.device) / density
-
-
-def _elect(stacked: torch.Tensor, weighted: torch.Tensor) -> torch.Tensor:
-    """TIES: the sign of the sum of the (trimmed, unweighted) tensors per entry; the mean of the
-    weighted entries that agree with it (entries pruned to 0 agree with no sign)."""
-    majority = torch.where(stacked.sum(dim=0) >= 0, 1, -1)
-    agree = stacked.sign() == majority
-    return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1.0)
 
 
 def combine(
@@ -98,12 +91,21 @@ def combine(
 ) -> torch.Tensor:
     """One merged tensor of same-shaped ``tensors`` by ``method`` (its base name: ``linear``/
     ``svd`` are the weighted sum, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``).
+    TIES elects per entry the sign of the sum of the (trimmed, unweighted) tensors and averages
+    the weighted entries that agree with it (peft's ``calculate_majority_sign_mask`` and
+    ``disjoint_merge``).
 
     Example:
         >>> a, b = torch.tensor([3.0, -1.0, 0.5]), torch.tensor([-2.0, -2.0, 1.0])
         >>> combine([a, b], [1.0, 1.0], "ties", density=2 / 3)
         tensor([ 3.0000, -1.5000,  0.0000])
     """
+    from peft.utils.merge_utils import (
+        calculate_majority_sign_mask,
+        disjoint_merge,
+        reshape_weight_task_tensors,
+    )
+
     kind = method.removesuffix("_svd")
     if kind in ("ties", "magnitude_prune"):
         tensors = [_trim(t, density) for t in tensors]
@@ -111,9 +113,9 @@ def combine(
         tensors = [_drop(t, density, generator) for t in tensors]
     stacked = torch.stack(tensors)
     w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    weighted = stacked * w.view(-1, *[1] * (stacked.dim() - 1))
+    weighted = stacked * reshape_weight_task_tensors(stacked, w)
     if kind in ("ties", "dare_ties"):
-        return _elect(stacked, weighted)
+        return disjoint_merge(weighted, calculate_majority_sign_mask(stacked, method="total"))
     return weighted.sum(dim=0)
 
 
