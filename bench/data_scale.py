@@ -266,7 +266,12 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     out = args.out or Path(tempfile.mkdtemp(prefix="data_scale_"))
     begin = time.perf_counter()
-    tasks_yaml = generate(out, args.scale)
+    stamp = out / "scale.json"  # files of this scale written before: reused
+    if stamp.is_file() and json.loads(stamp.read_text()) == {"scale": args.scale}:
+        tasks_yaml = out / "tasks.yaml"
+    else:
+        tasks_yaml = generate(out, args.scale)
+        stamp.write_text(json.dumps({"scale": args.scale}))
     made = time.perf_counter() - begin
     cache = out / ".vlpeft_cache"
     shutil.rmtree(cache, ignore_errors=True)
