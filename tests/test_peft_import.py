@@ -238,14 +238,39 @@ def test_dora_without_magnitudes_is_an_error(tmp_path):
         vlpeft.load_peft_lora(tiny_bart(), tmp_path)
 
 
-def test_an_all_zero_lora_b_is_an_error(tmp_path):
+def untrained_peft_checkpoint(directory, **config):
+    """What peft saves before training (``init_lora_weights=True``): every lora_B is zero."""
     from peft import LoraConfig, get_peft_model
 
-    get_peft_model(tiny_bart(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
-        tmp_path
-    )  # untrained: every lora_B is zero
-    with pytest.raises(ValueError, match="all zeros"):
-        vlpeft.load_peft_lora(tiny_bart(), tmp_path)
+    get_peft_model(tiny_bart(), LoraConfig(**config)).save_pretrained(directory)
+
+
+def test_an_untrained_adapter_loads_with_a_warning(tmp_path, caplog):
+    untrained_peft_checkpoint(tmp_path, r=2, target_modules=["q_proj"])
+    inputs = bart_inputs()
+    with caplog.at_level("WARNING", logger="vlpeft.peft_import"):
+        model = vlpeft.load_peft_lora(tiny_bart(), tmp_path, name="fresh")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "all zeros in 6 of 6 layers" in warned[0]
+    assert len(list(vlpeft.adapted_layers(model))) == 6
+    assert torch.equal(run(model, inputs), run(tiny_bart(), inputs))  # B = 0: no change yet
+    layer = next(layer for _, layer in vlpeft.adapted_layers(model))
+    assert torch.any(layer.adapters["fresh"].lora_A)  # A is peft's random init, copied
+
+
+@pytest.mark.parametrize("prefix", [None, "bart.model"])
+def test_a_wrong_prefix_is_caught_by_names_even_for_an_untrained_adapter(tmp_path, prefix):
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bart = tiny_bart()
+
+    untrained_peft_checkpoint(tmp_path, r=2, target_modules=["q_proj"])
+    wrapper = Wrapper()
+    with pytest.raises(ValueError, match="which target_modules does not name in this model"):
+        vlpeft.load_peft_lora(wrapper, tmp_path, prefix=prefix)
+    assert not list(vlpeft.adapted_layers(wrapper))
+    vlpeft.load_peft_lora(wrapper, tmp_path, prefix="bart")  # the right prefix loads
 
 
 def test_wrong_rank_existing_name_pickle_and_unsupported_fields(tmp_path):

@@ -12,9 +12,11 @@ peft's pattern keys (``target_modules`` when it is a string, ``rank_pattern``, `
 that is not a plain dotted name is an error naming it. Everything peft would skip silently is an
 error here: a pattern key that matches no module, a targeted module that gets no tensor (the
 classic silent failure of a checkpoint written with another prefix), a tensor that belongs to no
-targeted module, a ``lora_B`` of zeros, a NaN or inf in a rank, an alpha or a tensor. A malformed
+targeted module, a NaN or inf in a rank, an alpha or a tensor. A malformed
 ``adapter_config.json`` (not JSON, not an object, a value of the wrong type) is a one-line
-``ValueError`` naming the file and the key.
+``ValueError`` naming the file and the key. A wrong ``prefix`` is caught by what it is: keys that
+name modules the model does not have. An all-zero ``lora_B`` (peft's ``init_lora_weights=True``,
+untrained) loads, with a warning: it is a valid adapter that changes nothing yet.
 
 Which vlpeft method a checkpoint becomes is the methods' answer, not a name here: each method
 config that loads peft checkpoints says which ``LoraConfig`` flags select it (``peft_flags``:
@@ -27,6 +29,7 @@ importable from here as before).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -41,6 +44,8 @@ from .adapters import LayerwiseConfig
 from .adapters.base import METHODS, AdaptedLayer, MethodConfig
 from .checkpoint import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
 from .inject import add_adapter
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LayerwiseConfig", "load_peft_lora", "matches_name", "peft_method", "plain_name"]
 
@@ -389,6 +394,7 @@ def _check_layer_tensors(
     state: dict, layers: dict, ranks: dict, method: type[MethodConfig], directory: Path
 ) -> None:
     where = directory / WEIGHTS_NAME
+    zeros: list[str] = []
     for rel, base in layers.items():
         got = state.get(rel, {})
         missing = [s for s in method.peft_layer_tensors if s not in got]
@@ -413,10 +419,16 @@ def _check_layer_tensors(
                 f"expected {out} (one per output)"
             )
         if not torch.any(b):
-            raise ValueError(
-                f"{where}: {PEFT_PREFIX}{rel}.lora_B.weight is all zeros: the adapter would load as "
-                "no change (an untrained adapter, or weights saved from the wrong place)"
-            )
+            zeros.append(rel)
+    if zeros:  # a wrong prefix is caught by names (tensors for modules the model lacks), not here
+        log.warning(
+            "%s: lora_B is all zeros in %d of %d layers (e.g. %s): an initialised, untrained "
+            "adapter — it changes no output until trained",
+            where,
+            len(zeros),
+            len(layers),
+            zeros[0],
+        )
 
 
 def _expected_shapes(base: nn.Module, r: int, rel: str) -> tuple[tuple, tuple, int]:
