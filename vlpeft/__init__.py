@@ -29,6 +29,7 @@ from .inject import (
 from .merge import merge_task_adapters
 from .models import build_model
 from .peft_import import load_peft_lora
+from .unload import delete_adapter, merge_and_unload, unload
 
 __version__ = "0.1.0"
 
@@ -52,13 +53,16 @@ __all__ = [
     "adapters",
     "add_adapter",
     "count_parameters",
+    "delete_adapter",
     "export_peft_lora",
     "list_methods",
     "load_adapter",
     "load_peft_lora",
     "merge_adapter",
+    "merge_and_unload",
     "merge_task_adapters",
     "save_adapter",
     "set_active_adapter",
+    "unload",
     "unmerge_adapter",
 ]
