@@ -14,8 +14,9 @@ from .adapters import (
     ReSoRAConfig,
     list_methods,
 )
+from .adapters.base import disable_adapters
 from .adapters.resora import enable_resora, resora_penalty, set_token_masks
-from .adapters.routing import routing_inputs, set_routing, set_routing_inputs
+from .adapters.routing import routing_inputs, set_routing, set_routing_inputs, set_row_adapters
 from .checkpoint import export_peft_lora, load_adapter, save_adapter
 from .inject import (
     active_adapters,
@@ -63,6 +64,7 @@ __all__ = [
     "merge_task_adapters",
     "save_adapter",
     "set_active_adapter",
-    "unload",
     "unmerge_adapter",
+    "disable_adapters",
+    "set_row_adapters",
 ]

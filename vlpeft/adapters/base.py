@@ -14,7 +14,11 @@ it, which carries the *forward context* of this layer — nothing about a forwar
   forward, including a gradient-checkpointing recompute, sees the same x_R;
 - ``layer.token_mask``: which positions of this layer's input are real (ReSoRA's samples);
 - ``layer.recorder``: ReSoRA's recorder when enabled; ``layer.record(adapter, z, b)`` hands it the
-  rank-1 components of a call (training mode with grad only, never a recompute).
+  rank-1 components of a call (training mode with grad only, never a recompute);
+- ``layer.row_adapters``: a mixed-task batch (peft's ``adapter_names=``): one adapter set (and
+  routing function) per row instead of ``active`` (:func:`vlpeft.set_row_adapters`).
+
+``layer.disabled`` (:func:`disable_adapters`) makes the layer compute its base layer only.
 
 A mergeable method gives ``delta_weight`` (the dense ΔW in the base weight's shape); a
 LoRA-reducible one gives ``lora_factors`` (A, B) with ΔW = B·A, from which the base class builds
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -55,7 +60,9 @@ __all__ = [
     "MethodConfig",
     "adapted_layers",
     "adapter_configs",
+    "BASE_ROWS",
     "by_longest_prefix",
+    "disable_adapters",
     "gathered",
     "get_method",
     "in_backward",
@@ -269,6 +276,35 @@ def _map_first(y: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     raise TypeError(f"cannot adapt a module output of type {type(y).__name__}")
 
 
+BASE_ROWS = "__base__"  # peft's name for the rows of a mixed batch that take no adapter
+
+
+@dataclasses.dataclass(frozen=True)
+class RowAdapters:
+    """A mixed-task batch's forward context: per row the adapter names applied (in order) and the
+    routing function of its routed adapters (None: each adapter's configured one)."""
+
+    names: tuple[tuple[str, ...], ...]
+    kinds: tuple[str | None, ...]
+
+    @functools.cached_property
+    def groups(self) -> dict[tuple[tuple[str, ...], str | None], torch.Tensor]:
+        """(names, routing function) → the rows that take them, in first-seen order."""
+        groups: dict[tuple[tuple[str, ...], str | None], list[int]] = {}
+        for i, key in enumerate(zip(self.names, self.kinds)):
+            groups.setdefault(key, []).append(i)
+        return {key: torch.tensor(rows) for key, rows in groups.items()}
+
+
+def _expand_rows(index: torch.Tensor, repeat: int, device: torch.device) -> torch.Tensor:
+    """Row indices of a batch whose rows are each repeated ``repeat`` times consecutively (beams
+    in generation, the images of an NLVR² example), as ``repeat_interleave`` expands them."""
+    index = index.to(device)
+    if repeat == 1:
+        return index
+    return (index[:, None] * repeat + torch.arange(repeat, device=device)).flatten()
+
+
 class AdaptedLayer(nn.Module):
     """Wraps an original layer and applies the active named adapters to its output.
 
@@ -291,8 +327,10 @@ class AdaptedLayer(nn.Module):
         self.routing_version = 0  # bumped by each set_routing_inputs (stale-x_R check)
         self.token_mask: torch.Tensor | None = None
         self.recorder = None
+        self.row_adapters: RowAdapters | None = None
+        self.disabled = False
 
-    _CONTEXT = ("routing_input", "token_mask", "recorder")
+    _CONTEXT = ("routing_input", "token_mask", "recorder", "row_adapters")
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy (deepcopy for an EMA or best-model copy, pickling) starts without the forward
@@ -360,6 +398,10 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         y = self.base_layer(*args, **kwargs)
+        if self.disabled:
+            return y
+        if self.row_adapters is not None:
+            return self._mixed_forward(args[0] if args else next(iter(kwargs.values())), y)
         pending = [n for n in self.active if n in self.adapters and n not in self.merged]
         if not pending:
             return y
@@ -371,10 +413,77 @@ class AdaptedLayer(nn.Module):
             y = _map_first(y, lambda out, a=adapter: a(self.base_layer, x, out, self))
         return y
 
+    def _mixed_forward(self, x: torch.Tensor, y: Any) -> Any:
+        """peft's ``_mixed_batch_forward``: the rows of each (adapter set, routing function) group
+        go through that set's adapters alone, with their own x_R and token mask rows, and are
+        scattered back into the base output; rows of :data:`BASE_ROWS` keep the base output."""
+        if self.merged:
+            raise RuntimeError(
+                f"{self.layer_name}: adapters {list(self.merged)} are merged into the base weight: "
+                "a mixed-task batch needs unmerged adapters (vlpeft.unmerge_adapter first)"
+            )
+        rows = self.row_adapters
+        n = len(rows.names)
+        if x.shape[0] % n:
+            raise ValueError(
+                f"{self.layer_name}: {x.shape[0]} input rows for {n} adapter_names (one per row, "
+                "repeated per beam or image)"
+            )
+        repeat = x.shape[0] // n
+        for (names, kind), index in rows.groups.items():
+            adapters = [self.adapters[a] for a in names if a in self.adapters]
+            if not adapters:
+                continue
+            rows_x = _expand_rows(index, repeat, x.device)
+            with self._row_context(index, rows_x, adapters, kind):
+                y = _map_first(y, functools.partial(self._apply, adapters, x, rows_x))
+        return y
+
+    def _apply(
+        self, adapters: list[AdapterModule], x: torch.Tensor, rows: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """``y`` with its ``rows`` replaced by ``adapters`` applied to them in order."""
+        sub, x_sub = y.index_select(0, rows), x.index_select(0, rows)
+        for adapter in adapters:
+            sub = adapter(self.base_layer, x_sub, sub, self)
+        return y.index_copy(0, rows, sub)
+
+    @contextlib.contextmanager
+    def _row_context(self, index, rows_x, adapters, kind):
+        """x_R, token mask and routing function of one group's rows for the duration."""
+        saved = (self.routing_input, self.token_mask)
+        routings = [a.routing for a in adapters if a.routing is not None]
+        kinds = [r.kind for r in routings]
+        n = len(self.row_adapters.names)
+
+        def rows_of(t: torch.Tensor | None) -> torch.Tensor | None:
+            # one row per example (x_R; a mask in generation) or per input row (beams, images)
+            if t is None or t.shape[0] not in (n, len(rows_x)):
+                return t
+            return t.index_select(0, (index if t.shape[0] == n else rows_x).to(t.device))
+
+        self.routing_input, self.token_mask = rows_of(saved[0]), rows_of(saved[1])
+        for routing in routings:
+            routing.kind = kind or routing.configured_kind
+        try:
+            yield
+        finally:
+            self.routing_input, self.token_mask = saved
+            for routing, old in zip(routings, kinds):
+                routing.kind = old
+
     @torch.no_grad()
     def merge(self) -> None:
         for name in self.active:
             if name in self.adapters and name not in self.merged:
+                self.adapters[name].merge_into(self.base_layer)
+                self.merged = (*self.merged, name)
+
+    @torch.no_grad()
+    def merge_names(self, names: tuple[str, ...]) -> None:
+        """Merges ``names`` in order (restoring a merged state :meth:`unmerge` undid)."""
+        for name in names:
+            if name not in self.merged:
                 self.adapters[name].merge_into(self.base_layer)
                 self.merged = (*self.merged, name)
 
@@ -431,6 +540,33 @@ def set_layer_context(module: nn.Module, attribute: str, value: Any) -> list[Ada
         setattr(layer, attribute, by_longest_prefix(path, values)[1])
         layers.append(layer)
     return layers
+
+
+@contextlib.contextmanager
+def disable_adapters(module: nn.Module) -> Iterator[None]:
+    """Inside the ``with`` block every adapted layer of ``module`` computes its base layer only
+    (peft's ``disable_adapter()``); on exit, exceptions included, each layer is as before.
+
+    Merged adapters are unmerged on entry (peft's disabled layer unmerges too) and merged again
+    on exit, so the block sees the base weights W0 and the merged state is restored.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = vlpeft.add_adapter(net, vlpeft.LoRAConfig(targets=["0"], r=2))
+        >>> with vlpeft.disable_adapters(net):
+        ...     y = net(torch.randn(3, 4))  # the bare Linear's output
+    """
+    layers = [layer for _, layer in adapted_layers(module)]
+    states = [(layer, layer.disabled, layer.merged) for layer in layers]
+    try:
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
+        yield
+    finally:
+        for layer, disabled, merged in states:
+            layer.disabled = disabled
+            layer.merge_names(merged)
 
 
 @contextlib.contextmanager

@@ -37,16 +37,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import (
+    BASE_ROWS,
     AdaptedLayer,
     MethodConfig,
+    RowAdapters,
     adapted_layers,
+    adapter_configs,
     in_backward,
     matches_targets,
     set_layer_context,
@@ -324,3 +327,68 @@ def set_routing(module: nn.Module, kind: str | None) -> int:
         routing.kind = kind or routing.configured_kind
         switched += 1
     return switched
+
+
+# -- mixed-task batches ------------------------------------------------------------------------------
+def set_row_adapters(
+    module: nn.Module,
+    names: Sequence[str | Sequence[str]] | None,
+    routings: Sequence[str | None] | None = None,
+) -> None:
+    """One adapter set per row of the next forwards of ``module`` (peft's ``adapter_names=``),
+    until the next call; None clears it (the active adapters apply to every row again).
+
+    Each adapted layer groups the rows by (adapter set, routing function), runs each group through
+    that set's adapters with the group's x_R and token-mask rows, and scatters the results back:
+    a row gets what it gets alone with its set active. The VL models call this in ``forward`` and
+    ``generate`` from ``batch["adapter_names"]`` and ``batch["routings"]``.
+
+    Args:
+        module: the model whose layers adapt.
+        names: per row an adapter name (or several, applied in order), or ``"__base__"`` for the
+            base model; a text batch of k·B rows (beams) repeats each row's set k times.
+        routings: per row the routing function of the set's routed adapters (a task's
+            ``routing``); None, or a None entry: each adapter's configured function.
+
+    Raises:
+        KeyError: a name that is no adapter of ``module``.
+        ValueError: ``routings`` of another length than ``names``, or an unknown function.
+        RuntimeError: merged adapters (a merged ΔW is in every row's base weight).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> for name in ("a", "b"):
+        ...     _ = vlpeft.add_adapter(net, vlpeft.LoRAConfig(targets=["0"], r=2), name)
+        >>> vlpeft.set_row_adapters(net, ["a", "b", "__base__"])
+        >>> net(torch.randn(3, 4)).shape
+        torch.Size([3, 4])
+    """
+    if names is None:
+        set_layer_context(module, "row_adapters", None)
+        return
+    rows = tuple((n,) if isinstance(n, str) else tuple(n) for n in names)
+    known = adapter_configs(module)
+    for row in rows:
+        for n in row:
+            if n != BASE_ROWS and n not in known:
+                raise KeyError(
+                    f"adapter_names: no adapter named {n!r}; this module has {sorted(known)}"
+                )
+    rows = tuple(tuple(n for n in row if n != BASE_ROWS) for row in rows)
+    kinds = tuple(routings) if routings is not None else (None,) * len(rows)
+    if len(kinds) != len(rows):
+        raise ValueError(
+            f"routings: {len(kinds)} entries for {len(rows)} adapter_names (one per row)"
+        )
+    for kind in kinds:
+        if kind is not None and kind not in KINDS:
+            raise ValueError(
+                f"routings: unknown routing function {kind!r}; choose one of {list(KINDS)}"
+            )
+    for path, layer in adapted_layers(module):
+        if layer.merged:
+            raise RuntimeError(
+                f"{path}: adapters {list(layer.merged)} are merged into the base weights: a "
+                "mixed-task batch (adapter_names) needs them unmerged (vlpeft.unmerge_adapter)"
+            )
+    set_layer_context(module, "row_adapters", RowAdapters(rows, kinds))

@@ -35,6 +35,11 @@ the keys of its kind; a family reads what its capabilities need and ignores the 
 ``ids``              list of B record ids (question, sentence or image ids). No family reads
                      them: the launcher counts a batch's examples by them (accumulation weights,
                      the step clock's throughput)
+``adapter_names``    optional: list of B adapter set names, one per row (a mixed-task batch,
+                     peft's ``adapter_names=``; ``"__base__"``: no adapter); absent: the active
+                     adapters for every row
+``routings``         optional, with ``adapter_names``: list of B routing functions (a task's
+                     ``routing``; None: the set's configured one)
 ===================  ==========================================================================
 
 Adapter placement: each family names its ``components`` (module-path regexes of vision encoder,
@@ -69,6 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import MethodConfig, adapted_layers
+from ..adapters.routing import set_row_adapters
 from ..config import Config, check_finite, deep_merge
 from ..registry import Registry, nearest_hint
 from .tokenizer import PRESETS, load_tokenizer
@@ -368,6 +374,18 @@ class VLModel(nn.Module):
         return [p for p, _ in adapted_layers(within or self) if re.search(pattern, p)]
 
     # -- the task interface --------------------------------------------------------------------
+    def set_batch_adapters(self, batch: dict[str, Any]) -> None:
+        """A mixed-task batch's adapter set per row (``batch["adapter_names"]``, with
+        ``batch["routings"]``: :func:`vlpeft.set_row_adapters`) on this model's layers until the
+        next forward, or none (the active adapters for every row): each family's ``forward``,
+        ``generate`` and ``score_choices`` call it first."""
+        names = batch.get("adapter_names")
+        if names is not None and len(names) != len(batch["text"]):
+            raise ValueError(
+                f"adapter_names has {len(names)} entries for a batch of {len(batch['text'])} rows"
+            )
+        set_row_adapters(self, names, batch.get("routings"))
+
     def forward(self, batch: dict[str, Any]) -> VLOutput:
         raise NotImplementedError
 

@@ -365,7 +365,11 @@ class Blip(VLModel):
     # -- the task interface -------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> VLOutput:
         if self._kind(batch) == "retrieval":
+            if batch.get("adapter_names") is not None:  # its ITM pairs rows with other rows
+                raise ValueError("blip: a retrieval batch takes one adapter set, not adapter_names")
+            self.set_batch_adapters(batch)
             return VLOutput(loss=self.retrieval_loss(batch))
+        self.set_batch_adapters(batch)
         states = self.image_states(batch["images"])
         context, context_mask = self._decoder_context(batch, states)
         inputs, labels = self._decoder_inputs(batch)
@@ -438,6 +442,7 @@ class Blip(VLModel):
             raise ValueError(
                 "blip: retrieval batches are scored with encode_images/encode_texts/match"
             )
+        self.set_batch_adapters(batch)
         states = self.image_states(batch["images"])
         context, context_mask = self._decoder_context(batch, states)
         n = states.shape[0]

@@ -268,6 +268,7 @@ class ClipBart(VLModel):
     def forward(self, batch: dict[str, Any]) -> VLOutput:
         from transformers.models.bart.modeling_bart import shift_tokens_right
 
+        self.set_batch_adapters(batch)
         hidden, mask = self.encode(batch)
         target = self.tokenize(batch["targets"])
         labels = pad_to_ignore(target["input_ids"], target["attention_mask"])
@@ -285,6 +286,7 @@ class ClipBart(VLModel):
     def generate(
         self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1
     ) -> list[str]:
+        self.set_batch_adapters(batch)
         hidden, mask = self.encode(batch)
         self._set_decoder_context(hidden, mask)
         ids = self.bart.generate(
@@ -299,6 +301,7 @@ class ClipBart(VLModel):
     def score_choices(self, batch: dict[str, Any], choices) -> torch.Tensor:
         """Logits of the single-token ``choices`` at the first answer position: (B, len(choices))."""
         ids = self.choice_ids(choices)
+        self.set_batch_adapters(batch)
         hidden, mask = self.encode(batch)
         start = self.bart.config.decoder_start_token_id
         lead = [start, *self._leading_specials()]

@@ -165,6 +165,7 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
         )
 
     def forward(self, batch: dict[str, Any]) -> VLOutput:
+        self.set_batch_adapters(batch)
         ids, mask, labels = self._sequences(batch)
         prefix, embeds, mask = self._embed(batch, ids, mask)
         set_routing_inputs(self.gpt2, prefix)
@@ -177,6 +178,7 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
     def generate(
         self, batch: dict[str, Any], max_new_tokens: int = 20, num_beams: int = 1
     ) -> list[str]:
+        self.set_batch_adapters(batch)
         prompts = self._ids(
             batch.get("text")
             or [""]

@@ -121,6 +121,7 @@ class RobertaVit(CachedViTFeatures, VLModel):
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """Answer logits (B, num_answers)."""
+        self.set_batch_adapters(batch)
         visual = self.visual_input(batch)
         text = self.tokenize(batch["text"])
         embeds = self.roberta.embeddings.word_embeddings(text["input_ids"])
