@@ -64,6 +64,7 @@ __all__ = [
     "merge_task_adapters",
     "save_adapter",
     "set_active_adapter",
+    "unload",
     "unmerge_adapter",
     "disable_adapters",
     "set_row_adapters",
