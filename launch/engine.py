@@ -2,7 +2,8 @@
 
 :func:`build_stepper` makes AdamW with transformers' linear warm-up schedule and wraps them in
 the run's backend — :class:`PlainStepper` (fp32/bf16), :class:`ScalerStepper` (fp16 with a
-GradScaler) or :class:`DeepSpeedStepper` — behind one interface: ``backward`` of a weighted
+GradScaler), either of them under several processes without DeepSpeed wrapped in PyTorch's
+``DistributedDataParallel`` (:class:`DDP`), or :class:`DeepSpeedStepper` — behind one interface: ``backward`` of a weighted
 loss, ``update`` at the end of the step (which reports a non-finite gradient instead of acting
 on it), ``skip``. :func:`train_step` runs one step on accumulated micro-batches and handles every
 non-finite value in one place (:func:`on_nonfinite`: stop, or skip the step). ``run`` below is
@@ -18,6 +19,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import get_linear_schedule_with_warmup
 
 import vlpeft
@@ -151,14 +153,37 @@ class NonFinite:
 
 
 class PlainStepper:
-    """The plain PyTorch step (fp32, bf16 autocast): backward, clip, AdamW, schedule."""
+    """The plain PyTorch step (fp32, bf16 autocast): backward, clip, AdamW, schedule.
 
-    engine = None
+    ``forward`` is what the batches go through: the model, DDP's wrapper of it (which averages
+    the gradients over the processes in backward) or DeepSpeed's engine."""
+
+    engine = None  # DeepSpeed's engine (DeepSpeedStepper)
 
     def __init__(self, model, optimizer, scheduler, grad_clip: float | None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.forward = model
         self.clip = grad_clip if grad_clip is not None else float("inf")
         self.overflows = 0  # fp16 steps the loss scaler skipped (ScalerStepper)
+
+    def wrap_ddp(self, device: torch.device) -> None:
+        """Several processes without DeepSpeed: the batches go through
+        ``DistributedDataParallel``, whose backward averages the gradients over the processes
+        (gloo on the CPU, NCCL on GPUs) — so each rank's step is the one a single process takes
+        on the global batch. Every micro-batch synchronises (a skipped one's forward must not
+        leave DDP waiting for its backward, see :meth:`discard`); unused parameters are expected:
+        a step trains only its task's adapter set."""
+        self.forward = DDP(
+            self.model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+
+    def discard(self, loss: torch.Tensor | None) -> None:
+        """Ends the backward DDP waits for after a forward whose loss is dropped (non-finite): a
+        zero-weighted backward; the step then drops the gradients (:meth:`skip`)."""
+        if isinstance(self.forward, DDP) and loss is not None and loss.requires_grad:
+            (loss * 0.0).backward()
 
     def can_skip(self, index: int) -> bool:
         """Whether a non-finite micro-batch ``index`` of the step can still drop the step."""
@@ -246,7 +271,7 @@ class DeepSpeedStepper(PlainStepper):
 
     def __init__(self, engine, optimizer, scheduler) -> None:
         super().__init__(engine.module, optimizer, scheduler, None)
-        self.engine = engine
+        self.engine = self.forward = engine
 
     def can_skip(self, index: int) -> bool:
         # the engine has taken earlier micro-batches' gradients: a later one cannot be dropped
@@ -285,13 +310,13 @@ def build_stepper(config: TrainConfig, model, world: int, device: torch.device, 
         )  # fmt: skip
         load_deepspeed_state_safely(engine)
         return DeepSpeedStepper(engine, optimizer, scheduler)
-    if world > 1:
-        raise ConfigError(
-            "several processes need deepspeed.enabled=true (gradients are averaged by DeepSpeed)"
-        )
     if config.train.precision == "fp16":
-        return ScalerStepper(model, optimizer, scheduler, config.train.grad_clip, device)
-    return PlainStepper(model, optimizer, scheduler, config.train.grad_clip)
+        stepper = ScalerStepper(model, optimizer, scheduler, config.train.grad_clip, device)
+    else:
+        stepper = PlainStepper(model, optimizer, scheduler, config.train.grad_clip)
+    if world > 1:
+        stepper.wrap_ddp(device)
+    return stepper
 
 
 # -- one step -------------------------------------------------------------------------------------
@@ -333,7 +358,7 @@ def forward_loss(run, task: str, batch: dict) -> tuple[torch.Tensor, torch.Tenso
     run.router.activate(run.model, task)
     dtype = AUTOCAST.get(run.config.train.precision)
     with torch.autocast(run.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        loss = (run.engine or run.model)(distributed.to_device(batch, run.device)).loss
+        loss = run.stepper.forward(distributed.to_device(batch, run.device)).loss
         penalty = (
             vlpeft.resora_penalty(run.model, run.resora, run.step)
             if run.resora
@@ -364,6 +389,7 @@ def train_step(run, micro_batches: list[tuple[str, dict]]) -> tuple[tuple, dict]
     penalties = []
     weights = micro_batch_weights(micro_batches)
     for i, (task, batch) in enumerate(micro_batches):
+        total = None
         try:
             loss, penalty = forward_loss(run, task, batch)
             total = loss + penalty
@@ -372,6 +398,7 @@ def train_step(run, micro_batches: list[tuple[str, dict]]) -> tuple[tuple, dict]
         except FloatingPointError as err:  # a model that refuses non-finite values (BLIP's ITC)
             finite, value = False, f"non-finite ({err})"
         if not distributed.all_ranks_agree(finite, run.world):
+            stepper.discard(total)  # DDP: its pending backward, before skip() drops the grads
             on_nonfinite(run, task, NonFinite("the loss", value, stepper.can_skip(i)))
             return skipped_losses(micro_batches)
         stepper.backward(total, weights[i], count)

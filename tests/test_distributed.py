@@ -1,5 +1,6 @@
-"""The launcher as processes: DeepSpeed ZeRO-2/3 with two ranks (gloo, CPU) against one process,
-DeepSpeed resume, and a run killed with SIGKILL and resumed against an uninterrupted one."""
+"""The launcher as processes: DistributedDataParallel and DeepSpeed ZeRO-2/3 with two ranks (gloo,
+CPU) against one process, their resume, and a run killed with SIGKILL and resumed against an
+uninterrupted one."""
 
 import json
 import os
@@ -102,6 +103,31 @@ def test_zero2_two_ranks_match_one_process_and_resume(data, tmp_path):
     shutil.rmtree(resumed / "checkpoints" / "step_0000006")
     shutil.rmtree(resumed / "adapters")
     finish(launch({**config(data, batch=2), "deepspeed": ds}, resumed, "--resume", nproc=2))
+    assert losses(resumed) == losses(tmp_path / "two")
+    assert_close(adapter(resumed), adapter(tmp_path / "two"), atol=0)
+
+
+def test_ddp_two_ranks_match_one_process_and_resume_exactly(data, tmp_path):
+    """Without DeepSpeed, two ranks run DistributedDataParallel: with batch 2 per rank and two
+    accumulated batches a step they take one process's steps on batch 4 (the gradients averaged
+    over the ranks at every micro-batch); rank 0 writes the checkpoints (the optimizer state, each
+    rank's RNG) and resuming from step 3 ends bit for bit where the whole run ended."""
+    one_process(data, tmp_path / "one", batch=4, grad_accum=2)
+    cfg = config(data, batch=2, grad_accum=2)
+    finish(launch(cfg, tmp_path / "two", nproc=2))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"), atol=1e-5)
+    step6 = tmp_path / "two" / "checkpoints" / "step_0000006"
+    state = json.loads((step6 / "state.json").read_text())
+    assert state["step"] == 6 and "optimizer" in state  # the plain loop's state, from rank 0
+    assert {"rng_rank0.safetensors", "rng_rank1.safetensors"} <= {p.name for p in step6.iterdir()}
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000006")
+    shutil.rmtree(resumed / "adapters")
+    finish(launch(cfg, resumed, "--resume", nproc=2))
     assert losses(resumed) == losses(tmp_path / "two")
     assert_close(adapter(resumed), adapter(tmp_path / "two"), atol=0)
 
