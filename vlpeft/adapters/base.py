@@ -436,10 +436,10 @@ class AdaptedLayer(nn.Module):
                 continue
             rows_x = _expand_rows(index, repeat, x.device)
             with self._row_context(index, rows_x, adapters, kind):
-                y = _map_first(y, functools.partial(self._apply, adapters, x, rows_x))
+                y = _map_first(y, functools.partial(self._rows_through, adapters, x, rows_x))
         return y
 
-    def _apply(
+    def _rows_through(
         self, adapters: list[AdapterModule], x: torch.Tensor, rows: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """``y`` with its ``rows`` replaced by ``adapters`` applied to them in order."""
