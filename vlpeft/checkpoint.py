@@ -10,7 +10,9 @@ Every file is written to a temporary name and renamed, so a killed process never
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import math
 import os
 import re
 import tempfile
@@ -280,38 +282,92 @@ def _load_tensors(module: nn.Module, path: Path, name: str) -> None:
         tensor.copy_(stored[key])
 
 
+EXTRA_CONFIG = "vlpeft_extra.json"  # the export's side file: what belongs to the VL wrapper
+EXTRA_WEIGHTS = "vlpeft_extra.safetensors"
+
+
 def export_peft_lora(
     module: nn.Module,
     directory: str | os.PathLike,
     name: str = "default",
-    prefix: str = "",
+    prefix: str | None = None,
     base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
 ) -> None:
-    """Writes adapter ``name`` as a peft LoRA checkpoint that ``peft.PeftModel.from_pretrained``
-    loads into the bare backbone, giving the same outputs.
+    """Writes adapter ``name`` as a peft LoRA checkpoint of the bare backbone it sits in, so that
+    ``peft.PeftModel.from_pretrained(<that transformers model>, directory)`` gives its outputs.
 
-    Each layer becomes a plain LoRA of its own rank (``rank_pattern``) with the scale folded into
-    B (``alpha_pattern`` = rank, so peft's α/r is 1). A DoRA adapter is written the same way plus
-    each layer's magnitude (``lora_magnitude_vector``) and ``use_dora: true``. Declared-trainable
-    parameters are written as peft ``modules_to_save`` of their owning modules.
+    The keys are relative to the backbone: the outermost transformers ``PreTrainedModel`` inside
+    ``module`` that holds the adapter's layers (CLIP-BART's ``bart``, GPT-2+ViT's ``gpt2``, …), or
+    ``module`` itself when it is one or holds none. ``lora_alpha`` is the configured α (B as
+    trained, peft's scale α/r), with ``rank_pattern``/``alpha_pattern`` for the layers whose rank
+    or α differ from the most common one; a method without an α (Null-LoRA, FLoRA) writes α = r
+    with its scale in B. A DoRA adapter adds each layer's magnitude and ``use_dora: true``.
+    Declared-trainable parameters inside the backbone are peft ``modules_to_save``; those of the
+    VL wrapper outside it (a visual projection, a classifier head) go in the side file
+    ``vlpeft_extra.safetensors`` (names relative to ``module``), described by
+    ``vlpeft_extra.json`` (``backbone``: the prefix, ``backbone_class``, ``wrapper_class``,
+    ``adapter_name``, ``tensors``) — :func:`vlpeft.load_peft_lora` reads both back into the VL
+    model; peft ignores them.
 
     Args:
-        module: the model holding the adapter.
+        module: the model holding the adapter (a VL model or a bare backbone).
         directory: output directory (created).
-        name: the adapter to export; it must be LoRA-reducible (LoRA, Null-LoRA, FLoRA-linear)
-            or DoRA.
-        prefix: dotted path of the bare backbone inside ``module`` (e.g. ``"language_model"``);
-            layer names are written relative to it.
-        base_model_name_or_path: recorded in the peft config for users.
+        name: the adapter to export; LoRA-reducible (LoRA, Null-LoRA, FLoRA-linear) or DoRA.
+        prefix: dotted path of the backbone inside ``module`` (None: found as above; ``""``:
+            ``module`` itself). An adapter spread over several backbones (BLIP's vision and
+            text models) is an error naming them: a peft checkpoint is of one model.
+        base_model_name_or_path: recorded in the peft config (default: where the backbone's
+            weights came from, its ``name_or_path``; None for random weights).
+        task_type: peft's task type (default: from the backbone's class — ``SEQ_2_SEQ_LM`` for an
+            encoder-decoder ``…ForConditionalGeneration``, ``CAUSAL_LM`` for ``…LMHeadModel`` /
+            ``…ForCausalLM``, ``FEATURE_EXTRACTION`` for a bare text ``…Model``; None otherwise).
     """
     configs = adapter_configs(module)
     if name not in configs:
         raise KeyError(f"no adapter named {name!r}; this module has {sorted(configs)}")
+    layers = _peft_layers(module, name)
+    if prefix is None:
+        prefix = backbone_prefix(module, list(layers))
     lead = prefix + "." if prefix else ""
+    backbone = module.get_submodule(prefix) if prefix else module
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
     flags: dict[str, Any] = {}
     conv1d = False
+    for path, (layer, layer_tensors, scale) in layers.items():
+        if not path.startswith(lead):
+            raise ValueError(f"layer {path} is outside the backbone prefix {prefix!r}")
+        rel = path[len(lead) :]
+        rank = layer_tensors["lora_A.weight"].shape[0]
+        # peft's saved-state names: the PeftModel prefix, the layer, lora_A / lora_B without the
+        # adapter name (what ``get_peft_model_state_dict`` writes and ``from_pretrained`` reads)
+        for suffix, tensor in layer_tensors.items():
+            unscaled = suffix == "lora_B.weight" and scale != 1
+            tensors[f"{PEFT_PREFIX}{rel}.{suffix}"] = tensor / scale if unscaled else tensor
+        ranks[rel], alphas[rel] = rank, _number(scale * rank)
+        flags.update(layer.adapters[name].peft_flags)
+        conv1d |= is_conv1d(layer.base_layer)
+    inside, outside = _split_extras(module, trainable_extra_names(module, configs[name]), lead)
+    owners = _extra_owner_modules(module, inside, lead)
+    for owner in owners:
+        for key, tensor in module.get_submodule(lead + owner).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{owner}.{key}"] = tensor
+    directory = Path(directory)
+    write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    source = base_model_name_or_path or getattr(backbone, "name_or_path", None) or None
+    config = peft_lora_config(ranks, conv1d, owners, source, alphas=alphas, **flags)
+    config["task_type"] = task_type if task_type is not None else peft_task_type(backbone)
+    write_json(directory / CONFIG_NAME, config)
+    if prefix:
+        _write_extra(module, directory, name, prefix, outside)
+
+
+def _peft_layers(module: nn.Module, name: str) -> dict[str, tuple]:
+    """Path → (layer, its peft tensors with the scale in B, that scale) of every layer of adapter
+    ``name`` with a nonzero rank; a layer the method cannot write as a peft LoRA is an error."""
+    out = {}
     for path, layer in adapted_layers(module):
         if name not in layer.adapters:
             continue
@@ -322,27 +378,85 @@ def export_peft_lora(
                 f"adapter {name!r} at {path} ({type(adapter).__name__}) cannot be written as a plain "
                 "peft LoRA (its update is nonlinear or depends on the input)"
             )
-        if not path.startswith(lead):
-            raise ValueError(f"layer {path} is outside the backbone prefix {prefix!r}")
-        rel = path[len(lead) :]
-        rank = layer_tensors["lora_A.weight"].shape[0]
-        if rank == 0:
+        if layer_tensors["lora_A.weight"].shape[0] == 0:
             continue  # a rank-0 layer (Null-LoRA without null space) changes nothing
-        # peft's saved-state names: the PeftModel prefix, the layer, lora_A / lora_B without the
-        # adapter name (what ``get_peft_model_state_dict`` writes and ``from_pretrained`` reads)
-        for suffix, tensor in layer_tensors.items():
-            tensors[f"{PEFT_PREFIX}{rel}.{suffix}"] = tensor
-        ranks[rel] = rank
-        flags.update(adapter.peft_flags)
-        conv1d |= is_conv1d(layer.base_layer)
-    if not ranks:
+        scale = float(adapter.factor_scale)
+        out[path] = (layer, layer_tensors, scale if math.isfinite(scale) and scale > 0 else 1.0)
+    if not out:
         raise ValueError(f"adapter {name!r} has no layer with a nonzero rank: nothing to export")
-    extras = trainable_extra_names(module, configs[name])
+    return out
+
+
+def _number(x: float) -> int | float:
+    """An α as JSON shows it best: 8, not 8.0 (peft reads either)."""
+    return int(x) if float(x).is_integer() else x
+
+
+def is_pretrained_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``PreTrainedModel`` (without importing transformers)."""
+    return any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__)
+
+
+def backbone_prefix(module: nn.Module, paths: list[str]) -> str:
+    """The dotted path of the one transformers model inside ``module`` that holds the layers at
+    ``paths`` (the outermost ``PreTrainedModel`` above each); ``""`` when ``module`` is one or
+    when none holds them. Layers in several backbones are an error naming them."""
+    if is_pretrained_model(module):
+        return ""
+    found = []
+    for path in paths:
+        parts = path.split(".")
+        owner = next(
+            (
+                ".".join(parts[:i])
+                for i in range(1, len(parts))
+                if is_pretrained_model(module.get_submodule(".".join(parts[:i])))
+            ),
+            "",
+        )
+        if owner not in found:
+            found.append(owner)
+    if len(found) > 1:
+        names = [f or f"(outside any: {type(module).__name__})" for f in found]
+        raise ValueError(
+            f"the adapter's layers sit in several backbones {names}: a peft checkpoint is of one "
+            "model — export an adapter placed in one backbone, or use the vlpeft format"
+        )
+    return found[0] if found else ""
+
+
+def peft_task_type(backbone: nn.Module) -> str | None:
+    """peft's ``task_type`` for a transformers backbone, from its class (None when unclear: peft
+    then wraps it in a plain ``PeftModel``)."""
+    if not is_pretrained_model(backbone):
+        return None
+    cls = type(backbone).__name__
+    if cls.endswith(("LMHeadModel", "ForCausalLM")):
+        return "CAUSAL_LM"
+    if cls.endswith("ForConditionalGeneration"):
+        encoder_decoder = getattr(backbone.config, "is_encoder_decoder", False)
+        return "SEQ_2_SEQ_LM" if encoder_decoder else None
+    for suffix, kind in (
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
+        if cls.endswith(suffix):
+            return kind
+    if cls.endswith("Model") and "input_ids" in inspect.signature(backbone.forward).parameters:
+        return "FEATURE_EXTRACTION"  # peft's wrapper passes input_ids: not for a vision model
+    return None
+
+
+def _split_extras(module: nn.Module, extras: list[str], lead: str) -> tuple[list[str], list[str]]:
+    """(declared-trainable names inside the backbone, those outside it); an inside one tied to
+    another parameter is an error (peft's modules_to_save would copy one of them)."""
+    inside = [n for n in extras if n.startswith(lead)]
     aliases: dict[int, list[str]] = {}
     for full, param in module.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(full)
     params = dict(module.named_parameters())
-    for full in extras:
+    for full in inside:
         tied = aliases[id(params[full])]
         if len(tied) > 1:
             raise ValueError(
@@ -350,16 +464,27 @@ def export_peft_lora(
                 "modules_to_save copies one module, so the tied copies would keep the old "
                 "weights; export this adapter in the vlpeft format instead"
             )
-    owners = _extra_owner_modules(module, extras, lead)
-    for owner in owners:
-        for key, tensor in (
-            module.get_submodule(lead + owner if lead else owner).state_dict().items()
-        ):
-            tensors[f"{PEFT_PREFIX}{owner}.{key}"] = tensor
-    write_safetensors(Path(directory) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    return inside, [n for n in extras if not n.startswith(lead)]
+
+
+def _write_extra(
+    module: nn.Module, directory: Path, name: str, prefix: str, outside: list[str]
+) -> None:
+    params = dict(module.named_parameters())
+    if outside:
+        state = {n: params[n] for n in outside}
+        write_safetensors(directory / EXTRA_WEIGHTS, state, metadata={"format": "pt"})
     write_json(
-        Path(directory) / CONFIG_NAME,
-        peft_lora_config(ranks, conv1d, owners, base_model_name_or_path, **flags),
+        directory / EXTRA_CONFIG,
+        {
+            "vlpeft_extra": 1,
+            "adapter_name": name,
+            "backbone": prefix,
+            "backbone_class": type(module.get_submodule(prefix)).__name__,
+            "wrapper_class": type(module).__name__,
+            "tensors": EXTRA_WEIGHTS if outside else None,
+            "names": outside,
+        },
     )
 
 
@@ -368,20 +493,23 @@ def peft_lora_config(
     fan_in_fan_out: bool,
     modules_to_save: list[str],
     base_model: str | None,
+    alphas: dict[str, float] | None = None,
     **flags: Any,
 ) -> dict[str, Any]:
-    """peft's own ``LoraConfig`` of an export, as the dict its ``save_pretrained`` writes: each layer
-    a LoRA of its own rank with α = rank (the scale is folded into B); ``flags`` are the methods'
-    own ``LoraConfig`` fields (DoRA: ``use_dora=True``)."""
+    """peft's own ``LoraConfig`` of an export, as the dict its ``save_pretrained`` writes: ``r``
+    the largest rank, ``lora_alpha`` the most common α; when layers differ in rank (in α), every
+    layer is named in ``rank_pattern`` (``alpha_pattern``). ``alphas`` None: α = rank everywhere
+    (the scale folded into B); ``flags`` are the methods' own ``LoraConfig`` fields (DoRA:
+    ``use_dora=True``)."""
     from peft import LoraConfig  # heavy and optional: only the peft export needs it
 
-    top = max(ranks.values())
+    alphas = alphas if alphas is not None else dict(ranks)
     config = LoraConfig(
-        r=top,
-        lora_alpha=top,
+        r=max(ranks.values()),
+        lora_alpha=_most_common(alphas.values()),
         target_modules=sorted(ranks),
-        rank_pattern=dict(ranks),
-        alpha_pattern=dict(ranks),
+        rank_pattern=dict(ranks) if len(set(ranks.values())) > 1 else {},
+        alpha_pattern=dict(alphas) if len(set(alphas.values())) > 1 else {},
         lora_dropout=0.0,
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
@@ -395,14 +523,18 @@ def peft_lora_config(
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
 
 
+def _most_common(values) -> Any:
+    """The most frequent value (the smallest of equally frequent ones: deterministic)."""
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return min(counts, key=lambda v: (-counts[v], v))
+
+
 def _extra_owner_modules(module: nn.Module, param_names: list[str], lead: str) -> list[str]:
     """Dotted names (relative to ``lead``) of the modules that own the declared-trainable parameters."""
     owners: list[str] = []
     for full in param_names:
-        if not full.startswith(lead):
-            raise ValueError(
-                f"trainable parameter {full} is outside the backbone prefix {lead[:-1]!r}"
-            )
         owner = full[len(lead) :].rsplit(".", 1)[0]
         if owner not in owners:
             owners.append(owner)

@@ -42,7 +42,7 @@ from torch import nn
 
 from .adapters import LayerwiseConfig
 from .adapters.base import METHODS, AdaptedLayer, MethodConfig
-from .checkpoint import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
+from .checkpoint import CONFIG_NAME, EXTRA_CONFIG, PEFT_PREFIX, WEIGHTS_NAME
 from .inject import add_adapter
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,10 @@ def load_peft_lora(
             :func:`vlpeft.export_peft_lora`).
         name: the new adapter's name (an existing name is an error).
         prefix: dotted path inside ``module`` of the backbone the adapter was trained on (e.g.
-            ``"bart"`` for CLIP-BART's text model); None: ``module`` itself.
+            ``"bart"`` for CLIP-BART's text model); None: the ``backbone`` recorded in the
+            directory's ``vlpeft_extra.json`` (written by :func:`vlpeft.export_peft_lora`) when
+            ``module`` has it — then the wrapper's tensors of ``vlpeft_extra.safetensors`` are
+            loaded (and declared trainable) too — else ``module`` itself.
 
     Returns:
         ``module``, with the adapter added (made active only if no adapter was).
@@ -267,6 +270,8 @@ def load_peft_lora(
     cfg_path = directory / CONFIG_NAME
     data = _read_config(directory)
     tensors = _read_tensors(directory)
+    wrapper = _read_extra(directory, module) if prefix is None else {}
+    prefix = wrapper.get("backbone", prefix)
     backbone = module.get_submodule(prefix) if prefix else module
     lead = prefix + "." if prefix else ""
     where = f"{type(backbone).__name__}" + (f" (prefix {prefix!r})" if prefix else "")
@@ -280,6 +285,7 @@ def load_peft_lora(
     _check_layer_tensors(state, layers, ranks, method, directory)
     extras = _modules_to_save(saved, modules, extra_tensors, lead, directory, where)
 
+    extras.update(wrapper.get("tensors", {}))
     params = {n for n, _ in module.named_parameters()}  # buffers are copied, not trained
     trained = [n for n in extras if n in params]
     config = _vlpeft_config(data, method, layers, ranks, alphas, lead, trained)
@@ -522,3 +528,72 @@ def _tensor_of(module: nn.Module, full: str) -> torch.Tensor:
     owner, _, attr = full.rpartition(".")
     sub = module.get_submodule(owner) if owner else module
     return getattr(sub, attr)
+
+
+def _read_extra(directory: Path, module: nn.Module) -> dict[str, Any]:
+    """What :func:`vlpeft.export_peft_lora` wrote beside a peft checkpoint for the VL wrapper:
+    ``{"backbone": prefix, "tensors": {full name: tensor}}`` when ``module`` has that backbone;
+    ``{}`` without the side file, or for ``module`` the bare backbone itself (the wrapper's tensors
+    are then not loaded: a warning says so)."""
+    path = directory / EXTRA_CONFIG
+    if not path.is_file():
+        return {}
+    data = _read_json_object(path)
+    backbone = data.get("backbone")
+    names = data.get("names") or []
+    if not isinstance(backbone, str) or not isinstance(names, list):
+        raise ValueError(f"{path}: 'backbone' must be a string and 'names' a list")
+    backbone = plain_name(backbone, f"{path}: backbone")
+    names = [plain_name(n, f"{path}: names") for n in names]
+    try:
+        module.get_submodule(backbone)
+    except AttributeError:
+        if names:
+            log.warning(
+                "%s: %s has no %r (the export's backbone): loading onto it as the backbone; the "
+                "wrapper's tensors %s are not loaded",
+                path,
+                type(module).__name__,
+                backbone,
+                names,
+            )
+        return {}
+    return {"backbone": backbone, "tensors": _extra_tensors(directory, data, names, module)}
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _extra_tensors(
+    directory: Path, data: dict, names: list[str], module: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Full name → tensor of the wrapper's tensors, each checked against ``module``."""
+    if not names:
+        return {}
+    path = directory / str(data.get("tensors"))
+    if data.get("tensors") is None or not path.is_file() or path.parent != directory:
+        raise FileNotFoundError(f"{directory / EXTRA_CONFIG}: its tensors file is missing")
+    try:
+        stored = load_file(str(path))
+    except Exception as e:  # safetensors' own error type is not a ValueError
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    own = dict(module.state_dict(keep_vars=True))
+    for n in names:
+        if n not in stored or n not in own:
+            where = "the file" if n not in stored else type(module).__name__
+            raise ValueError(f"{path}: tensor {n!r} is not in {where}")
+        if stored[n].shape != own[n].shape:
+            raise ValueError(
+                f"{path}: {n} has shape {tuple(stored[n].shape)}, the model's is "
+                f"{tuple(own[n].shape)}"
+            )
+        if stored[n].is_floating_point() and not torch.isfinite(stored[n]).all():
+            raise ValueError(f"{path}: tensor {n!r} has NaN or inf values")
+    return {n: stored[n] for n in names}
