@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_adapters
 
 import vlpeft
 from evaluation import baselines as old_baselines
@@ -255,3 +256,120 @@ def test_every_task_scores_an_oracle_above_its_no_image_baseline(name, router, t
     assert record["headline"] > floor
     if best is not None:
         assert record["headline"] == pytest.approx(best)
+
+
+# -- max_records, and a split without answers ------------------------------------------------------
+def test_max_records_cuts_a_scored_split_but_never_a_submission_file(router, tmp_path, caplog):
+    """A run's ``eval.max_records`` (and a task's own ``max_records``) cut an annotated split; a
+    split without answers is predicted whole — a cut submission file would be scored by the server
+    as if the missing questions were answered wrong — and one log line says so."""
+    vqa = router["vqa"]
+    val = json.loads((vqa.root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    questions = val["questions"][:5]
+    (vqa.root / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(
+        json.dumps({"questions": questions})
+    )
+    (vqa.image_root / "test2015").mkdir(exist_ok=True)
+    for q in questions:
+        name = f"COCO_val2014_{q['image_id']:012d}.jpg"
+        shutil.copy(
+            vqa.image_root / "val2014" / name,
+            vqa.image_root / "test2015" / name.replace("val2014", "test2015"),
+        )
+    splits = {**vqa.config.splits, "dev": "test-dev2015"}
+    limited = TaskRouter.from_dict({"vqa": {**vqa.config.__dict__, "splits": splits}}, "/")
+    model = vlpeft.build_model("clip-bart", "tiny", image_size=32)
+    model.generate = lambda batch, **kw: ["two"] * len(batch["ids"])
+    settings = Settings()
+    settings.max_records = 2
+    for task_limit in (None, 3):  # the run's eval.max_records, then the task's as well
+        limited["vqa"].config.max_records = task_limit
+        with caplog.at_level("INFO", logger="vlpeft.evaluate"):
+            record = evaluate_task(model, limited, "vqa", "dev", tmp_path, settings)
+        submitted = json.loads(Path(record["predictions"]).read_text())
+        assert [p["question_id"] for p in submitted] == [q["question_id"] for q in questions]
+        assert record["data"]["records"] == 5 and record["data"]["max_records"] is None
+        assert "vqa/dev has no answers: all 5 records are predicted" in caplog.text
+        caplog.clear()
+        scored = evaluate_task(model, limited, "vqa", "test", tmp_path, settings)
+        assert scored["data"]["records"] == 2 and scored["data"]["max_records"] == 2
+        assert scored["headline"] is not None and "has no answers" not in caplog.text
+
+
+# -- python -m launch.evaluate RUN --mixed / --max-records -------------------------------------------
+@pytest.fixture(scope="module")
+def three_task_run(tmp_path_factory):
+    """A tiny run with one LoRA set per task (VQA routed, GQA, captions), trained for 2 steps."""
+    from launch.config import load_config
+    from launch.train import train
+
+    root = tmp_path_factory.mktemp("mixed")
+    generate(root / "data", images=24, seed=0, size=32)
+    lora = {"method": "lora", "r": 4, "dropout": 0.0}
+    spec = {
+        "model": {"family": "clip-bart", "preset": "tiny", "overrides": {"image_size": 32}},
+        "adapters": {"vqa": {**lora, "routing": "mul"}, "gqa": lora, "caption": lora},
+        "data": {"file": str(root / "data" / "tasks.yaml"),
+                 "tasks": {"vqa": {"batch_size": 4, "adapter": "vqa", "routing": "relu_add"},
+                           "gqa": {"batch_size": 4, "adapter": "gqa", "eval_batch_size": 3},
+                           "caption": {"batch_size": 4, "adapter": "caption"}}},
+        "train": {"steps": 2, "lr": 5e-2, "checkpoint_every": 0, "log_every": 1, "tensorboard": False},
+        "eval": {"splits": [], "max_records": 5, "max_new_tokens": 4},
+    }  # fmt: skip
+    train(load_config(None, data=spec), root / "run")
+    return root / "run"
+
+
+def test_mixed_evaluation_gives_the_per_task_scores(three_task_run, tmp_path):
+    """``--mixed`` puts every task's records in batches that mix the tasks (each row through its
+    task's adapter set and routing function) and writes what the per-task evaluation writes."""
+    from evaluation.evaluate import evaluate_mixed
+    from launch.evaluate import main
+    from launch.run import load_run
+
+    run = three_task_run
+    written = {}
+    for how in ([], ["--mixed"]):
+        assert main([str(run), "--split", "test", *how]) == 0
+        written[bool(how)] = {
+            p.name: json.loads(p.read_text()) for p in sorted((run / "eval").glob("*.json"))
+        }
+        for record in written[bool(how)].values():
+            if isinstance(record, dict):
+                record.pop("predictions", None)
+    assert written[True] == written[False]
+    assert {f"{t}_test.json" for t in ("vqa", "gqa", "caption")} <= set(written[True])
+    # in-process, with perturbed adapters so that the sets' predictions differ
+    model, router, config = load_run(run)
+    perturb_adapters(model, scale=0.5)
+    with torch.no_grad():  # no early end-of-sequence: answers of several words
+        model.bart.final_logits_bias[..., model.bart.config.eos_token_id] -= 100
+    per_task = {
+        name: json.loads(Path(evaluate_task(model, router, name, "test", tmp_path / name,
+                                            config.eval)["predictions"]).read_text())
+        for name in router.tasks
+    }  # fmt: skip
+    mixed = evaluate_mixed(model, router, "test", tmp_path / "mixed", config.eval)
+    for name, predictions in per_task.items():
+        assert json.loads(Path(mixed[f"{name}/test"]["predictions"]).read_text()) == predictions
+    vqa = router["vqa"].config  # the VQA questions through GQA's set give other answers
+    vqa.adapter, vqa.routing = "gqa", None
+    other = evaluate_task(model, router, "vqa", "test", tmp_path / "other", config.eval)
+    assert json.loads(Path(other["predictions"]).read_text()) != per_task["vqa"]
+    assert (
+        len({p["answer"] for p in per_task["vqa"]} | {p["prediction"] for p in per_task["gqa"]}) > 1
+    )
+
+
+def test_max_records_option_overrides_the_runs_value(three_task_run):
+    from launch.evaluate import main
+
+    run = three_task_run
+    for option, expected in ((["--max-records", "2"], 2), (["--max-records", "all"], None)):
+        assert main([str(run), "--task", "gqa", "--split", "test", *option]) == 0
+        data = json.loads((run / "eval" / "gqa_test.json").read_text())["data"]
+        assert data["max_records"] == expected
+        assert data["records"] == (2 if expected else len(TaskRouter.from_yaml(
+            run.parent / "data" / "tasks.yaml")["gqa"].read("test")))  # fmt: skip
+    with pytest.raises(SystemExit):
+        main([str(run), "--max-records", "0"])
