@@ -458,3 +458,17 @@ def test_import_vlpeft_does_not_import_peft():
     code = "import sys, vlpeft; print('peft' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_untrained_sources_merge_to_an_untrained_adapter_with_a_warning(caplog):
+    """Initialised LoRAs (B = 0) change nothing: their merge changes nothing either — a warning,
+    not the all-zero-update error meant for merges that lose what the sources had."""
+    model = tiny_bart()
+    vlpeft.add_adapter(model, LoRAConfig(targets=["q_proj"], r=2), "vqa")
+    vlpeft.add_adapter(model, LoRAConfig(targets=["q_proj"], r=2), "caption")
+    with caplog.at_level("WARNING", logger="vlpeft.merge"):
+        vlpeft.merge_task_adapters(model, {"vqa": 1.0, "caption": 0.5})
+    assert "change nothing in 6 of 6 layers" in caplog.text
+    vlpeft.set_active_adapter(model, "merged")
+    inputs = bart_inputs()
+    assert torch.equal(run(model, inputs), run(tiny_bart(), inputs))

@@ -37,6 +37,7 @@ The methods (wᵢ the weights, sᵢ a LoRA's α/r):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
@@ -46,6 +47,8 @@ from torch import nn
 from .adapters import LayerwiseConfig, LoRAConfig
 from .adapters.base import AdapterModule, adapted_layers, adapter_configs, is_conv1d
 from .inject import add_adapter
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MERGE_METHODS", "combine", "merge_task_adapters"]
 
@@ -211,8 +214,9 @@ def merge_task_adapters(
         name: the new adapter's name (an existing name is an error); it is not made active.
         density: the fraction kept by ``ties``, ``dare_*`` and ``magnitude_prune`` (required
             there, in (0, 1]); not used by the others. A density that keeps no entry of a
-            tensor, or a merge whose update at a layer is all zeros, is an error naming the
-            layer.
+            tensor, or a merge whose update at a layer is all zeros where a source's is not, is
+            an error naming the layer (sources that are all zero there — initialised, untrained
+            adapters — merge to zero with a warning).
         rank: the rank of the ``_svd`` methods (default: the largest rank of any source at any
             layer, as peft's).
         seed: seeds DARE's drops.
@@ -233,10 +237,20 @@ def merge_task_adapters(
     if rank is None and method in SVD_METHODS and layers:
         rank = max(_rank_of(a, b) for sources in layers.values() for a, _, b in sources)
     generator = torch.Generator().manual_seed(seed)
+    untrained: list[str] = []
     merged = {
-        path: _merge_layer(path, sources, method, density, generator, rank)
+        path: _merge_layer(path, sources, method, density, generator, rank, untrained)
         for path, sources in layers.items()
     }
+    if untrained:
+        log.warning(
+            "merge_task_adapters: the sources %s change nothing in %d of %d layers (e.g. %s: "
+            "initialised, untrained adapters); so does the merge there",
+            sorted(weights),
+            len(untrained),
+            len(layers),
+            untrained[0],
+        )
     merged = {p: f for p, f in merged.items() if f[0].shape[0] > 0}
     if not merged:
         raise ValueError(f"adapters {sorted(weights)} have no layer with a nonzero rank to merge")
@@ -266,9 +280,11 @@ def _sources(module: nn.Module, weights: Mapping[str, float], method: str) -> di
     return layers
 
 
-def _merge_layer(path: str, sources, method, density, generator, rank):
+def _merge_layer(path: str, sources, method, density, generator, rank, untrained: list[str]):
     """(A, B) of the layer at ``path``; an error naming the layer, the method and the density
-    when the merge fails there or its update B·A is all zeros (an adapter that changes nothing)."""
+    when the merge fails there or its update B·A is all zeros (an adapter that changes nothing)
+    although a source's is not — where every source's ΔW is zero (initialised, untrained
+    adapters), the path is added to ``untrained`` instead."""
     what = f"method {method!r}" + (f" at density {density}" if density is not None else "")
     try:
         if method in FACTOR_METHODS:
@@ -278,6 +294,9 @@ def _merge_layer(path: str, sources, method, density, generator, rank):
     except ValueError as err:
         raise ValueError(f"merge_task_adapters at {path} ({what}): {err}") from None
     if a.shape[0] > 0 and not torch.any(b.flatten(1) @ a.flatten(1)):
+        if not any(torch.any(src.delta_weight(base)) for src, _, base in sources):
+            untrained.append(path)  # the sources change nothing here: neither does the merge
+            return a, b
         hint = "raise the density, or check" if density is not None else "check"
         raise ValueError(
             f"merge_task_adapters at {path}: {what} gives an all-zero update (the merged adapter "
