@@ -2,6 +2,7 @@
 structural changes on resume, skipped-step limits, and the non-finite and fp16 properties of the
 step (each a case that failed or was untested before)."""
 
+import contextlib
 import json
 import os
 
@@ -43,6 +44,24 @@ def run(data, out, resume=False, allow_change=(), **train):
 
 def adapters(run_dir):
     return load_file(run_dir / "adapters" / "adapter_model.safetensors")
+
+
+@contextlib.contextmanager
+def killed_at_step(monkeypatch, step: int):
+    """Ctrl-C during the ``step``-th optimisation step of the block (the step before it done)."""
+    real, calls = engine_module.train_step, {"n": 0}
+
+    def dying_step(run_, micro_batches):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("killed")
+        return real(run_, micro_batches)
+
+    monkeypatch.setattr(engine_module, "train_step", dying_step)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(engine_module, "train_step", real)
 
 
 # -- what --out may name -------------------------------------------------------------------------
@@ -106,18 +125,8 @@ def test_reproduce_restarts_a_seed_killed_before_its_first_checkpoint(data, tmp_
     recipe["data"]["file"] = str(data / "tasks.yaml")
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    real, calls = engine_module.train_step, {"n": 0}
-
-    def dying_step(run, micro_batches):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-        return real(run, micro_batches)
-
-    monkeypatch.setattr(engine_module, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         reproduce.main([str(path), "--out", str(tmp_path / "out")])
-    monkeypatch.setattr(engine_module, "train_step", real)
     seed_run = tmp_path / "out" / "seed0" / "run"
     assert (seed_run / "metrics.jsonl").is_file() and not (seed_run / "checkpoints").exists()
     assert reproduce.main([str(path), "train.log_every=1", "--out", str(tmp_path / "out")]) == 0
@@ -361,18 +370,8 @@ def test_a_same_size_one_byte_change_of_a_checkpoint_is_detected_and_resume_fall
     changed in place (the size stays): the checksum catches it, step 3 is moved aside, and the
     resume from step 2 ends where an uninterrupted run does."""
     run(data, tmp_path / "whole", steps=4, checkpoint_every=1)
-    real, calls = engine_module.train_step, {"n": 0}
-
-    def dying_step(run_, micro_batches):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed")
-        return real(run_, micro_batches)
-
-    monkeypatch.setattr(engine_module, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 4), pytest.raises(KeyboardInterrupt):
         run(data, tmp_path / "cut", steps=4, checkpoint_every=1)
-    monkeypatch.setattr(engine_module, "train_step", real)
     newest = tmp_path / "cut" / "checkpoints" / "step_0000003"
     tensors = newest / "trainable.safetensors"
     raw = bytearray(tensors.read_bytes())
