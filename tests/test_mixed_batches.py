@@ -24,7 +24,7 @@ def adapted(routing: dict | None = None):
         config = model.adapter_config(LoRAConfig(targets=["x"], r=4, routing=kind))
         vlpeft.add_adapter(model, config, name=name)
     perturb_adapters(model, scale=0.3)
-    return model.eval()
+    return model.to("cpu", torch.float32).eval()  # an adapted model moves like any module
 
 
 def mixed_batch(rows=(0, 1, 2, 0)):
@@ -128,6 +128,27 @@ def test_base_rows_and_errors():
     vlpeft.merge_adapter(model)
     with pytest.raises(RuntimeError, match="merged into the base weights: a mixed-task batch"):
         model(batch)
+
+
+def test_gpt2_vit_rows_through_sliced_sets():
+    """GPT-2's fused c_attn with q/v slices, one routed set: each row as alone (loss and logits)."""
+    model = vlpeft.build_model("gpt2-vit", "tiny")
+    for name, kind in (("a", None), ("b", "proj")):
+        config = model.adapter_config(LoRAConfig(targets=["x"], r=4, routing=kind))
+        vlpeft.add_adapter(model, config, name=name)
+    perturb_adapters(model, scale=0.3)
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    batch = {"images": torch.randn(3, 3, 32, 32, generator=g), "text": ["", "", ""],
+             "targets": ["a red circle", "two squares", "a blue"], "adapter_names": ["b", "a", "b"]}  # fmt: skip
+    with torch.no_grad():
+        mixed = model(batch).logits
+        texts = model.generate(batch, max_new_tokens=4, num_beams=2)
+        for i in range(3):
+            single = alone(model, batch, i)
+            out = model(single).logits[0]
+            torch.testing.assert_close(mixed[i, : out.shape[0]], out, atol=1e-5, rtol=1e-5)
+            assert texts[i] == model.generate(single, max_new_tokens=4, num_beams=2)[0]
 
 
 # -- disable_adapters -------------------------------------------------------------------------------

@@ -163,14 +163,18 @@ class ModelConfig(Config):
         check_finite(self)  # a NaN/inf (YAML's .nan) anywhere, nested dicts and tuples included
 
 
-def missing_weights(what: str, source: str, err: Exception) -> FileNotFoundError:
-    """The error for absent pretrained weights: which, where they were looked for, how to get them."""
+def missing_weights(
+    what: str, source: str, err: Exception, hub_id: str | None = None
+) -> FileNotFoundError:
+    """The error for absent pretrained weights: which, where they were looked for, and the one
+    command that fetches them (``hub_id``: where the hub keeps them, when it is not ``source``,
+    e.g. open_clip's ``RN101``/``openai`` is ``timm/resnet101_clip.openai``)."""
     return FileNotFoundError(
         f"{what} weights {source!r} could not be loaded ({type(err).__name__}: {err}). They were "
         f"looked for as a local path named {source!r} and in the Hugging Face / open_clip caches "
-        "(downloads are off when HF_HUB_OFFLINE=1). Download them once (e.g. `huggingface-cli "
-        f"download {source}`), point weights.<component> at a local copy, or build with "
-        "pretrained=False for random weights."
+        "(downloads are off when HF_HUB_OFFLINE=1). Fetch them once with "
+        f"`hf download {hub_id or source}`, point weights.<component> at a local copy, or build "
+        "with pretrained=False for random weights (README: Weights)."
     )
 
 
@@ -380,10 +384,9 @@ class VLModel(nn.Module):
         next forward, or none (the active adapters for every row): each family's ``forward``,
         ``generate`` and ``score_choices`` call it first."""
         names = batch.get("adapter_names")
-        if names is not None and len(names) != len(batch["text"]):
-            raise ValueError(
-                f"adapter_names has {len(names)} entries for a batch of {len(batch['text'])} rows"
-            )
+        rows = len(batch["text"]) if batch.get("text") else None
+        if names is not None and rows is not None and len(names) != rows:
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {rows} rows")
         set_row_adapters(self, names, batch.get("routings"))
 
     def forward(self, batch: dict[str, Any]) -> VLOutput:
