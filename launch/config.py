@@ -56,6 +56,7 @@ __all__ = [
 # keys of an adapter set that place it in the model (the rest are the method's fields)
 PLACEMENT_KEYS = ("components", "kinds", "route_components")
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOGGERS = ("tensorboard", "wandb")  # train.loggers (launch.logger)
 DEVICE = re.compile(r"cuda:\d+")
 STAGE_PREFIX = "stage:"  # train.init_from: stage:<name> — an earlier stage of the same recipe
 
@@ -109,7 +110,10 @@ class TrainSection(Config):
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    tensorboard: bool = True
+    # where the metrics go besides metrics.jsonl (same names in each): tensorboard | wandb (W&B,
+    # installed separately; it follows WANDB_MODE, WANDB_PROJECT, …). Replaces train.tensorboard
+    loggers: list = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "vlpeft"  # the W&B project (the run's name: its directory's)
     # start from a finished run's adapters and trained tensors with a fresh optimizer and
     # schedule (ReSoRA's stage 2, Zhu et al. Sec. 4.2); the same family, preset and adapter sets
     init_from: str | None = None
@@ -118,8 +122,29 @@ class TrainSection(Config):
     # on_nonfinite: skip — a run that skips more than this share of its steps is an error
     max_skipped_share: float = 0.5
 
+    @classmethod
+    def from_dict(cls, data, where: str = "config.train"):
+        """Also reads an older config's ``tensorboard: true|false`` (before ``loggers``)."""
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            old = data.pop("tensorboard")
+            mapped = ["tensorboard"] if old else []
+            if "loggers" in data and sorted(data["loggers"] or []) != mapped:
+                raise ConfigError(
+                    f"{where}: tensorboard: {old} contradicts loggers: {data['loggers']} "
+                    "(train.tensorboard is the older spelling: keep loggers only)"
+                )
+            data["loggers"] = mapped
+        return super().from_dict(data, where)
+
     def __post_init__(self) -> None:
         w = "train"
+        check(
+            isinstance(self.loggers, list)
+            and all(name in LOGGERS for name in self.loggers)
+            and len(set(self.loggers)) == len(self.loggers),
+            f"{w}.loggers", f"a list of distinct names from {list(LOGGERS)}", self.loggers,
+        )  # fmt: skip
         check(self.steps >= 1, f"{w}.steps", ">= 1", self.steps)
         check(self.grad_accum >= 1, f"{w}.grad_accum", ">= 1", self.grad_accum)
         check(

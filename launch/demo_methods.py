@@ -22,6 +22,7 @@ import torch  # noqa: E402
 import vlpeft  # noqa: E402
 from vlpeft.adapters import (  # noqa: E402
     AdapterConfig,
+    DoRAConfig,
     FLoRAConfig,
     LoRAConfig,
     NullLoRAConfig,
@@ -86,6 +87,7 @@ EXPERIMENTS = [
         LoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16),
         ReSoRAConfig(weight=0.1),
     ),
+    ("DoRA r=8", "bart", DoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16), None),
     ("LoRA r=8 (q,v of c_attn)", "gpt2", LoRAConfig(targets=["c_attn"], r=8, slices=QV), None),
     (
         "routed LoRA proj (q,v)",

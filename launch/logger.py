@@ -1,5 +1,6 @@
-"""What a run reports while it trains: ``metrics.jsonl`` + TensorBoard (rank 0), and where a
-step's time goes (:class:`StepClock`: ``perf/step_s``, ``perf/examples_per_s``,
+"""What a run reports while it trains: ``metrics.jsonl`` and the loggers ``train.loggers`` names
+(TensorBoard, Weights & Biases — the same metric names in each; rank 0), and where a step's time
+goes (:class:`StepClock`: ``perf/step_s``, ``perf/examples_per_s``,
 ``perf/data_wait``)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -16,25 +18,41 @@ from vlpeft.checkpoint import atomic_write
 
 
 class Logger:
-    """metrics.jsonl + TensorBoard (rank 0 only)."""
+    """metrics.jsonl + the ``loggers`` named (``tensorboard``, ``wandb``), on rank 0 only.
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    W&B is imported only when named (``pip install wandb``); the run's W&B id is kept in
+    ``wandb_id`` in the run directory, so a resumed run continues the same W&B run. W&B follows
+    its own environment (``WANDB_MODE=offline``, ``WANDB_API_KEY``, …); files under
+    ``<run>/wandb``.
+
+    Example:
+        >>> logger = Logger(run_dir, True, ["tensorboard"])  # doctest: +SKIP
+        >>> logger.log(10, {"train/loss": 0.5})  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, run_dir: Path, enabled: bool, loggers=("tensorboard",), project: str = "vlpeft",
+        config: dict | None = None,
+    ) -> None:  # fmt: skip
         self.enabled = enabled
-        self.file = None
-        if enabled:  # never through a symbolic link (O_NOFOLLOW): a run writes only its own files
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-            self.file = os.fdopen(os.open(run_dir / "metrics.jsonl", flags, 0o666), "a")
-        self.writer = None
-        if enabled and tensorboard:
+        self.file = self.writer = self.wandb = None
+        if not enabled:
+            return
+        # never through a symbolic link (O_NOFOLLOW): a run writes only its own files
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+        self.file = os.fdopen(os.open(run_dir / "metrics.jsonl", flags, 0o666), "a")
+        if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(run_dir / "tensorboard")
+        if "wandb" in loggers:
+            self.wandb = start_wandb(run_dir, project, config)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
         # strict JSON: a non-finite value (a skipped step's loss) is written as null, never NaN;
-        # None (no score: a split an evaluation server scores) too, and left out of TensorBoard
+        # None (no score: a split an evaluation server scores) too, and left out of the loggers
         clean = {k: (v if v is not None and math.isfinite(v) else None) for k, v in values.items()}
         self.file.write(json.dumps({"step": step, **clean}, allow_nan=False) + "\n")
         self.file.flush()
@@ -42,12 +60,37 @@ class Logger:
             for key, value in values.items():
                 if value is not None:
                     self.writer.add_scalar(key, value, step)
+        if self.wandb:
+            scalars = {k: v for k, v in values.items() if v is not None}
+            if scalars:
+                self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.file:
             self.file.close()
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def start_wandb(run_dir: Path, project: str, config: dict | None):
+    """A W&B run named after the run directory; the same W&B run again on resume."""
+    try:
+        import wandb
+    except ImportError:
+        raise RunError(
+            "train.loggers names wandb but it is not installed: pip install wandb "
+            "(or drop wandb from train.loggers)"
+        ) from None
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    if not id_file.is_file():
+        atomic_write(id_file, lambda t: Path(t).write_text(run_id))
+    return wandb.init(
+        project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+        config=config,
+    )  # fmt: skip
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--list", action="store_true", help="every recipe with its paper numbers")
     parser.add_argument("--check-data", action="store_true", help="report missing data files")
+    parser.add_argument(
+        "--root", default=None, metavar="DIR", help="the data root (the same as data.root=DIR)"
+    )
     parser.add_argument("--seeds", type=int, default=1, help="seeds to run (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="default runs/reproduce/<recipe>")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -209,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.recipe:
             parser.error("name a recipe (or --list)")
         path = find_recipe(args.recipe)
+        if args.root:
+            args.overrides = [*args.overrides, f"data.root={args.root}"]
         if args.check_data:
             rows = check_data(path, args.overrides)
             for what, stage, status in rows:

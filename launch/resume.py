@@ -29,6 +29,7 @@ LOCK = ".vlpeft_lock"
 # keys that change how a run executes, not what it optimises: free to change on --resume
 EXECUTION_KEYS = (
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard",
+    "train.loggers", "train.wandb_project",
     "train.on_nonfinite", "eval.", "deepspeed.config", "*.eval_batch_size",
     # how the run executes, for the keys the GPU/data-pipeline work adds
     "train.device", "train.num_workers", "train.compile", "train.gradient_checkpointing",

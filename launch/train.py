@@ -1,10 +1,10 @@
 """Multitask training: ``python -m launch.train --config FILE [--out RUN_DIR] [key=value …]``.
 
-One process (plain PyTorch loop), or several under ``torchrun`` / ``deepspeed`` (DeepSpeed engine
-when ``deepspeed.enabled``; ZeRO stages in ``launch/ds_zero*.json``, "auto" values filled from this
+One process (plain PyTorch loop), or several under ``torchrun`` / ``deepspeed``
+(``DistributedDataParallel``; DeepSpeed's engine when ``deepspeed.enabled``; ZeRO stages in ``launch/ds_zero*.json``, "auto" values filled from this
 config). Each step: the sampler picks a task, the router activates its adapter set and routing
 function, task loss + ReSoRA penalty, backward, clip, step. Progress with tqdm, scalars to
-TensorBoard and ``metrics.jsonl``; atomic checkpoints of trainable tensors, optimizer, scheduler,
+``metrics.jsonl`` and ``train.loggers`` (TensorBoard, W&B); atomic checkpoints of trainable tensors, optimizer, scheduler,
 sampler position and RNG states (``--resume`` continues from the newest); at the end the test
 splits are evaluated and ``run.json`` + ``leaderboard.md`` written.
 
@@ -68,6 +68,13 @@ class Run:
     position: tuple[int, int] = (0, 0)
     last_finite_loss: float | None = None
     skipped: int = 0  # steps skipped for a non-finite loss or gradient (on_nonfinite: skip)
+    earlier_seconds: float = 0.0  # the training loop's time before this process (resumes)
+    started: float = 0.0  # when this process's loop started
+
+    def train_seconds(self) -> float:
+        """The training loop's time over the whole run, resumes included (up to the checkpoint
+        each resume started from)."""
+        return self.earlier_seconds + (time.time() - self.started if self.started else 0.0)
 
     @property
     def engine(self):
@@ -94,6 +101,7 @@ def train(
     Raises :class:`ConfigError`, :class:`RunError` or :class:`tasks.base.DataError` for what the
     user has to fix; ``main`` turns them into an exit code."""
     # setup
+    check_data_file(config)
     rank, world = distributed.distributed_env()
     distributed.init_distributed(config, world)
     with lock_run_dir(run_dir, rank, world):  # one process at a time trains into a run directory
@@ -107,12 +115,15 @@ def train(
         run = setup(config, run_dir, rank, world, resume)
         # resume
         resume_or_start(run, resuming, changed)
-        logger = Logger(run_dir, rank == 0, config.train.tensorboard)
+        logger = Logger(
+            run_dir, rank == 0, config.train.loggers, config.train.wandb_project,
+            config.to_dict(),
+        )  # fmt: skip
         zero3 = run.engine is not None and run.engine.zero_optimization_stage() == 3
         replica = (lambda: launch_run.build_model(config, run.router)) if zero3 else None
         rank0 = distributed.RankZero(run.model, rank, world, replica)
         # steps, with logging, checkpoints and validation
-        started = time.time()
+        run.started = time.time()
         workers = distributed.num_workers(config, run.device)
         loader = multitask_loader(
             run.datasets, run.sampler, run.position, workers, pin_memory=run.device.type == "cuda"
@@ -137,13 +148,32 @@ def train(
                 checkpoint_and_validate(run, logger, rank0)
         del stream, loader  # its workers end here
         bar.close()
-        seconds = time.time() - started
+        seconds = run.train_seconds()
         if run.resora:
             vlpeft.enable_resora(run.model, False)
         # finish
         summary = rank0.run(lambda model: finish(run, model, seconds, logger)) or {}
         logger.close()
         return summary
+
+
+def check_data_file(config: TrainConfig) -> None:
+    """A missing ``data.file`` named with what writes it, before any process group or model."""
+    file = Path(config.data.file)
+    if file.is_file():
+        return
+    where = "" if file.is_absolute() else (
+        " (a relative path is taken from the working directory, else from the config's folder)")  # fmt: skip
+    demo = ".demo" in file.parts
+    hint = (
+        "the demo configs read what `make demo` (python -m launch.demo) writes into .demo/: run "
+        "it first, from the repository root, or set data.file= (and the demo's "
+        "model.overrides.weights.text=) to where it wrote them"
+        if demo
+        else "python -m tasks.synthetic --out DIR writes a small data set (data.file=DIR/tasks.yaml); "
+        "python -m tasks.check DATA_YAML checks one"
+    )
+    raise ConfigError(f"data.file {config.data.file}: not found{where}; {hint}")
 
 
 def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: bool = False) -> Run:
@@ -240,6 +270,7 @@ def resume_or_start(run: Run, resuming: bool, changed: dict) -> None:
         )
         run.step, run.position = state["step"], tuple(state["position"])
         run.skipped, run.last_finite_loss = state.get("skipped", 0), state.get("last_finite_loss")
+        run.earlier_seconds = state.get("train_seconds", 0.0)
         run.stepper.load_state_dict(state)
         if changed and run.rank == 0:
             with open(run.run_dir / "config_history.jsonl", "a") as f:
@@ -282,6 +313,7 @@ def checkpoint_and_validate(run: Run, logger, rank0) -> None:
     config, step = run.config, run.step
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
         counters = {"skipped": run.skipped, "last_finite_loss": run.last_finite_loss,
+                    "train_seconds": round(run.train_seconds(), 3),
                     **run.stepper.state_dict()}  # fmt: skip
         try:
             checkpoints.save_checkpoint(
@@ -317,6 +349,7 @@ def finish(run: Run, model, seconds: float, logger) -> dict:
         "processes": run.world, "deepspeed": config.deepspeed.enabled,
         "train_seconds": round(seconds, 1), "steps": run.step, "steps_skipped": run.skipped,
         "results": results,
+        "metrics": {key: record["metric"] for key, record in records.items()},
         # what each score was computed on: the leaderboard compares only the same evaluation
         "evaluations": {key: record["data"] for key, record in records.items()},
         "weights": getattr(model, "weight_sources", {}), "init_from": config.train.init_from,
@@ -340,9 +373,27 @@ def run_evaluation(
     return records
 
 
+def report(summary: dict, run_dir: Path) -> str:
+    """What the end of a run prints: where it is, its scores, how long it trained."""
+    seconds = summary["train_seconds"]
+    lines = [
+        f"finished {run_dir}: {summary['steps']} steps in {seconds:.1f} s "
+        f"({seconds / 3600:.2f} h; resumes included)"
+    ]
+    for key, value in summary["results"].items():
+        shown = "scored by the evaluation server (see eval/)" if value is None else f"{value:.2f}"
+        lines.append(f"  {key}: {shown}")
+    if not summary["results"]:
+        lines.append("  no evaluation (eval.splits is empty)")
+    lines.append(f"summary: {run_dir / 'run.json'}, table: {run_dir / 'leaderboard.md'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        description="Multitask PEFT training (plain loop or DeepSpeed)."
+        prog="python -m launch.train",
+        description="Multitask PEFT training (one process, or several under torchrun / deepspeed: "
+        "DistributedDataParallel, or DeepSpeed with deepspeed.enabled=true).",
     )
     parser.add_argument("--config", required=True, type=Path, help="training YAML")
     parser.add_argument(
@@ -369,7 +420,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.validate:
             return launch_run.validate_config(args.config, args.overrides, args.stage)
         config = load_config(args.config, args.overrides, stage=args.stage)
-        return train(config, run_dir, args.resume, args.allow_change)
+        summary = train(config, run_dir, args.resume, args.allow_change)
+        if summary:  # rank 0
+            print(report(summary, run_dir), flush=True)
+        return summary
     except (ConfigError, RunError, DataError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 

@@ -1,11 +1,12 @@
-"""Every problem of a data set at once, before a run: ``python -m tasks.check DATA_YAML``.
+"""Every problem of a data set at once, before a run: ``python -m tasks.check DATA_YAML [--root DIR]``.
 
 For each task of a task-router YAML (``tasks.synthetic`` writes one) and each of its configured
 splits, the split is read through the task's own reader (missing files, malformed JSON, missing or
 mistyped fields, duplicate ids, empty splits) and every image it names is decoded completely
 (missing, unreadable or truncated images — ``Image.verify`` alone passes JPEGs cut short). A
 training run stops at the first problem; this lists them all, with the file, the record and the
-field, and exits 1 when there is any.
+field, and exits 1 when there is any. ``--root DIR`` (or ``data.root=DIR``, as training spells it)
+is the folder the YAML's relative paths resolve against (default: the YAML's folder).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .base import DataError, Task, file_problem, readable
-from .router import TaskRouter
+from .router import CACHE_FOLDER, TaskRouter, load_yaml
 
 
 def check_task(name: str, task: Task, splits: list[str] | None = None) -> list[str]:
@@ -46,19 +47,45 @@ def check_task(name: str, task: Task, splits: list[str] | None = None) -> list[s
     return problems
 
 
-def check(tasks_yaml: str | Path, only: list[str] | None = None) -> list[str]:
-    """Every problem of the data set a task-router YAML describes (an empty list: none)."""
-    router = TaskRouter.from_yaml(tasks_yaml, only=only)
+def check(
+    tasks_yaml: str | Path, only: list[str] | None = None, root: str | Path | None = None
+) -> list[str]:
+    """Every problem of the data set a task-router YAML describes (an empty list: none); its
+    relative paths resolve against ``root`` when given, else the YAML's folder."""
+    tasks_yaml = Path(tasks_yaml)
+    if root is None:
+        router = TaskRouter.from_yaml(tasks_yaml, only=only)
+    else:
+        if not Path(root).is_dir():
+            raise DataError(f"--root {root}: no such folder")
+        router = TaskRouter.from_dict(
+            load_yaml(tasks_yaml), Path(root), only, where=str(tasks_yaml),
+            cache_dir=tasks_yaml.parent / CACHE_FOLDER,
+        )  # fmt: skip
     return [p for name, task in router.tasks.items() for p in check_task(name, task)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.check", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("tasks_yaml", help="a task-router YAML")
     parser.add_argument("--tasks", nargs="*", help="task names (default: all in the file)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--root", default=None, metavar="DIR",
+        help="the data root the YAML's relative paths resolve against (default: its folder)",
+    )  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="data.root=DIR", help="as --root")
+    args = parser.parse_intermixed_args(argv)
+    tasks = [t for t in args.tasks or [] if "=" not in t]  # --tasks a b data.root=… : not a task
+    root = args.root
+    for override in [*args.overrides, *(t for t in args.tasks or [] if "=" in t)]:
+        key, _, value = override.partition("=")
+        if key != "data.root" or not value:
+            parser.error(f"{override!r}: the only override here is data.root=DIR")
+        root = value
     try:
-        problems = check(args.tasks_yaml, args.tasks or None)
+        problems = check(args.tasks_yaml, tasks or None, root)
     except DataError as err:  # the YAML itself
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -14,6 +14,8 @@ def test_demo_methods_runs_every_method(capsys):
             if not row[key].startswith("n/a"):
                 assert float(row[key]) < 1e-4, row
     assert "| method" in capsys.readouterr().out
+    dora = next(r for r in rows if r["method"].startswith("DoRA"))  # merges and exports to peft
+    assert not dora["merged-unmerged"].startswith("n/a") and dora["peft export diff"] != "n/a"
 
 
 def test_make_demo_quick_prints_the_leaderboard_with_baselines(tmp_path, capsys):

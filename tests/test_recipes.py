@@ -68,6 +68,12 @@ def test_check_data_names_the_missing_files(tmp_path, capsys):
     assert code == 1
     out = capsys.readouterr().out
     assert "vqa/train" in out and "missing" in out and "dataset_coco.json" in out
+    # --root is data.root: the missing files are named under it
+    (tmp_path / "other").mkdir()
+    assert reproduce.main(["routing_tab7_lora_proj", "--root", str(tmp_path / "other"),
+                           "--check-data"]) == 1  # fmt: skip
+    out = capsys.readouterr().out
+    assert str(tmp_path / "other") in out and str(tmp_path / "empty") not in out
 
 
 def test_a_staged_recipe_reproduces_with_seeds(tmp_path, capsys):
