@@ -297,6 +297,21 @@ def test_missing_weights_say_where_and_how(tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrained=False") as err:
         build_model("gpt2-vit", "tiny", pretrained=True, weights={"text": missing})
     assert missing in str(err.value) and "GPT-2" in str(err.value)
+    assert f"`hf download {missing}`" in str(err.value)  # the CLI that exists (not huggingface-cli)
+
+
+def test_missing_open_clip_weights_name_their_hub_id(monkeypatch):
+    """open_clip's RN101/openai lives on the hub as timm/resnet101_clip.openai: the error names
+    that id, not the tag (offline, open_clip's download fails at once)."""
+    import open_clip
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(FileNotFoundError, match=r"`hf download timm/resnet101_clip\.openai`"):
+        build_model("clip-bart", "tiny", pretrained=True, weights={"vision": "openai"},
+                    vision={"model": "RN101"})  # fmt: skip
 
 
 # -- base presets: the papers' sizes, counted on the meta device (no memory, no download) ------

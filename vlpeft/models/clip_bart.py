@@ -67,6 +67,14 @@ class ClipBartConfig(ModelConfig):
     image_std: tuple = CLIP_STD
 
 
+# where the Hugging Face hub keeps open_clip's pretrained ResNets (model, tag) → hub id
+OPEN_CLIP_HUB = {
+    ("RN50", "openai"): "timm/resnet50_clip.openai",
+    ("RN101", "openai"): "timm/resnet101_clip.openai",
+    ("RN50x4", "openai"): "timm/resnet50x4_clip.openai",
+}
+
+
 def build_resnet(vision: dict, weights: str | None):
     """The open_clip ModifiedResNet of ``vision``; with ``weights``, loaded through open_clip."""
     import open_clip
@@ -78,7 +86,8 @@ def build_resnet(vision: dict, weights: str | None):
             try:
                 return open_clip.create_model(name, pretrained=weights).visual
             except (RuntimeError, OSError, ValueError) as err:
-                raise missing_weights(f"open_clip {name}", weights, err) from err
+                hub = OPEN_CLIP_HUB.get((name, weights))
+                raise missing_weights(f"open_clip {name}", weights, err, hub) from err
         model_cfg = open_clip.get_model_config(name)
         if model_cfg is None or not isinstance(model_cfg["vision_cfg"].get("layers"), list):
             raise ValueError(f"clip-bart vision.model {name!r} is not an open_clip ResNet config")
