@@ -5,7 +5,10 @@ classify or rank), scores with its official metric and writes its submission. Un
 writes ``<task>_<split>_predictions.<json|csv>`` in the official submission format (VQA
 ``[{"question_id", "answer"}]``, GQA ``[{"questionId", "prediction"}]``, COCO captions
 ``[{"image_id", "caption"}]``, NLVR² a CSV ``identifier,True|False``, retrieval the top-10 lists)
-and ``<task>_<split>.json`` with all scores and the headline metric.
+and ``<task>_<split>.json`` with all scores and the headline metric. ``max_records`` cuts only a
+split with answers: a server's submission file always holds every question (:func:`record_limit`).
+:func:`evaluate_mixed` evaluates several tasks in one pass of batches that mix their records
+(``batch["adapter_names"]``), with the same files and scores.
 
 The command that evaluates a finished run is ``python -m launch.evaluate RUN_DIR``: loading a run
 needs the training config, which belongs to ``launch``.
