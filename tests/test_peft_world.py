@@ -51,7 +51,12 @@ def test_merge_and_unload_of_a_vl_models_text_backbone(tmp_path):
     perturb_adapters(model)
     inputs = {k: v.clamp(max=model.bart.config.vocab_size - 1) for k, v in bart_inputs().items()}
     expected = run(model.bart, inputs)
-    vlpeft.merge_and_unload(model)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    batch = {"images": images, "text": ["vqa: what color?", "caption:"], "targets": ["red", "a"]}
+    with torch.no_grad():
+        loss = model(batch).loss
+        vlpeft.merge_and_unload(model)
+        torch.testing.assert_close(model(batch).loss, loss, atol=1e-5, rtol=1e-5)  # VL forward
     model.bart.save_pretrained(tmp_path)
     loaded = type(model.bart).from_pretrained(tmp_path).eval()
     torch.testing.assert_close(run(loaded, inputs), expected, atol=1e-5, rtol=1e-5)
