@@ -92,6 +92,19 @@ def test_merge_and_unload_refuses_a_non_mergeable_method_with_the_reason(config,
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_safe_merge_refuses_a_broken_adapter_and_undoes_its_merges():
+    model = adapted(tiny_bart, LoRAConfig(targets=["q_proj"], r=2))
+    layers = list(vlpeft.adapted_layers(model))
+    with torch.no_grad():
+        layers[-1][1].adapters["default"].lora_B[0, 0] = float("nan")
+    before = [layer.base_layer.weight.clone() for _, layer in layers]
+    with pytest.raises(ValueError, match=f"at {layers[-1][0]}: NaN or inf"):
+        vlpeft.merge_and_unload(model, safe_merge=True)
+    assert [p for p, _ in vlpeft.adapted_layers(model)] == [p for p, _ in layers]
+    for (_, layer), weight in zip(layers, before):  # the broken layer's too: no NaN left
+        assert not layer.merged and torch.equal(layer.base_layer.weight, weight)
+
+
 def test_unload_restores_the_original_model_untouched():
     model = tiny_bart()
     original = {k: v.clone() for k, v in model.state_dict().items()}

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 __all__ = ["delete_adapter", "merge_and_unload", "unload"]
 
 
-def merge_and_unload(module: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
+def merge_and_unload(
+    module: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False
+) -> nn.Module:
     """Folds adapters into the base weights and removes every adapter layer, as peft's
     ``PeftModel.merge_and_unload``.
 
@@ -43,6 +45,8 @@ def merge_and_unload(module: nn.Module, adapter_names: Sequence[str] | None = No
         module: the model holding the adapters (a VL model or a bare backbone).
         adapter_names: the adapters to merge (default: the active ones; adapters already merged
             with :func:`vlpeft.merge_adapter` stay merged). Every other adapter is dropped.
+        safe_merge: check every merged weight for NaN/inf (peft's ``safe_merge``); a broken one
+            is a ValueError naming the adapter and layer, with every merge of this call undone.
 
     Returns:
         ``module``, modified in place: plain layers with W0 + ΔW, no adapters left. A method whose
@@ -66,13 +70,30 @@ def merge_and_unload(module: nn.Module, adapter_names: Sequence[str] | None = No
             adapter = layer.adapters[n] if n in layer.adapters else None
             if adapter is not None and not adapter.mergeable and n not in layer.merged:
                 raise TypeError(f"adapter {n!r} ({configs[n].method}) at {path}: {_why(adapter)}")
+    done: list[tuple[AdaptedLayer, str, torch.Tensor | None]] = []
     with gathered(module.parameters(), modifier_rank=0), torch.no_grad():
-        for _, layer in layers:
+        for path, layer in layers:
             for n in names:
                 if n in layer.adapters and n not in layer.merged:
+                    weight = layer.base_layer.weight
+                    done.append((layer, n, weight.clone() if safe_merge else None))
                     layer.adapters[n].merge_into(layer.base_layer)
                     layer.merged = (*layer.merged, n)
+                    if safe_merge and not torch.isfinite(weight).all():
+                        _undo(done)
+                        raise ValueError(
+                            f"adapter {n!r} at {path}: NaN or inf in the merged weight (the "
+                            "adapter seems broken); nothing was merged"
+                        )
     return unload(module)
+
+
+def _undo(done: list) -> None:
+    """Unmerges (the methods' own bookkeeping) and puts back the weights as they were."""
+    for layer, n, weight in reversed(done):
+        layer.adapters[n].unmerge_from(layer.base_layer)
+        layer.base_layer.weight.copy_(weight)
+        layer.merged = tuple(m for m in layer.merged if m != n)
 
 
 def _why(adapter) -> str:
