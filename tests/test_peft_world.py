@@ -231,7 +231,7 @@ def test_a_peft_user_loads_the_export_onto_the_bare_backbone(row, tmp_path):
 
 
 @pytest.mark.parametrize("row", VL_ROWS, ids=[r[0] for r in VL_ROWS])
-def test_the_export_loads_back_into_the_vl_model_wrapper_tensors_included(row, tmp_path):
+def test_the_export_loads_back_into_the_vl_model_wrapper_tensors_included(row, tmp_path, caplog):
     family, attr, make_inputs, config, *_ = row
     model = adapted_vl_model(family, config)
     vlpeft.export_peft_lora(model, tmp_path)
@@ -247,8 +247,15 @@ def test_the_export_loads_back_into_the_vl_model_wrapper_tensors_included(row, t
     assert {
         n for n, p in back.named_parameters() if p.requires_grad and ".adapters." not in n
     } == set(trained)  # declared trainable again, as peft's modules_to_save
+    # the recorded prefix given explicitly: the same
+    again = vlpeft.load_peft_lora(vlpeft.build_model(family, "tiny").eval(), tmp_path, prefix=attr)
+    assert all(torch.equal(again.state_dict()[n], want[n]) for n in trained)
     # onto the bare backbone with vlpeft: the wrapper's tensors are skipped, with a warning
-    bare = vlpeft.load_peft_lora(getattr(vlpeft.build_model(family, "tiny"), attr).eval(), tmp_path)
+    with caplog.at_level("WARNING", logger="vlpeft.peft_import"):
+        bare = vlpeft.load_peft_lora(
+            getattr(vlpeft.build_model(family, "tiny"), attr).eval(), tmp_path
+        )
+    assert ("tensors" in caplog.text and "are not loaded" in caplog.text) == bool(trained)
     torch.testing.assert_close(
         run(bare, inputs), run(getattr(model, attr), inputs), atol=1e-6, rtol=1e-5
     )

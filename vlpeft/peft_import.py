@@ -270,7 +270,7 @@ def load_peft_lora(
     cfg_path = directory / CONFIG_NAME
     data = _read_config(directory)
     tensors = _read_tensors(directory)
-    wrapper = _read_extra(directory, module) if prefix is None else {}
+    wrapper = _read_extra(directory, module, prefix)
     prefix = wrapper.get("backbone", prefix)
     backbone = module.get_submodule(prefix) if prefix else module
     lead = prefix + "." if prefix else ""
@@ -530,11 +530,12 @@ def _tensor_of(module: nn.Module, full: str) -> torch.Tensor:
     return getattr(sub, attr)
 
 
-def _read_extra(directory: Path, module: nn.Module) -> dict[str, Any]:
+def _read_extra(directory: Path, module: nn.Module, prefix: str | None) -> dict[str, Any]:
     """What :func:`vlpeft.export_peft_lora` wrote beside a peft checkpoint for the VL wrapper:
-    ``{"backbone": prefix, "tensors": {full name: tensor}}`` when ``module`` has that backbone;
-    ``{}`` without the side file, or for ``module`` the bare backbone itself (the wrapper's tensors
-    are then not loaded: a warning says so)."""
+    ``{"backbone": prefix, "tensors": {full name: tensor}}`` when ``module`` has that backbone
+    (and ``prefix`` is None or names it); ``{}`` without the side file, or when the adapter goes
+    elsewhere (``module`` the bare backbone itself, another ``prefix``: the wrapper's tensors are
+    then not loaded, a warning says so)."""
     path = directory / EXTRA_CONFIG
     if not path.is_file():
         return {}
@@ -547,14 +548,18 @@ def _read_extra(directory: Path, module: nn.Module) -> dict[str, Any]:
     names = [plain_name(n, f"{path}: names") for n in names]
     try:
         module.get_submodule(backbone)
+        elsewhere = prefix is not None and prefix != backbone
     except AttributeError:
+        elsewhere = True
+    if elsewhere:
         if names:
             log.warning(
-                "%s: %s has no %r (the export's backbone): loading onto it as the backbone; the "
-                "wrapper's tensors %s are not loaded",
+                "%s: the export's backbone is %r, the adapter goes to %r of %s: the wrapper's "
+                "tensors %s are not loaded",
                 path,
-                type(module).__name__,
                 backbone,
+                prefix or "",
+                type(module).__name__,
                 names,
             )
         return {}
