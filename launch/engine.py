@@ -13,6 +13,7 @@ the training run's state (:class:`launch.train.Run`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import pickle
@@ -162,7 +163,7 @@ class PlainStepper:
 
     def __init__(self, model, optimizer, scheduler, grad_clip: float | None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.forward = model
+        self._forward, self._rewrap = model, False
         self.clip = grad_clip if grad_clip is not None else float("inf")
         self.overflows = 0  # fp16 steps the loss scaler skipped (ScalerStepper)
 
@@ -173,17 +174,35 @@ class PlainStepper:
         on the global batch. Every micro-batch synchronises (a skipped one's forward must not
         leave DDP waiting for its backward, see :meth:`discard`); unused parameters are expected:
         a step trains only its task's adapter set."""
-        self.forward = DDP(
+        self.device = device
+        self._forward = DDP(
             self.model,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
 
-    def discard(self, loss: torch.Tensor | None) -> None:
+    @property
+    def forward(self):
+        """What the batches go through (see the class); a DDP wrapper :meth:`discard` dropped is
+        made anew here, once the dropped step's graph (which holds the old one's hooks) is gone."""
+        if self._rewrap:
+            self._rewrap, self._forward = False, None
+            gc.collect()  # the old wrapper's gradient hooks go with it
+            self.wrap_ddp(self.device)
+        return self._forward
+
+    def discard(self, loss: torch.Tensor | None, world: int) -> None:
         """Ends the backward DDP waits for after a forward whose loss is dropped (non-finite): a
-        zero-weighted backward; the step then drops the gradients (:meth:`skip`)."""
-        if isinstance(self.forward, DDP) and loss is not None and loss.requires_grad:
+        zero-weighted backward on every rank; the step then drops the gradients (:meth:`skip`).
+        Where a rank's forward raised (no loss), no backward can match on every rank: each rank
+        wraps the model anew before the next forward instead, which forgets the pending backward
+        (the weights are the same on every rank)."""
+        if not isinstance(self._forward, DDP):
+            return
+        if distributed.all_ranks_agree(loss is not None and loss.requires_grad, world):
             (loss * 0.0).backward()
+        else:
+            self._rewrap = True
 
     def can_skip(self, index: int) -> bool:
         """Whether a non-finite micro-batch ``index`` of the step can still drop the step."""
@@ -271,7 +290,7 @@ class DeepSpeedStepper(PlainStepper):
 
     def __init__(self, engine, optimizer, scheduler) -> None:
         super().__init__(engine.module, optimizer, scheduler, None)
-        self.engine = self.forward = engine
+        self.engine = self._forward = engine
 
     def can_skip(self, index: int) -> bool:
         # the engine has taken earlier micro-batches' gradients: a later one cannot be dropped
@@ -398,7 +417,7 @@ def train_step(run, micro_batches: list[tuple[str, dict]]) -> tuple[tuple, dict]
         except FloatingPointError as err:  # a model that refuses non-finite values (BLIP's ITC)
             finite, value = False, f"non-finite ({err})"
         if not distributed.all_ranks_agree(finite, run.world):
-            stepper.discard(total)  # DDP: its pending backward, before skip() drops the grads
+            stepper.discard(total, run.world)  # DDP's pending backward, before skip() drops grads
             on_nonfinite(run, task, NonFinite("the loss", value, stepper.can_skip(i)))
             return skipped_losses(micro_batches)
         stepper.backward(total, weights[i], count)
