@@ -1,7 +1,8 @@
 """Processes and devices: ranks, the process group, collectives, the run's device, rank-0 work.
 
 One process needs none of it beyond :func:`distributed_env` (DeepSpeed reads the variables it
-sets); several (``torchrun`` / ``deepspeed``) share a run directory on one filesystem
+sets); several (``torchrun`` / ``deepspeed``; DistributedDataParallel or DeepSpeed's engine,
+:mod:`launch.engine`) share a run directory on one filesystem
 (:func:`check_shared`) and agree on every decision that stops or skips a step
 (:func:`all_ranks_agree`).
 """

@@ -1,12 +1,15 @@
 """Multitask training: ``python -m launch.train --config FILE [--out RUN_DIR] [key=value …]``.
 
-One process (plain PyTorch loop), or several under ``torchrun`` / ``deepspeed``
-(``DistributedDataParallel``; DeepSpeed's engine when ``deepspeed.enabled``; ZeRO stages in ``launch/ds_zero*.json``, "auto" values filled from this
+One process (plain PyTorch loop), or several under ``torchrun`` / ``deepspeed``: PyTorch's
+``DistributedDataParallel`` (gloo on the CPU, NCCL on GPUs), or DeepSpeed's engine when
+``deepspeed.enabled`` (ZeRO stages in ``launch/ds_zero*.json``, "auto" values filled from this
 config). Each step: the sampler picks a task, the router activates its adapter set and routing
 function, task loss + ReSoRA penalty, backward, clip, step. Progress with tqdm, scalars to
-``metrics.jsonl`` and ``train.loggers`` (TensorBoard, W&B); atomic checkpoints of trainable tensors, optimizer, scheduler,
-sampler position and RNG states (``--resume`` continues from the newest); at the end the test
-splits are evaluated and ``run.json`` + ``leaderboard.md`` written.
+``metrics.jsonl`` and the ``train.loggers`` (TensorBoard, W&B); atomic checkpoints of trainable
+tensors, optimizer, scheduler, sampler position and RNG states (``--resume`` continues from the
+newest); at the end the test splits are evaluated, ``run.json`` + ``leaderboard.md`` written and
+the run directory, scores and training time printed. ``train_seconds`` is the training loop's
+time over the whole run, resumes included.
 
 This file reads top to bottom: :func:`train` is setup → resume → the loop → finish. The parts
 live by role: :mod:`launch.distributed` (ranks, collectives, the device), :mod:`launch.engine`
