@@ -11,8 +11,9 @@ routing function per task. Exporting task T writes what T needs, self-contained:
   written into the config, and ``task.json``
   (the base model to build, T's reader and prompt). :func:`load_exported` rebuilds the base model
   and loads it; the result predicts exactly as the run's model does on T.
-- ``peft-lora``: the same adapter as a peft LoRA checkpoint of the whole VL model
-  (``peft.PeftModel.from_pretrained(vlpeft.build_model(...), DIR)``) plus ``task.json``; only for
+- ``peft-lora``: the same adapter as a peft LoRA checkpoint of the VL model's text backbone
+  (``peft.PeftModel.from_pretrained(<the backbone>, DIR)``) + ``vlpeft_extra.*`` (the wrapper's
+  trained tensors; ``vlpeft.load_peft_lora`` reads both) plus ``task.json``; only for
   adapters that reduce to plain LoRA (LoRA, Null-LoRA, FLoRA-linear without routing).
 
 ``--merge TASK=W,…`` (then ``--task`` is not needed) merges the adapter sets of the named tasks
@@ -186,13 +187,11 @@ def load_exported(directory: str | Path):
     info = json.loads(path.read_text())
     spec = info["model"]
     model = vlpeft.build_model(spec["family"], spec["preset"], **spec["overrides"])
-    if info["format"] == "peft-lora":
-        from peft import PeftModel
-
-        PeftModel.from_pretrained(model, directory)  # injects into ``model`` in place
+    if info["format"] == "peft-lora":  # the backbone's peft checkpoint + the wrapper's side file
+        vlpeft.load_peft_lora(model, directory, name=info["adapter"])
     else:
         vlpeft.load_adapter(model, directory, name=info["adapter"])
-        vlpeft.set_active_adapter(model, info["adapter"])
+    vlpeft.set_active_adapter(model, info["adapter"])
     return model.eval(), info
 
 

@@ -54,22 +54,8 @@ def placeholders() -> dict:
 
 
 # Blocks that fail for a reason in README's text, by a line of theirs (strict: once README is
-# fixed the mark must go). The replacement texts are in the session report of #27.
-FAILING = {
-    "model = ...  # any nn.Module": (
-        AttributeError,  # Ellipsis has no named_modules
-        "README's 'Using the library' block: `model = ...` and `fresh_model` are no models, and "
-        "it merges its Adapter set 'caption' with merge_task_adapters (refused: not linear)",
-    ),
-    "vlpeft.set_routing_inputs(model, x_r)  # x_R of model's routed layers": (
-        NameError,
-        "README's forward-context block uses vlpeft without importing it",
-    ),
-    'model = vlpeft.build_model("clip-bart", "tiny")  # or "base"': (
-        NameError,
-        "README's backbone block uses vlpeft and LoRAConfig without importing them",
-    ),
-}
+# fixed the mark must go): {a line of the block: (the exception, why)}.
+FAILING: dict[str, tuple[type[Exception], str]] = {}  # none today
 
 
 def _params():
