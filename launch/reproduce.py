@@ -12,8 +12,9 @@ so running the command again continues a reproduction.
     python -m launch.reproduce R data.root=/datasets --check-data   # which files are missing
     python -m launch.reproduce R data.root=/datasets --seeds 3      # run, then compare
 
-Under several processes start it like training (``deepspeed --num_gpus 8 -m launch.reproduce …``
-with ``deepspeed.enabled=true``); rank 0 prints and writes ``reproduce.{json,md}``.
+Under several processes start it like training (``torchrun --nproc_per_node 8 -m
+launch.reproduce …``, or ``deepspeed --num_gpus 8 -m launch.reproduce …`` with
+``deepspeed.enabled=true``); rank 0 prints and writes ``reproduce.{json,md}``.
 """
 
 from __future__ import annotations

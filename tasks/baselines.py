@@ -52,6 +52,7 @@ def baseline_summary(
         "trainable": 0,
         "train_seconds": 0.0,
         "results": results,
+        "metrics": {f"{name}/{split}": router[name].metric for name in tasks},
         "evaluations": evaluations,
     }
 
