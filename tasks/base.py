@@ -240,20 +240,21 @@ def missing_images(records: Sequence[dict]) -> list[Path]:
     listing per folder — not a ``stat`` per record, which a network file system makes slow (a
     record store lists its distinct images without building its records)."""
     if hasattr(records, "distinct"):
-        images = [Path(p) for p in records.distinct("images")]
+        images = records.distinct("images", text=True)  # strings: no Path per image
     else:
-        images = list(dict.fromkeys(Path(p) for r in records for p in r["images"]))
-    listed: dict[Path, set[str]] = {}
+        images = list(dict.fromkeys(str(p) for r in records for p in r["images"]))
+    listed: dict[str, set[str]] = {}
     missing = []
     for image in images:
-        if image.parent not in listed:
+        folder, name = os.path.split(image)
+        if folder not in listed:
             try:
-                with os.scandir(image.parent) as entries:
-                    listed[image.parent] = {e.name for e in entries if e.is_file()}
+                with os.scandir(folder or ".") as entries:
+                    listed[folder] = {e.name for e in entries if e.is_file()}
             except OSError:  # no such folder (or unreadable): none of its images is there
-                listed[image.parent] = set()
-        if image.name not in listed[image.parent]:
-            missing.append(image)
+                listed[folder] = set()
+        if name not in listed[folder]:
+            missing.append(Path(image))
     return missing
 
 
