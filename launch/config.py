@@ -46,6 +46,7 @@ from tasks.router import load_yaml
 from tasks.sampler import SamplerConfig
 from vlpeft.adapters import ReSoRAConfig
 from vlpeft.adapters.base import MethodConfig
+from vlpeft.checkpoint import read_json_file
 from vlpeft.config import Config, ConfigError, check, deep_merge
 from vlpeft.models import get_family, preset_config
 
@@ -317,19 +318,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_json(path: str | Path, error: type[Exception] = RunError) -> Any:
-    """A JSON file vlpeft wrote or was given, or a one-line ``error`` naming it: missing, not a
-    regular file (a FIFO would block), not UTF-8, malformed, or nested too deeply to parse."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: not found (or not a regular file)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise error(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise error(f"{path}: malformed JSON ({err})") from None
-    except RecursionError:
-        raise error(f"{path}: JSON nested too deeply to read") from None
+    """A JSON file vlpeft wrote or was given, or a one-line ``error`` naming it
+    (:func:`vlpeft.checkpoint.read_json_file`: missing, not a regular file, not UTF-8, malformed,
+    nested too deeply)."""
+    return read_json_file(path, error)
 
 
 def check_tasks_fit_model(config: TrainConfig, where: str) -> None:

@@ -171,7 +171,7 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[str, MethodConfig
         raise FileNotFoundError(
             f"{path}: no adapter config here (expected {CONFIG_NAME} + {WEIGHTS_NAME})"
         )
-    data = _read_json(path)
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise ValueError(
             f"{path}: expected a JSON object (a vlpeft adapter config), got {type(data).__name__}"
@@ -192,17 +192,21 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[str, MethodConfig
     return data["adapter_name"], _from_resolved(config, data, path)
 
 
-def _read_json(path: Path) -> Any:
-    """The JSON in ``path``, or a one-line ValueError naming it: not UTF-8, malformed, or nested
-    too deeply to parse (Python's parser recurses)."""
+def read_json_file(path: str | Path, error: type[Exception] = ValueError) -> Any:
+    """The JSON in ``path``, or a one-line ``error`` naming it: missing or not a regular file (a
+    FIFO would block), not UTF-8, malformed, or nested too deeply to parse (Python's parser
+    recurses). The launcher reads its own files through it too, with its error type."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: not found (or not a regular file)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+        raise error(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deeply to read") from None
+        raise error(f"{path}: JSON nested too deeply to read") from None
 
 
 def _check_layout(data: dict, path: Path) -> None:
