@@ -36,7 +36,7 @@ from launch.config import (
 )  # fmt: skip
 from launch.distributed import distributed_env
 from launch.resume import EXECUTION_KEYS, config_changes
-from launch.run import RunError, build_router
+from launch.run import RunError, build_router, evaluated_splits
 from launch.train import train
 from tasks.base import DataError
 from vlpeft.checkpoint import atomic_write, write_json
@@ -101,9 +101,8 @@ def check_data(path: Path, overrides=()) -> list[tuple[str, str, str]]:
         except (ConfigError, DataError) as err:
             rows.append(("data.file", name or "", str(err)))
             continue
-        splits = ["train", *config.eval.splits] + (["val"] if config.eval.val_every else [])
         for task in router.tasks:
-            for split in dict.fromkeys(splits):
+            for split in dict.fromkeys(["train", *evaluated_splits(config)]):
                 key = (task, split, router[task].config.root)
                 if key in seen:
                     continue

@@ -244,31 +244,33 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:
     return enabled
 
 
+def evaluated_splits(config: TrainConfig) -> list[str]:
+    """The splits a run evaluates: ``eval.splits``, and ``val`` when it validates; once each."""
+    return list(dict.fromkeys([*config.eval.splits, *(["val"] if config.eval.val_every else [])]))
+
+
 def check_eval_splits(router: TaskRouter, config: TrainConfig) -> None:
     """Reads every split the run will evaluate before training, so a bad test file (an image
     without captions, a missing image) is an error now, not after the training."""
-    splits = list(config.eval.splits) + (["val"] if config.eval.val_every else [])
     for task in router.tasks.values():
-        for split in dict.fromkeys(splits):
+        for split in evaluated_splits(config):
             task.read(split, limit=config.eval.max_records)
 
 
 def warm_record_caches(router: TaskRouter, config: TrainConfig) -> None:
     """Reads every split the run uses into its record cache (local rank 0, before the others)."""
-    splits = ["train", *config.eval.splits] + (["val"] if config.eval.val_every else [])
     for task in router.tasks.values():
         if task.cache_dir is not None:
-            for split in dict.fromkeys(splits):
+            for split in dict.fromkeys(["train", *evaluated_splits(config)]):
                 task.read_cached(task.split_name(split))
 
 
 def check_eval_features(router: TaskRouter, config: TrainConfig, model) -> None:
     """The feature caches of the splits the run evaluates hold every image of them, unchanged,
     in intact shards — checked now, not found out after the training."""
-    splits = list(config.eval.splits) + (["val"] if config.eval.val_every else [])
     for name, task in router.tasks.items():
         if task.config.features:
-            for split in dict.fromkeys(splits):
+            for split in evaluated_splits(config):
                 router.dataset(name, split, model, limit=config.eval.max_records).check_features()
 
 
