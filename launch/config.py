@@ -12,7 +12,8 @@ Sections (every key has a default except ``model.family`` and ``data.file``)::
                num_workers: null, grad_accum: 1, gradient_checkpointing: false, compile: false,
                compile_mode: adapters, compile_backend: inductor, …}
     resora:   null | {kind: linear, weight: 0.1, start_step: 0, samples: tokens}
-    eval:     {splits: [test], val_every: 0, max_records: null, max_new_tokens: 10, num_beams: 1, itm_k: 16}
+    eval:     {splits: [test], val_every: 0, max_records: null, max_new_tokens: 10, num_beams: 1, itm_k: 16,
+               select: last}   (select: best keeps each adapter set's best validation step, launch.selection)
     deepspeed: {enabled: false, config: launch/ds_zero2.json}
     paper:    null | {source, table, split, results: {"<task>/<split>": number}, …} (recipes: read
               by ``launch.reproduce``, ignored by training)
@@ -196,9 +197,15 @@ class EvalSection(Config):
     max_new_tokens: int = 10
     num_beams: int = 1
     itm_k: int = 16
+    select: str = "last"
 
     def __post_init__(self) -> None:
         check(self.val_every >= 0, "eval.val_every", ">= 0", self.val_every)
+        check(self.select in ("last", "best"), "eval.select", "'last' or 'best'", self.select)
+        check(
+            self.select == "last" or self.val_every > 0, "eval.val_every",
+            "> 0 with eval.select: best (the steps to choose from)", self.val_every,
+        )  # fmt: skip
         check(
             self.max_records is None or self.max_records >= 1, "eval.max_records",
             ">= 1 (or null for all)", self.max_records,

@@ -50,6 +50,18 @@ def changes_structure(key: str) -> bool:
     )
 
 
+# keys a resume never changes: what ``eval.select: best`` chose so far was chosen by them
+SELECTION_KEYS = ("eval.select",)
+SELECTION_KEYS_BEST = ("eval.val_every", "eval.max_records")
+
+
+def fixed_by_selection(key: str, earlier: dict) -> bool:
+    """Whether ``key`` is fixed for the run by its checkpoint selection (``eval.select``): the
+    choice itself, and with ``best`` what the validation scores it compares were computed on."""
+    best = earlier.get("eval.select") == "best"
+    return key in SELECTION_KEYS or (best and key in SELECTION_KEYS_BEST)
+
+
 # keys the launcher fills in when a run starts (a classifier's answer vocabulary from the data):
 # a config that leaves them out asks for the same run
 DERIVED_KEYS = ("model.overrides.answers",)
@@ -233,6 +245,14 @@ def config_changes(
             f"{run_dir}: resuming with a changed config ({listed}); no --allow-change can take "
             "it: the checkpoint holds tensors of the old model and adapters (their shapes and "
             "names). Start another run, or train.init_from a finished one"
+        )
+    fixed = [k for k in changed if fixed_by_selection(k, earlier)]
+    if fixed and doing == "resuming":
+        listed = ", ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in fixed)
+        raise RunError(
+            f"{run_dir}: resuming with a changed config ({listed}); no --allow-change can take "
+            "it: the run's checkpoint selection (eval.select) compares validation scores of the "
+            "same steps and records from its start. Start another run"
         )
     refused = [k for k in changed if not any(matches(k, a) for a in allowed)]
     if refused:

@@ -35,11 +35,21 @@ def build_router(config: TrainConfig) -> TaskRouter:
     for name, settings in config.data.tasks.items():
         if name not in entries:
             raise ConfigError(f"data.tasks.{name}: not in {path} (it has {sorted(entries)})")
-        merged[name] = {**entries[name], **(settings or {})}
+        merged[name] = task_entry(entries[name], settings)
     base = Path(config.data.root) if config.data.root else path.parent
     if config.data.root and not base.is_dir():
         raise ConfigError(f"data.root {config.data.root}: no such folder")
     return TaskRouter.from_dict(merged, base, where=str(path), cache_dir=record_cache(config))
+
+
+def task_entry(entry: dict, settings: dict | None) -> dict:
+    """A task of ``data.file`` updated by its ``data.tasks`` settings; ``splits`` is updated key
+    by key (``data.tasks.gqa.splits: {train: train+val}`` keeps the file's val and test)."""
+    settings = settings or {}
+    merged = {**entry, **settings}
+    if isinstance(entry.get("splits"), dict) and isinstance(settings.get("splits"), dict):
+        merged["splits"] = {**entry["splits"], **settings["splits"]}
+    return merged
 
 
 def record_cache(config: TrainConfig) -> Path | None:
@@ -102,10 +112,10 @@ def check_offline(config: TrainConfig) -> dict:
         if name not in entries:
             raise ConfigError(f"data.tasks.{name}: not in {path} (it has {sorted(entries)})")
         try:
-            TaskConfig.from_dict({**entries[name], **(settings or {})}, f"{path}: {name}")
+            TaskConfig.from_dict(task_entry(entries[name], settings), f"{path}: {name}")
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        adapter = {**entries[name], **(settings or {})}.get("adapter", "default")
+        adapter = task_entry(entries[name], settings).get("adapter", "default")
         if adapter not in config.adapters and config.adapters:
             raise ConfigError(
                 f"data.tasks.{name}: trains adapter set {adapter!r}, not defined under adapters "
@@ -148,9 +158,7 @@ def check_offline(config: TrainConfig) -> dict:
             enable_gradient_checkpointing(model)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"model {config.model.family}/{config.model.preset}: {err}") from None
-    cached = [
-        n for n, s in config.data.tasks.items() if {**entries[n], **(s or {})}.get("features")
-    ]
+    cached = [n for n, s in config.data.tasks.items() if task_entry(entries[n], s).get("features")]
     if cached and getattr(model, "cached_part", None) is None:
         raise ConfigError(
             f"data.tasks.{cached[0]}.features: {config.model.family} reads no cached visual "
@@ -262,7 +270,7 @@ def warm_record_caches(router: TaskRouter, config: TrainConfig) -> None:
     for task in router.tasks.values():
         if task.cache_dir is not None:
             for split in dict.fromkeys(["train", *evaluated_splits(config)]):
-                task.read_cached(task.split_name(split))
+                task.read_named(task.split_name(split))
 
 
 def check_eval_features(router: TaskRouter, config: TrainConfig, model) -> None:

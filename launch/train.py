@@ -42,6 +42,7 @@ from launch import checkpoints, distributed, engine
 from launch.config import STAGE_PREFIX, ConfigError, RunError, TrainConfig, load_config
 from launch.logger import Logger, StepClock, truncate_metrics
 from launch.resume import check_run_dir, config_changes, lock_run_dir, mark_run_dir
+from launch.selection import Selector, voters
 from tasks.base import DataError
 from tasks.loader import multitask_loader
 from tasks.router import TaskRouter
@@ -65,6 +66,7 @@ class Run:
     datasets: dict
     sampler: MultitaskSampler
     stepper: engine.PlainStepper  # the backend's step: plain, fp16 scaler or DeepSpeed
+    selector: Selector  # eval.select: the weights the run keeps
     resora: vlpeft.ReSoRAConfig | None = None
     device: torch.device = torch.device("cpu")
     step: int = 0
@@ -214,6 +216,8 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
             )
         dataset.check_features()  # once per process, before the workers fork
     launch_run.check_eval_features(router, config, model)
+    selector = Selector(run_dir, config.eval.select, voters(router))
+    selector.check(model)
     sampler = MultitaskSampler(
         {n: len(d) for n, d in datasets.items()},
         {n: router[n].config.batch_size for n in datasets},
@@ -231,8 +235,8 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
     resora = vlpeft.ReSoRAConfig(**config.resora) if config.resora else None
     if resora and resora.samples != "weight":
         vlpeft.enable_resora(model)  # the recorder keeps each training forward's activations
-    return Run(config, run_dir, rank, world, router, model, datasets, sampler, stepper, resora,
-               device)  # fmt: skip
+    return Run(config, run_dir, rank, world, router, model, datasets, sampler, stepper, selector,
+               resora, device)  # fmt: skip
 
 
 def init_from_run(model, config: TrainConfig, source: Path) -> None:
@@ -275,6 +279,7 @@ def resume_or_start(run: Run, resuming: bool, changed: dict) -> None:
         run.skipped, run.last_finite_loss = state.get("skipped", 0), state.get("last_finite_loss")
         run.earlier_seconds = state.get("train_seconds", 0.0)
         run.stepper.load_state_dict(state)
+        run.selector.load_state_dict(state)
         if changed and run.rank == 0:
             with open(run.run_dir / "config_history.jsonl", "a") as f:
                 entry = {"time": time.time(), "step": run.step, "changes": changed}
@@ -312,12 +317,22 @@ def log_step(run: Run, losses: tuple, per_task: dict, logger, bar, clock) -> Non
 
 
 def checkpoint_and_validate(run: Run, logger, rank0) -> None:
-    """The checkpoint and the validation the config's intervals ask for at this step."""
+    """The validation and the checkpoint the config's intervals ask for at this step — the
+    validation first, so a checkpoint holds what it chose (``eval.select``) and the RNG states
+    after it: a resumed run continues as the uninterrupted one would."""
     config, step = run.config, run.step
+    if config.eval.val_every and step % config.eval.val_every == 0:
+
+        def validate(model) -> None:
+            records = run_evaluation(model, run.router, config, run.run_dir, ["val"], logger, step)
+            run.selector.update(step, records, model)
+
+        rank0.run(validate)
+        run.model.train()
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
         counters = {"skipped": run.skipped, "last_finite_loss": run.last_finite_loss,
                     "train_seconds": round(run.train_seconds(), 3),
-                    **run.stepper.state_dict()}  # fmt: skip
+                    **run.stepper.state_dict(), **run.selector.state_dict()}  # fmt: skip
         try:
             checkpoints.save_checkpoint(
                 run.run_dir, step, run.model, run.optimizer, run.scheduler, run.position,
@@ -330,27 +345,31 @@ def checkpoint_and_validate(run: Run, logger, rank0) -> None:
             raise RunError(
                 f"step {step}: the checkpoint could not be written ({err}); {kept}"
             ) from err
-    if config.eval.val_every and step % config.eval.val_every == 0:
-        rank0.run(
-            lambda m: run_evaluation(m, run.router, config, run.run_dir, ["val"], logger, step)
-        )
-        run.model.train()
+        if run.rank == 0:
+            run.selector.prune()
 
 
 def finish(run: Run, model, seconds: float, logger) -> dict:
-    """Saves the adapters, evaluates the test splits, writes run.json and leaderboard.md."""
+    """Loads the selected weights (``eval.select``), saves the adapters, evaluates the test
+    splits, writes run.json and leaderboard.md."""
     config, run_dir = run.config, run.run_dir
+    selected = run.selector.apply(model)
     vlpeft.save_adapter(model, run_dir / "adapters")
     records = run_evaluation(
         model, run.router, config, run_dir, config.eval.splits, logger, run.step
     )
-    results = {key: record["headline"] for key, record in records.items()}
+    results = {}
+    for key, record in records.items():
+        results[key] = record["headline"]
+        for evaluator, score in (record.get("reference") or {}).items():
+            results[f"{key}_{evaluator}"] = score  # scored by a reference code's rules
     trainable, total_params = vlpeft.count_parameters(model)
     summary = {
         "run": run_dir.name, "family": config.model.family, "preset": config.model.preset,
         "method": launch_run.method_name(config), "trainable": trainable, "total": total_params,
         "processes": run.world, "deepspeed": config.deepspeed.enabled,
         "train_seconds": round(seconds, 1), "steps": run.step, "steps_skipped": run.skipped,
+        "select": config.eval.select, "selected": selected,
         "results": results,
         "metrics": {key: record["metric"] for key, record in records.items()},
         # what each score was computed on: the leaderboard compares only the same evaluation

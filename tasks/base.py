@@ -11,6 +11,8 @@ itself, so adding a task is one file and one registry entry:
 - ``predict``: how predictions are made (``predicts``: generate / choices / classify / rank);
 - ``score``: its official metric (a function in its file, named in :mod:`evaluation.metrics`;
   task-free pieces from :mod:`evaluation.scoring`) and the headline ``metric``;
+  ``reference_scores``: the same predictions by a published reference evaluator's rules where
+  they differ (VQA, GQA: VL-Adapter's), recorded beside the headline;
 - ``submission``: the official submission file of its predictions;
 - ``baseline``: its no-image baseline (scored like a model);
 - ``input_texts`` / ``answers``: the text it feeds the model and its training answers (the text
@@ -53,7 +55,7 @@ from .files import (  # noqa: F401  (re-exported: the readers' careful file read
     recording_sources,
     regular_file,
 )
-from .records import cached_read
+from .records import Chain, cached_read
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +354,7 @@ class Task:
         """Records of ``split`` (checked: non-empty, images present or skipped with a report).
 
         At most ``limit`` records (default: the config's ``max_records``)."""
-        records = self.read_cached(self.split_name(split))
+        records = self.read_named(self.split_name(split))
         limit = limit or self.config.max_records
         if limit:
             records = records[:limit]  # (a store gives a list of the first records)
@@ -361,6 +363,18 @@ class Task:
                 f"task {self.name}: split {split!r} ({self.split_name(split)}) is empty under {self.root}"
             )
         return self.check_images(records, split)
+
+    def read_named(self, name: str) -> Sequence[dict]:
+        """The records of the data set's split ``name``; ``a+b`` is split ``a``'s records then
+        ``b``'s (GQA's ``train+val``, as VL-Adapter trains GQA), each part read and cached once."""
+        parts = name.split("+")
+        if len(parts) == 1:
+            return self.read_cached(name)
+        if len(set(parts)) < len(parts) or not all(parts):
+            raise DataError(
+                f"task {self.name}: split {name!r}: expected distinct names joined by +"
+            )
+        return Chain([self.read_cached(part) for part in parts])
 
     def read_cached(self, split: str) -> Sequence[dict]:
         """The records of the data set's split ``split``: from the record cache when the task has
@@ -471,6 +485,14 @@ class Task:
     def score(self, records: list[dict], predictions) -> tuple[dict, float]:
         """(every score, the headline) of ``predictions`` by the official metric."""
         raise NotImplementedError
+
+    def reference_scores(self, records: list[dict], predictions) -> dict[str, float]:
+        """Scores of ``predictions`` by the rules of evaluators that published numbers were
+        computed with where those rules differ from the official metric, in the headline's units:
+        ``{"vladapter": …}`` (VL-Adapter's evaluators, behind the CLIP-BART numbers of VL-Adapter,
+        VL-PET, …). Recorded beside the headline (``reference`` of ``<task>_<split>.json``), never
+        instead of it; ``{}`` (the default): the reference evaluators score as the official one."""
+        return {}
 
     def submission(self, records: list[dict], predictions) -> Any:
         """The official submission file's content (JSON-able, or CSV text)."""

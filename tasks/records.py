@@ -610,6 +610,57 @@ class Subset(Sequence):
         return list(dict.fromkeys(value for values in found for value in values))
 
 
+class Chain(Sequence):
+    """Several splits' records one after the other (``train: train+val``), without copying:
+    each part is a store, a :class:`Subset` or a list of record dicts."""
+
+    def __init__(self, parts: Sequence[Sequence[dict]]) -> None:
+        self.parts = list(parts)
+        self.starts = np.cumsum([0, *(len(p) for p in self.parts)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = operator.index(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part][i - int(self.starts[part])]
+
+    def __iter__(self) -> Iterator[dict]:
+        return (record for part in self.parts for record in part)
+
+    def __repr__(self) -> str:
+        return f"Chain({len(self)} records of {len(self.parts)} splits)"
+
+    def sources(self) -> list[str]:
+        found = (f for p in self.parts if hasattr(p, "sources") for f in p.sources())
+        return list(dict.fromkeys(found))
+
+    def present(self, key: str) -> np.ndarray:
+        """Which records have ``key``."""
+        return np.concatenate([
+            p.present(key) if hasattr(p, "present") else np.array([key in r for r in p], bool)
+            for p in self.parts
+        ])  # fmt: skip
+
+    def distinct(self, key: str, text: bool = False) -> list:
+        """The distinct values of a (list-of-)str/``Path`` column over every part."""
+        found = []
+        for p in self.parts:
+            if hasattr(p, "distinct"):
+                found += p.distinct(key, text=text)
+            else:
+                values = (v for r in p for v in (r[key] if isinstance(r[key], list) else [r[key]]))
+                found += [str(v) if text else v for v in values]
+        return list(dict.fromkeys(found))
+
+
 # -- the record cache ------------------------------------------------------------------------------
 def _canonical(identity: Any) -> str:
     return json.dumps(identity, sort_keys=True, default=str)
