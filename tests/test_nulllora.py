@@ -1,5 +1,6 @@
 """Null-LoRA: the null-space facts of the paper on weights with a planted rank deficiency."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -489,3 +490,117 @@ def test_a_checkpoint_saved_before_the_fused_forward_loads_unchanged():
         else:
             expected = bare[2](torch.tanh(expected)) + torch.tanh(expected) @ delta.T
     torch.testing.assert_close(net(x), expected)
+
+
+# -- Tab. 3, "w/o null space": random frozen halves -------------------------------------------------
+def test_random_frozen_halves_are_random_orthonormal_and_not_the_null_space():
+    lin = planted(24, 20, deficiency=3)
+    _, paper = adapted(planted(24, 20, deficiency=3))
+    _, layer = adapted(lin, frozen_halves="random")
+    ad, ref = layer.adapters["default"], paper.adapters["default"]
+    w0 = lin.weight.double()
+    left, right = ad.null_left.double(), ad.null_right.double()
+    assert left.shape == ref.null_left.shape and right.shape == ref.null_right.shape
+    eye = torch.eye(left.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(left.T @ left, eye, atol=1e-6, rtol=0)
+    torch.testing.assert_close(right @ right.T, eye, atol=1e-6, rtol=0)
+    # not the null space: W0ᵀ·B_f and W0·A_fᵀ are of the size of W0 (the paper's bases: ~0)
+    for a, b in (
+        (w0.T @ left, w0.T @ ref.null_left.double()),
+        (w0 @ right.T, w0 @ ref.null_right.double().T),
+    ):
+        assert a.norm() > 0.1 * w0.norm() and b.norm() < 1e-5 * w0.norm()
+    # nor any rotation of it: the random span is far from the null span
+    overlap = torch.linalg.svdvals(ref.null_left.double().T @ left)
+    assert overlap.max() < 0.99
+    report = ad.report
+    assert report["frozen_halves"] == "random" and not report["left_exact"]
+    assert report["rank"] == ref.report["rank"] == 6 and report["null_leak"] > 0.1
+    # the leak bound holds for the update: |W0ᵀΔW| ≤ leak·|W0|·|ΔW|
+    delta = layer.delta_weight().double()
+    bound = (
+        report["null_leak"]
+        * torch.linalg.matrix_norm(w0, ord=2)
+        * torch.linalg.matrix_norm(delta, ord=2)
+    )
+    assert torch.linalg.matrix_norm(w0.T @ delta, ord=2) <= bound * (1 + 1e-5)
+
+
+def test_random_frozen_halves_train_and_count_like_the_paper_s():
+    counts, trainable = [], []
+    for halves in ("null_space", "random"):
+        net = torch.nn.Sequential(planted(16, 12, deficiency=2))
+        vlpeft.add_adapter(net, NullLoRAConfig(targets=["0"], frozen_halves=halves))
+        ad = net[0].adapters["default"]
+        counts.append(vlpeft.count_parameters(net)[0])
+        trainable.append({n for n, p in net.named_parameters() if p.requires_grad})
+        assert not ad.null_left.requires_grad and not ad.null_right.requires_grad
+        assert {"null_left", "null_right"} <= set(dict(ad.named_buffers()))
+        assert torch.count_nonzero(net[0].delta_weight()) == 0  # zero update at the start
+        # frozen: a step of training leaves the halves as they were
+        left, right = ad.null_left.clone(), ad.null_right.clone()
+        perturb_adapters(net, scale=0.5)
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+        net(torch.randn(5, 12)).square().sum().backward()
+        opt.step()
+        assert torch.equal(ad.null_left, left) and torch.equal(ad.null_right, right)
+    h = 2  # nullity 2: 2h(d_in + d_out)/2 + 2h
+    assert counts == [h * (16 + 12) + 2 * h] * 2 and trainable[0] == trainable[1]
+
+
+def test_random_frozen_halves_are_seeded_per_layer():
+    def bases(seed=0, name="0"):
+        net = torch.nn.Sequential(planted(16, 12, deficiency=2))
+        vlpeft.add_adapter(
+            net, NullLoRAConfig(targets=[name], frozen_halves="random", random_seed=seed)
+        )
+        ad = net[0].adapters["default"]
+        return ad.null_left, ad.null_right
+
+    torch.manual_seed(123)  # the global generator plays no part
+    first = bases()
+    torch.manual_seed(7)
+    assert all(torch.equal(a, b) for a, b in zip(first, bases()))
+    assert not torch.allclose(first[0], bases(seed=1)[0])
+    layers = torch.nn.Sequential(planted(16, 12, 2, seed=1), planted(16, 12, 2, seed=1))
+    vlpeft.add_adapter(layers, NullLoRAConfig(targets=["0", "1"], frozen_halves="random"))
+    a, b = (layers[i].adapters["default"].null_left for i in range(2))
+    assert not torch.allclose(a, b)  # the same weight in two layers: two draws
+
+
+@pytest.mark.parametrize("shape", [(14, 10), (10, 14)])
+def test_random_frozen_halves_forward_equals_the_naive_formula(shape):
+    """ΔW = P·B·S₁·A_f + B_f·S₂·A with P = B_f·B_fᵀ (Eq. 9–10, Û := the random B_f)."""
+    net, layer = adapted(planted(*shape, deficiency=3, seed=11), frozen_halves="random")
+    ad = layer.adapters["default"]
+    h = ad.lora_A.shape[0]
+    p = ad.null_left @ ad.null_left.T
+    s1, s2 = torch.diag(ad.scale[:h]), torch.diag(ad.scale[h:])
+    delta = p @ ad.lora_B @ s1 @ ad.null_right + ad.null_left @ s2 @ ad.lora_A
+    torch.testing.assert_close(layer.delta_weight(), delta)
+    x = torch.randn(3, 5, shape[1])
+    torch.testing.assert_close(net(x), layer.base_layer(x) + x @ delta.T)
+    assert_matches_naive(net, x)  # the fused forward and its written-out backward too
+
+
+def test_random_frozen_halves_survive_save_and_load(tmp_path):
+    base = planted(14, 10, deficiency=3)
+    fresh = torch.nn.Sequential(copy.deepcopy(base))
+    net, _ = adapted(base, frozen_halves="random", random_seed=5)
+    vlpeft.save_adapter(net, tmp_path)
+    vlpeft.load_adapter(fresh, tmp_path)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(fresh(x), net(x))
+    assert fresh[0].adapters["default"].report["frozen_halves"] == "random"
+
+
+def test_frozen_halves_config_validation():
+    with pytest.raises(
+        ValueError, match=r"frozen_halves must be one of \['null_space', 'random'\]"
+    ):
+        NullLoRAConfig(targets=["q"], frozen_halves="gaussian")
+    for seed in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="random_seed must be an integer >= 0"):
+            NullLoRAConfig(targets=["q"], frozen_halves="random", random_seed=seed)
+    cfg = NullLoRAConfig(targets=["q"], frozen_halves="random", random_seed=3)
+    assert NullLoRAConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -34,6 +34,14 @@ of its smallest singular values. Their update is not in the null space: W0ᵀΔW
 |W0ᵀΔW| ≤ (σ_k/σ_max)·|W0|·|ΔW| with σ_k the largest singular value used; the report gives that
 ratio per layer (``null_leak``, 0 for an exact null space). ``max_rank`` caps a layer's rank.
 
+"Without null space" (Tab. 3, an explicit option): ``frozen_halves="random"`` replaces the
+null-space bases by seeded random orthonormal ones of the same sizes (Û: d_out × h, V̂ᵀ: h × d_in,
+drawn per layer from ``random_seed``, the layer's name and shape), everything else unchanged: the
+ranks are still 2 × nullity (Tab. 3 gives both variants 9.5M), P = B_f·B_fᵀ (Eq. 9 with Û := B_f),
+A, B zero and s one at the start. The update then leaves the null space: ``null_leak`` is
+‖W0ᵀ·B_f‖₂ / ‖W0‖₂, the same bound as above (our reading of "randomly initialized frozen matrices":
+the paper does not say whether P stays; keeping it changes only the subspace, not the structure).
+
 With ``routing`` (Qu et al. 2024, composed as for every bottleneck method) the 2h-wide bottleneck z
 is routed with the same map of x_R, z_v = [diag(s₁)·A_f·x_R, diag(s₂)·A·x_R] (or a separate
 trainable map ``lora_A_visual``, initialised like [A_f; A]: orthonormal-random rows then zeros, so
@@ -57,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +101,9 @@ class NullLoRAConfig(RoutableConfig):
         max_rank: None (default, the paper): no cap; an even number caps a layer's rank.
         cache_dir: directory caching each layer's null-space bases, keyed by the weight's content
             (a second run skips the SVDs; :mod:`vlpeft.tensor_cache`); None: no cache.
+        frozen_halves: "null_space" (the paper): B_f, A_f are null-space bases of W0; "random"
+            (Tab. 3, "w/o null space"): seeded random orthonormal bases of the same sizes.
+        random_seed: seed of the random frozen halves (each layer's draw also keys on its name).
         routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`.
     """
 
@@ -100,9 +112,19 @@ class NullLoRAConfig(RoutableConfig):
     min_rank: int | None = None
     max_rank: int | None = None
     cache_dir: str | None = None
+    frozen_halves: str = "null_space"
+    random_seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.frozen_halves not in FROZEN_HALVES:
+            raise ValueError(
+                f"NullLoRAConfig.frozen_halves must be one of {list(FROZEN_HALVES)}, "
+                f"got {self.frozen_halves!r}"
+            )
+        seed = self.random_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"NullLoRAConfig.random_seed must be an integer >= 0, got {seed!r}")
         for name in ("min_rank", "max_rank"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or value < 2 or value % 2):
@@ -147,6 +169,9 @@ class NullLoRAConfig(RoutableConfig):
                 f"Null-LoRA target {layer_name!r} is a {type(base_layer).__name__}; it supports nn.Linear and Conv1D"
             )
         return NullLoRALinear(base_layer, self, layer_name)
+
+
+FROZEN_HALVES = ("null_space", "random")  # what B_f, A_f are: the paper's, or Tab. 3's ablation
 
 
 def base_matrix(base: nn.Module) -> torch.Tensor:
@@ -278,6 +303,22 @@ def cached_null_space(w: torch.Tensor, config: NullLoRAConfig) -> dict:
     return cached(config.cache_dir, "nullspace", key, lambda: null_space(w, config))
 
 
+def random_halves(ns: dict, w: torch.Tensor, seed: int, layer_name: str) -> dict:
+    """Tab. 3's "w/o null space": ``ns`` (:func:`null_space` of ``w``) with ``left`` and ``right``
+    replaced by random orthonormal bases of the same sizes — QR of a Gaussian drawn from ``seed``,
+    ``layer_name`` and the shape, so every process and every run draws the same — and
+    ``null_leak`` = ‖W0ᵀ·B_f‖₂ / ‖W0‖₂ (the update is B_f·M, so |W0ᵀΔW| ≤ leak·|W0|·|ΔW|)."""
+    (d_out, d_in), h = w.shape, ns["half_rank"]
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{layer_name}:{d_out}x{d_in}".encode()))
+    left = torch.linalg.qr(torch.randn(d_out, h, generator=g, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(d_in, h, generator=g, dtype=torch.float64)).Q.T
+    top = float(ns["singular_values"].max()) if ns["singular_values"].numel() else 0.0
+    w64 = w.detach().to("cpu", torch.float64)
+    leak = float(torch.linalg.matrix_norm(w64.T @ left, ord=2)) / top if h and top else 0.0
+    return {**ns, "left": left.float().contiguous(), "right": right.float().contiguous(),
+            "null_leak": leak}  # fmt: skip
+
+
 class NullLoRALinear(AdapterModule):
     """Null-LoRA on a Linear or Conv1D. Buffers ``null_left`` (B_f) and ``null_right`` (A_f) are
     frozen and saved with the adapter; ``lora_B``, ``lora_A`` and ``scale`` train."""
@@ -290,6 +331,8 @@ class NullLoRALinear(AdapterModule):
         d_in, d_out = linear_shape(base)
         with gathered([base.weight]):  # ZeRO-3: the SVD needs the whole weight
             ns = cached_null_space(base_matrix(base), config)
+            if config.frozen_halves == "random":
+                ns = random_halves(ns, base_matrix(base), config.random_seed, layer_name)
         h = ns["half_rank"]
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.register_buffer("null_left", ns["left"].to(**kw))
@@ -312,14 +355,16 @@ class NullLoRALinear(AdapterModule):
                 visual = torch.zeros(2 * h, self.routing.visual_dim, **kw)
                 nn.init.orthogonal_(visual[:h])
                 self.lora_A_visual = nn.Parameter(visual)
+        null = config.frozen_halves == "null_space"  # random halves: exact in neither space
         self.report = {
             "layer": layer_name,
             "shape": [d_out, d_in],
             "left_nullity": ns["left_nullity"],
             "right_nullity": ns["right_nullity"],
             "rank": 2 * h,
-            "left_exact": ns["left_nullity"] >= h,
-            "right_exact": ns["right_nullity"] >= h,
+            "frozen_halves": config.frozen_halves,
+            "left_exact": null and ns["left_nullity"] >= h,
+            "right_exact": null and ns["right_nullity"] >= h,
             "null_leak": ns["null_leak"],
         }
 

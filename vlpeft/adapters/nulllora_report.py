@@ -26,8 +26,9 @@ __all__ = ["rank_report", "write_rank_report"]
 
 
 def rank_report(module: nn.Module, name: str = "default") -> list[dict]:
-    """Per-layer Null-LoRA report of adapter ``name``: layer, shape, nullities, chosen rank, exact
-    or near-null (``left_exact``/``right_exact``) and ``null_leak``."""
+    """Per-layer Null-LoRA report of adapter ``name``: layer, shape, nullities, chosen rank,
+    ``frozen_halves`` (null-space or Tab. 3's random bases), exact null space or not
+    (``left_exact``/``right_exact``: False for near-null fill and random halves) and ``null_leak``."""
     rows = []
     for _, layer in adapted_layers(module):
         adapter = layer.adapters[name] if name in layer.adapters else None
@@ -50,8 +51,8 @@ def write_rank_report(
 
 
 def plot_ranks(rows: list[dict], path: str | os.PathLike) -> None:
-    """Bars of the chosen rank per layer (green: exact null space, orange: near-null) and dots at
-    twice the smaller nullity, saved as a PNG."""
+    """Bars of the chosen rank per layer (green: exact null space, orange: near-null or random
+    halves) and dots at twice the smaller nullity, saved as a PNG."""
     import matplotlib  # heavy and optional: only a plot needs it
 
     matplotlib.use("Agg")
@@ -63,7 +64,7 @@ def plot_ranks(rows: list[dict], path: str | os.PathLike) -> None:
         xs,
         [r["rank"] for r in rows],
         color=["tab:green" if r["left_exact"] else "tab:orange" for r in rows],
-        label="chosen rank (green: exact null space, orange: near-null)",
+        label="chosen rank (green: exact null space, orange: near-null or random halves)",
     )
     ax.plot(
         xs,
