@@ -5,7 +5,9 @@ classify or rank), scores with its official metric and writes its submission. Un
 writes ``<task>_<split>_predictions.<json|csv>`` in the official submission format (VQA
 ``[{"question_id", "answer"}]``, GQA ``[{"questionId", "prediction"}]``, COCO captions
 ``[{"image_id", "caption"}]``, NLVR² a CSV ``identifier,True|False``, retrieval the top-10 lists)
-and ``<task>_<split>.json`` with all scores and the headline metric. ``max_records`` cuts only a
+and ``<task>_<split>.json`` with all scores and the headline metric (the official one), and
+where a published reference evaluator's rules differ (``Task.reference_scores``: VQA's and GQA's
+by VL-Adapter's) its score beside it, in the headline's units: ``"reference": {"vladapter": …}``. ``max_records`` cuts only a
 split with answers: a server's submission file always holds every question (:func:`record_limit`).
 :func:`evaluate_mixed` evaluates several tasks in one pass of batches that mix their records
 (``batch["adapter_names"]``), with the same files and scores.
@@ -83,6 +85,7 @@ def write_results(task, split: str, records, predictions, out_dir, max_records) 
     name = task.config_name
     scorable = task.scorable(records)  # a test split without annotations: submission only
     scores, headline = task.score(records, predictions) if scorable else (None, None)
+    reference = task.reference_scores(records, predictions) if scorable else {}
     submission = task.submission(records, predictions)
     out = Path(out_dir)
     path = out / task.submission_name(split)
@@ -93,6 +96,8 @@ def write_results(task, split: str, records, predictions, out_dir, max_records) 
     record = {"task": name, "reader": task.name, "split": split, "predicts": task.predicts,
               "metric": task.metric, "headline": headline, "scores": scores,
               "data": evaluated_data(task, split, records, max_records)}  # fmt: skip
+    if reference:  # the published reference evaluators' rules where they differ (VQA, GQA)
+        record["reference"] = reference
     record["predictions"] = str(path)
     if not scorable:
         record["note"] = (

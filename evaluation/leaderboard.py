@@ -5,7 +5,9 @@ on the split, its header naming it (``vqa acc``, ``caption CIDEr``, ``retrieval 
 recall), and their average over the tasks all rows share (rows with different task sets are not
 ranked on different things). A run's scores are its ``run.json``'s, completed by its
 ``eval/<task>_<split>.json`` (``launch.evaluate`` writes them: ``--split val`` reads the validation
-scores a run logged). Rows of runs of the same name (a recipe's seeds) are named by the run
+scores a run logged). The scores by a reference evaluator's rules (``vqa/test_vladapter``,
+``reference`` of a score record) are carried in a run's results but get no column: the table
+shows the official headlines. Rows of runs of the same name (a recipe's seeds) are named by the run
 directory's parent too (``seed1/lora``). Written as Markdown (``--out``, default
 ``leaderboard.md``) plus ``.csv``, ``.json`` and a ``.png`` (one panel per kind of metric, value
 labels, a missing score marked as missing) beside it; the Markdown is printed.
@@ -63,6 +65,11 @@ def add_eval_files(summary: dict, folder: Path) -> None:
         metrics.setdefault(key, record["metric"])
         if record["split"] not in summarised and record.get("headline") is not None:
             summary["results"][key] = record["headline"]
+            reference = record.get("reference")
+            for name, value in reference.items() if isinstance(reference, dict) else ():
+                # run.json's key for it: <task>/<split>_<evaluator> (vqa/test_vladapter), which
+                # no column of a split takes (columns() reads <task>/<split> only)
+                summary["results"][f"{key}_{name}"] = value
             if record.get("data") is not None:
                 summary.setdefault("evaluations", {})[key] = record["data"]
 

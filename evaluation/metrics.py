@@ -11,6 +11,14 @@
   a similarity matrix (identical texts of different images counted as one when the texts are
   given), optionally re-ranked by an ITM head on the top-k (BLIP/UniAdapter).
 
+Reference rules — not the official metrics, the rules the published CLIP-BART numbers (VL-Adapter,
+VL-PET, …) were computed with, recorded beside the official headline (``reference.vladapter``):
+
+- :func:`vqa_accuracy_vladapter` (:mod:`tasks.vqa`): VL-Adapter's ``VQAEvaluator.evaluate_raw``
+  (the prediction normalised, the ten answers by punctuation only);
+- :func:`gqa_accuracy_vladapter` (:mod:`tasks.gqa`): VL-Adapter's ``GQAEvaluator.evaluate``
+  (verbatim); NLVR² and COCO captions are scored there as here: no reference rule.
+
 A task file owns its metric, so this module only gathers the names users and scripts know (the
 task files themselves use the task-free pieces of :mod:`evaluation.scoring`, which imports nothing
 of the project).
@@ -23,15 +31,18 @@ from __future__ import annotations
 
 from evaluation.scoring import exact_match_accuracy
 from tasks.caption import caption_scores
+from tasks.gqa import gqa_accuracy_vladapter
 from tasks.nlvr2 import nlvr2_scores
 from tasks.retrieval import itm_rerank, retrieval_recall
-from tasks.vqa import vqa_accuracy
+from tasks.vqa import vqa_accuracy, vqa_accuracy_vladapter
 
 __all__ = [
     "caption_scores",
     "exact_match_accuracy",
+    "gqa_accuracy_vladapter",
     "itm_rerank",
     "nlvr2_scores",
     "retrieval_recall",
     "vqa_accuracy",
+    "vqa_accuracy_vladapter",
 ]

@@ -2,7 +2,8 @@
 
 This module imports nothing of the project, so a task file may use it (``tasks`` sits below
 ``evaluation`` otherwise). Each task's official metric lives in its own file and uses these pieces:
-GQA's accuracy is :func:`exact_match_accuracy`; retrieval's R@K both ways is
+GQA's accuracy is :func:`exact_match_accuracy` (:func:`verbatim_accuracy` its reference rule);
+retrieval's R@K both ways is
 :func:`best_target_ranks` + :func:`recall_at_k`. :mod:`evaluation.metrics` gives every metric by
 name.
 """
@@ -25,17 +26,31 @@ def exact_match_accuracy(predictions: dict, answers: dict) -> float:
         >>> exact_match_accuracy({"a": "Cat ", "b": "dog"}, {"a": "cat", "b": "bird"})
         50.0
     """
-    if set(predictions) != set(answers):
-        raise ValueError("exact_match_accuracy: predictions and answers cover different questions")
-    if not answers:
-        raise ValueError("exact_match_accuracy: no questions to score")
-    bad = [q for q in answers if not isinstance(predictions[q], str)]
-    if bad:
-        raise ValueError(
-            f"exact_match_accuracy: the prediction of question {bad[0]!r} is not a string"
-        )
+    _check_answers(predictions, answers, "exact_match_accuracy")
     hits = sum(predictions[q].strip().lower() == answers[q].strip().lower() for q in answers)
     return 100 * hits / len(answers)
+
+
+def verbatim_accuracy(predictions: dict, answers: dict) -> float:
+    """% of questions whose prediction equals the answer character for character (no stripping,
+    no case folding): the same arguments as :func:`exact_match_accuracy`.
+
+    Example:
+        >>> verbatim_accuracy({"a": "Cat ", "b": "dog"}, {"a": "cat", "b": "dog"})
+        50.0
+    """
+    _check_answers(predictions, answers, "verbatim_accuracy")
+    return 100 * sum(predictions[q] == answers[q] for q in answers) / len(answers)
+
+
+def _check_answers(predictions: dict, answers: dict, name: str) -> None:
+    if set(predictions) != set(answers):
+        raise ValueError(f"{name}: predictions and answers cover different questions")
+    if not answers:
+        raise ValueError(f"{name}: no questions to score")
+    bad = [q for q in answers if not isinstance(predictions[q], str)]
+    if bad:
+        raise ValueError(f"{name}: the prediction of question {bad[0]!r} is not a string")
 
 
 def best_target_ranks(scores: np.ndarray, targets: list[np.ndarray]) -> np.ndarray:

@@ -9,6 +9,11 @@ Predictions: generated captions, scored by the COCO caption metrics (:func:`capt
 pycocoevalcap's PTB tokenizer and BLEU-1..4, METEOR, ROUGE-L, CIDEr, all ×100; SPICE only when its
 Stanford CoreNLP models are present; CIDEr the headline);
 submission ``[{"image_id", "caption"}]``; baseline: the most frequent training caption.
+VL-Adapter's evaluator (ylsung/VL_adapter ``VL-T5/src/caption_clip_data.py``,
+``COCOCaptionEvaluator``: bckim92/language-evaluation's ``CocoEvaluator``, whose pycocoevalcap copy
+has the same PTB tokenizer, BLEU, METEOR, ROUGE-L and CIDEr(-D) code; one prediction per test image
+against its stripped raw Karpathy captions) scores as :func:`caption_scores` does, as fractions
+(papers print ×100) and with SPICE always: no reference score is recorded.
 """
 
 from __future__ import annotations

@@ -5,17 +5,37 @@
 answers: its submission goes to the evaluation server); images ``<images>/<imageId>.jpg``.
 Accuracy is exact match (:func:`evaluation.scoring.exact_match_accuracy`); papers report
 testdev_balanced. Submission ``[{"questionId", "prediction"}]``; baseline: the most frequent
-training answer. A classifier family trains on the answer as a one-hot soft score.
+training answer. A classifier family trains on the answer as a one-hot soft score. Beside the
+official score, the score by VL-Adapter's evaluator's rule (:func:`gqa_accuracy_vladapter`:
+verbatim, which the published CLIP-BART numbers used) is recorded as ``reference.vladapter``.
 """
 
 from __future__ import annotations
 
 import random
 
-from evaluation.scoring import exact_match_accuracy
+from evaluation.scoring import exact_match_accuracy, verbatim_accuracy
 
 from .base import DataError, Task, field, read_json, register_task
 from .synthetic import COLUMNS, Writer, write_json
+
+
+def gqa_accuracy_vladapter(predictions: dict, answers: dict) -> float:
+    """GQA accuracy by VL-Adapter's rule, 0–100: the prediction must equal the answer verbatim
+    (no stripping, no case folding; :func:`evaluation.scoring.verbatim_accuracy`).
+
+    ylsung/VL_adapter ``VL-T5/src/gqa_clip_data.py`` (also ``gqa_data.py``; VL-PET's
+    ``src/gqa_clip_data.py`` is the same), ``GQAEvaluator.evaluate``: ``score += label[ans] if ans
+    in label`` over the generated strings, divided by their number, where ``label`` is LXMERT's
+    preprocessed ``{answer: 1.0}``; ``multitask.py`` logs it ×100 on testdev (GQA/Valid/Acc, the
+    best epoch's is reported). Ours (:func:`evaluation.scoring.exact_match_accuracy`) strips and
+    lower-cases both sides: " yes" or "Yes" against "yes" scores there, not here.
+
+    Args:
+        predictions: question id → the predicted answer (a string).
+        answers: question id → the right answer; the same ids.
+    """
+    return verbatim_accuracy(predictions, answers)
 
 
 # -- the synthetic set (tasks.synthetic calls this writer) -----------------------------------------
@@ -134,3 +154,11 @@ class GQA(Task):
             {r["id"]: r["target"] for r in records},
         )
         return {"accuracy": accuracy}, accuracy
+
+    def reference_scores(self, records, predictions):
+        """VL-Adapter's evaluator's accuracy (:func:`gqa_accuracy_vladapter`: verbatim)."""
+        accuracy = gqa_accuracy_vladapter(
+            {r["id"]: a for r, a in zip(records, predictions)},
+            {r["id"]: r["target"] for r in records},
+        )
+        return {"vladapter": accuracy}

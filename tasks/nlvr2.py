@@ -7,6 +7,11 @@ named from the identifier without its last field: ``dev-850-0-img0.png`` / ``-im
 The model predicts by comparing the ``"true"`` and ``"false"`` logits (``score_choices``); scored by
 accuracy and consistency (:func:`nlvr2_scores`); the submission is the official CSV
 ``identifier,True|False``; baseline: the more frequent training label for every statement.
+VL-Adapter's evaluator (ylsung/VL_adapter ``VL-T5/src/nlvr_clip_data.py``,
+``NLVR2Evaluator.evaluate``, behind the published CLIP-BART numbers) scores as :func:`nlvr2_scores`
+does — accuracy over the statements, consistency over identifiers with the pair field blanked
+(``<split>-<set>--<sentence>``), from a "true" logit strictly above the "false" one — so no
+reference score is recorded.
 """
 
 from __future__ import annotations

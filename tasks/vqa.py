@@ -21,7 +21,9 @@ are (the official metric compares a prediction verbatim, case included, with ten
 answers: a cased tokenizer's "No" would score 0 against ten "no"); scored by the official VQA
 accuracy, :func:`vqa_accuracy` in this file (overall, per answer type and question type; also
 ``evaluation.metrics.vqa_accuracy``), exactly as the evaluation server scores the submission
-``[{"question_id", "answer"}]``; baseline: the most frequent training answer.
+``[{"question_id", "answer"}]``; baseline: the most frequent training answer. Beside the official
+score, the score by VL-Adapter's evaluator's rule (:func:`vqa_accuracy_vladapter`, which the
+published CLIP-BART numbers used) is recorded as ``reference.vladapter`` (:meth:`VQA.reference_scores`).
 """
 
 from __future__ import annotations
@@ -188,34 +190,39 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
         ...     "answers": ten, "answer_type": "yes/no", "question_type": "is there"}])["overall"]
         100.0
     """
+    return _vqa_scores(predictions, annotations, vqa_question_accuracy, "vqa_accuracy")
+
+
+def _vqa_scores(predictions: list[dict], annotations: list[dict], rule, name: str) -> dict:
+    """Checks that predictions and annotations cover the same questions once each, then the
+    official aggregation of ``rule(prediction, answers)`` (overall, per answer and question type,
+    per question; ×100, two decimals)."""
     predicted: dict = {}
     for p in predictions:
         if p["question_id"] in predicted:
-            raise ValueError(f"vqa_accuracy: two predictions for question_id {p['question_id']}")
+            raise ValueError(f"{name}: two predictions for question_id {p['question_id']}")
         if not isinstance(p["answer"], str):
             raise ValueError(
-                f"vqa_accuracy: the answer of question_id {p['question_id']} is "
+                f"{name}: the answer of question_id {p['question_id']} is "
                 f"{type(p['answer']).__name__}, not a string"
             )
         predicted[p["question_id"]] = p["answer"]
     annotated: set = set()
     for a in annotations:
         if a["question_id"] in annotated:
-            raise ValueError(f"vqa_accuracy: two annotations for question_id {a['question_id']}")
+            raise ValueError(f"{name}: two annotations for question_id {a['question_id']}")
         annotated.add(a["question_id"])
     if set(predicted) != annotated:
         missing, extra = sorted(annotated - set(predicted)), sorted(set(predicted) - annotated)
         raise ValueError(
-            f"vqa_accuracy: predictions and annotations differ (missing {missing[:5]}, extra {extra[:5]})"
+            f"{name}: predictions and annotations differ (missing {missing[:5]}, extra {extra[:5]})"
         )
     if not annotations:
-        raise ValueError("vqa_accuracy: no questions to score")
+        raise ValueError(f"{name}: no questions to score")
     per_answer, per_question, overall = defaultdict(list), defaultdict(list), []
     each = {}
     for ann in annotations:
-        acc = vqa_question_accuracy(
-            predicted[ann["question_id"]], [a["answer"] for a in ann["answers"]]
-        )
+        acc = rule(predicted[ann["question_id"]], [a["answer"] for a in ann["answers"]])
         each[ann["question_id"]] = round(100 * acc, 2)
         overall.append(acc)
         per_answer[ann["answer_type"]].append(acc)
@@ -230,6 +237,48 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
         "perQuestionType": {k: pct(v) for k, v in sorted(per_question.items())},
         "perQuestion": each,
     }
+
+
+# -- VL-Adapter's rule (what the published CLIP-BART VQA numbers were computed with) ---------------
+# ylsung/VL_adapter VL-T5/src/vqa_clip_data.py (and vqa_data.py, vqa_raw_data.py; VL-PET's
+# src/vqa_clip_data.py is the same), ``VQAEvaluator.evaluate_raw``: the number multitask.py logs as
+# VQA/Test/overall on karpathy_test. It always normalises the prediction fully, but the ten answers
+# — read raw from the official annotation files — only by ``processPunctuation`` and only when they
+# are not all identical: no stripping, no lower case, no number words, no articles, no
+# contractions on the answers' side. "two" against ten "two" scores 0 there (the prediction
+# became "2"), 100 officially; "two" against {two ×3, three ×7}: 0 there, 90 officially.
+def vqa_question_accuracy_vladapter(prediction: str, answers: Sequence[str]) -> float:
+    """One question's accuracy by VL-Adapter's rule (``VQAEvaluator.evaluate_raw`` in
+    ylsung/VL_adapter ``VL-T5/src/vqa_clip_data.py``), 0–1.
+
+    The prediction: newlines and tabs → spaces, stripped, ``processPunctuation`` then
+    ``processDigitArticle`` (lower case, number words, articles, contractions) — always. The
+    answers: as the annotation file has them; ``processPunctuation`` only when they are not all
+    identical. Then the official leave-one-out mean of min(1, matches among the other 9 / 3).
+
+    Example:
+        >>> vqa_question_accuracy_vladapter("two", ["two"] * 3 + ["three"] * 7)
+        0.0
+        >>> vqa_question_accuracy("two", ["two"] * 3 + ["three"] * 7)
+        0.9
+    """
+    prediction = vqa_normalize(_clean(prediction))
+    answers = list(answers)
+    if len(set(answers)) > 1:
+        answers = [vqa_punctuation(a) for a in answers]
+    matches = [a == prediction for a in answers]
+    total = sum(matches)
+    return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)
+
+
+def vqa_accuracy_vladapter(predictions: list[dict], annotations: list[dict]) -> dict:
+    """VQA accuracy by VL-Adapter's rule (:func:`vqa_question_accuracy_vladapter`), aggregated as
+    the official tool (and ``evaluate_raw``) does: the same arguments and result as
+    :func:`vqa_accuracy`, 0–100, two decimals. Not the official score: the score the published
+    CLIP-BART numbers (VL-Adapter, VL-PET, …) were computed with, to set ours beside them."""
+    return _vqa_scores(
+        predictions, annotations, vqa_question_accuracy_vladapter, "vqa_accuracy_vladapter"
+    )
 
 
 # -- the synthetic set (tasks.synthetic calls this writer) -----------------------------------------
@@ -471,10 +520,23 @@ class VQA(Task):
         ]
 
     def score(self, records, predictions):
-        annotations = [
+        scores = vqa_accuracy(
+            self.submission(records, predictions), self.score_annotations(records)
+        )
+        return scores, scores["overall"]
+
+    def reference_scores(self, records, predictions):
+        """VL-Adapter's evaluator's overall accuracy (:func:`vqa_accuracy_vladapter`)."""
+        scores = vqa_accuracy_vladapter(
+            self.submission(records, predictions), self.score_annotations(records)
+        )
+        return {"vladapter": scores["overall"]}
+
+    @staticmethod
+    def score_annotations(records) -> list[dict]:
+        """The official annotation records of ``records`` (what the metrics take)."""
+        return [
             {"question_id": r["question_id"], "answers": [{"answer": a} for a in r["answers"]],
              "answer_type": r["answer_type"], "question_type": r["question_type"]}
             for r in records
         ]  # fmt: skip
-        scores = vqa_accuracy(self.submission(records, predictions), annotations)
-        return scores, scores["overall"]

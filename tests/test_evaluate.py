@@ -19,7 +19,7 @@ from tasks.base import DataError, list_tasks
 from tasks.retrieval import retrieval_recall
 from tasks.router import TaskRouter
 from tasks.synthetic import generate
-from tasks.vqa import vqa_question_accuracy
+from tasks.vqa import vqa_question_accuracy, vqa_question_accuracy_vladapter
 
 
 class Settings:
@@ -50,6 +50,77 @@ def test_vqa_scores_each_prediction_against_its_own_question(router, tmp_path):
     model.generate = lambda batch, **kw: [known[q].upper() for q in batch["ids"]]
     again = evaluate_task(model, router, "vqa", "test", tmp_path, Settings())
     assert again["headline"] == record["headline"]
+
+
+WORDS = {"0": "zero", "1": "one", "2": "two", "3": "three"}
+
+
+def test_reference_scores_sit_beside_an_unchanged_official_headline(router, tmp_path):
+    """``eval/<task>_<split>.json`` keeps the official headline and records VL-Adapter's score
+    beside it (``reference.vladapter``, the headline's units) where its rule differs: VQA and GQA;
+    NLVR² and captions are scored the same there, and record none."""
+    records = router["vqa"].read("test")
+    # number words for digits, "the" before the rest: the official rule and VL-Adapter's part
+    known = {r["question_id"]: WORDS.get(r["target"], "the " + r["target"]) for r in records}
+    model = vlpeft.build_model("clip-bart", "tiny", image_size=32)
+    model.generate = lambda batch, **kw: [known[q] for q in batch["ids"]]
+    record = evaluate_task(model, router, "vqa", "test", tmp_path, Settings())
+
+    def mean(rule):
+        values = [rule(known[r["question_id"]], r["answers"]) for r in records]
+        return round(100 * sum(values) / len(values), 2)
+
+    assert record["headline"] == mean(vqa_question_accuracy) == record["scores"]["overall"]
+    assert record["reference"] == {"vladapter": mean(vqa_question_accuracy_vladapter)}
+    assert record["reference"]["vladapter"] != record["headline"]
+    assert json.loads((tmp_path / "vqa_test.json").read_text())["reference"] == record["reference"]
+    gqa = router["gqa"].read("test")  # every other answer upper-cased: verbatim there
+    answers = {r["id"]: (r["target"].upper() if i % 2 else r["target"]) for i, r in enumerate(gqa)}
+    model.generate = lambda batch, **kw: [answers[i] for i in batch["ids"]]
+    record = evaluate_task(model, router, "gqa", "test", tmp_path, Settings())
+    assert record["headline"] == 100.0
+    same = sum(answers[r["id"]] == r["target"] for r in gqa)
+    assert 0 < same < len(gqa) and record["reference"] == {"vladapter": 100 * same / len(gqa)}
+    for name in ("nlvr2", "caption", "retrieval"):
+        assert router[name].reference_scores([], []) == {}
+
+
+def test_the_leaderboard_carries_reference_scores_without_a_column(tmp_path):
+    """run.json's ``vqa/test_vladapter`` and a score record's ``reference`` (an eval file of a
+    split run.json lacks) reach the run's results as ``<task>/<split>_vladapter``; the table's
+    columns are the official headlines only."""
+    from evaluation import leaderboard
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    summary = {
+        "run": "r",
+        "method": "lora",
+        "backbone": "clip-bart",
+        "trainable": 1,
+        "train_seconds": 1.0,
+        "results": {"vqa/test": 60.0, "vqa/test_vladapter": 55.0},
+    }
+    (run / "run.json").write_text(json.dumps(summary))
+    val = {
+        "task": "vqa",
+        "reader": "vqa",
+        "split": "val",
+        "metric": "accuracy",
+        "headline": 61.0,
+        "reference": {"vladapter": 57.5},
+        "scores": {"overall": 61.0},
+        "data": None,
+    }
+    (run / "eval" / "vqa_val.json").write_text(json.dumps(val))
+    loaded = leaderboard.load_summary(run)
+    assert loaded["results"] == {"vqa/test": 60.0, "vqa/test_vladapter": 55.0, "vqa/val": 61.0,
+                                 "vqa/val_vladapter": 57.5}  # fmt: skip
+    for split, value in (("test", 60.0), ("val", 61.0)):
+        names, table = leaderboard.rows([loaded], split)
+        assert names == ["vqa"] and table[0]["vqa"] == value and table[0]["average"] == value
+        markdown = leaderboard.main([str(run), "--split", split, "--out", str(tmp_path / "b.md")])
+        assert "vladapter" not in markdown and f"| {value:.2f} |" in markdown
 
 
 def test_retrieval_scores_both_directions_with_itm_reranking(router, tmp_path):

@@ -1,5 +1,6 @@
 """Metrics against hand-worked cases and against pycocoevalcap called directly."""
 
+import random
 import shutil
 from itertools import permutations, product
 
@@ -7,12 +8,21 @@ import numpy as np
 import pytest
 
 from evaluation import metrics, scoring
-from evaluation.scoring import exact_match_accuracy
+from evaluation.scoring import exact_match_accuracy, verbatim_accuracy
 from tasks.base import TaskConfig, get_task, list_tasks
 from tasks.caption import caption_scores
+from tasks.gqa import gqa_accuracy_vladapter
 from tasks.nlvr2 import nlvr2_scores
 from tasks.retrieval import itm_rerank, random_ranking_recall, retrieval_recall
-from tasks.vqa import vqa_accuracy, vqa_normalize, vqa_question_accuracy
+from tasks.vqa import (
+    vqa_accuracy,
+    vqa_accuracy_vladapter,
+    vqa_digits_articles,
+    vqa_normalize,
+    vqa_punctuation,
+    vqa_question_accuracy,
+    vqa_question_accuracy_vladapter,
+)
 
 
 def test_each_metric_lives_with_its_task_and_keeps_its_public_name():
@@ -26,6 +36,8 @@ def test_each_metric_lives_with_its_task_and_keeps_its_public_name():
         "retrieval_recall": "tasks.retrieval",
         "itm_rerank": "tasks.retrieval",
         "exact_match_accuracy": "evaluation.scoring",
+        "vqa_accuracy_vladapter": "tasks.vqa",
+        "gqa_accuracy_vladapter": "tasks.gqa",
     }
     assert metrics.vqa_accuracy is vqa_accuracy
     assert not [name for name in vars(scoring) if any(task in name for task in list_tasks())]
@@ -146,6 +158,122 @@ def test_vqa_accuracy_overall_and_per_type():
         vqa_accuracy([{"question_id": 1, "answer": None}, *preds[1:]], ann)
     with pytest.raises(ValueError, match="missing"):
         vqa_accuracy(preds[:2], ann)
+
+
+# -- VL-Adapter's rules (the published CLIP-BART numbers), beside the official ones ---------------
+# (prediction, the ten answers, official accuracy, VL-Adapter's), each worked by hand: VL-Adapter's
+# VQAEvaluator.evaluate_raw normalises the prediction fully, the answers by punctuation only and
+# only when they are not all identical (never stripped, lower-cased, digits, articles)
+VQA_BOTH_RULES = [
+    ("two", ["two"] * 3 + ["three"] * 7, 0.9, 0.0),  # prediction "2", answers stay "two"
+    ("two", ["two"] * 10, 1.0, 0.0),  # officially verbatim; there "2" against "two"
+    ("yes.", ["yes"] * 10, 0.0, 1.0),  # officially verbatim; there the period goes
+    ("No", ["no"] * 10, 0.0, 1.0),  # officially verbatim, case included; there lower-cased
+    ("the dog", ["the dog"] * 10, 1.0, 0.0),  # there the article goes from the prediction only
+    ("dog", ["a dog"] * 4 + ["cat"] * 6, 1.0, 0.0),  # the answers' article stays there
+    ("yes", ["Yes"] * 5 + ["no"] * 5, 1.0, 0.0),  # the answers' case stays there
+    ("yes", [" yes"] * 10, 1.0, 0.0),  # the answers are not stripped there
+    ("one", ["1"] * 2 + ["one"] * 2 + ["2"] * 6, 1.0, 0.6),  # 4 matches vs 2: (2/3 + 16/3) / 10
+    ("2", ["two"] * 8 + ["2"] * 2, 1.0, 0.6),
+    ("black and white", ["black-and-white"] * 4 + ["gray"] * 6, 1.0, 1.0),  # punctuation: both
+    ("dont", ["don't"] * 3 + ["no"] * 7, 0.9, 0.9),  # "'" is no punctuation mark: both
+    ("Yes", ["yes"] * 9 + ["no"], 1.0, 1.0),
+    ("red", ["red"] * 10, 1.0, 1.0),
+    ("3.5", ["3.5"] * 4 + ["3"] * 6, 1.0, 1.0),  # a period before a digit stays: both
+]
+
+
+@pytest.mark.parametrize(("prediction", "answers", "official", "vladapter"), VQA_BOTH_RULES)
+def test_vqa_vladapter_rule_on_hand_worked_cases(prediction, answers, official, vladapter):
+    assert vqa_question_accuracy(prediction, answers) == pytest.approx(official)
+    assert vqa_question_accuracy_vladapter(prediction, answers) == pytest.approx(vladapter)
+
+
+def test_vqa_accuracy_vladapter_on_a_hand_worked_set_beside_the_official_one():
+    """The fifteen cases above as one split: officially 12.8 / 15 = 85.33, by VL-Adapter's rule
+    8.1 / 15 = 54.00; per answer type likewise, the same checks as the official function's."""
+    types = ["number", "number", "yes/no", "yes/no", "other", "other", "yes/no", "yes/no",
+             "number", "number", "other", "yes/no", "yes/no", "other", "number"]  # fmt: skip
+    ann = [
+        {"question_id": i, "answers": [{"answer": a} for a in answers], "answer_type": t,
+         "question_type": "what"}
+        for i, ((_, answers, _, _), t) in enumerate(zip(VQA_BOTH_RULES, types))
+    ]  # fmt: skip
+    preds = [{"question_id": i, "answer": p} for i, (p, *_) in enumerate(VQA_BOTH_RULES)]
+    official, theirs = vqa_accuracy(preds, ann), vqa_accuracy_vladapter(preds, ann)
+    assert official["overall"] == 85.33 and theirs["overall"] == 54.0
+    # number: cases 0, 1, 8, 9, 14 → (.9 + 1 + 1 + 1 + 1) / 5 and (0 + 0 + .6 + .6 + 1) / 5;
+    # other: 4, 5, 10, 13 → 4 / 4 and (0 + 0 + 1 + 1) / 4; yes/no: 2, 3, 6, 7, 11, 12 →
+    # (0 + 0 + 1 + 1 + .9 + 1) / 6 and (1 + 1 + 0 + 0 + .9 + 1) / 6: equal, by other questions
+    assert official["perAnswerType"] == {"number": 98.0, "other": 100.0, "yes/no": 65.0}
+    assert theirs["perAnswerType"] == {"number": 44.0, "other": 50.0, "yes/no": 65.0}
+    assert theirs["perQuestion"] == {i: round(100 * c[3], 2) for i, c in enumerate(VQA_BOTH_RULES)}
+    with pytest.raises(ValueError, match="vqa_accuracy_vladapter: two predictions"):
+        vqa_accuracy_vladapter([*preds, preds[0]], ann)
+    with pytest.raises(ValueError, match="vqa_accuracy_vladapter: predictions and annotations"):
+        vqa_accuracy_vladapter(preds[1:], ann)
+
+
+def _evaluate_raw_as_written(prediction: str, answers: list[str]) -> float:
+    """VL-Adapter's ``evaluate_raw`` for one question, step by step as it is written: answer
+    dicts with their ids, normalised in place, the others of each one found by dict inequality."""
+    res = prediction.replace("\n", " ").replace("\t", " ").strip()
+    res = vqa_digits_articles(vqa_punctuation(res))
+    gts = [
+        {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)
+    ]
+    if len({d["answer"] for d in gts}) > 1:
+        for d in gts:
+            d["answer"] = vqa_punctuation(d["answer"])
+    accs = []
+    for d in gts:
+        others = [o for o in gts if o != d]
+        accs.append(min(1, len([o for o in others if o["answer"] == res]) / 3))
+    return sum(accs) / len(accs)
+
+
+TRICKY = ["two", "2", "Two", "a dog", "dog", "yes", "Yes", "yes.", "no", " yes", "black-and-white",
+          "black and white", "don't", "dont", "1,000", "1000", "3.5", "the dog", "no!"]  # fmt: skip
+NORMAL = ["2", "yes", "no", "dog", "black and white", "don't", "1000", "3.5", "red"]
+
+
+def test_vqa_vladapter_rule_equals_evaluate_raw_as_written_and_the_official_on_normal_forms():
+    """Over seeded random questions of tricky answers: the rule equals ``evaluate_raw`` restated
+    literally; where prediction and answers are already in normal form, the two rules agree (they
+    differ only in what they normalise)."""
+    rng = random.Random(0)
+    for _ in range(400):
+        pool = rng.sample(TRICKY, rng.randint(1, 3))
+        answers = [rng.choice(pool) for _ in range(10)]
+        prediction = rng.choice(TRICKY)
+        assert vqa_question_accuracy_vladapter(prediction, answers) == pytest.approx(
+            _evaluate_raw_as_written(prediction, answers)
+        )
+    assert all(vqa_normalize(a) == a for a in NORMAL)
+    for _ in range(200):
+        pool = rng.sample(NORMAL, rng.randint(1, 3))
+        answers, prediction = [rng.choice(pool) for _ in range(10)], rng.choice(NORMAL)
+        assert vqa_question_accuracy_vladapter(prediction, answers) == pytest.approx(
+            vqa_question_accuracy(prediction, answers)
+        )
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "official", "vladapter"),
+    [("yes", "yes", 100.0, 100.0), ("Yes", "yes", 100.0, 0.0), (" yes", "yes", 100.0, 0.0),
+     ("yes ", "yes", 100.0, 0.0), ("no", "yes", 0.0, 0.0), ("red ball", "red ball", 100.0, 100.0)],
+)  # fmt: skip
+def test_gqa_vladapter_rule_is_verbatim_where_ours_strips_and_folds_case(
+    prediction, answer, official, vladapter
+):
+    assert exact_match_accuracy({"q": prediction}, {"q": answer}) == official
+    assert gqa_accuracy_vladapter({"q": prediction}, {"q": answer}) == vladapter
+    assert verbatim_accuracy({"q": prediction}, {"q": answer}) == vladapter
+    preds = {"a": "Yes", "b": "no", "c": "red", "d": " cat"}
+    gold = {"a": "yes", "b": "no", "c": "blue", "d": "cat"}
+    assert (exact_match_accuracy(preds, gold), gqa_accuracy_vladapter(preds, gold)) == (75.0, 25.0)
+    with pytest.raises(ValueError, match="verbatim_accuracy: predictions and answers cover"):
+        gqa_accuracy_vladapter({"a": "x"}, gold)
 
 
 def test_gqa_and_nlvr2():
