@@ -8,8 +8,14 @@ This command trains every stage for each seed (seed k adds k to ``train.seed`` a
 and the difference. A finished stage (its ``run.json``) is reused and an interrupted one resumed,
 so running the command again continues a reproduction.
 
-    python -m launch.reproduce --list                        # every recipe and its paper numbers
-    python -m launch.reproduce R data.root=/datasets --check-data   # which files are missing
+Ours is scored the way the paper scored (``paper.evaluator``: for ``vladapter`` the runs'
+``"<task>/<split>_vladapter"`` results where they have one; the table's "scored by" says which,
+and "official" keeps the official headline). A recipe with ``paper.stand_in`` stands in for an
+experiment it cannot run exactly: its rows are marked with that text (``launch.recipes`` reads
+and checks the ``paper:`` keys).
+
+    python -m launch.reproduce --list [--params]             # every recipe and its paper numbers
+    python -m launch.reproduce R data.root=/datasets --check-data   # which files/weights are missing
     python -m launch.reproduce R data.root=/datasets --seeds 3      # run, then compare
 
 Under several processes start it like training (``torchrun --nproc_per_node 8 -m
@@ -26,15 +32,17 @@ import statistics
 import sys
 from pathlib import Path
 
-from launch.config import (
-    STAGE_PREFIX,
-    ConfigError,
-    load_config,
-    read_json,
-    read_recipe,
-    stage_names,
-)  # fmt: skip
+from launch.config import STAGE_PREFIX, ConfigError, load_config, read_json
 from launch.distributed import distributed_env
+from launch.recipes import (
+    VLADAPTER_SUFFIX,
+    check_weights,
+    find_recipe,
+    list_recipes,
+    params_table,
+    recipe_stages,
+    stage_configs,
+)  # fmt: skip
 from launch.resume import EXECUTION_KEYS, config_changes
 from launch.run import RunError, build_router, evaluated_splits
 from launch.train import train
@@ -42,7 +50,6 @@ from tasks.base import DataError
 from vlpeft.checkpoint import atomic_write, write_json
 
 log = logging.getLogger("vlpeft.reproduce")
-RECIPES = Path(__file__).resolve().parent / "configs" / "recipes"
 # a finished run's results answer its evaluation settings too: only validation may differ
 REUSE_FREE = (*(k for k in EXECUTION_KEYS if k != "eval."), "eval.val_every")
 REUSE_HINT = (
@@ -50,68 +57,31 @@ REUSE_HINT = (
 )
 
 
-def recipe_files() -> list[Path]:
-    return sorted(RECIPES.glob("*.yaml"))
-
-
-def find_recipe(name: str) -> Path:
-    """A recipe by path, or by its name among the shipped ones (``routing_tab7_lora_proj``)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = RECIPES / f"{path.stem}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = [p.stem for p in recipe_files()]
-    raise ConfigError(f"recipe {name!r}: not a file nor a shipped recipe ({len(names)}: --list)")
-
-
-def stage_configs(path: Path, overrides=()) -> list[tuple[str | None, object]]:
-    """(stage name or None, loaded config) of every stage of the recipe, in run order."""
-    names = stage_names(read_recipe(path), str(path)) or [None]
-    return [(name, load_config(path, overrides, stage=name)) for name in names]
-
-
-def paper_results(config) -> dict[str, float]:
-    results = (config.paper or {}).get("results") or {}
-    if not isinstance(results, dict):
-        raise ConfigError("paper.results: expected a mapping '<task>/<split>': number")
-    return results
-
-
-def list_recipes() -> str:
-    """A Markdown table: every recipe (and stage) with its source table and numbers."""
-    lines = ["| recipe | paper | table | reported |", "|---|---|---|---|"]
-    for path in recipe_files():
-        for name, config in stage_configs(path):
-            paper = config.paper or {}
-            numbers = ", ".join(f"{k} {v}" for k, v in paper_results(config).items())
-            label = path.stem + (f" ({name})" if name else "")
-            source = str(paper.get("source", "")).split(".")[0]
-            lines.append(f"| {label} | {source} | {paper.get('table', '')} | {numbers} |")
-    return "\n".join(lines)
-
-
 def check_data(path: Path, overrides=()) -> list[tuple[str, str, str]]:
-    """(task/split, stage, problem or "") for every split the recipe trains and evaluates."""
+    """(what, stage, ``ok (…)`` or the problem) for every split the recipe trains and evaluates
+    and every weight source its stages' models load (nothing is downloaded)."""
     rows, seen = [], set()
     for name, config in stage_configs(path, overrides):
         try:
             router = build_router(config)
         except (ConfigError, DataError) as err:
             rows.append(("data.file", name or "", str(err)))
-            continue
-        for task in router.tasks:
-            for split in dict.fromkeys(["train", *evaluated_splits(config)]):
-                key = (task, split, router[task].config.root)
-                if key in seen:
-                    continue
-                seen.add(key)
-                try:
-                    count = len(router[task].read(split))
-                    rows.append((f"{task}/{split}", name or "", f"ok ({count} records)"))
-                except DataError as err:
-                    rows.append((f"{task}/{split}", name or "", f"missing: {err}"))
+        else:
+            for task in router.tasks:
+                for split in dict.fromkeys(["train", *evaluated_splits(config)]):
+                    key = (task, split, router[task].config.root)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    try:
+                        count = len(router[task].read(split))
+                        rows.append((f"{task}/{split}", name or "", f"ok ({count} records)"))
+                    except DataError as err:
+                        rows.append((f"{task}/{split}", name or "", f"missing: {err}"))
+        for what, status in check_weights(config):
+            if (what, status) not in seen:  # the same source of every stage: said once
+                seen.add((what, status))
+                rows.append((what, name or "", status))
     return rows
 
 
@@ -122,7 +92,9 @@ def seed_overrides(config, seed: int) -> list[str]:
 
 def run_recipe(path: Path, seeds: int, out: Path, overrides=()) -> dict:
     """Trains and evaluates every stage for each seed; returns the comparison per stage."""
-    stages = stage_configs(path, overrides)
+    recipe = recipe_stages([path], overrides)  # the paper sections are checked before training
+    papers = {stage or "run": paper for _, _, stage, _, paper in recipe}
+    stages = [(stage, config) for _, _, stage, config, _ in recipe]
     results: dict[str, list[dict]] = {name or "run": [] for name, _ in stages}
     for seed in range(seeds):
         done: dict[str, Path] = {}
@@ -147,46 +119,74 @@ def run_recipe(path: Path, seeds: int, out: Path, overrides=()) -> dict:
                 summary = train(config, run_dir, resume=resume, restart=True)
             done[label] = run_dir
             results[label].append(summary.get("results", {}))
-    comparison = {}
-    for name, config in stages:
-        label = name or "run"
-        comparison[label] = compare(results[label], paper_results(config))
-    return comparison
+    return {label: compare(results[label], paper.results, paper.evaluator, paper.stand_in)
+            for label, paper in papers.items()}  # fmt: skip
 
 
-def compare(runs: list[dict], paper: dict) -> list[dict]:
-    """Per metric: the paper's number, ours (mean, std over the runs, n) and the difference."""
+def compare(runs: list[dict], paper: dict, evaluator: str = "official",
+            stand_in: str | None = None) -> list[dict]:  # fmt: skip
+    """Per metric: the paper's number, ours (mean, std over the runs, n) and the difference.
+
+    Ours is scored the way the paper scored (``evaluator``): for ``vladapter`` a run's
+    ``"<key>_vladapter"`` result where it has one (``scored_by`` says which), else the official
+    headline, which every row also carries (``official``). ``stand_in`` marks every row of a
+    recipe that stands in for the paper's experiment."""
     rows = []
-    for key in dict.fromkeys([*paper, *(k for r in runs for k in r)]):
-        # a missing or non-finite score is left out (and n says how many runs had one)
-        ours = [r[key] for r in runs if r.get(key) is not None and math.isfinite(r[key])]
-        mean = statistics.fmean(ours) if ours else None
-        std = statistics.stdev(ours) if len(ours) > 1 else None
+    keys = [k.removesuffix(VLADAPTER_SUFFIX) for k in [*paper, *(k for r in runs for k in r)]]
+    for key in dict.fromkeys(keys):
+        official = summarise([r.get(key) for r in runs])
+        ours, scored_by = official, "official"
+        if evaluator == "vladapter":
+            alternative = summarise([r.get(key + VLADAPTER_SUFFIX) for r in runs])
+            if alternative["n"]:
+                ours, scored_by = alternative, "vladapter"
         reported = paper.get(key)
+        mean = ours["mean"]
         diff = mean - reported if mean is not None and reported is not None else None
-        rows.append({"metric": key, "paper": reported, "mean": mean, "std": std, "n": len(ours),
-                     "diff": diff})  # fmt: skip
+        rows.append({"metric": key, "paper": reported, **ours, "diff": diff,
+                     "scored_by": scored_by, "official": official, "stand_in": stand_in})  # fmt: skip
     return rows
 
 
-def render(path: Path, comparison: dict) -> str:
-    def number(value, digits=2):
-        return "–" if value is None else f"{value:.{digits}f}"
+def summarise(scores: list) -> dict:
+    """Mean, std and n of the runs' scores; a missing or non-finite one is left out."""
+    ours = [s for s in scores if s is not None and math.isfinite(s)]
+    mean = statistics.fmean(ours) if ours else None
+    std = statistics.stdev(ours) if len(ours) > 1 else None
+    return {"mean": mean, "std": std, "n": len(ours)}
 
+
+def render(path: Path, comparison: dict) -> str:
+    """The Markdown table of :func:`run_recipe`'s comparison, a section per stage."""
     lines = [f"# {path.stem}", ""]
     for stage, rows in comparison.items():
         if len(comparison) > 1:
             lines += [f"## stage {stage}", ""]
-        lines += ["| metric | paper | ours | Δ |", "|---|---|---|---|"]
+        lines += [
+            "| metric | paper | ours | Δ | scored by | official |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in rows:
-            ours = number(row["mean"]) + (
-                f" ± {number(row['std'])}" if row["std"] is not None else ""
-            )
-            ours += f" (n={row['n']})" if row["n"] else ""
             diff = "–" if row["diff"] is None else f"{row['diff']:+.2f}"
-            lines.append(f"| {row['metric']} | {number(row['paper'])} | {ours} | {diff} |")
+            metric = row["metric"] + (" (stand-in)" if row["stand_in"] else "")
+            lines.append(f"| {metric} | {number(row['paper'])} | {score(row)} | {diff} "
+                         f"| {row['scored_by']} | {score(row['official'])} |")  # fmt: skip
+        stand_in = next((row["stand_in"] for row in rows if row["stand_in"]), None)
+        lines += ["", f"Stand-in: {stand_in}."] if stand_in else []
         lines.append("")
     return "\n".join(lines)
+
+
+def number(value, digits=2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def score(summary: dict) -> str:
+    """``mean ± std (n=…)`` of :func:`summarise`."""
+    text = number(summary["mean"]) + (
+        f" ± {number(summary['std'])}" if summary["std"] is not None else ""
+    )
+    return text + (f" (n={summary['n']})" if summary["n"] else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="key=value overrides, e.g. data.root=/datasets"
     )
     parser.add_argument("--list", action="store_true", help="every recipe with its paper numbers")
-    parser.add_argument("--check-data", action="store_true", help="report missing data files")
+    parser.add_argument("--params", action="store_true",
+                        help="with --list: our trainable parameters beside the paper's")  # fmt: skip
+    parser.add_argument(
+        "--check-data", action="store_true", help="report missing data files and weights"
+    )
     parser.add_argument(
         "--root", default=None, metavar="DIR", help="the data root (the same as data.root=DIR)"
     )
@@ -204,11 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default runs/reproduce/<recipe>")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)  # options before or after the overrides
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        if args.list:
+        if args.list:  # tables only: the meta-device builds of --params log nothing
             print(list_recipes())
+            if args.params:
+                print("\n" + params_table())
             return 0
+        if args.params:
+            parser.error("--params goes with --list")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         if not args.recipe:
             parser.error("name a recipe (or --list)")
         path = find_recipe(args.recipe)
