@@ -8,7 +8,7 @@ A recipe's ``paper:`` mapping is free-form for training; :func:`read_paper` chec
 
     paper:
       results: {"<task>/<split>": number}        # the paper's numbers, in run.json's units
-      params: {trainable: 7011072, percent: 3.46, note: "…"}   # either count or both
+      params: {trainable: 7011072, percent: 5.93, note: "…"}   # either count or both
       stand_in: "VSE∞ in the paper, BLIP-base here"  # an experiment this recipe cannot run exactly
       evaluator: official | vladapter           # the rules behind the paper's numbers
       reproduces: "VL-Adapter multitask single LoRA, …"   # the run it reproduces, one line
@@ -22,11 +22,13 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from tqdm import tqdm
 
+import vlpeft
 from launch.config import ConfigError, load_config, read_recipe, stage_names
-from launch.run import check_offline
+from launch.run import adapter_methods, check_offline
 from vlpeft.models import get_family, preset_config
 from vlpeft.models.base import missing_weights
 from vlpeft.models.clip_bart import OPEN_CLIP_HUB, ClipBartConfig
@@ -65,6 +67,11 @@ def stage_label(path: Path, stage: str | None) -> str:
     return path.stem + (f" ({stage})" if stage else "")
 
 
+def stage_where(path: Path, stage: str | None) -> str:
+    """How errors name a recipe's stage: ``R.yaml (stage lora)``, as :func:`load_config` does."""
+    return f"{path}" + (f" (stage {stage})" if stage else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class Paper:
     """What ``launch.reproduce`` reads of a recipe's ``paper:`` section (:func:`read_paper`).
@@ -72,7 +79,8 @@ class Paper:
     Args:
         results: ``"<task>/<split>"`` → the number the paper reported, in run.json's units.
         trainable: the trainable parameters the paper gives, or None.
-        percent: those as a percentage of the whole model's parameters, or None.
+        percent: those as a percentage of the model's parameters, or None (VL-PET's 5.93 %:
+            of the model without the CLIP whose features it pre-extracts, ParamCount.counted).
         params_note: how the paper counted, when it says.
         stand_in: what differs from the paper's experiment this recipe stands in for (None: it
             is that experiment).
@@ -160,8 +168,8 @@ def recipe_stages(paths=None, overrides=()) -> list[tuple[str, Path, str | None,
     rows = []
     for path in recipe_files() if paths is None else paths:
         for stage, config in stage_configs(path, overrides):
-            where = f"{path}" + (f" (stage {stage})" if stage else "")
-            rows.append((stage_label(path, stage), path, stage, config, read_paper(config, where)))
+            paper = read_paper(config, stage_where(path, stage))
+            rows.append((stage_label(path, stage), path, stage, config, paper))
     return rows
 
 
@@ -177,17 +185,59 @@ def list_recipes() -> str:
 
 
 # -- parameters -------------------------------------------------------------------------------
-def count_trainable(config) -> tuple[int | None, int, str]:
-    """(trainable or None, total, why None) of a config's model, built on the meta device
-    (:func:`launch.run.check_offline`): None when a set's ranks need the weights (Null-LoRA)."""
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    """A config's parameter counts on the meta device (:func:`count_parameters`).
+
+    Args:
+        trainable: what trains (None: a set's ranks come from the weights, Null-LoRA).
+        total: every parameter of the model, adapters included.
+        cached: those of a frozen encoder whose features a run may cache (0: none).
+        why: why ``trainable`` is None.
+    """
+
+    trainable: int | None
+    total: int
+    cached: int = 0
+    why: str = ""
+
+    @property
+    def counted(self) -> int:
+        """The model as VL-Adapter / VL-PET count it: without the frozen encoder whose features
+        they pre-extract (CLIP), which a feature cache (``launch.features``) leaves out too."""
+        return self.total - self.cached
+
+    @property
+    def percent(self) -> float | None:
+        """Trainable as a percentage of :attr:`counted` (VL-PET's 5.93 % for LoRA)."""
+        return None if self.trainable is None else 100.0 * self.trainable / self.counted
+
+
+def count_parameters(config) -> ParamCount:
+    """The parameter counts of a config's model with its adapters, built on the meta device
+    (:func:`launch.run.check_offline`; no weights, no memory)."""
     report = check_offline(config)
     why = next((info["checked"] for info in report["sets"].values() if "checked" in info), "")
-    return report["trainable"], report["total"], why
+    if report["trainable"] is None:
+        return ParamCount(None, report["total"], 0, why)
+    return ParamCount(report["trainable"], report["total"], cached_encoder_parameters(config))
 
 
-def percent_of(trainable: int, total: int) -> float:
-    """Trainable as a percentage of the whole model (adapters included), as VL-PET reports."""
-    return 100.0 * trainable / total
+def cached_encoder_parameters(config) -> int:
+    """Parameters of the model's frozen encoder whose features can be cached (``cached_part``:
+    CLIP-BART's CLIP ResNet, the ViT of ViT + RoBERTa / GPT-2); 0 when the family has none or an
+    adapter trains inside it. Built on the meta device with the config's adapters."""
+    overrides = {**config.model.overrides, "pretrained": False}  # the size, not the weights
+    overrides.pop("weights", None)
+    with torch.device("meta"):
+        model = vlpeft.build_model(config.model.family, config.model.preset, **overrides)
+        part = getattr(model, "cached_part", None)
+        if part is None:
+            return 0
+        for name, method in adapter_methods(config, model).items():
+            vlpeft.add_adapter(model, method, name=name)
+    params = list(getattr(model, part).parameters())
+    return 0 if any(p.requires_grad for p in params) else sum(p.numel() for p in params)
 
 
 def claim_holds(ours: float, claimed: float, decimals: int | None = None) -> bool:
@@ -204,22 +254,23 @@ def params_table(stages=None) -> str:
     every count the paper gives, and the ratio ours / paper. Progress goes to stderr."""
     stages = recipe_stages() if stages is None else stages
     lines = [
-        "| recipe | ours: trainable | of total | ours % | paper: trainable | ours/paper "
-        "| paper % | ours/paper | notes |",
+        "| recipe | ours: trainable | of (+ cached encoder) | ours % | paper: trainable "
+        "| ours/paper | paper % | ours/paper | notes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, _, _, config, paper in tqdm(stages, desc="counting", file=sys.stderr, disable=None):
-        trainable, total, _ = count_trainable(config)
-        notes = "; ".join(
-            n for n in (paper.notes, paper.params_note and f"paper: {paper.params_note}") if n
-        )
-        if trainable is None:
-            ours = ["needs the weights", f"{total:,}", "–"]
-            ratios = ["–", "–"]
+        count = count_parameters(config)
+        note = paper.params_note and f"paper: {paper.params_note}"
+        notes = "; ".join(n for n in (paper.notes, note) if n)
+        of = f"{count.counted:,}" + (f" (+ {count.cached:,})" if count.cached else "")
+        if count.trainable is None:
+            ours, ratios = ["needs the weights", of, "–"], ["–", "–"]
         else:
-            mine = percent_of(trainable, total)
-            ours = [f"{trainable:,}", f"{total:,}", f"{mine:.2f}"]
-            ratios = [_ratio(trainable, paper.trainable), _ratio(mine, paper.percent)]
+            ours = [f"{count.trainable:,}", of, f"{count.percent:.2f}"]
+            ratios = [
+                _ratio(count.trainable, paper.trainable),
+                _ratio(count.percent, paper.percent),
+            ]
         claimed = [f"{paper.trainable:,}" if paper.trainable else "–",
                    f"{paper.percent:g}" if paper.percent else "–"]  # fmt: skip
         cells = [label, *ours, claimed[0], ratios[0], claimed[1], ratios[1], notes]
