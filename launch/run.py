@@ -43,12 +43,14 @@ def build_router(config: TrainConfig) -> TaskRouter:
 
 
 def task_entry(entry: dict, settings: dict | None) -> dict:
-    """A task of ``data.file`` updated by its ``data.tasks`` settings; ``splits`` is updated key
-    by key (``data.tasks.gqa.splits: {train: train+val}`` keeps the file's val and test)."""
+    """A task of ``data.file`` updated by its ``data.tasks`` settings; ``splits`` and ``options``
+    are updated key by key (``data.tasks.gqa.splits: {train: train+val}`` keeps the file's val
+    and test, ``data.tasks.vqa.options: {target: sampled}`` its ``karpathy`` file)."""
     settings = settings or {}
     merged = {**entry, **settings}
-    if isinstance(entry.get("splits"), dict) and isinstance(settings.get("splits"), dict):
-        merged["splits"] = {**entry["splits"], **settings["splits"]}
+    for key in ("splits", "options"):
+        if isinstance(entry.get(key), dict) and isinstance(settings.get(key), dict):
+            merged[key] = {**entry[key], **settings[key]}
     return merged
 
 

@@ -317,6 +317,9 @@ class Task:
     submission_format: ClassVar[str] = "json"
     default_prompt: ClassVar[str] = ""
     path_options: ClassVar[tuple[str, ...]] = ()
+    # the ``options`` that change only how a training batch is made, not the records (left out
+    # of the record cache's key)
+    training_options: ClassVar[tuple[str, ...]] = ()
     synthetic_writer: ClassVar[type | None] = None
     annotation_key: ClassVar[str | None] = None
     images_per_record: ClassVar[int] = 1
@@ -384,7 +387,8 @@ class Task:
             return self.read_split(split)
         identity = {"reader": self.name, "version": self.reader_version, "split": split,
                     "root": str(self.root), "images": str(self.image_root),
-                    "options": self.config.options}  # fmt: skip
+                    "options": {k: v for k, v in self.config.options.items()
+                                if k not in self.training_options}}  # fmt: skip
 
         def read() -> tuple[list[dict], list[Path]]:
             with recording_sources() as sources:
@@ -494,6 +498,14 @@ class Task:
         instead of it; ``{}`` (the default): the reference evaluators score as the official one."""
         return {}
 
+    def training_targets(
+        self, records: list[dict], epoch: int
+    ) -> tuple[list[str], list[float]] | None:
+        """The targets a training batch of ``records`` trains on in ``epoch`` and each one's loss
+        weight, when they are not the records' own ``target`` (VQA's ``options.target: sampled``);
+        None (the default): the collated ones, unweighted. Deterministic in (epoch, record)."""
+        return None
+
     def submission(self, records: list[dict], predictions) -> Any:
         """The official submission file's content (JSON-able, or CSV text)."""
         raise NotImplementedError
@@ -546,10 +558,17 @@ class TaskDataset(torch.utils.data.Dataset):
         if check is not None:
             check(Path(p) for record in self.records for p in record["images"])
 
-    def collate(self, items: list[tuple[dict, torch.Tensor]]) -> dict[str, Any]:
+    def collate(
+        self, items: list[tuple[dict, torch.Tensor]], epoch: int | None = None
+    ) -> dict[str, Any]:
+        """The task's batch of ``items``; a training batch (``epoch`` given) takes the task's
+        :meth:`Task.training_targets` (``target_weights``: each example's loss weight)."""
         records = [r for r, _ in items]
         pixels = torch.stack([x for _, x in items])  # (B, n_images, ...)
         batch = self.task.collate(records, pixels[:, 0] if pixels.shape[1] == 1 else pixels)
+        picked = self.task.training_targets(records, epoch) if epoch is not None else None
+        if picked is not None:
+            batch["targets"], batch["target_weights"] = picked
         if self.features is not None:
             batch["features"] = batch.pop("images")
         return batch

@@ -40,7 +40,8 @@ class MultitaskDataset(torch.utils.data.Dataset):
     def collate(self, items: list) -> tuple[tuple[int, int], str, dict[str, Any]]:
         """(position after this step, task, the task's collated batch)."""
         (epoch, step, task, _), _ = items[0]
-        return (epoch, step), task, self.datasets[task].collate([item for _, item in items])
+        batch = self.datasets[task].collate([item for _, item in items], epoch=epoch)
+        return (epoch, step), task, batch
 
 
 class SamplerSteps(torch.utils.data.Sampler):

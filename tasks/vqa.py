@@ -381,6 +381,7 @@ class VQA(Task):
     predicts = "generate"
     default_prompt = "vqa:"
     path_options = ("karpathy",)
+    training_options = ("target",)
     synthetic_writer = SyntheticVQA
     annotation_key = "answers"  # test-dev / test-std have questions only: for the server
 
@@ -513,6 +514,35 @@ class VQA(Task):
     def predict(self, model, records, batches, settings):
         """Generated answers, lower-cased as the annotations are (see the module docstring)."""
         return [answer.lower() for answer in super().predict(model, records, batches, settings)]
+
+    def training_targets(self, records, epoch):
+        """``options.target``: ``most_common`` (default) trains on ``multiple_choice_answer``;
+        ``sampled`` is VL-Adapter's (``vqa_clip_data.py``, ``__getitem__``; ``VLBartVQA``): an
+        answer of the record's soft scores drawn with probability ∝ its score, its loss weighted
+        by that score (no answer: "" with weight 0). VL-Adapter draws from numpy's unseeded
+        global state at every fetch; here the draw is a function of (epoch, question id), so a
+        resumed run draws the same."""
+        mode = self.config.options.get("target", "most_common")
+        if mode == "most_common":
+            return None
+        if mode != "sampled":
+            raise DataError(
+                f"task {self.config_name}: options.target: expected 'most_common' or 'sampled', "
+                f"got {mode!r}"
+            )
+        targets, weights = [], []
+        for record in records:
+            label = {a: s for a, s in record.get("label", {}).items() if s > 0}
+            if not label:
+                targets.append("")
+                weights.append(0.0)
+                continue
+            answers = sorted(label)  # an order independent of how the record was stored
+            draw = random.Random(f"vqa-target:{epoch}:{record['id']}")
+            answer = draw.choices(answers, weights=[label[a] for a in answers])[0]
+            targets.append(answer)
+            weights.append(float(label[answer]))
+        return targets, weights
 
     def submission(self, records, predictions):
         return [

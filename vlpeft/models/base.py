@@ -28,6 +28,9 @@ the keys of its kind; a family reads what its capabilities need and ignores the 
                      e.g. ``"a picture of"``, or ``""``)
 ``targets``          list of B target texts (generation losses; ``""`` for a record without one:
                      test splits); VQA, GQA, NLVR², captioning
+``target_weights``   optional: list of B floats, each example's loss weight (a VQA training batch
+                     with ``options.target: sampled``); the generation losses (CLIP-BART, BLIP)
+                     multiply each example's token mean by it
 ``answer_scores``    list of B ``{answer: soft score}`` (classification losses: RoBERTa-ViT);
                      VQA and GQA (``{}`` for a record without answers)
 ``image_ids``        list of B image ids; equal ids are positives of each other (retrieval only;
@@ -426,9 +429,12 @@ class VLModel(nn.Module):
         return ids
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0, weights=None
+) -> torch.Tensor:
     """Cross entropy of next-token ``logits`` (B, L, V) against ``labels`` (B, L): the mean over
-    examples of each example's token mean (VL-T5's reduction).
+    examples of each example's token mean (VL-T5's reduction), each example's mean times its
+    ``weights`` entry when given (B floats: VL-T5's VQA weights an answer by its score).
 
     ``labels`` are already aligned with ``logits`` (label t is predicted by logit t); positions
     equal to -100 (padding, prefixes) are ignored. Averaging per example first makes the loss of a
@@ -444,7 +450,10 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) 
     ).view(labels.shape)
     counts = (labels != IGNORE).sum(1)
     kept = counts > 0
-    return (tokens.sum(1)[kept] / counts[kept]).mean()
+    means = tokens.sum(1)[kept] / counts[kept]
+    if weights is not None:
+        means = means * torch.as_tensor(weights, dtype=means.dtype, device=means.device)[kept]
+    return means.mean()
 
 
 def pad_to_ignore(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

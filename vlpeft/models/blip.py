@@ -378,7 +378,8 @@ class Blip(VLModel):
         logits = self.text_decoder(
             **inputs, encoder_hidden_states=context, encoder_attention_mask=context_mask
         ).logits
-        loss = lm_loss(logits[:, :-1], labels[:, 1:], self.config.label_smoothing)
+        loss = lm_loss(logits[:, :-1], labels[:, 1:], self.config.label_smoothing,
+                       batch.get("target_weights"))  # fmt: skip
         return VLOutput(loss=loss, logits=logits)
 
     def retrieval_loss(self, batch: dict[str, Any]) -> torch.Tensor:

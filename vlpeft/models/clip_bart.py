@@ -289,7 +289,8 @@ class ClipBart(VLModel):
             attention_mask=mask,
             decoder_input_ids=starts,
         ).logits
-        return VLOutput(loss=lm_loss(logits, labels), logits=logits)
+        loss = lm_loss(logits, labels, weights=batch.get("target_weights"))
+        return VLOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(
