@@ -7,6 +7,13 @@ suffixes for that recipe on BART are ``["self_attn.out_proj", "encoder_attn.out_
 
 With ``routing`` (Qu et al. 2024) the down-projections of y and x_R (bias included) are routed
 before the activation: y + up(act(route(down(y), down(x_R)))).
+
+``parallel=True`` reads the target module's *input* x instead of its output (a parallel adapter,
+He et al. ICLR 2022; I-Tuning, Luo et al. ICASSP 2023, beside GPT-2's FFN — Qu et al.'s
+"Adapter†"): y + up(act(route(down(x), down(x_R)))). ``routing="cross_attention"`` is I-Tuning's
+module (Qu et al. Sec. 4.3, Fig. A1(b)): y + up(attn(down(x), key(X_R), value(X_R))), softmax
+attention with ``attention_heads`` heads over x_R's tokens, the query/key/value mappings d → m with
+bias, ``up`` the output mapping (zero-initialised); no activation (the attention is the nonlinearity).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 from torch import nn
 
 from .base import AdaptedLayer, AdapterModule, factory_kwargs, is_conv1d, register_method
-from .routing import RoutableConfig, make_routing
+from .routing import CROSS_ATTENTION, RoutableConfig, attend, make_routing
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -43,6 +50,18 @@ def output_features(module: nn.Module, layer_name: str) -> int:
     )
 
 
+def input_features(module: nn.Module) -> int | None:
+    """Width of a module's input: a Linear/Conv1D/LayerNorm itself, else its first such submodule."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            return sub.in_features
+        if is_conv1d(sub):
+            return sub.weight.shape[0]
+        if isinstance(sub, nn.LayerNorm):
+            return sub.normalized_shape[-1]
+    return None
+
+
 @register_method("adapter")
 @dataclasses.dataclass
 class AdapterConfig(RoutableConfig):
@@ -53,16 +72,21 @@ class AdapterConfig(RoutableConfig):
         reduction_factor: used when ``bottleneck`` is None (VL-Adapter: 8).
         activation: one of relu, gelu, silu, tanh, identity.
         dim: output width of the target module; inferred from Linear/Conv1D/LayerNorm when None.
-        routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`;
-            routing acts on the down-projections before the activation.
+        parallel: read the target's input and add to its output (a parallel adapter, e.g. on
+            GPT-2's whole ``mlp``: I-Tuning's placement) instead of adapting its output.
+        routing, separate_mapping, visual_dim, visual_tokens, attention_heads: see
+            :class:`~vlpeft.adapters.routing.RoutableConfig`; routing acts on the
+            down-projections before the activation; ``"cross_attention"`` is I-Tuning's module.
     """
 
     placement: ClassVar[str] = "adapter"  # after the attention output and the second FFN linear
+    cross_attention: ClassVar[bool] = True
 
     bottleneck: int | None = None
     reduction_factor: int = 8
     activation: str = "relu"
     dim: int | None = None
+    parallel: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,32 +100,62 @@ class AdapterConfig(RoutableConfig):
             raise ValueError(
                 f"AdapterConfig.reduction_factor must be >= 1, got {self.reduction_factor}"
             )
+        if not isinstance(self.parallel, bool):
+            raise ValueError(f"AdapterConfig.parallel must be true or false, got {self.parallel!r}")
 
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
         dim = self.dim or output_features(base_layer, layer_name)
+        d_in = input_features(base_layer)
+        if self.parallel and not self.dim and d_in != dim:
+            raise ValueError(
+                f"{layer_name}: a parallel adapter adds up(down(input)) to the output, but the "
+                f"input width {d_in} differs from the output width {dim}: target a module whose "
+                "widths agree (GPT-2's whole mlp, a block) or set AdapterConfig.parallel=False"
+            )
         bottleneck = self.bottleneck or max(1, dim // self.reduction_factor)
         return BottleneckAdapter(
             dim, bottleneck, self.activation, make_routing(self, layer_name, dim),
-            **factory_kwargs(base_layer),
+            parallel=self.parallel, heads=self.attention_heads, **factory_kwargs(base_layer),
         )  # fmt: skip
 
 
 class BottleneckAdapter(AdapterModule):
-    """y + up(act(down(y))) on the base output; not mergeable (the activation is nonlinear).
-    ``down_visual`` is the separate mapping of x_R of a routed adapter that has one."""
+    """y + up(act(down(y))) on the base output (``parallel``: of the base input x); not mergeable
+    (the activation is nonlinear). ``down_visual`` is the separate mapping of x_R of a routed
+    adapter that has one; ``key`` and ``value`` the x_R mappings of cross-attention (``down`` is
+    then its query mapping and ``up`` its output mapping)."""
 
     mergeable = False
 
-    def __init__(self, dim: int, bottleneck: int, activation: str, routing=None, **kw) -> None:
+    def __init__(
+        self,
+        dim: int,
+        bottleneck: int,
+        activation: str,
+        routing=None,
+        parallel: bool = False,
+        heads: int = 1,
+        **kw,
+    ) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck, **kw)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(bottleneck, dim, **kw)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.routing = routing
-        self.down_visual = None
-        if routing is not None and routing.separate:
+        self.routing, self.parallel = routing, parallel
+        self.down_visual = self.key = self.value = None
+        self.heads = None
+        if routing is not None and routing.configured_kind == CROSS_ATTENTION:
+            if bottleneck % heads:
+                raise ValueError(
+                    f"{routing.layer_name}: AdapterConfig.attention_heads={heads} must divide "
+                    f"the bottleneck {bottleneck}"
+                )
+            self.heads = heads
+            self.key = nn.Linear(routing.visual_dim, bottleneck, **kw)
+            self.value = nn.Linear(routing.visual_dim, bottleneck, **kw)
+        elif routing is not None and routing.separate:
             self.down_visual = nn.Linear(routing.visual_dim, bottleneck, **kw)
 
     @property
@@ -111,8 +165,18 @@ class BottleneckAdapter(AdapterModule):
     def visual_bottleneck(self, x_r: torch.Tensor) -> torch.Tensor:
         return (self.down_visual or self.down)(x_r)
 
+    def cross_attend(self, h: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        """attn(h, key(X_R), value(X_R)) for the query h = down(x): (..., bottleneck)."""
+        tokens = h.unsqueeze(1) if h.dim() == 2 else h
+        x_r = self.routing.x_r(layer, tokens.shape[0]).to(tokens.dtype)
+        x_r = x_r if x_r.dim() == 3 else x_r[:, None]
+        out = attend(tokens, self.key(x_r), self.value(x_r), self.heads)
+        return out.squeeze(1) if h.dim() == 2 else out
+
     def bottleneck_activations(self, y: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
         h = self.down(y)
+        if self.heads is not None:
+            return self.cross_attend(h, layer)
         if self.routing is not None:
             h = self.routing(h, layer, self.visual_bottleneck)
         return self.act(h)
@@ -120,7 +184,7 @@ class BottleneckAdapter(AdapterModule):
     def forward(
         self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: AdaptedLayer
     ) -> torch.Tensor:
-        h = self.bottleneck_activations(y, layer)
+        h = self.bottleneck_activations(x.to(y.dtype) if self.parallel else y, layer)
         layer.record(self, h, self.up.weight)
         return y + self.up(h)
 

@@ -8,6 +8,19 @@ equal parts of the output only, e.g. ``slices={"c_attn": {"parts": 3, "use": [0,
 With ``routing`` (Qu et al. 2024) the bottleneck A·x is routed with A·x_R (or a separate mapping):
 the branch is (α/r)·B·route(A·x, A·x_R), per slice for fused layers; see :mod:`.routing`.
 
+The structures of Qu et al. Sec. 4.3 / App. A (Fig. A1), with m = ``mapping_rank`` (r/4):
+
+- ``separate_mapping="merge"``: (α/r)·B·M·route(A·x, A_v·x_R), M the m → r up-projection;
+- ``separate_mapping="split"`` (Fig. A1(d), d → r/4 → r → d):
+  (α/r)·B·route(U·A·x, U_v·A_v·x_R) with U, U_v the m → r up-projections of x_H and x_R;
+- ``routing="cross_attention"`` (Fig. A1(c)): (α/r)·B·U·W_o·attn(W_q·A·x, W_k·A_v·X_R,
+  W_v·A_v·X_R), softmax attention with ``attention_heads`` heads over x_R's tokens.
+
+For a fused layer with S slices, U, U_v and the attention's W_q/W_k/W_v/W_o act on the S slices'
+concatenated bottleneck (S·m → S·r, S·m → S·m), as the reference code's modules on GPT-2's
+c_attn do (``loralib/layers.py``: ``MergedLinearSplit``, ``MergedLinearSplitAttn``); A, A_v and
+B stay per slice.
+
 A routed LoRA without slices, dropout or a mapping up-projection runs as one autograd function
 (:class:`_RoutedLoRA`): x_R's down-projection once per call, the routing function and (α/r)·B
 folded into one ``addmm`` with y, and a written-out backward (the routing's gradient as two or three
@@ -28,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdaptedLayer, AdapterModule, is_conv1d, linear_shape, register_method
-from .routing import RoutableConfig, compute_dtype, make_routing
+from .routing import CROSS_ATTENTION, RoutableConfig, attend, compute_dtype, make_routing
 
 
 @register_method("lora")
@@ -44,10 +57,10 @@ class LoRAConfig(RoutableConfig):
         slices: module-name suffix → ``{"parts": P, "use": [i, ...]}``: split the output of a fused
             projection into P equal parts and adapt only parts ``use`` (one rank-r LoRA each).
         routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`.
-        mapping_rank: with ``separate_mapping``, the width m both x_H and x_R are down-projected
-            to and routed in, before a trainable m → r up-projection and B (Qu et al. App. A,
-            Fig. A1(d): d → r/4 → r → d). None: r // 4, the paper's; r: the routed bottleneck
-            is rank r with no up-projection (an earlier vlpeft structure, more parameters).
+        mapping_rank: with ``separate_mapping`` or cross-attention, the width m both x_H and
+            x_R are down-projected to (Qu et al. App. A: d → r/4 → r → d). None: r // 4, the
+            paper's. ``"merge"`` routes in m, then maps up m → r; with m = r it has no
+            up-projection (an earlier vlpeft structure, more parameters).
     """
 
     r: int = 8
@@ -58,6 +71,8 @@ class LoRAConfig(RoutableConfig):
 
     supports_slices: ClassVar[bool] = True
     layerwise_rank: ClassVar[bool] = True
+    split_mapping: ClassVar[bool] = True
+    cross_attention: ClassVar[bool] = True
     peft_flags: ClassVar[dict[str, Any] | None] = {"use_dora": False}
     peft_layer_tensors: ClassVar[dict[str, str]] = {
         "lora_A.weight": "lora_A",
@@ -68,9 +83,12 @@ class LoRAConfig(RoutableConfig):
         super().__post_init__()
         if self.r < 1:
             raise ValueError(f"LoRAConfig.r must be >= 1, got {self.r}")
-        if self.mapping_rank is not None and not self.separate_mapping:
-            raise ValueError("LoRAConfig.mapping_rank is the width of a separate mapping")
-        if self.separate_mapping and self.mapping_rank is None:
+        narrow = self.separate_mapping or self.routing == CROSS_ATTENTION
+        if self.mapping_rank is not None and not narrow:
+            raise ValueError(
+                "LoRAConfig.mapping_rank is the width of a separate mapping or cross-attention"
+            )
+        if narrow and self.mapping_rank is None:
             self.mapping_rank = max(1, self.r // 4)
         if self.mapping_rank is not None and not 1 <= self.mapping_rank <= self.r:
             raise ValueError(
@@ -120,9 +138,11 @@ class LoRALinear(AdapterModule):
     """LoRA on a Linear or Conv1D, optionally on equal output slices of a fused projection.
 
     Parameters: ``lora_A`` (S·r, in) and ``lora_B`` (S·d_s, r) for S adapted slices of width d_s
-    (S = 1 and d_s = out without slices). With a separate mapping of width m < r (the paper's
-    structure): ``lora_A`` (S·m, in), ``lora_A_visual`` (S·m, visual_dim) and ``lora_mid``
-    (S·r, m), the up-projection of the routed bottleneck to rank r.
+    (S = 1 and d_s = out without slices). With a separate mapping or cross-attention of width m
+    (the paper's structures): ``lora_A`` (S·m, in) and ``lora_A_visual`` (S·m, visual_dim);
+    ``"merge"``: ``lora_mid`` (S·r, m), the per-slice up-projection of the routed bottleneck;
+    ``"split"``: ``lora_up`` and ``lora_up_visual`` (S·r, S·m); cross-attention: ``lora_attn_q``,
+    ``lora_attn_k``, ``lora_attn_v``, ``lora_attn_o`` (S·m, S·m) and ``lora_up`` (S·r, S·m).
     """
 
     mergeable = True
@@ -147,19 +167,34 @@ class LoRALinear(AdapterModule):
         self.scaling = config.alpha / config.r
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.routing = make_routing(config, layer_name, d_in, n_slices)
-        separate = self.routing is not None and self.routing.separate
+        mapping = self.routing.separate if self.routing is not None else False
+        cross = self.routing is not None and self.routing.configured_kind == CROSS_ATTENTION
         # the bottleneck x_H (and x_R) is mapped to: r, or the separate mapping's width m
-        self.m = config.mapping_rank if separate else config.r
+        self.m = config.mapping_rank if mapping or cross else config.r
         self.lora_A = _kaiming(n_slices, self.m, d_in, **kw)
         self.lora_B = nn.Parameter(torch.zeros(n_slices * width, config.r, **kw))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.lora_A_visual = self.lora_mid = None
+        self.lora_A_visual = self.lora_mid = self.lora_up = self.lora_up_visual = None
+        self.heads = config.attention_heads if cross else None
         if self.routing is not None:
             self.mergeable = self.lora_reducible = False
-        if separate:
+        if mapping or cross:
             self.lora_A_visual = _kaiming(n_slices, self.m, self.routing.visual_dim, **kw)
-            if self.m != config.r:
-                self.lora_mid = _kaiming(n_slices, config.r, self.m, **kw)
+        if mapping == "merge" and self.m != config.r:
+            self.lora_mid = _kaiming(n_slices, config.r, self.m, **kw)
+        wide, narrow = n_slices * config.r, n_slices * self.m  # the slices' concatenation
+        if mapping == "split" or cross:
+            self.lora_up = _kaiming(1, wide, narrow, **kw)
+        if mapping == "split":
+            self.lora_up_visual = _kaiming(1, wide, narrow, **kw)
+        if cross:
+            if narrow % self.heads:
+                raise ValueError(
+                    f"{layer_name}: LoRAConfig.attention_heads={self.heads} must divide the "
+                    f"cross-attention width {narrow} (slices × mapping_rank)"
+                )
+            for name in ("q", "k", "v", "o"):
+                setattr(self, f"lora_attn_{name}", _kaiming(1, narrow, narrow, **kw))
 
     @property
     def rank(self) -> int:
@@ -180,9 +215,24 @@ class LoRALinear(AdapterModule):
         return F.linear(self.dropout(x), self.lora_A)
 
     def visual_bottleneck(self, x_r: torch.Tensor) -> torch.Tensor:
-        """x_R through A (or the separate mapping): (..., S·r)."""
+        """x_R through A (or the separate mapping; ``"split"``: and its up-projection)."""
         mapping = self.lora_A if self.lora_A_visual is None else self.lora_A_visual
-        return F.linear(self.dropout(x_r), mapping)
+        v = F.linear(self.dropout(x_r), mapping)
+        return v if self.lora_up_visual is None else F.linear(v, self.lora_up_visual)
+
+    def cross_attend(self, h: torch.Tensor, layer: AdaptedLayer) -> torch.Tensor:
+        """U·W_o·attn(W_q·h, W_k·A_v·X_R, W_v·A_v·X_R) for the bottleneck h = A·x: (..., S·r)."""
+        tokens = h.unsqueeze(1) if h.dim() == 2 else h
+        x_r = self.routing.x_r(layer, tokens.shape[0]).to(tokens.dtype)
+        visual = F.linear(self.dropout(x_r if x_r.dim() == 3 else x_r[:, None]), self.lora_A_visual)
+        out = attend(
+            F.linear(tokens, self.lora_attn_q),
+            F.linear(visual, self.lora_attn_k),
+            F.linear(visual, self.lora_attn_v),
+            self.heads,
+        )
+        out = F.linear(F.linear(out, self.lora_attn_o), self.lora_up)
+        return out.squeeze(1) if h.dim() == 2 else out
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         """(α/r)·B·h placed in the full output width: (..., d_out)."""
@@ -215,6 +265,8 @@ class LoRALinear(AdapterModule):
             and self.routing.groups == 1
             and self.slice_index is None
             and self.lora_mid is None
+            and self.lora_up is None
+            and self.routing.pool
             and isinstance(self.dropout, nn.Identity)
             and y.dtype == compute_dtype(x, self.lora_A.dtype)
             and x.dim() in (2, 3)
@@ -242,7 +294,11 @@ class LoRALinear(AdapterModule):
         if self.fusable(x, y, layer):
             return self.routed(x, y, layer)
         h = self.bottleneck(x)
-        if self.routing is not None:
+        if self.heads is not None:
+            h = self.cross_attend(h, layer)
+        elif self.routing is not None:
+            if self.lora_up is not None:  # "split": x_H's own m → r before routing in r
+                h = F.linear(h, self.lora_up)
             h = self.routing(h, layer, self.visual_bottleneck)
         if self.lora_mid is not None:
             h = self.up_mid(h)

@@ -9,6 +9,16 @@ several visual tokens are mean-pooled first), the bottleneck becomes ``route(kin
 - ``expand`` x_t x_v'' = (Σ_k x_t,k) x_v      ("matrix multiplication 2", x_v'' = x_v expanded to r×r)
 - ``relu_<kind>``: ReLU on the first two factors, e.g. relu_proj = ReLU(x_t) ReLU(x_v)ᵀ x_v (Sec. 6).
 
+With ``visual_tokens="all"`` (Sec. 4.3, footnote 6: the ViT's last hidden state as x_R) ``proj``
+keeps every visual token: x_t X_vᵀ X_v = Σ_k (x_t·x_v,k) x_v,k. ``routing="cross_attention"`` is
+the alignment Sec. 4.3 compares with: softmax attention of the text bottleneck over x_R's tokens,
+with trainable query/key/value mappings (the method builds them; see LoRA and Adapter).
+
+**Separate mappings** (Sec. 4.3, App. A, Fig. A1): ``separate_mapping="merge"`` gives x_R its own
+d → m down-projection, routes in m and maps the routed bottleneck up m → r once;
+``separate_mapping="split"`` gives x_H and x_R each their own d → m → r chain and routes in r
+(Fig. A1(d); the reference code's ``MergedLinearSplitMerge`` / ``MergedLinearSplit``).
+
 **Routing by composition.** A routing function is a small module (:class:`Routing`) that every
 bottleneck method *uses*: ``routing`` / ``separate_mapping`` / ``visual_dim`` are fields of
 :class:`RoutableConfig`, which LoRA, Adapter, Null-LoRA and FLoRA-linear configs inherit. The method
@@ -38,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +68,11 @@ from .base import (
 
 BASE_KINDS = ("mul", "add", "proj", "expand")
 KINDS = BASE_KINDS + tuple(f"relu_{k}" for k in BASE_KINDS)
+CROSS_ATTENTION = "cross_attention"  # an alignment with parameters, not a routing function
+ALIGNMENTS = KINDS + (CROSS_ATTENTION,)
+MAPPINGS = ("merge", "split")
+VISUAL_TOKENS = ("mean", "all")
+TOKEN_KINDS = ("proj", "relu_proj")  # the functions defined on several visual tokens
 
 
 def compute_dtype(x: torch.Tensor, parameter_dtype: torch.dtype) -> torch.dtype:
@@ -69,8 +85,15 @@ def compute_dtype(x: torch.Tensor, parameter_dtype: torch.dtype) -> torch.dtype:
     return parameter_dtype
 
 
-def route(kind: str, x_t: torch.Tensor, x_v: torch.Tensor) -> torch.Tensor:
+def route(kind: str, x_t: torch.Tensor, x_v: torch.Tensor, pool: bool = True) -> torch.Tensor:
     """Applies routing function ``kind`` to x_t (..., L, r) and x_v (..., r) or (..., K, r).
+
+    Args:
+        kind: the routing function.
+        x_t: the text bottleneck.
+        x_v: the visual bottleneck: one vector, or K tokens.
+        pool: mean-pool K visual tokens to one vector first; False keeps them (``proj`` and
+            ``relu_proj`` only: x_t X_vᵀ X_v).
 
     Example:
         >>> x_t, x_v = torch.ones(2, 3, 4), torch.full((2, 4), 2.0)
@@ -79,8 +102,10 @@ def route(kind: str, x_t: torch.Tensor, x_v: torch.Tensor) -> torch.Tensor:
     """
     if kind not in KINDS:
         raise ValueError(f"unknown routing function {kind!r}; choose one of {list(KINDS)}")
-    if x_v.dim() == x_t.dim():  # several visual tokens: average-pool to one vector
-        x_v = x_v.mean(dim=-2)
+    if x_v.dim() == x_t.dim():  # several visual tokens
+        if not pool:
+            return _route_tokens(kind, x_t, x_v)
+        x_v = x_v.mean(dim=-2)  # average-pool to one vector
     x_v = x_v.unsqueeze(-2)  # (..., 1, r), broadcast over tokens
     t, v = x_t, x_v
     if kind.startswith("relu_"):
@@ -94,15 +119,34 @@ def route(kind: str, x_t: torch.Tensor, x_v: torch.Tensor) -> torch.Tensor:
     return t.sum(-1, keepdim=True) * v  # expand
 
 
+def _route_tokens(kind: str, x_t: torch.Tensor, x_v: torch.Tensor) -> torch.Tensor:
+    """x_t X_vᵀ X_v (or ReLU(x_t) ReLU(X_v)ᵀ X_v) over K visual tokens X_v (..., K, r)."""
+    if kind not in TOKEN_KINDS:
+        raise ValueError(
+            f"routing function {kind!r} is defined on one visual vector: with "
+            f"visual_tokens='all' (no pooling) use one of {list(TOKEN_KINDS)}"
+        )
+    t, v = (F.relu(x_t), F.relu(x_v)) if kind == "relu_proj" else (x_t, x_v)
+    return (t @ v.transpose(-1, -2)) @ x_v
+
+
 @dataclasses.dataclass
 class RoutableConfig(MethodConfig):
     """Fields of every bottleneck method (LoRA, Adapter, Null-LoRA, FLoRA-linear).
 
     Args:
         routing: a routing function (``"mul"``, ``"add"``, ``"proj"``, ``"expand"``,
-            ``"relu_proj"``, ...) in the bottleneck; None: the plain method.
-        separate_mapping: x_R gets its own down-projection instead of sharing the text one.
-        visual_dim: width of x_R with ``separate_mapping`` (default: the bottleneck's input width).
+            ``"relu_proj"``, ...) in the bottleneck, or ``"cross_attention"`` (trainable
+            query/key/value mappings, softmax over x_R's tokens; LoRA and Adapter); None: the
+            plain method.
+        separate_mapping: x_R gets its own down-projection instead of sharing the text one:
+            ``"merge"`` (True means this) routes in the narrow width and maps up once, ``"split"``
+            (LoRA) gives x_H and x_R each a d → m → r chain and routes in r; False: shared.
+        visual_dim: width of x_R with ``separate_mapping`` or cross-attention (default: the
+            bottleneck's input width).
+        visual_tokens: ``"mean"`` pools several x_R tokens to one vector (default); ``"all"``
+            keeps them: x_t X_vᵀ X_v (``proj``/``relu_proj``, Qu et al. Sec. 4.3).
+        attention_heads: heads of ``routing="cross_attention"`` (the reference code's 4).
         route_targets: the targets whose adapters route (names/suffixes, or one regex, like
             ``targets``); the other targets get the plain method. None: all of them. This makes
             CLIP-BART's setting — adapters in encoder and decoder, routing in the decoder only
@@ -110,25 +154,88 @@ class RoutableConfig(MethodConfig):
     """
 
     routing: str | None = None
-    separate_mapping: bool = False
+    separate_mapping: bool | str = False
     visual_dim: int | None = None
     route_targets: list[str] | str | None = None
+    visual_tokens: str = "mean"
+    attention_heads: int = 4
+
+    # methods whose config has the d → m → r chain that separate_mapping="split" duplicates
+    split_mapping: ClassVar[bool] = False
+    cross_attention: ClassVar[bool] = False  # methods that build routing="cross_attention"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        if self.routing is not None and self.routing not in KINDS:
+        alignments = ALIGNMENTS if self.cross_attention else KINDS
+        if self.routing is not None and self.routing not in alignments:
             raise ValueError(
-                f"{name}.routing must be one of {list(KINDS)} or None, got {self.routing!r}"
+                f"{name}.routing must be one of {list(alignments)} or None, got {self.routing!r}"
             )
+        self.separate_mapping = _mapping(name, self.separate_mapping, self.split_mapping)
         if self.separate_mapping and not self.routing:
             raise ValueError(f"{name}.separate_mapping needs a routing function")
-        if self.visual_dim is not None and not self.separate_mapping:
-            raise ValueError(f"{name}.visual_dim is the width of a separate mapping's input")
+        if self.separate_mapping and self.routing == CROSS_ATTENTION:
+            raise ValueError(
+                f"{name}.separate_mapping: cross-attention maps x_R with its own key/value "
+                "mappings already; leave separate_mapping False"
+            )
+        if self.visual_dim is not None and not (
+            self.separate_mapping or self.routing == CROSS_ATTENTION
+        ):
+            raise ValueError(
+                f"{name}.visual_dim is the width of a separate mapping's or cross-attention's "
+                "input (x_R)"
+            )
+        if self.visual_tokens not in VISUAL_TOKENS:
+            raise ValueError(
+                f"{name}.visual_tokens must be one of {list(VISUAL_TOKENS)}, "
+                f"got {self.visual_tokens!r}"
+            )
+        if self.visual_tokens == "all" and self.routing not in TOKEN_KINDS:
+            raise ValueError(
+                f"{name}.visual_tokens='all' needs routing in {list(TOKEN_KINDS)} (the functions "
+                f"defined on several visual tokens), got {self.routing!r}"
+            )
+        if not isinstance(self.attention_heads, int) or self.attention_heads < 1:
+            raise ValueError(
+                f"{name}.attention_heads must be an int >= 1, got {self.attention_heads!r}"
+            )
         if self.route_targets is not None and not self.routing:
             raise ValueError(f"{name}.route_targets needs a routing function")
         if isinstance(self.route_targets, tuple):
             self.route_targets = list(self.route_targets)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head softmax attention without projections: q (..., L, D) over k, v (..., K, D),
+    D split into ``heads`` equal parts, scaled by 1/√(D/heads); returns (..., L, D). The
+    cross-attention alignment of LoRA and Adapter (the methods own the q/k/v/o mappings)."""
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (heads, -1)).transpose(-2, -3)  # (..., H, L, D/H)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(-2, -3).flatten(-2)
+
+
+def _mapping(name: str, value: bool | str | None, split: bool) -> bool | str:
+    """``separate_mapping`` normalised: False, ``"merge"`` (what True meant) or ``"split"``."""
+    if value is None or value is False:
+        return False
+    if value is True:
+        return "merge"
+    if value not in MAPPINGS:
+        raise ValueError(
+            f"{name}.separate_mapping must be False, True (= 'merge'), 'merge' or 'split', "
+            f"got {value!r}"
+        )
+    if value == "split" and not split:
+        raise ValueError(
+            f"{name}.separate_mapping='split' duplicates a d → m → r chain, which only LoRA has "
+            "(mapping_rank); use 'merge' (x_R's own down-projection)"
+        )
+    return value
 
 
 class Routing(nn.Module):
@@ -140,16 +247,27 @@ class Routing(nn.Module):
         layer_name: for error messages.
         visual_dim: the width ``map_visual`` expects (x_R's width is checked against it).
         groups: independent bottlenecks in the last dimension (LoRA slices), routed separately.
-        separate: whether the method maps x_R with its own parameters (``separate_mapping``).
+        separate: how the method maps x_R with its own parameters (``separate_mapping``:
+            False, ``"merge"`` or ``"split"``).
+        pool: mean-pool several x_R tokens first (``visual_tokens="mean"``).
+
+    With ``kind="cross_attention"`` the method computes the alignment itself and uses this
+    module for x_R only (:meth:`x_r`); a task's routing function does not switch it.
     """
 
     def __init__(
-        self, kind: str, layer_name: str, visual_dim: int, groups: int = 1, separate: bool = False
+        self,
+        kind: str,
+        layer_name: str,
+        visual_dim: int,
+        groups: int = 1,
+        separate: bool | str = False,
+        pool: bool = True,
     ) -> None:
         super().__init__()
         self.kind = self.configured_kind = kind
         self.layer_name, self.visual_dim, self.groups = layer_name, visual_dim, groups
-        self.separate = separate
+        self.separate, self.pool = separate, pool
         self.seen_version: int | None = None  # see _check_fresh
 
     def x_r(self, layer: AdaptedLayer, batch: int) -> torch.Tensor:
@@ -165,7 +283,7 @@ class Routing(nn.Module):
         if x_r.shape[-1] != self.visual_dim:
             raise ValueError(
                 f"routed layer {self.layer_name!r} maps x_R with a ({self.visual_dim} → r) matrix "
-                f"but x_R has dim {x_r.shape[-1]}: use separate_mapping=True with "
+                f"but x_R has dim {x_r.shape[-1]}: use separate_mapping='merge' with "
                 f"visual_dim={x_r.shape[-1]}, or route only layers whose input width equals x_R's"
             )
         if x_r.shape[0] != batch:
@@ -202,23 +320,29 @@ class Routing(nn.Module):
         layer: AdaptedLayer,
         map_visual: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
+        if self.configured_kind == CROSS_ATTENTION:
+            raise RuntimeError(f"{self.layer_name}: cross-attention is computed by its method")
         squeezed = x_t.dim() == 2  # (B, r): one token per example
         tokens = x_t.unsqueeze(1) if squeezed else x_t
         x_v = map_visual(self.x_r(layer, tokens.shape[0]).to(tokens.dtype))
         if self.groups == 1:
-            routed = route(self.kind, tokens, x_v)
+            routed = route(self.kind, tokens, x_v, self.pool)
         else:
             s = (self.groups, tokens.shape[-1] // self.groups)
             routed = route(
                 self.kind,
                 tokens.unflatten(-1, s).transpose(-2, -3),  # (B, G, L, r)
                 x_v.unflatten(-1, s).movedim(-2, 1),  # (B, G, r) or (B, G, K, r)
+                self.pool,
             )
             routed = routed.transpose(-2, -3).flatten(-2)  # back to (B, L, G·r)
         return routed.squeeze(1) if squeezed else routed
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, groups={self.groups}, separate={self.separate}"
+        return (
+            f"kind={self.kind!r}, groups={self.groups}, separate={self.separate!r}, "
+            f"pool={self.pool}"
+        )
 
 
 def make_routing(
@@ -233,8 +357,10 @@ def make_routing(
     route_targets = getattr(config, "route_targets", None)
     if route_targets is not None and not matches_targets(layer_name, route_targets):
         return None  # a target of the set that takes the plain method
-    visual_dim = (config.visual_dim or input_dim) if config.separate_mapping else input_dim
-    return Routing(kind, layer_name, visual_dim, groups, config.separate_mapping)
+    own = config.separate_mapping or kind == CROSS_ATTENTION  # x_R has its own mapping
+    visual_dim = (config.visual_dim or input_dim) if own else input_dim
+    pool = config.visual_tokens == "mean"
+    return Routing(kind, layer_name, visual_dim, groups, config.separate_mapping, pool)
 
 
 # -- x_R of a module --------------------------------------------------------------------------------
@@ -324,6 +450,8 @@ def set_routing(module: nn.Module, kind: str | None) -> int:
         raise ValueError(f"unknown routing function {kind!r}; choose one of {list(KINDS)}")
     switched = 0
     for _, routing in _active_routings(module):
+        if routing.configured_kind == CROSS_ATTENTION:
+            continue  # an alignment with its own parameters, not a switchable function
         routing.kind = kind or routing.configured_kind
         switched += 1
     return switched

@@ -6,6 +6,13 @@ optional prompt (``batch["text"]``), the caption and one ``eos``. The LM loss co
 the padded ``eos`` positions). Greedy or beam generation continues from prefix + ``bos`` + prompt.
 
 x_R for routed adapters in GPT-2: the prefix vector. Trained by default: the adapters only.
+
+Qu et al.'s comparison with cross-attention (Sec. 4.3, after I-Tuning) changes both:
+``visual_prefix=False`` drops the visual token from the input (the recipe's prompt, ``"<s>"``,
+follows ``bos``), and ``routing_feature="tokens"`` makes x_R the ViT's last hidden state, every
+token ((B, 1 + patches, d): keys/values of cross-attention, X_v of x_t X_vᵀ X_v), so the image
+reaches GPT-2 through the adapters only. That x_R is computed from pixels (a feature cache holds
+one vector per image).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from .vit import (
     build_vit,
 )
 
+ROUTING_FEATURES = ("prefix", "tokens")
+
 
 @dataclasses.dataclass
 class Gpt2VitConfig(ModelConfig):
@@ -42,6 +51,10 @@ class Gpt2VitConfig(ModelConfig):
             paper's; required when the widths differ). See :mod:`vlpeft.models.vit`.
         visual_feature: ``"cls"`` (the [CLS] hidden state, default) or ``"pooler"``.
         weights: ``{"vision": ViT hub id / directory, "text": GPT-2 hub id / directory}``.
+        visual_prefix: prepend the visual feature to the text as one token (default); False:
+            the text alone (Qu et al. Sec. 4.3: the image reaches GPT-2 through x_R only).
+        routing_feature: x_R of routed adapters: ``"prefix"`` (the visual feature, one vector)
+            or ``"tokens"`` (the ViT's last hidden state, every token; Sec. 4.3).
     """
 
     vision: dict = dataclasses.field(default_factory=dict)
@@ -50,6 +63,20 @@ class Gpt2VitConfig(ModelConfig):
     image_std: tuple = VIT_STD
     visual_mapping: bool = False
     visual_feature: str = "cls"
+    visual_prefix: bool = True
+    routing_feature: str = "prefix"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.visual_prefix, bool):
+            raise ValueError(
+                f"Gpt2VitConfig.visual_prefix must be true or false, got {self.visual_prefix!r}"
+            )
+        if self.routing_feature not in ROUTING_FEATURES:
+            raise ValueError(
+                f"Gpt2VitConfig.routing_feature must be one of {list(ROUTING_FEATURES)}, "
+                f"got {self.routing_feature!r}"
+            )
 
     @property
     def image_size(self) -> int:
@@ -73,6 +100,7 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
         "ffn_in": rf"(?:mlp\.c_fc|{VIT_KINDS['ffn_in']})",
         "ffn_out": rf"(?:mlp\.c_proj|{VIT_KINDS['ffn_out']})",
         "ffn": rf"(?:mlp\.c_fc|mlp\.c_proj|{VIT_KINDS['ffn']})",
+        "mlp": r"mlp",  # the whole FFN block: a parallel adapter beside it (I-Tuning's place)
     }
     default_components = ("decoder",)
     default_kinds = {"lora": ("q", "v"), "adapter": ("o", "ffn_out")}  # LoRA on q, v (Sec. 2.1)
@@ -99,14 +127,18 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
             self.family,
         )  # fmt: skip
         self.trainable_patterns = (r"^visual\.",) if config.visual_mapping else ()
+        if config.routing_feature == "tokens":
+            self.cached_part = None  # x_R needs every ViT token; a cache holds one per image
 
     @classmethod
     def default_kinds_for(cls, config) -> tuple[str, ...]:
         """LoRA: q and v (Sec. 2.1, as slices of c_attn); a LoRA-like method without slices
-        (Null-LoRA, FLoRA): the whole c_attn."""
+        (Null-LoRA, FLoRA): the whole c_attn; a parallel Adapter: beside the whole FFN."""
         kinds = super().default_kinds_for(config)
         if config.placement == "lora" and not config.supports_slices:
             return ("qkv",)
+        if getattr(config, "parallel", False):
+            return ("mlp",)
         return kinds
 
     def placement_changes(self, config, components, kinds) -> dict:
@@ -149,17 +181,40 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
     def text_positions(self, max_new_tokens: int, images: int = 1) -> list[tuple[str, int, int]]:
         # one sequence: visual prefix + bos + the task's prompt (a few words, not counted) +
         # the caption (cut to max_text_length) + eos, or the generated tokens
-        limit = self.gpt2.config.n_positions
+        limit, p = self.gpt2.config.n_positions, int(self.config.visual_prefix)
         return [
-            ("prefix + bos + caption + eos", 3 + self.config.max_text_length, limit),
-            ("prefix + bos + generation", 2 + max_new_tokens, limit),
+            ("prefix + bos + caption + eos", p + 2 + self.config.max_text_length, limit),
+            ("prefix + bos + generation", p + 1 + max_new_tokens, limit),
         ]
 
+    def _visual(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the visual feature (B, d), x_R): x_R is that feature, or with ``routing_feature=
+        "tokens"`` the ViT's last hidden state (B, T, d), both from one ViT forward."""
+        if self.config.routing_feature == "prefix":
+            prefix = self.visual_input(batch)
+            return prefix, prefix
+        if batch.get("features") is not None or "images" not in batch:
+            raise KeyError(
+                "gpt2-vit with routing_feature='tokens' needs batch['images']: x_R is every ViT "
+                "token, which cached features (one vector per image) do not hold"
+            )
+        weight = next(self.vit.parameters())
+        set_token_masks(self.vit, None)  # [CLS] and every patch are real
+        out = self.vit(pixel_values=batch["images"].to(weight.device, weight.dtype))
+        feature = (
+            out.pooler_output if self.visual.feature == "pooler" else out.last_hidden_state[:, 0]
+        )
+        return self.visual.project(feature), self.visual.project(out.last_hidden_state)
+
     def _embed(self, batch: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor):
-        prefix = self.visual_input(batch)
+        """(x_R, input embeddings, attention mask): the visual token first unless
+        ``visual_prefix`` is off."""
+        prefix, x_r = self._visual(batch)
         embeds = self.gpt2.transformer.wte(ids)
+        if not self.config.visual_prefix:
+            return x_r, embeds, mask
         return (
-            prefix,
+            x_r,
             torch.cat([prefix[:, None].to(embeds.dtype), embeds], 1),
             F.pad(mask, (1, 0), value=1),
         )
@@ -167,12 +222,13 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
     def forward(self, batch: dict[str, Any]) -> VLOutput:
         self.set_batch_adapters(batch)
         ids, mask, labels = self._sequences(batch)
-        prefix, embeds, mask = self._embed(batch, ids, mask)
-        set_routing_inputs(self.gpt2, prefix)
+        x_r, embeds, mask = self._embed(batch, ids, mask)
+        set_routing_inputs(self.gpt2, x_r)
         set_token_masks(self.gpt2, mask)
         logits = self.gpt2(inputs_embeds=embeds, attention_mask=mask).logits
-        # logit t predicts token t+1: prefix position predicts bos (ignored), so align on ids
-        return VLOutput(loss=lm_loss(logits[:, 1:-1], labels[:, 1:]), logits=logits)
+        # logit t predicts token t+1: a prefix position predicts bos (ignored), so align on ids
+        p = int(self.config.visual_prefix)
+        return VLOutput(loss=lm_loss(logits[:, p:-1], labels[:, 1:]), logits=logits)
 
     @torch.no_grad()
     def generate(
@@ -189,8 +245,8 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
         start = torch.tensor(
             [[self.tokenizer.bos_token_id, *prompts[0]]] * len(prompts), device=self.device
         )
-        prefix, embeds, mask = self._embed(batch, start, torch.ones_like(start))
-        set_routing_inputs(self.gpt2, prefix)
+        x_r, embeds, mask = self._embed(batch, start, torch.ones_like(start))
+        set_routing_inputs(self.gpt2, x_r)
         ids = self.gpt2.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
