@@ -17,6 +17,8 @@ A recipe's ``paper:`` mapping is free-form for training; :func:`read_paper` chec
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 import sys
@@ -29,6 +31,7 @@ from tqdm import tqdm
 import vlpeft
 from launch.config import ConfigError, load_config, read_recipe, stage_names
 from launch.run import adapter_methods, check_offline
+from vlpeft.inject import find_targets, trainable_extra_names
 from vlpeft.models import get_family, preset_config
 from vlpeft.models.base import missing_weights
 from vlpeft.models.clip_bart import OPEN_CLIP_HUB, ClipBartConfig
@@ -151,7 +154,7 @@ def _read_params(params, where: str) -> dict:
             )
     trainable, percent, note = (params.get(k) for k in PARAM_KEYS)
     if trainable is None and percent is None:
-        raise ConfigError(f"{key}: give trainable (a count) and/or percent (of the whole model)")
+        raise ConfigError(f"{key}: give trainable (a count) and/or percent (of the model)")
     if trainable is not None and (not isinstance(trainable, int) or isinstance(trainable, bool)
                                   or trainable <= 0):  # fmt: skip
         raise ConfigError(f"{key}.trainable: expected a positive integer, got {trainable!r}")
@@ -226,18 +229,28 @@ def count_parameters(config) -> ParamCount:
 def cached_encoder_parameters(config) -> int:
     """Parameters of the model's frozen encoder whose features can be cached (``cached_part``:
     CLIP-BART's CLIP ResNet, the ViT of ViT + RoBERTa / GPT-2); 0 when the family has none or an
-    adapter trains inside it. Built on the meta device with the config's adapters."""
-    overrides = {**config.model.overrides, "pretrained": False}  # the size, not the weights
-    overrides.pop("weights", None)
-    with torch.device("meta"):
-        model = vlpeft.build_model(config.model.family, config.model.preset, **overrides)
-        part = getattr(model, "cached_part", None)
-        if part is None:
+    adapter set adapts or trains a parameter inside it."""
+    model = bare_meta_model(config.model.family, config.model.preset,
+                            json.dumps(config.model.overrides, sort_keys=True))  # fmt: skip
+    part = getattr(model, "cached_part", None)
+    if part is None:
+        return 0
+    inside = f"{part}."
+    for method in adapter_methods(config, model).values():
+        adapted = [name for name, _ in find_targets(model, method.targets)]
+        if any(n.startswith(inside) for n in [*adapted, *trainable_extra_names(model, method)]):
             return 0
-        for name, method in adapter_methods(config, model).items():
-            vlpeft.add_adapter(model, method, name=name)
-    params = list(getattr(model, part).parameters())
-    return 0 if any(p.requires_grad for p in params) else sum(p.numel() for p in params)
+    return sum(p.numel() for p in getattr(model, part).parameters())
+
+
+@functools.lru_cache(maxsize=16)
+def bare_meta_model(family: str, preset: str, overrides: str):
+    """The model without adapters on the meta device, once per (family, preset, overrides):
+    read only, by :func:`cached_encoder_parameters`."""
+    kwargs = {**json.loads(overrides), "pretrained": False}  # the size, not the weights
+    kwargs.pop("weights", None)
+    with torch.device("meta"):
+        return vlpeft.build_model(family, preset, **kwargs)
 
 
 def claim_holds(ours: float, claimed: float, decimals: int | None = None) -> bool:

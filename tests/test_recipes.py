@@ -403,3 +403,15 @@ def test_a_reproduction_is_scored_by_the_papers_evaluator_and_marked_a_stand_in(
     assert "| metric | paper | ours | Δ | scored by | official |" in table
     assert f"| vqa/test (stand-in) | 50.00 | {official + 7:.2f} (n=1) |" in table
     assert f"| vladapter | {official:.2f} (n=1) |" in table and "Stand-in: VSE∞ → BLIP." in table
+
+
+def test_the_percentage_leaves_out_a_frozen_cached_encoder_only(tmp_path):
+    """VL-Adapter / VL-PET count CLIP-BART without the CLIP whose features they pre-extract; an
+    adapter inside that encoder makes it part of what trains, and of the model counted."""
+    frozen = recipes.count_parameters(load_config(tiny_recipe(tmp_path / "a", {})))
+    resnet = load_config(tiny_recipe(tmp_path / "b", {}, adapters={"default": {
+        "method": "lora", "r": 4, "components": ["vision", "encoder"], "kinds": ["conv", "q"]}}))  # fmt: skip
+    adapted = recipes.count_parameters(resnet)
+    assert frozen.cached > 0 and adapted.cached == 0
+    assert frozen.percent == pytest.approx(100 * frozen.trainable / (frozen.total - frozen.cached))
+    assert adapted.percent == pytest.approx(100 * adapted.trainable / adapted.total)
