@@ -345,14 +345,23 @@ def caption_batch(n=2):
             "targets": ["a red circle", "two blue squares on grey"][:n]}  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "adapter",
-    [
-        AdapterConfig(targets=["x"], bottleneck=8, routing="cross_attention", parallel=True),
-        LoRAConfig(targets=["x"], r=8, routing="proj", visual_tokens="all"),
-    ],
-    ids=["adapter-cross-attention", "lora-proj-tokens"],
-)
+TAB5_ADAPTERS = {  # the five rows' methods at the tiny preset's size
+    "lora-cross-attention": LoRAConfig(targets=["x"], r=8, routing="cross_attention"),
+    "lora-split-proj": LoRAConfig(
+        targets=["x"], r=8, routing="proj", separate_mapping="split", visual_tokens="all"
+    ),
+    "lora-proj": LoRAConfig(targets=["x"], r=8, routing="proj", visual_tokens="all"),
+    "adapter-cross-attention": AdapterConfig(
+        targets=["x"], bottleneck=8, routing="cross_attention", parallel=True
+    ),
+    "adapter-proj": AdapterConfig(
+        targets=["x"], bottleneck=8, routing="proj", visual_tokens="all", parallel=True
+    ),
+}
+tab5_adapters = pytest.mark.parametrize("adapter", TAB5_ADAPTERS.values(), ids=list(TAB5_ADAPTERS))
+
+
+@tab5_adapters
 def test_gpt2_vit_without_a_visual_prefix_routes_the_vits_last_hidden_state(adapter):
     model, batch = i_tuning_model(adapter), caption_batch()
     first = dict(vlpeft.adapted_layers(model.gpt2))
@@ -373,6 +382,21 @@ def test_gpt2_vit_without_a_visual_prefix_routes_the_vits_last_hidden_state(adap
     assert len(model.generate(batch, max_new_tokens=3, num_beams=2)) == 2
     with pytest.raises(KeyError, match="routing_feature='tokens' needs batch\\['images'\\]"):
         model({**batch, "features": torch.zeros(2, 32)})
+
+
+@tab5_adapters
+def test_gpt2_vit_trains_each_variant_under_bf16_autocast(adapter):
+    """One step's loss and gradients are finite under bf16 autocast (the recipes' precision) and
+    reach every trainable tensor once the zero-initialised factors are perturbed."""
+    model, batch = i_tuning_model(adapter).train(), caption_batch()
+    perturb_adapters(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def test_gpt2_vit_parallel_adapter_defaults_to_beside_the_ffn():

@@ -56,7 +56,9 @@ class LoRAConfig(RoutableConfig):
         dropout: dropout probability on the LoRA branch's input.
         slices: module-name suffix → ``{"parts": P, "use": [i, ...]}``: split the output of a fused
             projection into P equal parts and adapt only parts ``use`` (one rank-r LoRA each).
-        routing, separate_mapping, visual_dim: see :class:`~vlpeft.adapters.routing.RoutableConfig`.
+        routing, separate_mapping, visual_dim, visual_tokens, attention_heads: see
+            :class:`~vlpeft.adapters.routing.RoutableConfig` (``"split"`` and
+            ``"cross_attention"``: the module docstring).
         mapping_rank: with ``separate_mapping`` or cross-attention, the width m both x_H and
             x_R are down-projected to (Qu et al. App. A: d → r/4 → r → d). None: r // 4, the
             paper's. ``"merge"`` routes in m, then maps up m → r; with m = r it has no
