@@ -172,7 +172,7 @@ def render(path: Path, comparison: dict) -> str:
             lines.append(f"| {metric} | {number(row['paper'])} | {score(row)} | {diff} "
                          f"| {row['scored_by']} | {score(row['official'])} |")  # fmt: skip
         stand_in = next((row["stand_in"] for row in rows if row["stand_in"]), None)
-        lines += ["", f"Stand-in: {stand_in}."] if stand_in else []
+        lines += ["", f"Stand-in: {stand_in.rstrip('.')}."] if stand_in else []
         lines.append("")
     return "\n".join(lines)
 
