@@ -204,10 +204,11 @@ def test_beam_search_generation_through_a_routed_model():
 
 
 def test_separate_mapping_has_the_papers_structure_and_parameter_count():
-    """Qu et al. App. A, Fig. A1(d): d → r/4 for x_H and for x_R, route, r/4 → r, r → d. GPT-2
-    base, LoRA on q and v of 12 layers, r = 128: 24 × (2·768·32 + 32·128 + 128·768) = 3,637,248
-    (shared mapping: 24 × 2·768·128 = 4,718,592). The paper's 3.932M / 4.746M also count what
-    else trains in its runs (the paper does not list it)."""
+    """``separate_mapping: merge`` (True): d → r/4 for x_H and for x_R, route, r/4 → r, r → d per
+    slice. GPT-2 base, LoRA on q and v of 12 layers, r = 128: 24 × (2·768·32 + 32·128 + 128·768)
+    = 3,637,248 (shared mapping: 24 × 2·768·128 = 4,718,592). The paper's 3.932M is the
+    reference's *split* module (``separate_mapping: split``) and its 4.746M the shared mapping
+    plus c_attn's trainable bias: tests/test_tab5_variants.py."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     slices = {"c_attn": {"parts": 3, "use": [0, 2]}}
