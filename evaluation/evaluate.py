@@ -163,7 +163,8 @@ def evaluate_mixed(model, router, split: str, out_dir: str | Path, settings, tas
     ``eval_batch_size`` (the largest of the tasks') mix the tasks' records, each row through its
     own task's adapter set and routing function (``batch["adapter_names"]``, peft's mixed batches).
     The files and scores are :func:`evaluate_task`'s; a task that does not predict by generating
-    text (NLVR²'s choices, retrieval's ranking) is evaluated on its own.
+    text (NLVR²'s choices, retrieval's ranking) is evaluated on its own, and tasks with other
+    generation settings (a task's own ``num_beams``/``max_new_tokens``) in batches of their own.
 
     Returns:
         ``{"<task>/<split>": record}`` like :func:`evaluate_all`.
@@ -176,23 +177,22 @@ def evaluate_mixed(model, router, split: str, out_dir: str | Path, settings, tas
         limit, limits[name] = record_limit(router[name], split, settings.max_records)
         datasets[name] = router.dataset(name, split, model, limit=limit)
     texts: dict[str, list[str]] = {name: [] for name in mixed}
-    order = mixed_order({name: len(datasets[name]) for name in mixed})
-    size = max([router[n].config.eval_batch_size for n in mixed], default=1)
-    for start in tqdm(range(0, len(order), size), desc=f"eval mixed/{split}", leave=False):
-        chunk = sorted(order[start : start + size], key=lambda item: mixed.index(item[0]))
-        parts = [
-            (name, datasets[name].collate([datasets[name][i] for _, i in rows]))
-            for name, rows in itertools.groupby(chunk, key=lambda item: item[0])
-        ]
-        generated = iter(
-            model.generate(
-                mixed_batch(parts, router),
-                max_new_tokens=settings.max_new_tokens,
-                num_beams=settings.num_beams,
-            )
-        )
-        for name, part in parts:
-            texts[name] += [next(generated) for _ in part["ids"]]
+    # one generation call cannot mix beam counts or lengths: tasks that generate alike share it
+    groups: dict[tuple, list[str]] = {}
+    for name in mixed:
+        groups.setdefault(tuple(router[name].generation(settings).items()), []).append(name)
+    for generation, group in groups.items():
+        order = mixed_order({name: len(datasets[name]) for name in group})
+        size = max(router[n].config.eval_batch_size for n in group)
+        for start in tqdm(range(0, len(order), size), desc=f"eval mixed/{split}", leave=False):
+            chunk = sorted(order[start : start + size], key=lambda item: group.index(item[0]))
+            parts = [
+                (name, datasets[name].collate([datasets[name][i] for _, i in rows]))
+                for name, rows in itertools.groupby(chunk, key=lambda item: item[0])
+            ]
+            generated = iter(model.generate(mixed_batch(parts, router), **dict(generation)))
+            for name, part in parts:
+                texts[name] += [next(generated) for _ in part["ids"]]
     set_row_adapters(model, None)  # the next forwards of the model: the active set again
     results = {}
     for name in names:

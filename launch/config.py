@@ -8,7 +8,7 @@ Sections (every key has a default except ``model.family`` and ``data.file``)::
     data:     {file: data/tasks.yaml, root: null, cache_dir: null, tasks: {vqa: {batch_size: 16,
                adapter: default, features: null}, …}}
     sampler:  {mode: proportional, temperature: 2.0, seed: 0}
-    train:    {steps: 300, lr: 1e-3, weight_decay: 0.01, warmup: 0.1, grad_clip: 1.0, device: auto,
+    train:    {steps: 300, lr: 1e-3, weight_decay: 0.01, adam_eps: 1e-8, warmup: 0.1, grad_clip: 1.0, device: auto,
                num_workers: null, grad_accum: 1, gradient_checkpointing: false, compile: false,
                compile_mode: adapters, compile_backend: inductor, …}
     resora:   null | {kind: linear, weight: 0.1, start_step: 0, samples: tokens}
@@ -96,6 +96,7 @@ class TrainSection(Config):
     steps: int = 300
     lr: float = 1e-3
     weight_decay: float = 0.01
+    adam_eps: float = 1e-8  # AdamW's epsilon (PyTorch's default; VL-T5 / VL-Adapter: 1e-6)
     warmup: float = 0.1  # a fraction of the steps (< 1) or a number of steps
     grad_clip: float | None = 1.0  # the max gradient norm; null: no clipping
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaler)
@@ -170,6 +171,8 @@ class TrainSection(Config):
             math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{w}.weight_decay",
             "finite and >= 0", self.weight_decay,
         )  # fmt: skip
+        check(math.isfinite(self.adam_eps) and self.adam_eps > 0, f"{w}.adam_eps", "finite and > 0",
+              self.adam_eps)  # fmt: skip
         check(math.isfinite(self.warmup) and self.warmup >= 0, f"{w}.warmup", "finite and >= 0",
               self.warmup)  # fmt: skip
         check(

@@ -317,8 +317,9 @@ def build_stepper(config: TrainConfig, model, world: int, device: torch.device, 
     """AdamW (no decay on biases and norms) with the linear warm-up schedule, in the backend the
     config asks for; ``micro`` is the largest task batch (DeepSpeed's reporting batch size)."""
     optimizer = torch.optim.AdamW(
-        param_groups(model, config.train.weight_decay), lr=config.train.lr
-    )
+        param_groups(model, config.train.weight_decay), lr=config.train.lr,
+        eps=config.train.adam_eps,
+    )  # fmt: skip
     scheduler = linear_schedule(optimizer, config.train.steps, config.train.warmup)
     if config.deepspeed.enabled:
         import deepspeed  # heavy and optional: only DeepSpeed runs load it

@@ -79,7 +79,8 @@ def build_model(config: TrainConfig, router: TaskRouter):
         raise ConfigError(
             f"tasks {[sets[m] for m in missing]} train adapter set(s) {missing}, not defined under adapters"
         )
-    check_text_positions(config, model, router.tasks.values())
+    tokens = [t.config.max_new_tokens for t in router.tasks.values()]
+    check_text_positions(config, model, router.tasks.values(), tokens)
     for name, method in adapter_methods(config, model).items():
         vlpeft.add_adapter(model, method, name=name)
     return model
@@ -168,25 +169,29 @@ def check_offline(config: TrainConfig) -> dict:
         )
     readers = [get_task(entries[name]["reader"]) for name in config.data.tasks
                if "reader" in (entries.get(name) or {})]  # fmt: skip
-    check_text_positions(config, model, readers)
+    tokens = [task_entry(entries[n], s).get("max_new_tokens") for n, s in config.data.tasks.items()]
+    check_text_positions(config, model, readers, tokens)
     report["trainable"], report["total"] = vlpeft.count_parameters(model)
     if any("checked" in info for info in report["sets"].values()):
         report["trainable"] = None  # the ranks are the weights'
     return report
 
 
-def check_text_positions(config: TrainConfig, model, tasks) -> None:
+def check_text_positions(config: TrainConfig, model, tasks, task_tokens=()) -> None:
     """Texts longer than the model's positions (``model.overrides.max_text_length``,
-    ``eval.max_new_tokens``, visual tokens that take positions) would fail in the middle of the
-    run: refused now, naming the sequence and the keys. ``tasks``: the run's task classes."""
+    ``eval.max_new_tokens`` or a task's own ``max_new_tokens``, visual tokens that take positions)
+    would fail in the middle of the run: refused now, naming the sequence and the keys.
+    ``tasks``: the run's task classes; ``task_tokens``: the tasks' ``max_new_tokens`` (None: the
+    eval section's)."""
     images = max((getattr(task, "images_per_record", 1) for task in tasks), default=1)
-    for sequence, needed, limit in model.text_positions(config.eval.max_new_tokens, images):
+    longest = max([config.eval.max_new_tokens, *(t for t in task_tokens if t)])
+    for sequence, needed, limit in model.text_positions(longest, images):
         if needed > limit:
             raise ConfigError(
                 f"model {config.model.family}/{config.model.preset}: {sequence} needs "
                 f"{needed} positions, the model has {limit} (model.overrides.max_text_length "
-                f"{model.config.max_text_length}, eval.max_new_tokens "
-                f"{config.eval.max_new_tokens}): lower them"
+                f"{model.config.max_text_length}, eval.max_new_tokens or a task's "
+                f"max_new_tokens: {longest}): lower them"
             )
 
 

@@ -128,6 +128,8 @@ class TaskConfig(Config):
         skip_unreadable_images: drop records whose image is missing/unreadable (reported with a
             count) instead of failing.
         max_records: keep at most this many records per split (quick runs).
+        num_beams / max_new_tokens: this task's generation settings (None: the ``eval``
+            section's), e.g. VL-Adapter's greedy VQA beside its 5-beam captions.
         options: reader-specific settings (e.g. VQA ``num_answers``, ``karpathy``).
         features: a feature cache folder (``python -m launch.features``): images are read from it,
             memory-mapped, instead of decoded (None: from pixels).
@@ -146,6 +148,8 @@ class TaskConfig(Config):
     routing: str | None = None
     skip_unreadable_images: bool = False
     max_records: int | None = None
+    num_beams: int | None = None
+    max_new_tokens: int | None = None
     options: dict = dataclasses.field(default_factory=dict)
     features: str | None = None
 
@@ -156,6 +160,10 @@ class TaskConfig(Config):
             value = getattr(self, name)
             if value < 1:
                 raise DataError(f"task config: {name} must be >= 1, got {value!r}")
+        for name in ("num_beams", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DataError(f"task config: {name} must be >= 1 or null, got {value!r}")
         if self.max_records is not None and self.max_records < 1:
             raise DataError(
                 f"task config: max_records must be >= 1 or null, got {self.max_records!r}"
@@ -451,14 +459,21 @@ class Task:
         return [r["target"] for r in records if r.get("target")]
 
     # -- predictions, scores, submissions ------------------------------------------------------------
+    def generation(self, settings) -> dict[str, int]:
+        """``max_new_tokens`` and ``num_beams`` this task generates with: its own, else
+        ``settings``' (a training config's ``eval`` section)."""
+        return {
+            "max_new_tokens": self.config.max_new_tokens or settings.max_new_tokens,
+            "num_beams": self.config.num_beams or settings.num_beams,
+        }
+
     def predict(self, model, records: list[dict], batches: Iterable[dict], settings) -> list:
         """One prediction per record, in order. ``settings`` carries ``max_new_tokens``,
-        ``num_beams`` and ``itm_k`` (a training config's ``eval`` section)."""
+        ``num_beams`` and ``itm_k`` (a training config's ``eval`` section; the task's own
+        generation settings take precedence: :meth:`generation`)."""
         answers: list[str] = []
         for batch in batches:
-            answers += model.generate(
-                batch, max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams
-            )
+            answers += model.generate(batch, **self.generation(settings))
         return answers
 
     def annotated(self, record: dict) -> bool:

@@ -432,6 +432,49 @@ def test_mixed_evaluation_gives_the_per_task_scores(three_task_run, tmp_path):
     )
 
 
+def test_a_tasks_own_generation_settings_hold_alone_and_in_mixed_batches(three_task_run, tmp_path):
+    """VL-Adapter decodes VQA/GQA greedily and captions with 5 beams: a task's ``num_beams`` /
+    ``max_new_tokens`` override the eval section's, and ``--mixed`` keeps each task's."""
+    from evaluation.evaluate import evaluate_mixed
+    from launch.run import load_run
+
+    model, router, config = load_run(three_task_run)
+    perturb_adapters(model, scale=0.5)
+    with torch.no_grad():  # no early end-of-sequence: every caption takes all its tokens
+        model.bart.final_logits_bias[..., model.bart.config.eos_token_id] -= 100
+    calls = []
+    generate = model.generate
+
+    def recording(batch, **kwargs):
+        calls.append((batch.get("kind"), kwargs))
+        return generate(batch, **kwargs)
+
+    model.generate = recording
+
+    def captions(out):
+        record = evaluate_task(model, router, "caption", "test", tmp_path / out, config.eval)
+        return json.loads(Path(record["predictions"]).read_text())
+
+    before = captions("before")
+    router["caption"].config.max_new_tokens, router["caption"].config.num_beams = 2, 3
+    after = captions("after")
+    assert calls[-1] == ("caption", {"max_new_tokens": 2, "num_beams": 3})
+    lengths = [len(model.tokenizer(p["caption"])["input_ids"]) for p in after]
+    assert max(lengths) < max(len(model.tokenizer(p["caption"])["input_ids"]) for p in before)
+    per_task = {
+        name: json.loads(Path(evaluate_task(model, router, name, "test", tmp_path / name,
+                                            config.eval)["predictions"]).read_text())
+        for name in router.tasks
+    }  # fmt: skip
+    calls.clear()
+    mixed = evaluate_mixed(model, router, "test", tmp_path / "mixed", config.eval)
+    for name, predictions in per_task.items():
+        assert json.loads(Path(mixed[f"{name}/test"]["predictions"]).read_text()) == predictions
+    assert {str(kw) for _, kw in calls} == {
+        str({"max_new_tokens": 4, "num_beams": 1}), str({"max_new_tokens": 2, "num_beams": 3})
+    }
+
+
 def test_max_records_option_overrides_the_runs_value(three_task_run):
     from launch.evaluate import main
 

@@ -457,3 +457,12 @@ def test_a_failed_checkpoint_write_is_clear_and_keeps_the_previous_one(data, tmp
     resumed = load_file(tmp_path / "full" / "adapters" / "adapter_model.safetensors")
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_adam_eps_reaches_the_optimizer(data):
+    config = load_config(None, ["train.adam_eps=1e-6"], data=clip_bart_config(data))
+    model = run_module.build_model(config, run_module.build_router(config))
+    stepper = engine_module.build_stepper(config, model, 1, torch.device("cpu"), 4)
+    assert {group["eps"] for group in stepper.optimizer.param_groups} == {1e-6}
+    with pytest.raises(ConfigError, match=r"train.adam_eps must be finite and > 0, got 0"):
+        load_config(None, ["train.adam_eps=0"], data=clip_bart_config(data))
