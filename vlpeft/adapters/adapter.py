@@ -1,6 +1,12 @@
 """Houlsby et al. (ICML 2019) bottleneck adapter, applied sequentially to a module's output:
 y' = y + up(act(down(y))), with ``up`` zero-initialised so injection changes no output.
 
+Two options reproduce Qu et al.'s reference code (tingyu215/Routing_VLPEFT, ``models/vit_roberta.py``
+``Adapter``, run without ``--add_res``): ``residual=False`` returns up(act(down(y))) in place of y
+(no skip: the adapter's output replaces the sublayer's), and ``init="normal"`` draws both
+projections' weights from N(0, 0.02) with zero biases (what transformers' ``_init_weights`` gives
+the reference's newly created ``nn.Linear``s), so injection does change the output.
+
 VL-Adapter (Sung et al., CVPR 2022) puts one after the attention output projection and one after the
 second FFN linear of every layer, with bottleneck d/8 (768/8 = 96 for BART-base); the target
 suffixes for that recipe on BART are ``["self_attn.out_proj", "encoder_attn.out_proj", "fc2"]``.
@@ -26,6 +32,9 @@ from torch import nn
 
 from .base import AdaptedLayer, AdapterModule, factory_kwargs, is_conv1d, register_method
 from .routing import CROSS_ATTENTION, RoutableConfig, attend, make_routing
+
+INITS = ("zero", "normal")
+INIT_STD = 0.02  # RoBERTa's / GPT-2's initializer_range: the reference's adapter init
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -77,6 +86,10 @@ class AdapterConfig(RoutableConfig):
         routing, separate_mapping, visual_dim, visual_tokens, attention_heads: see
             :class:`~vlpeft.adapters.routing.RoutableConfig`; routing acts on the
             down-projections before the activation; ``"cross_attention"`` is I-Tuning's module.
+        residual: add the adapter to the target's output (default); False: the adapter's output
+            replaces it (Qu et al.'s reference code; sequential adapters only).
+        init: ``"zero"`` (``up`` zero-initialised, ``down`` PyTorch's default: injection changes
+            no output) or ``"normal"`` (both weights N(0, 0.02), biases 0: the reference code's).
     """
 
     placement: ClassVar[str] = "adapter"  # after the attention output and the second FFN linear
@@ -87,6 +100,8 @@ class AdapterConfig(RoutableConfig):
     activation: str = "relu"
     dim: int | None = None
     parallel: bool = False
+    residual: bool = True
+    init: str = "zero"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +117,15 @@ class AdapterConfig(RoutableConfig):
             )
         if not isinstance(self.parallel, bool):
             raise ValueError(f"AdapterConfig.parallel must be true or false, got {self.parallel!r}")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"AdapterConfig.residual must be true or false, got {self.residual!r}")
+        if self.parallel and not self.residual:
+            raise ValueError(
+                "AdapterConfig.residual=False replaces the target's output, which a parallel "
+                "adapter (parallel=True) is added to: set residual=True or parallel=False"
+            )
+        if self.init not in INITS:
+            raise ValueError(f"AdapterConfig.init must be one of {list(INITS)}, got {self.init!r}")
 
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
         dim = self.dim or output_features(base_layer, layer_name)
@@ -115,13 +139,14 @@ class AdapterConfig(RoutableConfig):
         bottleneck = self.bottleneck or max(1, dim // self.reduction_factor)
         return BottleneckAdapter(
             dim, bottleneck, self.activation, make_routing(self, layer_name, dim),
-            parallel=self.parallel, heads=self.attention_heads, **factory_kwargs(base_layer),
+            parallel=self.parallel, heads=self.attention_heads, residual=self.residual,
+            init=self.init, **factory_kwargs(base_layer),
         )  # fmt: skip
 
 
 class BottleneckAdapter(AdapterModule):
-    """y + up(act(down(y))) on the base output (``parallel``: of the base input x); not mergeable
-    (the activation is nonlinear). ``down_visual`` is the separate mapping of x_R of a routed
+    """y + up(act(down(y))) on the base output (``parallel``: of the base input x; without
+    ``residual``: up(act(down(y))) alone); not mergeable (the activation is nonlinear). ``down_visual`` is the separate mapping of x_R of a routed
     adapter that has one; ``key`` and ``value`` the x_R mappings of cross-attention (``down`` is
     then its query mapping and ``up`` its output mapping)."""
 
@@ -135,15 +160,22 @@ class BottleneckAdapter(AdapterModule):
         routing=None,
         parallel: bool = False,
         heads: int = 1,
+        residual: bool = True,
+        init: str = "zero",
         **kw,
     ) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck, **kw)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(bottleneck, dim, **kw)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-        self.routing, self.parallel = routing, parallel
+        if init == "normal":  # transformers' _init_weights, as the reference's adapters get
+            for linear in (self.down, self.up):
+                nn.init.normal_(linear.weight, std=INIT_STD)
+                nn.init.zeros_(linear.bias)
+        else:
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+        self.routing, self.parallel, self.residual = routing, parallel, residual
         self.down_visual = self.key = self.value = None
         self.heads = None
         if routing is not None and routing.configured_kind == CROSS_ATTENTION:
@@ -186,7 +218,7 @@ class BottleneckAdapter(AdapterModule):
     ) -> torch.Tensor:
         h = self.bottleneck_activations(x.to(y.dtype) if self.parallel else y, layer)
         layer.record(self, h, self.up.weight)
-        return y + self.up(h)
+        return y + self.up(h) if self.residual else self.up(h)
 
     def weight_components(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return self.down.weight.T, self.up.weight

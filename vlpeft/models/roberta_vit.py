@@ -9,6 +9,15 @@ that is what the classifier formulation means, and the task reports the coverage
 
 x_R for routed adapters in RoBERTa: the visual token. Trained by default: the adapters and the
 classifier only (Sec. 4.1).
+
+Three options reproduce Qu et al.'s reference code (tingyu215/Routing_VLPEFT ``models/vit_roberta.py``
+``RobertaVQAVLRoutingVisPre``, ``train_vit_roberta.py``), whose Tab. 1 / 6 numbers they produced:
+``head="reference"`` classifies RoBERTa's pooler output — tanh(dense(h[:, 0])) over position 0, the
+visual token; the pooler frozen and, as roberta-base ships no pooler weights, random — with Linear →
+LayerNorm → GELU → Linear, initialised N(0, 0.02) as transformers' ``_init_weights`` does;
+``answer_loss="mean"`` averages the BCE over the answers too (``BCEWithLogitsLoss()``);
+``text_embedding="twice"`` passes the text through RoBERTa's embeddings (positions from the ids,
+LayerNorm, dropout) before the whole sequence goes through them again.
 """
 
 from __future__ import annotations
@@ -34,6 +43,13 @@ from .vit import (
     build_vit,
 )
 
+HEADS = ("cls_mlp", "reference")
+ANSWER_LOSSES = ("sum", "mean")
+TEXT_EMBEDDINGS = ("once", "twice")
+# the reference head's pooler is random (roberta-base has no pooler weights) and frozen, so a saved
+# adapter (trainable tensors only) does not hold it: it is drawn from this fixed seed instead
+POOLER_SEED = 0
+
 
 @dataclasses.dataclass
 class RobertaVitConfig(ModelConfig):
@@ -49,6 +65,13 @@ class RobertaVitConfig(ModelConfig):
             paper's; required when the widths differ). See :mod:`vlpeft.models.vit`.
         visual_feature: ``"cls"`` (the [CLS] hidden state, default) or ``"pooler"``.
         weights: ``{"vision": ViT hub id / directory, "text": RoBERTa hub id / directory}``.
+        head: ``"cls_mlp"`` (the ``<s>`` state → Linear → GELU → LayerNorm → Linear, default) or
+            ``"reference"`` (the frozen random pooler over the visual token → Linear → LayerNorm →
+            GELU → Linear: Qu et al.'s code).
+        answer_loss: the BCE ``"sum"`` over the answers (default) or their ``"mean"`` (the
+            reference's ``BCEWithLogitsLoss()``: 1 / num_answers of the sum).
+        text_embedding: the text through RoBERTa's embeddings ``"once"`` (default) or ``"twice"``
+            (the reference's: embedded from the ids, then again with the visual token).
     """
 
     vision: dict = dataclasses.field(default_factory=dict)
@@ -59,6 +82,22 @@ class RobertaVitConfig(ModelConfig):
     image_std: tuple = VIT_STD
     visual_mapping: bool = False
     visual_feature: str = "cls"
+    head: str = "cls_mlp"
+    answer_loss: str = "sum"
+    text_embedding: str = "once"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, allowed in (
+            ("head", HEADS),
+            ("answer_loss", ANSWER_LOSSES),
+            ("text_embedding", TEXT_EMBEDDINGS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"RobertaVitConfig.{name} must be one of {list(allowed)}, "
+                    f"got {getattr(self, name)!r}"
+                )
 
     @property
     def image_size(self) -> int:
@@ -106,12 +145,30 @@ class RobertaVit(CachedViTFeatures, VLModel):
         )
         self.answers = list(config.answers) or [str(i) for i in range(config.num_answers)]
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
-        self.classifier = nn.Sequential(
+        self.classifier = self.build_classifier(width, len(self.answers))
+
+    def build_classifier(self, width: int, answers: int) -> nn.Sequential:
+        """VL-T5's Linear → GELU → LayerNorm → Linear, or with ``head="reference"`` the reference
+        code's Linear → LayerNorm → GELU → Linear initialised as its ``_init_weights`` (and its
+        pooler redrawn from :data:`POOLER_SEED`)."""
+        if self.config.head == "cls_mlp":
+            return nn.Sequential(
+                nn.Linear(width, 2 * width),
+                nn.GELU(),
+                nn.LayerNorm(2 * width),
+                nn.Linear(2 * width, answers),
+            )
+        classifier = nn.Sequential(
             nn.Linear(width, 2 * width),
-            nn.GELU(),
             nn.LayerNorm(2 * width),
-            nn.Linear(2 * width, len(self.answers)),
+            nn.GELU(),
+            nn.Linear(2 * width, answers),
         )
+        std = self.roberta.config.initializer_range
+        init_normal(self.roberta.pooler.dense, std, torch.Generator().manual_seed(POOLER_SEED))
+        init_normal(classifier[0], std)
+        init_normal(classifier[3], std)
+        return classifier
 
     def text_positions(self, max_new_tokens: int, images: int = 1) -> list[tuple[str, int, int]]:
         # RoBERTa's positions start after the padding index (max_position_embeddings - 2 usable)
@@ -124,13 +181,18 @@ class RobertaVit(CachedViTFeatures, VLModel):
         self.set_batch_adapters(batch)
         visual = self.visual_input(batch)
         text = self.tokenize(batch["text"])
-        embeds = self.roberta.embeddings.word_embeddings(text["input_ids"])
+        if self.config.text_embedding == "twice":  # positions from the ids, LayerNorm, dropout
+            embeds = self.roberta.embeddings(input_ids=text["input_ids"])
+        else:
+            embeds = self.roberta.embeddings.word_embeddings(text["input_ids"])
         embeds = torch.cat([visual[:, None].to(embeds.dtype), embeds], dim=1)
         mask = F.pad(text["attention_mask"], (1, 0), value=1)
         set_routing_inputs(self.roberta, visual)
         set_token_masks(self.roberta, mask)
-        hidden = self.roberta(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return self.classifier(hidden[:, 1])
+        out = self.roberta(inputs_embeds=embeds, attention_mask=mask)
+        if self.config.head == "reference":  # tanh(dense(h[:, 0])): the visual token
+            return self.classifier(out.pooler_output)
+        return self.classifier(out.last_hidden_state[:, 1])
 
     def targets(self, answer_scores) -> torch.Tensor:
         """Soft score vectors (B, num_answers) from ``[{answer: score}]``."""
@@ -144,7 +206,9 @@ class RobertaVit(CachedViTFeatures, VLModel):
     def forward(self, batch: dict[str, Any]) -> VLOutput:
         logits = self.logits(batch).float()
         target = self.targets(batch["answer_scores"])
-        loss = F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
+        loss = F.binary_cross_entropy_with_logits(logits, target)  # mean over batch and answers
+        if self.config.answer_loss == "sum":
+            loss = loss * target.shape[1]
         return VLOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
@@ -153,3 +217,14 @@ class RobertaVit(CachedViTFeatures, VLModel):
     ) -> list[str]:
         """The top answer of each example (generation arguments do not apply to a classifier)."""
         return [self.answers[i] for i in self.logits(batch).argmax(-1).tolist()]
+
+
+@torch.no_grad()
+def init_normal(linear: nn.Linear, std: float, generator: torch.Generator | None = None) -> None:
+    """transformers' ``_init_weights`` for a Linear: weight N(0, std), bias 0 (from ``generator``
+    when given, drawn on the CPU, so the values do not depend on the device or the global seed)."""
+    if linear.weight.is_meta:
+        return
+    weight = torch.randn(linear.weight.shape, generator=generator) * std
+    linear.weight.copy_(weight)
+    linear.bias.zero_()
