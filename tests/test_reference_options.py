@@ -242,3 +242,115 @@ def test_roberta_defaults_are_unchanged():
 def test_roberta_options_are_validated(field):
     with pytest.raises(ValueError, match=rf"RobertaVitConfig\.{field} must be one of"):
         RobertaVitConfig(**{field: "nope"})
+
+
+# -- GPT-2 + ViT: the reference's caption layout ------------------------------------------------
+
+CAPTIONS = ["a red circle on the left", "two [PAD] squares", "a star"]  # id 0: [PAD] (tiny)
+
+
+def gpt2(**options):
+    torch.manual_seed(0)
+    return build_model("gpt2-vit", "tiny", max_text_length=12, **options).eval()
+
+
+def captured_gpt2_call(model, batch):
+    """(the model's output, GPT-2's input embeddings and attention mask) of one forward."""
+    seen = {}
+
+    def pre(_, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], mask=kwargs["attention_mask"])
+
+    hook = model.gpt2.register_forward_pre_hook(pre, with_kwargs=True)
+    with torch.no_grad():
+        out = model(batch)
+    hook.remove()
+    return out, seen["embeds"], seen["mask"]
+
+
+@pytest.mark.parametrize("prefix, prompt", [(True, ""), (False, "<s>")])
+def test_reference_layout_against_train_vit_gpt(prefix, prompt):
+    """``data/coco_dataset.py``: encode(prompt + caption, max_length=L, truncation) padded with
+    eos to L, mask on the text; ``train_vit_gpt.py``: cross_entropy(logits[:, p:-1], tokens[:, 1:],
+    ignore_index=0) with p = 1 after the visual prefix, 0 without."""
+    options = {} if prefix else {"visual_prefix": False, "routing_feature": "tokens"}
+    model = gpt2(text_layout="reference", **options)
+    batch = {"images": images(3), "text": [prompt] * 3, "targets": CAPTIONS}
+    out, embeds, mask = captured_gpt2_call(model, batch)
+    tok, width = model.tokenizer, 12
+    rows = [tok(prompt + c, add_special_tokens=False)["input_ids"][:width] for c in CAPTIONS]
+    tokens = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+    text_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    p = int(prefix)
+    assert torch.equal(embeds[:, p:], model.gpt2.transformer.wte(tokens))
+    assert torch.equal(mask[:, p:], text_mask) and (mask[:, :p] == 1).all()
+    assert (tokens == 0).any() and (tokens == tok.eos_token_id).sum() > 3  # both cases met
+    logits = out.logits[:, p:-1]
+    naive = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].flatten(), ignore_index=0
+    )
+    # lm_loss averages each row's tokens, then the rows; the reference the batch's tokens: equal
+    # when every row has as many targets (the eos padding sees to it), here the [PAD] row has one
+    # fewer, so ours is the rows' mean and the reference's their mean weighted by the counts
+    per_row = torch.stack(
+        [F.cross_entropy(logits[i], tokens[i, 1:], ignore_index=0) for i in range(len(CAPTIONS))]
+    )
+    counts = (tokens[:, 1:] != 0).sum(1).float()
+    assert counts.tolist() == [width - 1, width - 2, width - 1]
+    torch.testing.assert_close(out.loss, per_row.mean())
+    torch.testing.assert_close(naive, (per_row * counts).sum() / counts.sum())
+
+
+def test_reference_layout_generates_from_the_prefix_alone():
+    model = gpt2(text_layout="reference")
+    seen = {}
+
+    def pre(_, args, kwargs):
+        if "embeds" not in seen:  # the first step; later ones feed the new ids
+            seen["embeds"] = kwargs["inputs_embeds"]
+
+    hook = model.gpt2.register_forward_pre_hook(pre, with_kwargs=True)
+    batch = {"images": images(2)}
+    with torch.no_grad():
+        model.generate(batch, max_new_tokens=2)
+        prefix = model.visual_input(batch)
+    hook.remove()
+    assert seen["embeds"].shape[1] == 1
+    torch.testing.assert_close(seen["embeds"][:, 0], prefix)
+    no_prefix = gpt2(text_layout="reference", visual_prefix=False, routing_feature="tokens")
+    with pytest.raises(ValueError, match="give the task a prompt"):
+        no_prefix.generate({"images": images(2)}, max_new_tokens=2)
+
+
+def test_gpt2_default_layout_is_unchanged():
+    """bos + caption + eos, the loss on the caption and one eos (each row's mean, then the rows)."""
+    model = gpt2()
+    assert model.config.text_layout == "vlpeft"
+    batch = {"images": images(3), "text": [""] * 3, "targets": CAPTIONS}
+    out, embeds, _ = captured_gpt2_call(model, batch)
+    tok = model.tokenizer
+    losses = []
+    for i, caption in enumerate(CAPTIONS):
+        target = tok(caption, add_special_tokens=False)["input_ids"][:12] + [tok.eos_token_id]
+        assert torch.equal(
+            embeds[i, 1 : 2 + len(target)],
+            model.gpt2.transformer.wte(torch.tensor([tok.bos_token_id, *target])),
+        )
+        # logits at bos .. last caption token predict the caption and eos
+        losses.append(F.cross_entropy(out.logits[i, 1 : 1 + len(target)], torch.tensor(target)))
+    torch.testing.assert_close(out.loss, torch.stack(losses).mean())
+
+
+def test_gelu_new_is_gpt2s_activation():
+    from transformers.activations import NewGELUActivation
+
+    x = torch.linspace(-6, 6, 1001)
+    act = AdapterConfig(targets=["x"], bottleneck=2, activation="gelu_new").build(
+        nn.Linear(4, 4), "x"
+    )
+    torch.testing.assert_close(act.act(x), NewGELUActivation()(x))
+
+
+def test_gpt2_text_layout_is_validated():
+    with pytest.raises(ValueError, match=r"Gpt2VitConfig\.text_layout must be one of"):
+        build_model("gpt2-vit", "tiny", text_layout="nope")

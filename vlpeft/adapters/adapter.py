@@ -25,6 +25,7 @@ bias, ``up`` the output mapping (zero-initialised); no activation (the attention
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import torch
@@ -39,6 +40,7 @@ INIT_STD = 0.02  # RoBERTa's / GPT-2's initializer_range: the reference's adapte
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
+    "gelu_new": functools.partial(nn.GELU, approximate="tanh"),  # GPT-2's (tanh approximation)
     "silu": nn.SiLU,
     "tanh": nn.Tanh,
     "identity": nn.Identity,
@@ -79,7 +81,7 @@ class AdapterConfig(RoutableConfig):
     Args:
         bottleneck: hidden size m of the adapter; when None, ``dim // reduction_factor``.
         reduction_factor: used when ``bottleneck`` is None (VL-Adapter: 8).
-        activation: one of relu, gelu, silu, tanh, identity.
+        activation: one of relu, gelu, gelu_new (GPT-2's tanh approximation), silu, tanh, identity.
         dim: output width of the target module; inferred from Linear/Conv1D/LayerNorm when None.
         parallel: read the target's input and add to its output (a parallel adapter, e.g. on
             GPT-2's whole ``mlp``: I-Tuning's placement) instead of adapting its output.

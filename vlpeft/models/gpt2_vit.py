@@ -13,6 +13,16 @@ follows ``bos``), and ``routing_feature="tokens"`` makes x_R the ViT's last hidd
 token ((B, 1 + patches, d): keys/values of cross-attention, X_v of x_t X_vᵀ X_v), so the image
 reaches GPT-2 through the adapters only. That x_R is computed from pixels (a feature cache holds
 one vector per image).
+
+``text_layout="reference"`` is the sequence and loss of Qu et al.'s reference code
+(tingyu215/Routing_VLPEFT ``data/coco_dataset.py``, ``train_vit_gpt.py``), which produced their
+Tab. 4-6 numbers: [prefix] + the tokens of prompt + caption (one string, no ``bos``, cut to
+``max_text_length``) + ``eos`` padding to exactly ``max_text_length`` (attention on the text only);
+every text position but the first is a target — the first caption word (the first prompt token)
+never is, every padding ``eos`` is — except token id 0 (GPT-2's ``"!"``: ``ignore_index=0``).
+Generation starts from the prefix (+ prompt) alone. The reference averages over the batch's
+tokens, ``lm_loss`` over each example's tokens, then the examples: with every row padded to the
+same width the two differ only where a row holds token 0.
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from .vit import (
 )
 
 ROUTING_FEATURES = ("prefix", "tokens")
+TEXT_LAYOUTS = ("vlpeft", "reference")
+REFERENCE_IGNORED_ID = 0  # train_vit_gpt.py: cross_entropy(..., ignore_index=0), GPT-2's "!"
 
 
 @dataclasses.dataclass
@@ -55,6 +67,9 @@ class Gpt2VitConfig(ModelConfig):
             the text alone (Qu et al. Sec. 4.3: the image reaches GPT-2 through x_R only).
         routing_feature: x_R of routed adapters: ``"prefix"`` (the visual feature, one vector)
             or ``"tokens"`` (the ViT's last hidden state, every token; Sec. 4.3).
+        text_layout: ``"vlpeft"`` (bos + prompt + caption + eos, loss on caption and eos;
+            default) or ``"reference"`` (Qu et al.'s code: no bos, eos-padded to
+            ``max_text_length``, loss on all but the first token and on the padding, not on id 0).
     """
 
     vision: dict = dataclasses.field(default_factory=dict)
@@ -65,6 +80,7 @@ class Gpt2VitConfig(ModelConfig):
     visual_feature: str = "cls"
     visual_prefix: bool = True
     routing_feature: str = "prefix"
+    text_layout: str = "vlpeft"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,6 +92,11 @@ class Gpt2VitConfig(ModelConfig):
             raise ValueError(
                 f"Gpt2VitConfig.routing_feature must be one of {list(ROUTING_FEATURES)}, "
                 f"got {self.routing_feature!r}"
+            )
+        if self.text_layout not in TEXT_LAYOUTS:
+            raise ValueError(
+                f"Gpt2VitConfig.text_layout must be one of {list(TEXT_LAYOUTS)}, "
+                f"got {self.text_layout!r}"
             )
 
     @property
@@ -161,6 +182,8 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
 
     def _sequences(self, batch: dict[str, Any]):
         """Right-padded ``bos + prompt + caption + eos`` ids, mask and labels (caption + eos only)."""
+        if self.config.text_layout == "reference":
+            return self._reference_sequences(batch)
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         prompts = self._ids(batch.get("text") or [""] * len(batch["targets"]))
         rows, labels = [], []
@@ -178,10 +201,29 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
         )
         return ids, mask, labels
 
+    def _reference_sequences(self, batch: dict[str, Any]):
+        """The reference's ``prompt + caption`` ids (no bos) cut to and ``eos``-padded to
+        ``max_text_length``, the mask of the text, labels: every id but ``REFERENCE_IGNORED_ID``
+        (the forward drops the first position)."""
+        eos, width = self.tokenizer.eos_token_id, self.config.max_text_length
+        prompts = batch.get("text") or [""] * len(batch["targets"])
+        texts = [(p or "") + t for p, t in zip(prompts, batch["targets"])]
+        rows = [ids[:width] for ids in self._ids(texts)]
+        ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor(
+            [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device
+        )
+        return ids, mask, ids.masked_fill(ids == REFERENCE_IGNORED_ID, IGNORE)
+
     def text_positions(self, max_new_tokens: int, images: int = 1) -> list[tuple[str, int, int]]:
         # one sequence: visual prefix + bos + the task's prompt (a few words, not counted) +
         # the caption (cut to max_text_length) + eos, or the generated tokens
         limit, p = self.gpt2.config.n_positions, int(self.config.visual_prefix)
+        if self.config.text_layout == "reference":
+            return [
+                ("prefix + prompt + caption + eos padding", p + self.config.max_text_length, limit),
+                ("prefix + prompt + generation", p + max_new_tokens, limit),
+            ]
         return [
             ("prefix + bos + caption + eos", p + 2 + self.config.max_text_length, limit),
             ("prefix + bos + generation", p + 1 + max_new_tokens, limit),
@@ -227,6 +269,7 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
         set_token_masks(self.gpt2, mask)
         logits = self.gpt2(inputs_embeds=embeds, attention_mask=mask).logits
         # logit t predicts token t+1: a prefix position predicts bos (ignored), so align on ids
+        # (the reference layout: the prefix's logit is dropped and the first text token is no target)
         p = int(self.config.visual_prefix)
         return VLOutput(loss=lm_loss(logits[:, p:-1], labels[:, 1:]), logits=logits)
 
@@ -242,8 +285,14 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
         )
         if len({tuple(p) for p in prompts}) > 1:
             raise ValueError("gpt2-vit generation: one prompt per batch")
-        start = torch.tensor(
-            [[self.tokenizer.bos_token_id, *prompts[0]]] * len(prompts), device=self.device
+        bos = [] if self.config.text_layout == "reference" else [self.tokenizer.bos_token_id]
+        if not bos and not prompts[0] and not self.config.visual_prefix:
+            raise ValueError(
+                "gpt2-vit generation with text_layout='reference' and no visual prefix starts "
+                "from the prompt: give the task a prompt (Qu et al.'s '<s>')"
+            )
+        start = torch.tensor(  # (B, 0) when generation starts from the prefix alone
+            [[*bos, *prompts[0]]] * len(prompts), dtype=torch.long, device=self.device
         )
         x_r, embeds, mask = self._embed(batch, start, torch.ones_like(start))
         set_routing_inputs(self.gpt2, x_r)
