@@ -164,7 +164,7 @@ def test_default_head_is_the_s_state_then_linear_gelu_ln_linear():
 def test_reference_head_init_and_a_pooler_that_does_not_depend_on_the_seed():
     """The pooler is frozen, so no checkpoint holds it: it is drawn from a fixed seed. The
     classifier's Linears are N(0, 0.02) (the reference's ``_init_weights``), biases zero."""
-    a, b = roberta(head="reference"), None
+    a = roberta(head="reference")  # seed 0
     torch.manual_seed(123)
     b = build_model("roberta-vit", "tiny", head="reference")
     assert torch.equal(a.roberta.pooler.dense.weight, b.roberta.pooler.dense.weight)
