@@ -33,9 +33,7 @@ def test_every_recipe_validates_and_cites_its_paper():
             )  # every key checked
             results = paper.results
             assert config.paper["source"] and config.paper["table"] and results, path
-            # TODO(paper.reproduces): enable once every recipe names the run it reproduces (the
-            # recipe YAMLs get the field in a separate change; all 41 stages lack it today)
-            # assert paper.reproduces, f"{path}: paper.reproduces: name the run it reproduces"
+            assert paper.reproduces, f"{path}: paper.reproduces: name the run it reproduces"
             tasks = set(config.data.tasks)
             for key in results:  # "<task>/<split>": what run.json reports
                 task, split = key.split("/")
