@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from tqdm import tqdm
 import vlpeft
 from launch.config import ConfigError, load_config, read_recipe, stage_names
 from launch.run import adapter_methods, check_offline
-from vlpeft.inject import find_targets, trainable_extra_names
+from vlpeft.inject import find_targets
 from vlpeft.models import get_family, preset_config
 from vlpeft.models.base import missing_weights
 from vlpeft.models.clip_bart import OPEN_CLIP_HUB, ClipBartConfig
@@ -236,9 +237,12 @@ def cached_encoder_parameters(config) -> int:
     if part is None:
         return 0
     inside = f"{part}."
+    names = [name for name, _ in model.named_parameters() if name.startswith(inside)]
     for method in adapter_methods(config, model).values():
         adapted = [name for name, _ in find_targets(model, method.targets)]
-        if any(n.startswith(inside) for n in [*adapted, *trainable_extra_names(model, method)]):
+        # a trainable pattern may name an adapted layer's base_layer: the targets cover those
+        trained = [n for n in names if any(re.search(p, n) for p in method.trainable)]
+        if trained or any(name.startswith(inside) for name in adapted):
             return 0
     return sum(p.numel() for p in getattr(model, part).parameters())
 

@@ -402,3 +402,6 @@ def test_the_percentage_leaves_out_a_frozen_cached_encoder_only(tmp_path):
     assert frozen.cached > 0 and adapted.cached == 0
     assert frozen.percent == pytest.approx(100 * frozen.trainable / (frozen.total - frozen.cached))
     assert adapted.percent == pytest.approx(100 * adapted.trainable / adapted.total)
+    # a trainable pattern naming an adapted layer's base_layer (RoBERTa's q/v biases): ViT-B/16
+    vit = recipes.count_parameters(load_config(recipes.find_recipe("routing_tab1_lora_r64_proj")))
+    assert vit.cached == 86_389_248 and vit.counted == vit.total - vit.cached
