@@ -52,6 +52,16 @@ from vlpeft.checkpoint import atomic_write, write_json
 log = logging.getLogger("vlpeft.reproduce")
 # a finished run's results answer its evaluation settings too: only validation may differ
 REUSE_FREE = (*(k for k in EXECUTION_KEYS if k != "eval."), "eval.val_every")
+
+
+def reuse_free(config) -> tuple[str, ...]:
+    """The keys a finished run may differ in and still be reused for ``config``: how it
+    executed, and its validation — unless validation chose the weights (``eval.select: best``)."""
+    if config.eval.select == "last":
+        return REUSE_FREE
+    return tuple(k for k in REUSE_FREE if k != "eval.val_every")
+
+
 REUSE_HINT = (
     "its results belong to that config: pass another --out, or remove the run to retrain it"
 )
@@ -110,7 +120,7 @@ def run_recipe(path: Path, seeds: int, out: Path, overrides=()) -> dict:
             if summary_file.is_file():  # only a run of this very config counts
                 config.data.file = str(Path(config.data.file).resolve())  # as the run wrote it
                 config_changes(run_dir, config, doing="reusing a finished run",
-                               hint=REUSE_HINT, free=REUSE_FREE)  # fmt: skip
+                               hint=REUSE_HINT, free=reuse_free(config))  # fmt: skip
                 log.info("%s: finished already, reusing its results", run_dir)
                 summary = read_json(summary_file)
             else:

@@ -198,3 +198,22 @@ def test_train_plus_val_reads_both_splits_in_order(data):
     }
     with pytest.raises(Exception, match=r"expected distinct names joined by \+"):
         task.read_named("train+train")
+
+
+def test_reproduce_reuses_a_best_selected_run_only_with_its_validation(data, tmp_path):
+    """A finished run is reused by launch.reproduce when only how it executed differs; with
+    eval.select: best its validation interval chose the weights, so it must match too."""
+    from launch.reproduce import REUSE_HINT, reuse_free
+    from launch.resume import config_changes
+
+    for select, refused in (("best", True), ("last", False)):
+        run = tmp_path / select
+        base = ["train.steps=2", f"eval.select={select}"]
+        train_module.train(load_config(None, base, data=spec(data)), run)
+        other = load_config(None, [*base, "eval.val_every=1"], data=spec(data))
+        how = {"doing": "reusing a finished run", "hint": REUSE_HINT, "free": reuse_free(other)}
+        if refused:
+            with pytest.raises(RunError, match=r"eval.val_every: 2 → 1"):
+                config_changes(run, other, **how)
+        else:
+            assert config_changes(run, other, **how) == {"eval.val_every": [2, 1]}
