@@ -42,7 +42,7 @@ def record_limit(task, split: str, max_records: int | None) -> tuple[int | None,
     server — and one log line says so."""
     if not (max_records or task.config.max_records):
         return None, None
-    every = task.read_cached(task.split_name(split))
+    every = task.read_named(task.split_name(split))
     if task.scorable(every):
         return max_records, max_records
     log.info(

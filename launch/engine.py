@@ -50,6 +50,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
+    """The config's ``adam_eps`` and ``weight_decay`` on a restored optimizer (a checkpoint's
+    param groups carry the values they were saved with; a resume may change them with
+    ``--allow-change``). The groups are :func:`param_groups`': decay, then no decay."""
+    for index, group in enumerate(optimizer.param_groups):
+        group["eps"] = config.train.adam_eps
+        group["weight_decay"] = config.train.weight_decay if index == 0 else 0.0
+
+
 def warmup_steps(steps: int, warmup: float) -> int:
     """The number of warm-up steps: a fraction of ``steps`` when ``warmup`` < 1, else a count."""
     return int(warmup * steps) if warmup < 1 else int(warmup)

@@ -52,14 +52,26 @@ def changes_structure(key: str) -> bool:
 
 # keys a resume never changes: what ``eval.select: best`` chose so far was chosen by them
 SELECTION_KEYS = ("eval.select",)
-SELECTION_KEYS_BEST = ("eval.val_every", "eval.max_records")
+# with ``best``, what the compared validation scores were computed on and how
+SELECTION_KEYS_BEST = ("eval.val_every", "eval.max_records", "eval.num_beams",
+                       "eval.max_new_tokens", "eval.itm_k")  # fmt: skip
+TASK_VALIDATION_FIELDS = ("num_beams", "max_new_tokens", "max_records", "prompt", "splits")
 
 
 def fixed_by_selection(key: str, earlier: dict) -> bool:
     """Whether ``key`` is fixed for the run by its checkpoint selection (``eval.select``): the
-    choice itself, and with ``best`` what the validation scores it compares were computed on."""
-    best = earlier.get("eval.select") == "best"
-    return key in SELECTION_KEYS or (best and key in SELECTION_KEYS_BEST)
+    choice itself, and with ``best`` what the validation scores it compares were computed on
+    (the eval section's settings, a task's generation settings, prompt, record limit and val
+    split)."""
+    if key in SELECTION_KEYS:
+        return True
+    if earlier.get("eval.select") != "best":
+        return False
+    parts = key.split(".")
+    task_field = parts[:2] == ["data", "tasks"] and len(parts) >= 4
+    if task_field and parts[3] == "splits":
+        return len(parts) == 4 or parts[4] == "val"
+    return key in SELECTION_KEYS_BEST or (task_field and parts[3] in TASK_VALIDATION_FIELDS)
 
 
 # keys the launcher fills in when a run starts (a classifier's answer vocabulary from the data):

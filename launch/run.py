@@ -115,7 +115,9 @@ def check_offline(config: TrainConfig) -> dict:
         if name not in entries:
             raise ConfigError(f"data.tasks.{name}: not in {path} (it has {sorted(entries)})")
         try:
-            TaskConfig.from_dict(task_entry(entries[name], settings), f"{path}: {name}")
+            task_config = TaskConfig.from_dict(task_entry(entries[name], settings),
+                                               f"{path}: {name}")  # fmt: skip
+            get_task(task_config.reader)(task_config)  # the task's own option checks
         except ValueError as err:
             raise ConfigError(str(err)) from None
         adapter = task_entry(entries[name], settings).get("adapter", "default")

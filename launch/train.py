@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -127,6 +128,8 @@ def train(
         zero3 = run.engine is not None and run.engine.zero_optimization_stage() == 3
         replica = (lambda: launch_run.build_model(config, run.router)) if zero3 else None
         rank0 = distributed.RankZero(run.model, rank, world, replica)
+        if run.selector.due(run.step, config.eval.val_every):  # resumed before that validation
+            validate(run, logger, rank0)
         # steps, with logging, checkpoints and validation
         run.started = time.time()
         workers = distributed.num_workers(config, run.device)
@@ -217,7 +220,7 @@ def setup(config: TrainConfig, run_dir: Path, rank: int, world: int, resume: boo
         dataset.check_features()  # once per process, before the workers fork
     launch_run.check_eval_features(router, config, model)
     selector = Selector(run_dir, config.eval.select, voters(router))
-    selector.check(model)
+    selector.check(model, router, config.eval.max_records)
     sampler = MultitaskSampler(
         {n: len(d) for n, d in datasets.items()},
         {n: router[n].config.batch_size for n in datasets},
@@ -279,6 +282,7 @@ def resume_or_start(run: Run, resuming: bool, changed: dict) -> None:
         run.skipped, run.last_finite_loss = state.get("skipped", 0), state.get("last_finite_loss")
         run.earlier_seconds = state.get("train_seconds", 0.0)
         run.stepper.load_state_dict(state)
+        engine.apply_optimizer_settings(run.optimizer, run.config)
         run.selector.load_state_dict(state)
         if changed and run.rank == 0:
             with open(run.run_dir / "config_history.jsonl", "a") as f:
@@ -317,18 +321,8 @@ def log_step(run: Run, losses: tuple, per_task: dict, logger, bar, clock) -> Non
 
 
 def checkpoint_and_validate(run: Run, logger, rank0) -> None:
-    """The validation and the checkpoint the config's intervals ask for at this step — the
-    validation first, so a checkpoint holds what it chose (``eval.select``) and the RNG states
-    after it: a resumed run continues as the uninterrupted one would."""
+    """The checkpoint and the validation the config's intervals ask for at this step."""
     config, step = run.config, run.step
-    if config.eval.val_every and step % config.eval.val_every == 0:
-
-        def validate(model) -> None:
-            records = run_evaluation(model, run.router, config, run.run_dir, ["val"], logger, step)
-            run.selector.update(step, records, model)
-
-        rank0.run(validate)
-        run.model.train()
     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
         counters = {"skipped": run.skipped, "last_finite_loss": run.last_finite_loss,
                     "train_seconds": round(run.train_seconds(), 3),
@@ -347,6 +341,28 @@ def checkpoint_and_validate(run: Run, logger, rank0) -> None:
             ) from err
         if run.rank == 0:
             run.selector.prune()
+    if config.eval.val_every and step % config.eval.val_every == 0:
+        validate(run, logger, rank0)
+
+
+def validate(run: Run, logger, rank0) -> None:
+    """Evaluates the val splits at this step (rank 0) and lets ``eval.select`` keep what wins.
+    The random states are the training's again afterwards — validation's data loaders and a
+    ZeRO-3 replica's first build draw from them — so a run continues as it would without it
+    (a resumed run skips or repeats validations)."""
+    config, step = run.config, run.step
+
+    def work(model) -> None:
+        records = run_evaluation(model, run.router, config, run.run_dir, ["val"], logger, step)
+        run.selector.update(step, records, model)
+
+    devices = [run.device] if run.device.type == "cuda" else []
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        rank0.run(work)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    run.model.train()
 
 
 def finish(run: Run, model, seconds: float, logger) -> dict:

@@ -514,11 +514,12 @@ class Task:
         return {}
 
     def training_targets(
-        self, records: list[dict], epoch: int
+        self, records: list[dict], draw: tuple
     ) -> tuple[list[str], list[float]] | None:
-        """The targets a training batch of ``records`` trains on in ``epoch`` and each one's loss
-        weight, when they are not the records' own ``target`` (VQA's ``options.target: sampled``);
-        None (the default): the collated ones, unweighted. Deterministic in (epoch, record)."""
+        """The targets a training batch of ``records`` trains on and each one's loss weight, when
+        they are not the records' own ``target`` (VQA's ``options.target: sampled``); None (the
+        default): the collated ones, unweighted. A function of ``draw`` (the sampler's seed, the
+        epoch and the step of the batch) and the record: the same in every process and resume."""
         return None
 
     def submission(self, records: list[dict], predictions) -> Any:
@@ -574,14 +575,15 @@ class TaskDataset(torch.utils.data.Dataset):
             check(Path(p) for record in self.records for p in record["images"])
 
     def collate(
-        self, items: list[tuple[dict, torch.Tensor]], epoch: int | None = None
+        self, items: list[tuple[dict, torch.Tensor]], draw: tuple | None = None
     ) -> dict[str, Any]:
-        """The task's batch of ``items``; a training batch (``epoch`` given) takes the task's
-        :meth:`Task.training_targets` (``target_weights``: each example's loss weight)."""
+        """The task's batch of ``items``; a training batch (``draw``: sampler seed, epoch, step)
+        takes the task's :meth:`Task.training_targets` (``target_weights``: each example's loss
+        weight)."""
         records = [r for r, _ in items]
         pixels = torch.stack([x for _, x in items])  # (B, n_images, ...)
         batch = self.task.collate(records, pixels[:, 0] if pixels.shape[1] == 1 else pixels)
-        picked = self.task.training_targets(records, epoch) if epoch is not None else None
+        picked = self.task.training_targets(records, draw) if draw is not None else None
         if picked is not None:
             batch["targets"], batch["target_weights"] = picked
         if self.features is not None:

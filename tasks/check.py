@@ -26,7 +26,9 @@ def check_task(name: str, task: Task, splits: list[str] | None = None) -> list[s
     problems = []
     for split in splits or list(task.config.splits):
         try:
-            records = task.read_split(task.split_name(split))
+            # parsed anew, not from the record cache; a split a+b is its parts' records
+            parts = task.split_name(split).split("+")
+            records = [record for part in parts for record in task.read_split(part)]
         except DataError as err:
             problems.append(f"{name}/{split}: {err}")
             continue

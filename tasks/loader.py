@@ -26,10 +26,11 @@ from .sampler import MultitaskSampler
 
 
 class MultitaskDataset(torch.utils.data.Dataset):
-    """Items of several tasks' data sets, addressed by ``(epoch, step, task, index)`` keys."""
+    """Items of several tasks' data sets, addressed by ``(epoch, step, task, index)`` keys.
+    ``seed`` (the sampler's) and the step key what a task draws for a training batch."""
 
-    def __init__(self, datasets: dict[str, TaskDataset]) -> None:
-        self.datasets = datasets
+    def __init__(self, datasets: dict[str, TaskDataset], seed: int = 0) -> None:
+        self.datasets, self.seed = datasets, seed
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets.values())
@@ -40,7 +41,8 @@ class MultitaskDataset(torch.utils.data.Dataset):
     def collate(self, items: list) -> tuple[tuple[int, int], str, dict[str, Any]]:
         """(position after this step, task, the task's collated batch)."""
         (epoch, step, task, _), _ = items[0]
-        batch = self.datasets[task].collate([item for _, item in items], epoch=epoch)
+        draw = (self.seed, epoch, step)  # the same in every worker process and after a resume
+        batch = self.datasets[task].collate([item for _, item in items], draw=draw)
         return (epoch, step), task, batch
 
 
@@ -78,7 +80,7 @@ def multitask_loader(
         pin_memory: page-locked batches for asynchronous copies to a GPU.
         prefetch_factor: batches each worker prepares ahead.
     """
-    dataset = MultitaskDataset(datasets)
+    dataset = MultitaskDataset(datasets, sampler.config.seed)
     workers = num_workers > 0
     return DataLoader(  # a worker's DataError arrives as its one line, not its traceback
         dataset,

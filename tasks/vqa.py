@@ -515,21 +515,28 @@ class VQA(Task):
         """Generated answers, lower-cased as the annotations are (see the module docstring)."""
         return [answer.lower() for answer in super().predict(model, records, batches, settings)]
 
-    def training_targets(self, records, epoch):
+    TARGETS = ("most_common", "sampled")
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        target = config.options.get("target", "most_common")
+        if target not in self.TARGETS:
+            raise DataError(
+                f"task {self.name}: options.target: expected one of {list(self.TARGETS)}, "
+                f"got {target!r}"
+            )
+
+    def training_targets(self, records, draw):
         """``options.target``: ``most_common`` (default) trains on ``multiple_choice_answer``;
         ``sampled`` is VL-Adapter's (``vqa_clip_data.py``, ``__getitem__``; ``VLBartVQA``): an
         answer of the record's soft scores drawn with probability ∝ its score, its loss weighted
         by that score (no answer: "" with weight 0). VL-Adapter draws from numpy's unseeded
-        global state at every fetch; here the draw is a function of (epoch, question id), so a
-        resumed run draws the same."""
-        mode = self.config.options.get("target", "most_common")
-        if mode == "most_common":
+        global state at every fetch; here the draw is a function of (sampler seed, epoch, step,
+        question id), so every process and a resumed run draw the same, and a record met twice
+        in an epoch (balanced sampling) draws anew. The generation families weight the loss
+        (``target_weights``); a classifier (roberta-vit) trains on all soft scores anyway."""
+        if self.config.options.get("target", "most_common") == "most_common":
             return None
-        if mode != "sampled":
-            raise DataError(
-                f"task {self.config_name}: options.target: expected 'most_common' or 'sampled', "
-                f"got {mode!r}"
-            )
         targets, weights = [], []
         for record in records:
             label = {a: s for a, s in record.get("label", {}).items() if s > 0}
@@ -538,8 +545,8 @@ class VQA(Task):
                 weights.append(0.0)
                 continue
             answers = sorted(label)  # an order independent of how the record was stored
-            draw = random.Random(f"vqa-target:{epoch}:{record['id']}")
-            answer = draw.choices(answers, weights=[label[a] for a in answers])[0]
+            rng = random.Random(f"vqa-target:{draw}:{record['id']}")
+            answer = rng.choices(answers, weights=[label[a] for a in answers])[0]
             targets.append(answer)
             weights.append(float(label[answer]))
         return targets, weights

@@ -1,6 +1,7 @@
 """Checkpoint selection (``eval.select: best``) and splits made of several splits (``train+val``)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import load_file
 
 import launch.engine as engine_module
 import launch.train as train_module
+import vlpeft
 from launch.config import ConfigError, RunError, load_config
 from launch.run import build_router
 from launch.selection import Selector, groups, voters
@@ -68,7 +70,14 @@ def test_best_keeps_the_best_validation_step_and_evaluates_it(data, tmp_path, sc
     config = load_config(None, data=spec(data))
     summary = train_module.train(config, tmp_path / "run")
     assert summary["select"] == "best"
-    assert summary["selected"] == {"default": {"step": 6, "score": 32.5, "voters": ["gqa", "vqa"]}}
+    assert summary["selected"] == {
+        "default": {
+            "step": 6,
+            "score": 32.5,
+            "voters": ["gqa", "vqa"],
+            "scores": {"gqa": 45.0, "vqa": 20.0},
+        }
+    }
     # adapters/ holds the tensors of step 6 (validation runs before that step's checkpoint)
     saved = as_parameter_names(tmp_path / "run" / "adapters" / "adapter_model.safetensors")
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -125,7 +134,13 @@ def test_best_after_a_kill_selects_as_the_uninterrupted_run(data, tmp_path, monk
 def test_select_is_fixed_for_the_run(data, tmp_path):
     config = load_config(None, ["train.steps=2"], data=spec(data))
     train_module.train(config, tmp_path / "run")
-    for change in (["eval.select=last"], ["eval.val_every=1"]):
+    for change in (
+        ["eval.select=last"],
+        ["eval.val_every=1"],
+        ["eval.num_beams=2"],
+        ["data.tasks.gqa.max_new_tokens=2"],
+        ["data.tasks.vqa.prompt=question"],
+    ):
         again = load_config(None, ["train.steps=4", *change], data=spec(data))
         with pytest.raises(RunError, match=change[0].split("=")[0]):
             train_module.train(again, tmp_path / "run", resume=True, allow_change=["train", "eval"])
@@ -143,45 +158,112 @@ def test_best_needs_validation_and_voters(data):
     assert voters(router) == {"default": []}
     model = train_module.launch_run.build_model(config, router)
     with pytest.raises(ConfigError, match=r"'default' have no task to choose their step"):
-        Selector("unused", "best", voters(router)).check(model)
+        Selector("unused", "best", voters(router)).check(model, router)
 
 
-def test_tensors_several_sets_train_form_their_own_group(data):
+def two_sets(data, family="clip-bart"):
     two = spec(data)
-    two["adapters"] = {
-        "vqa": {"method": "lora", "r": 2, "trainable": ["visual_proj"]},
-        "gqa": {"method": "lora", "r": 2, "trainable": ["visual_proj"]},
-    }
-    two["data"]["tasks"] = {"vqa": {"adapter": "vqa"}, "gqa": {"adapter": "gqa"}}
-    config = load_config(None, data=two)
-    model = train_module.launch_run.build_model(config, build_router(config))
-    found = groups(model)
-    assert set(found) == {"vqa", "gqa", "gqa+vqa"}
-    assert all(".adapters.vqa." in n for n in found["vqa"])
-    assert found["gqa+vqa"] and not any(".adapters." in n for n in found["gqa+vqa"])
-    selector = Selector("unused", "best", voters(build_router(config)))
-    assert selector.group_voters("gqa+vqa") == ["gqa", "vqa"]
-
-
-def test_each_set_and_the_shared_tensors_take_their_own_best_step(data, tmp_path, scripted):
-    two = spec(data)
+    size = {"image_size": 32} if family == "clip-bart" else {"vision": {"image_size": 32}}
+    two["model"] = {"family": family, "preset": "tiny", "overrides": size}
     two["adapters"] = {"vqa": {"method": "lora", "r": 2}, "gqa": {"method": "lora", "r": 2}}
     two["data"]["tasks"] = {"vqa": {"adapter": "vqa"}, "gqa": {"adapter": "gqa"}}
-    summary = train_module.train(load_config(None, data=two), tmp_path / "run")
-    steps = {group: info["step"] for group, info in summary["selected"].items()}
-    assert steps == {"vqa": 4, "gqa": 2, "gqa+vqa": 6}  # SCRIPTED's best per voter set
-    final = load_file(tmp_path / "run" / "checkpoints" / "step_0000008" / "trainable.safetensors")
-    model = train_module.launch_run.build_model(load_config(None, data=two),
-                                                build_router(load_config(None, data=two)))  # fmt: skip
-    import vlpeft
+    return two
 
+
+def test_sets_that_train_a_tensor_in_common_are_chosen_together(data, tmp_path, scripted):
+    """CLIP-BART trains its visual projection under every set: the sets' tensors were trained
+    together, so they are one unit, chosen at one step by all their voters (never mixed)."""
+    config = load_config(None, data=two_sets(data))
+    model = train_module.launch_run.build_model(config, build_router(config))
+    found = groups(model)
+    assert set(found) == {"gqa+vqa"}
+    assert any(".adapters.vqa." in n for n in found["gqa+vqa"])
+    assert any(".adapters.gqa." in n for n in found["gqa+vqa"])
+    assert any(".adapters." not in n for n in found["gqa+vqa"])  # the visual projection
+    summary = train_module.train(config, tmp_path / "run")
+    assert {u: i["step"] for u, i in summary["selected"].items()} == {"gqa+vqa": 6}
+    assert summary["selected"]["gqa+vqa"]["scores"] == {"gqa": 45.0, "vqa": 20.0}
+
+
+def test_sets_that_share_nothing_take_their_own_best_step(data, tmp_path, scripted):
+    """GPT-2+ViT trains nothing but the adapters: each set is chosen by its own task (two
+    caption tasks here, named as SCRIPTED's)."""
+    captions = {
+        "reader": "caption",
+        "root": str(data / "coco"),
+        "images": str(data / "coco/images"),
+    }
+    (tmp_path / "tasks.yaml").write_text(json.dumps({"vqa": captions, "gqa": captions}))
+    spec = two_sets(data, "gpt2-vit")
+    spec["data"]["file"] = str(tmp_path / "tasks.yaml")
+    config = load_config(None, data=spec)
+    summary = train_module.train(config, tmp_path / "run")
+    steps = {unit: info["step"] for unit, info in summary["selected"].items()}
+    assert steps == {"vqa": 4, "gqa": 2}  # SCRIPTED's best of each task
+    final = load_file(tmp_path / "run" / "checkpoints" / "step_0000008" / "trainable.safetensors")
+    model = train_module.launch_run.build_model(config, build_router(config))
     vlpeft.load_adapter(model, tmp_path / "run" / "adapters")  # what evaluate and export load
     params = dict(model.named_parameters())
-    for group, names in groups(model).items():
-        at = load_file(tmp_path / "run" / "checkpoints" / f"step_{steps[group]:07d}" /
+    for unit, names in groups(model).items():
+        at = load_file(tmp_path / "run" / "checkpoints" / f"step_{steps[unit]:07d}" /
                        "trainable.safetensors")  # fmt: skip
-        assert all(torch.equal(params[n].detach(), at[n]) for n in names), group
-        assert not all(torch.equal(params[n].detach(), final[n]) for n in names), group
+        assert all(torch.equal(params[n].detach(), at[n]) for n in names), unit
+        assert not all(torch.equal(params[n].detach(), final[n]) for n in names), unit
+
+
+def test_a_resume_validates_a_step_its_checkpoint_was_due(data, tmp_path, monkeypatch, scripted):
+    """Killed after the step-4 checkpoint but before its validation: the resumed run validates
+    step 4 first, and selects and ends as the uninterrupted one."""
+    whole = train_module.train(load_config(None, data=spec(data)), tmp_path / "whole")
+    real = train_module.run_evaluation
+
+    def dying(model, router, config, run_dir, splits, logger, step):
+        if step == 4:
+            raise KeyboardInterrupt("killed during the validation of step 4")
+        return real(model, router, config, run_dir, splits, logger, step)
+
+    monkeypatch.setattr(train_module, "run_evaluation", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(load_config(None, data=spec(data)), tmp_path / "resumed")
+    state = json.loads((tmp_path / "resumed/checkpoints/step_0000004/state.json").read_text())
+    assert state["validated"] == 2 and state["selected"]["default"]["step"] == 2
+    monkeypatch.setattr(train_module, "run_evaluation", real)
+    resumed = train_module.train(
+        load_config(None, data=spec(data)), tmp_path / "resumed", resume=True
+    )
+    assert resumed["selected"] == whole["selected"]
+    a = load_file(tmp_path / "whole" / "adapters" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapters" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_leaves_the_training_random_state_alone(data, tmp_path):
+    """A run that validates trains exactly as one that does not (eval.select: last)."""
+    quiet = ["eval.select=last", "eval.val_every=0"]
+    plain = train_module.train(load_config(None, quiet, data=spec(data)), tmp_path / "plain")
+    validating = ["eval.select=last", "eval.val_every=2"]
+    train_module.train(load_config(None, validating, data=spec(data)), tmp_path / "validating")
+    a = load_file(tmp_path / "plain" / "adapters" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "validating" / "adapters" / "adapter_model.safetensors")
+    assert plain["steps"] == 8 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unscorable_voter_is_refused_before_the_first_step(data, tmp_path):
+    """A voter validating on questions without answers (a test-dev file) is refused before the
+    first step, not at its first validation."""
+    val = json.loads((data / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    questions = val["questions"][:5]
+    (data / "vqa" / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(
+        json.dumps({"questions": questions})
+    )
+    (data / "coco" / "images" / "test2015").mkdir(exist_ok=True)
+    for q in questions:
+        name = f"COCO_val2014_{q['image_id']:012d}.jpg"
+        shutil.copy(data / "coco" / "images" / "val2014" / name,
+                    data / "coco" / "images" / "test2015" / name.replace("val2014", "test2015"))  # fmt: skip
+    config = load_config(None, ["data.tasks.vqa.splits={val: test-dev2015}"], data=spec(data))
+    with pytest.raises(ConfigError, match=r"task vqa's val split \(test-dev2015\) has no answers"):
+        train_module.train(config, tmp_path / "run")
 
 
 def test_train_plus_val_reads_both_splits_in_order(data):
@@ -198,6 +280,11 @@ def test_train_plus_val_reads_both_splits_in_order(data):
     }
     with pytest.raises(Exception, match=r"expected distinct names joined by \+"):
         task.read_named("train+train")
+    from evaluation.evaluate import record_limit
+    from tasks.check import check_task
+
+    assert check_task("gqa", task, ["train"]) == []  # python -m tasks.check reads both parts
+    assert record_limit(task, "train", 5) == (5, 5)  # a joined split is scorable as a whole
 
 
 def test_reproduce_reuses_a_best_selected_run_only_with_its_validation(data, tmp_path):

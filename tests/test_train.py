@@ -466,3 +466,21 @@ def test_adam_eps_reaches_the_optimizer(data):
     assert {group["eps"] for group in stepper.optimizer.param_groups} == {1e-6}
     with pytest.raises(ConfigError, match=r"train.adam_eps must be finite and > 0, got 0"):
         load_config(None, ["train.adam_eps=0"], data=clip_bart_config(data))
+
+
+def test_a_resume_applies_the_configs_eps_and_weight_decay(data):
+    """A checkpoint's optimizer state carries the eps and weight decay it was saved with; a
+    resume that changes them (--allow-change) gets the config's."""
+    old = load_config(None, data=clip_bart_config(data))
+    new = load_config(None, ["train.adam_eps=1e-6", "train.weight_decay=0.05"],
+                      data=clip_bart_config(data))  # fmt: skip
+    model = run_module.build_model(old, run_module.build_router(old))
+    saved = engine_module.build_stepper(old, model, 1, torch.device("cpu"), 4).optimizer
+    resumed = engine_module.build_stepper(new, model, 1, torch.device("cpu"), 4).optimizer
+    resumed.load_state_dict(saved.state_dict())
+    assert [g["eps"] for g in resumed.param_groups] == [1e-8, 1e-8]  # what torch restores
+    engine_module.apply_optimizer_settings(resumed, new)
+    assert [(g["eps"], g["weight_decay"]) for g in resumed.param_groups] == [
+        (1e-6, 0.05),
+        (1e-6, 0.0),
+    ]

@@ -49,18 +49,21 @@ def test_weighted_lm_loss_is_the_weighted_mean_of_example_token_means():
 def test_sampled_targets_follow_the_scores_and_repeat_per_epoch(data):
     task = build_router(config(data))["vqa"]
     record = {"id": 7, "label": {"two": 0.6, "three": 0.3, "four": 0.9, "none": 0.0}}
-    first = [task.training_targets([record], epoch) for epoch in range(3000)]
-    assert first == [task.training_targets([record], epoch) for epoch in range(3000)]
+    first = [task.training_targets([record], (0, epoch, 1)) for epoch in range(3000)]
+    assert first == [task.training_targets([record], (0, epoch, 1)) for epoch in range(3000)]
+    other_seed = [task.training_targets([record], (1, epoch, 1)) for epoch in range(3000)]
+    assert other_seed != first  # another sampler seed draws anew
     counts = {a: sum(t[0][0] == a for t in first) for a in ("two", "three", "four", "none")}
     assert counts["none"] == 0  # score 0: never drawn
     for answer, score in (("two", 0.6), ("three", 0.3), ("four", 0.9)):
         # 3000 draws: the share's standard error is < 0.01; the draws are fixed by their seeds
         assert abs(counts[answer] / 3000 - score / 1.8) < 0.03, (answer, counts)
     assert all(t[1][0] == record["label"][t[0][0]] for t in first)  # weighted by its score
-    assert task.training_targets([{"id": 8, "label": {}}], 0) == ([""], [0.0])
-    assert build_router(config(data, "most_common"))["vqa"].training_targets([record], 0) is None
-    with pytest.raises(DataError, match=r"options.target: expected 'most_common' or 'sampled'"):
-        build_router(config(data, "random"))["vqa"].training_targets([record], 0)
+    assert task.training_targets([{"id": 8, "label": {}}], (0, 0, 1)) == ([""], [0.0])
+    most_common = build_router(config(data, "most_common"))["vqa"]
+    assert most_common.training_targets([record], (0, 0, 1)) is None
+    with pytest.raises(DataError, match=r"options.target: expected one of \['most_common', 'sa"):
+        build_router(config(data, "random"))  # refused when the task is made, not in a worker
 
 
 def test_training_batches_carry_the_drawn_targets_and_evaluation_batches_do_not(data):
@@ -69,9 +72,9 @@ def test_training_batches_carry_the_drawn_targets_and_evaluation_batches_do_not(
     model = build_model(cfg, router)
     dataset = router.dataset("vqa", "train", model)
     sampler = MultitaskSampler({"vqa": len(dataset)}, {"vqa": 4}, SamplerConfig())
-    (epoch, _), _, batch = next(iter(multitask_loader({"vqa": dataset}, sampler)))
+    (epoch, step), _, batch = next(iter(multitask_loader({"vqa": dataset}, sampler)))
     records = [dataset.records[i] for i in next(iter(sampler.epoch(0)))[1]]
-    expected = router["vqa"].training_targets(records, epoch)
+    expected = router["vqa"].training_targets(records, (sampler.config.seed, epoch, step))
     assert (batch["targets"], batch["target_weights"]) == expected
     assert all(t in r["label"] for t, r in zip(batch["targets"], records))
     assert model(batch).loss.isfinite()

@@ -29,8 +29,8 @@ the keys of its kind; a family reads what its capabilities need and ignores the 
 ``targets``          list of B target texts (generation losses; ``""`` for a record without one:
                      test splits); VQA, GQA, NLVR², captioning
 ``target_weights``   optional: list of B floats, each example's loss weight (a VQA training batch
-                     with ``options.target: sampled``); the generation losses (CLIP-BART, BLIP)
-                     multiply each example's token mean by it
+                     with ``options.target: sampled``); the generation losses (CLIP-BART, BLIP,
+                     GPT2-ViT) multiply each example's token mean by it
 ``answer_scores``    list of B ``{answer: soft score}`` (classification losses: RoBERTa-ViT);
                      VQA and GQA (``{}`` for a record without answers)
 ``image_ids``        list of B image ids; equal ids are positives of each other (retrieval only;

@@ -271,7 +271,8 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
         # logit t predicts token t+1: a prefix position predicts bos (ignored), so align on ids
         # (the reference layout: the prefix's logit is dropped and the first text token is no target)
         p = int(self.config.visual_prefix)
-        return VLOutput(loss=lm_loss(logits[:, p:-1], labels[:, 1:]), logits=logits)
+        loss = lm_loss(logits[:, p:-1], labels[:, 1:], weights=batch.get("target_weights"))
+        return VLOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(
