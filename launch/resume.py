@@ -250,22 +250,21 @@ def config_changes(
             return key.endswith(rule[1:])
         return key == rule or key.startswith(rule.rstrip(".") + ".")
 
-    structural = [k for k in changed if changes_structure(k)]
-    if structural and doing == "resuming":
-        listed = ", ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in structural)
-        raise RunError(
-            f"{run_dir}: resuming with a changed config ({listed}); no --allow-change can take "
-            "it: the checkpoint holds tensors of the old model and adapters (their shapes and "
-            "names). Start another run, or train.init_from a finished one"
-        )
-    fixed = [k for k in changed if fixed_by_selection(k, earlier)]
-    if fixed and doing == "resuming":
-        listed = ", ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in fixed)
-        raise RunError(
-            f"{run_dir}: resuming with a changed config ({listed}); no --allow-change can take "
-            "it: the run's checkpoint selection (eval.select) compares validation scores of the "
-            "same steps and records from its start. Start another run"
-        )
+    never = (
+        (changes_structure, "the checkpoint holds tensors of the old model and adapters (their "
+         "shapes and names). Start another run, or train.init_from a finished one"),
+        (lambda key: fixed_by_selection(key, earlier), "the run's checkpoint selection "
+         "(eval.select) compares validation scores of the same steps and records from its "
+         "start. Start another run"),
+    )  # fmt: skip
+    for fixed, why in never if doing == "resuming" else ():
+        keys = [k for k in changed if fixed(k)]
+        if keys:
+            listed = ", ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in keys)
+            raise RunError(
+                f"{run_dir}: resuming with a changed config ({listed}); no --allow-change can "
+                f"take it: {why}"
+            )
     refused = [k for k in changed if not any(matches(k, a) for a in allowed)]
     if refused:
         listed = ", ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in refused)

@@ -105,6 +105,18 @@ def test_rotation_never_removes_the_selected_weights(data, tmp_path, scripted):
     assert kept == ["step_0000006.safetensors"]
 
 
+def assert_resumes_as(whole: dict, data, tmp_path) -> None:
+    """Resuming tmp_path/resumed selects what the uninterrupted run did and ends with its
+    adapters, bit for bit."""
+    resumed = train_module.train(
+        load_config(None, data=spec(data)), tmp_path / "resumed", resume=True
+    )
+    assert resumed["selected"] == whole["selected"]
+    a = load_file(tmp_path / "whole" / "adapters" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapters" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_best_after_a_kill_selects_as_the_uninterrupted_run(data, tmp_path, monkeypatch, scripted):
     whole = train_module.train(load_config(None, data=spec(data)), tmp_path / "whole")
     calls = {"n": 0}
@@ -122,13 +134,7 @@ def test_best_after_a_kill_selects_as_the_uninterrupted_run(data, tmp_path, monk
     monkeypatch.setattr(engine_module, "train_step", real_step)
     state = json.loads((tmp_path / "resumed/checkpoints/step_0000004/state.json").read_text())
     assert state["selected"]["default"]["step"] == 2
-    resumed = train_module.train(
-        load_config(None, data=spec(data)), tmp_path / "resumed", resume=True
-    )
-    assert resumed["selected"] == whole["selected"]
-    a = load_file(tmp_path / "whole" / "adapters" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "adapters" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_as(whole, data, tmp_path)
 
 
 def test_select_is_fixed_for_the_run(data, tmp_path):
@@ -228,13 +234,7 @@ def test_a_resume_validates_a_step_its_checkpoint_was_due(data, tmp_path, monkey
     state = json.loads((tmp_path / "resumed/checkpoints/step_0000004/state.json").read_text())
     assert state["validated"] == 2 and state["selected"]["default"]["step"] == 2
     monkeypatch.setattr(train_module, "run_evaluation", real)
-    resumed = train_module.train(
-        load_config(None, data=spec(data)), tmp_path / "resumed", resume=True
-    )
-    assert resumed["selected"] == whole["selected"]
-    a = load_file(tmp_path / "whole" / "adapters" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "adapters" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_as(whole, data, tmp_path)
 
 
 def test_validation_leaves_the_training_random_state_alone(data, tmp_path):
