@@ -150,7 +150,11 @@ def test_zero3_gathers_for_null_lora_svd_and_saving(data, tmp_path):
     assert_close(saved, adapter(tmp_path / "one"), atol=1e-4)
     assert losses(tmp_path / "three") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     results = json.loads((tmp_path / "three" / "run.json").read_text())["results"]
-    assert set(results) == {"vqa/test", "vqa/test_vladapter", "caption/test"}  # + its reference score
+    assert set(results) == {
+        "vqa/test",
+        "vqa/test_vladapter",
+        "caption/test",
+    }  # + its reference score
 
 
 def test_sigkill_at_any_step_resumes_to_the_uninterrupted_run(data, tmp_path):

@@ -471,7 +471,8 @@ def test_a_tasks_own_generation_settings_hold_alone_and_in_mixed_batches(three_t
     for name, predictions in per_task.items():
         assert json.loads(Path(mixed[f"{name}/test"]["predictions"]).read_text()) == predictions
     assert {str(kw) for _, kw in calls} == {
-        str({"max_new_tokens": 4, "num_beams": 1}), str({"max_new_tokens": 2, "num_beams": 3})
+        str({"max_new_tokens": 4, "num_beams": 1}),
+        str({"max_new_tokens": 2, "num_beams": 3}),
     }
 
 
