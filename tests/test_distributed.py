@@ -132,6 +132,35 @@ def test_ddp_two_ranks_match_one_process_and_resume_exactly(data, tmp_path):
     assert_close(adapter(resumed), adapter(tmp_path / "two"), atol=0)
 
 
+def test_ddp_selects_the_best_validation_step_and_resumes_to_the_same_choice(data, tmp_path):
+    """eval.select: best under two DDP ranks: rank 0 validates and writes the selected tensors,
+    every rank reads the selection back on resume, and a run resumed from the step-2 checkpoint
+    (whose validation had not run) validates step 2 again and ends with the same choice and
+    adapters, bit for bit."""
+    cfg = config(data, batch=2, steps=4, checkpoint_every=2)
+    cfg["data"]["tasks"].pop("caption")  # VQA alone: caption scoring starts the Java scorers
+    cfg["eval"].update({"select": "best", "val_every": 2})
+    finish(launch(cfg, tmp_path / "two", nproc=2))
+    summary = json.loads((tmp_path / "two" / "run.json").read_text())
+    step = summary["selected"]["default"]["step"]
+    assert step in (2, 4) and summary["selected"]["default"]["voters"] == ["vqa"]
+    chosen = load_file(tmp_path / "two" / "selected" / "default" / f"step_{step:07d}.safetensors")
+    final = adapter(tmp_path / "two")
+    assert all(torch.equal(chosen[k.replace(".lora_", ".adapters.default.lora_")], v)
+               for k, v in final.items())  # fmt: skip
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    shutil.rmtree(resumed / "adapters")
+    (resumed / "run.json").unlink()
+    state = json.loads((resumed / "checkpoints" / "step_0000002" / "state.json").read_text())
+    assert state["validated"] == 0  # step 2 validated after its checkpoint was written
+    finish(launch(cfg, resumed, "--resume", nproc=2))
+    again = json.loads((resumed / "run.json").read_text())
+    assert again["selected"] == summary["selected"]
+    assert_close(adapter(resumed), final, atol=0)
+
+
 def test_zero3_gathers_for_null_lora_svd_and_saving(data, tmp_path):
     """Under ZeRO-3 every rank holds a placeholder of each weight: Null-LoRA's SVD and the saved
     adapter must still be of the whole tensors, so they equal a one-process run's."""
