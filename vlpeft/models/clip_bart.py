@@ -44,6 +44,10 @@ DECODER = "bart.model.decoder"
 CROSS_KV = r"encoder_attn\.(?:k_proj|v_proj)$"  # decoder layers that read the encoder's sequence
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VISUAL_EMBEDDINGS = ("vlpeft", "vl_t5")
+# VL-T5's object-order embeddings are rows its tokenizer adds to the (frozen) token embedding,
+# randomly initialised: not saved with an adapter, so drawn from this fixed seed
+OBJECT_ORDER_SEED = 0
 
 
 @dataclasses.dataclass
@@ -57,6 +61,13 @@ class ClipBartConfig(ModelConfig):
         visual_grid: the layer4 grid is max-pooled to ``visual_grid × visual_grid`` tokens.
         image_size: input resolution; images are normalised with CLIP's mean and std.
         weights: ``{"vision": open_clip tag or checkpoint path, "text": hub id or directory}``.
+        visual_embedding: ``"vlpeft"`` (default): the visual tokens (Linear + LayerNorm +
+            image-order embedding) go through BART's ``layernorm_embedding`` with the text;
+            ``"vl_t5"``: VL-T5's ``VisualEmbedding`` as VL-Adapter runs it — the LayerNorm'd
+            projection + the embedding of the zero box (Linear(5 → d) + LayerNorm, trained) +
+            image-order + object-order embeddings (the ``<vis_extra_id_k>`` rows VL-T5 adds to
+            the frozen token embedding: N(0, init_std) drawn from :data:`OBJECT_ORDER_SEED`),
+            outside ``layernorm_embedding`` (``JointEncoder.forward``).
     """
 
     vision: dict = dataclasses.field(default_factory=dict)
@@ -65,6 +76,15 @@ class ClipBartConfig(ModelConfig):
     image_size: int = 224
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
+    visual_embedding: str = "vlpeft"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.visual_embedding not in VISUAL_EMBEDDINGS:
+            raise ValueError(
+                f"clip-bart visual_embedding must be one of {list(VISUAL_EMBEDDINGS)}, got "
+                f"{self.visual_embedding!r}"
+            )
 
 
 # where the Hugging Face hub keeps open_clip's pretrained ResNets (model, tag) → hub id
@@ -194,6 +214,21 @@ class ClipBart(VLModel):
             nn.Linear(self.feature_dim, d_model), nn.LayerNorm(d_model)
         )
         self.image_order = nn.Embedding(2, d_model)
+        self._visual_count = 0  # trailing visual tokens of the encoder input being embedded
+        if config.visual_embedding == "vl_t5":
+            self.box_embedding = nn.Sequential(nn.Linear(5, d_model), nn.LayerNorm(d_model))
+            self.trainable_patterns = (*self.trainable_patterns, r"^box_embedding\.")
+            order = torch.empty(config.visual_grid**2, d_model)
+            seeded = torch.Generator().manual_seed(OBJECT_ORDER_SEED)
+            order.normal_(0.0, self.bart.config.init_std, generator=seeded)
+            self.register_buffer("object_order", order, persistent=False)
+            self.bart.model.encoder.layernorm_embedding.register_forward_hook(self._text_only)
+
+    def _text_only(self, module, args, output):
+        """``layernorm_embedding`` on the text tokens only (VL-T5 concatenates the visual
+        embeddings after it): the trailing visual tokens keep their input."""
+        n = self._visual_count
+        return torch.cat([output[:, :-n], args[0][:, -n:]], dim=1) if n else output
 
     @property
     def feature_dim(self) -> int:
@@ -231,6 +266,9 @@ class ClipBart(VLModel):
         tokens = self.visual_proj(features.to(dtype))  # (B, n_images, N, d)
         order = torch.arange(tokens.shape[1], device=self.device)
         tokens = tokens + self.image_order(order)[None, :, None, :]
+        if self.config.visual_embedding == "vl_t5":  # + the zero box's and each token's order
+            box = self.box_embedding(tokens.new_zeros(5))
+            tokens = tokens + box + self.object_order[: tokens.shape[2]].to(tokens.dtype)
         return tokens.flatten(1, 2)
 
     def text_positions(self, max_new_tokens: int, images: int = 1) -> list[tuple[str, int, int]]:
@@ -261,7 +299,11 @@ class ClipBart(VLModel):
         )
         set_routing_inputs(encoder, visual.mean(1))
         set_token_masks(encoder, mask)
-        hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        self._visual_count = visual.shape[1] if self.config.visual_embedding == "vl_t5" else 0
+        try:
+            hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        finally:
+            self._visual_count = 0
         return hidden, mask
 
     def _set_decoder_context(
