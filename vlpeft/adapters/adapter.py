@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..config import check
 from .base import AdaptedLayer, AdapterModule, factory_kwargs, is_conv1d, register_method
 from .routing import CROSS_ATTENTION, RoutableConfig, attend, make_routing
 
@@ -126,8 +127,7 @@ class AdapterConfig(RoutableConfig):
                 "AdapterConfig.residual=False replaces the target's output, which a parallel "
                 "adapter (parallel=True) is added to: set residual=True or parallel=False"
             )
-        if self.init not in INITS:
-            raise ValueError(f"AdapterConfig.init must be one of {list(INITS)}, got {self.init!r}")
+        check(self.init in INITS, "AdapterConfig.init", f"one of {list(INITS)}", self.init)
 
     def build(self, base_layer: nn.Module, layer_name: str) -> AdapterModule:
         dim = self.dim or output_features(base_layer, layer_name)

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check
 from ..tensor_cache import cached, content_key
 from .base import (
     AdaptedLayer,
@@ -117,11 +118,8 @@ class NullLoRAConfig(RoutableConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.frozen_halves not in FROZEN_HALVES:
-            raise ValueError(
-                f"NullLoRAConfig.frozen_halves must be one of {list(FROZEN_HALVES)}, "
-                f"got {self.frozen_halves!r}"
-            )
+        check(self.frozen_halves in FROZEN_HALVES, "NullLoRAConfig.frozen_halves",
+              f"one of {list(FROZEN_HALVES)}", self.frozen_halves)  # fmt: skip
         seed = self.random_seed
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"NullLoRAConfig.random_seed must be an integer >= 0, got {seed!r}")

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check
 from .base import (
     BASE_ROWS,
     AdaptedLayer,
@@ -187,11 +188,8 @@ class RoutableConfig(MethodConfig):
                 f"{name}.visual_dim is the width of a separate mapping's or cross-attention's "
                 "input (x_R)"
             )
-        if self.visual_tokens not in VISUAL_TOKENS:
-            raise ValueError(
-                f"{name}.visual_tokens must be one of {list(VISUAL_TOKENS)}, "
-                f"got {self.visual_tokens!r}"
-            )
+        check(self.visual_tokens in VISUAL_TOKENS, f"{name}.visual_tokens",
+              f"one of {list(VISUAL_TOKENS)}", self.visual_tokens)  # fmt: skip
         if self.visual_tokens == "all" and self.routing not in TOKEN_KINDS:
             raise ValueError(
                 f"{name}.visual_tokens='all' needs routing in {list(TOKEN_KINDS)} (the functions "

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..adapters.resora import set_token_masks
 from ..adapters.routing import set_routing_inputs
+from ..config import check
 from .base import (
     ModelConfig,
     VLModel,
@@ -80,11 +81,8 @@ class ClipBartConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.visual_embedding not in VISUAL_EMBEDDINGS:
-            raise ValueError(
-                f"clip-bart visual_embedding must be one of {list(VISUAL_EMBEDDINGS)}, got "
-                f"{self.visual_embedding!r}"
-            )
+        check(self.visual_embedding in VISUAL_EMBEDDINGS, "clip-bart visual_embedding",
+              f"one of {list(VISUAL_EMBEDDINGS)}", self.visual_embedding)  # fmt: skip
 
 
 # where the Hugging Face hub keeps open_clip's pretrained ResNets (model, tag) → hub id

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..adapters.resora import set_token_masks
 from ..adapters.routing import set_routing_inputs
+from ..config import check
 from .base import IGNORE, ModelConfig, VLModel, VLOutput, lm_loss, register_family
 from .vit import (
     VIT_COMPONENT,
@@ -88,16 +89,9 @@ class Gpt2VitConfig(ModelConfig):
             raise ValueError(
                 f"Gpt2VitConfig.visual_prefix must be true or false, got {self.visual_prefix!r}"
             )
-        if self.routing_feature not in ROUTING_FEATURES:
-            raise ValueError(
-                f"Gpt2VitConfig.routing_feature must be one of {list(ROUTING_FEATURES)}, "
-                f"got {self.routing_feature!r}"
-            )
-        if self.text_layout not in TEXT_LAYOUTS:
-            raise ValueError(
-                f"Gpt2VitConfig.text_layout must be one of {list(TEXT_LAYOUTS)}, "
-                f"got {self.text_layout!r}"
-            )
+        for name, allowed in (("routing_feature", ROUTING_FEATURES), ("text_layout", TEXT_LAYOUTS)):
+            value = getattr(self, name)
+            check(value in allowed, f"Gpt2VitConfig.{name}", f"one of {list(allowed)}", value)
 
     @property
     def image_size(self) -> int:

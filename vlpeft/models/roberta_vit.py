@@ -31,6 +31,7 @@ from torch import nn
 
 from ..adapters.resora import set_token_masks
 from ..adapters.routing import set_routing_inputs
+from ..config import check
 from .base import ModelConfig, VLModel, VLOutput, register_family
 from .vit import (
     VIT_COMPONENT,
@@ -93,11 +94,8 @@ class RobertaVitConfig(ModelConfig):
             ("answer_loss", ANSWER_LOSSES),
             ("text_embedding", TEXT_EMBEDDINGS),
         ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"RobertaVitConfig.{name} must be one of {list(allowed)}, "
-                    f"got {getattr(self, name)!r}"
-                )
+            value = getattr(self, name)
+            check(value in allowed, f"RobertaVitConfig.{name}", f"one of {list(allowed)}", value)
 
     @property
     def image_size(self) -> int:
