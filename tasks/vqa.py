@@ -167,6 +167,12 @@ def vqa_question_accuracy(prediction: str, answers: Sequence[str]) -> float:
     if len(set(answers)) > 1:  # the official condition: normalise only when annotators disagree
         answers = [vqa_normalize(a) for a in answers]
         prediction = vqa_normalize(prediction)
+    return leave_one_out(prediction, answers)
+
+
+def leave_one_out(prediction: str, answers: Sequence[str]) -> float:
+    """The official rule on normalised strings: the mean over the leave-one-out subsets of the
+    answers of min(1, #subset answers equal to the prediction / 3)."""
     matches = [a == prediction for a in answers]
     total = sum(matches)
     return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)
@@ -266,9 +272,7 @@ def vqa_question_accuracy_vladapter(prediction: str, answers: Sequence[str]) -> 
     answers = list(answers)
     if len(set(answers)) > 1:
         answers = [vqa_punctuation(a) for a in answers]
-    matches = [a == prediction for a in answers]
-    total = sum(matches)
-    return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)
+    return leave_one_out(prediction, answers)
 
 
 def vqa_accuracy_vladapter(predictions: list[dict], annotations: list[dict]) -> dict:
