@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from evaluation.scoring import reference_key
 from vlpeft.checkpoint import atomic_write, write_json
 
 # a task's metric (its ``metric``) as a header names it, and the PNG panel it is drawn in
@@ -69,7 +70,7 @@ def add_eval_files(summary: dict, folder: Path) -> None:
             for name, value in reference.items() if isinstance(reference, dict) else ():
                 # run.json's key for it: <task>/<split>_<evaluator> (vqa/test_vladapter), which
                 # no column of a split takes (columns() reads <task>/<split> only)
-                summary["results"][f"{key}_{name}"] = value
+                summary["results"][reference_key(key, name)] = value
             if record.get("data") is not None:
                 summary.setdefault("evaluations", {})[key] = record["data"]
 

@@ -79,3 +79,9 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[int, 
         {1: 50.0, 5: 100.0}
     """
     return {k: 100 * float((ranks < k).mean()) for k in ks}
+
+
+def reference_key(key: str, evaluator: str) -> str:
+    """run.json's results key of a score by a reference evaluator's rules: ``"<task>/<split>"``
+    + ``_<evaluator>`` (``vqa/test_vladapter``)."""
+    return f"{key}_{evaluator}"

@@ -40,7 +40,6 @@ from vlpeft.registry import nearest_hint
 
 RECIPES = Path(__file__).resolve().parent / "configs" / "recipes"
 EVALUATORS = ("official", "vladapter")
-VLADAPTER_SUFFIX = "_vladapter"  # run.json: "<task>/<split>_vladapter", VL-Adapter's rules
 PARAM_KEYS = ("trainable", "percent", "note")
 CLAIM_TOLERANCE = 0.005  # a count the paper gives is reproduced within 0.5 %
 

@@ -32,10 +32,11 @@ import statistics
 import sys
 from pathlib import Path
 
+from evaluation.scoring import reference_key
 from launch.config import STAGE_PREFIX, ConfigError, load_config, read_json
 from launch.distributed import distributed_env
 from launch.recipes import (
-    VLADAPTER_SUFFIX,
+    EVALUATORS,
     check_weights,
     find_recipe,
     list_recipes,
@@ -142,14 +143,19 @@ def compare(runs: list[dict], paper: dict, evaluator: str = "official",
     headline, which every row also carries (``official``). ``stand_in`` marks every row of a
     recipe that stands in for the paper's experiment."""
     rows = []
-    keys = [k.removesuffix(VLADAPTER_SUFFIX) for k in [*paper, *(k for r in runs for k in r)]]
+    suffixes = [reference_key("", e) for e in EVALUATORS if e != "official"]
+
+    def metric(key: str) -> str:  # a reference score's key names the metric it scores
+        return next((key.removesuffix(s) for s in suffixes if key.endswith(s)), key)
+
+    keys = [metric(k) for k in [*paper, *(k for r in runs for k in r)]]
     for key in dict.fromkeys(keys):
         official = summarise([r.get(key) for r in runs])
         ours, scored_by = official, "official"
-        if evaluator == "vladapter":
-            alternative = summarise([r.get(key + VLADAPTER_SUFFIX) for r in runs])
+        if evaluator != "official":
+            alternative = summarise([r.get(reference_key(key, evaluator)) for r in runs])
             if alternative["n"]:
-                ours, scored_by = alternative, "vladapter"
+                ours, scored_by = alternative, evaluator
         reported = paper.get(key)
         mean = ours["mean"]
         diff = mean - reported if mean is not None and reported is not None else None

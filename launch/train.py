@@ -39,6 +39,7 @@ import launch.run as launch_run
 import vlpeft
 from evaluation.evaluate import evaluate_all
 from evaluation.leaderboard import render_markdown
+from evaluation.scoring import reference_key
 from launch import checkpoints, distributed, engine
 from launch.config import STAGE_PREFIX, ConfigError, RunError, TrainConfig, load_config
 from launch.logger import Logger, StepClock, truncate_metrics
@@ -378,7 +379,7 @@ def finish(run: Run, model, seconds: float, logger) -> dict:
     for key, record in records.items():
         results[key] = record["headline"]
         for evaluator, score in (record.get("reference") or {}).items():
-            results[f"{key}_{evaluator}"] = score  # scored by a reference code's rules
+            results[reference_key(key, evaluator)] = score  # scored by a reference's rules
     trainable, total_params = vlpeft.count_parameters(model)
     summary = {
         "run": run_dir.name, "family": config.model.family, "preset": config.model.preset,
