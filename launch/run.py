@@ -30,16 +30,24 @@ def build_router(config: TrainConfig) -> TaskRouter:
     """The configured tasks: entries of ``data.file`` updated by ``data.tasks``; their relative
     paths resolve against ``data.root`` when set, else the task file's folder."""
     path = Path(config.data.file)
+    merged = configured_tasks(config)
+    base = Path(config.data.root) if config.data.root else path.parent
+    if config.data.root and not base.is_dir():
+        raise ConfigError(f"data.root {config.data.root}: no such folder")
+    return TaskRouter.from_dict(merged, base, where=str(path), cache_dir=record_cache(config))
+
+
+def configured_tasks(config: TrainConfig) -> dict[str, dict]:
+    """Each task of ``data.tasks``: its ``data.file`` entry updated by its settings
+    (:func:`task_entry`); a task the file lacks is an error naming both."""
+    path = Path(config.data.file)
     entries = load_yaml(path) or {}
     merged = {}
     for name, settings in config.data.tasks.items():
         if name not in entries:
             raise ConfigError(f"data.tasks.{name}: not in {path} (it has {sorted(entries)})")
         merged[name] = task_entry(entries[name], settings)
-    base = Path(config.data.root) if config.data.root else path.parent
-    if config.data.root and not base.is_dir():
-        raise ConfigError(f"data.root {config.data.root}: no such folder")
-    return TaskRouter.from_dict(merged, base, where=str(path), cache_dir=record_cache(config))
+    return merged
 
 
 def task_entry(entry: dict, settings: dict | None) -> dict:
@@ -110,17 +118,14 @@ def check_offline(config: TrainConfig) -> dict:
     null space) is checked for its targets only — and the DeepSpeed JSON. Returns a report
     (parameter counts, per set the adapted layers); raises ConfigError naming the problem."""
     path = Path(config.data.file)
-    entries = load_yaml(path) or {}
-    for name, settings in config.data.tasks.items():
-        if name not in entries:
-            raise ConfigError(f"data.tasks.{name}: not in {path} (it has {sorted(entries)})")
+    tasks = configured_tasks(config)
+    for name, entry in tasks.items():
         try:
-            task_config = TaskConfig.from_dict(task_entry(entries[name], settings),
-                                               f"{path}: {name}")  # fmt: skip
+            task_config = TaskConfig.from_dict(entry, f"{path}: {name}")
             get_task(task_config.reader)(task_config)  # the task's own option checks
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        adapter = task_entry(entries[name], settings).get("adapter", "default")
+        adapter = entry.get("adapter", "default")
         if adapter not in config.adapters and config.adapters:
             raise ConfigError(
                 f"data.tasks.{name}: trains adapter set {adapter!r}, not defined under adapters "
@@ -163,15 +168,14 @@ def check_offline(config: TrainConfig) -> dict:
             enable_gradient_checkpointing(model)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"model {config.model.family}/{config.model.preset}: {err}") from None
-    cached = [n for n, s in config.data.tasks.items() if task_entry(entries[n], s).get("features")]
+    cached = [name for name, entry in tasks.items() if entry.get("features")]
     if cached and getattr(model, "cached_part", None) is None:
         raise ConfigError(
             f"data.tasks.{cached[0]}.features: {config.model.family} reads no cached visual "
             "features (clip-bart, roberta-vit and gpt2-vit do): train it from pixels"
         )
-    readers = [get_task(entries[name]["reader"]) for name in config.data.tasks
-               if "reader" in (entries.get(name) or {})]  # fmt: skip
-    tokens = [task_entry(entries[n], s).get("max_new_tokens") for n, s in config.data.tasks.items()]
+    readers = [get_task(entry["reader"]) for entry in tasks.values() if "reader" in entry]
+    tokens = [entry.get("max_new_tokens") for entry in tasks.values()]
     check_text_positions(config, model, readers, tokens)
     report["trainable"], report["total"] = vlpeft.count_parameters(model)
     if any("checked" in info for info in report["sets"].values()):
