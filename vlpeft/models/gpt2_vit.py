@@ -234,13 +234,9 @@ class Gpt2Vit(CachedViTFeatures, VLModel):
                 "gpt2-vit with routing_feature='tokens' needs batch['images']: x_R is every ViT "
                 "token, which cached features (one vector per image) do not hold"
             )
-        weight = next(self.vit.parameters())
-        set_token_masks(self.vit, None)  # [CLS] and every patch are real
-        out = self.vit(pixel_values=batch["images"].to(weight.device, weight.dtype))
-        feature = (
-            out.pooler_output if self.visual.feature == "pooler" else out.last_hidden_state[:, 0]
-        )
-        return self.visual.project(feature), self.visual.project(out.last_hidden_state)
+        out = self.visual.vit_output(self.vit, batch["images"])
+        feature, tokens = self.visual.token_of(out), out.last_hidden_state
+        return self.visual.project(feature), self.visual.project(tokens)
 
     def _embed(self, batch: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor):
         """(x_R, input embeddings, attention mask): the visual token first unless

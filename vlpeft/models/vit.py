@@ -75,9 +75,17 @@ class VisualToken(nn.Module):
 
     def vit_token(self, vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """The frozen ViT's feature of each image (B, d_vit): what a feature cache stores."""
+        return self.token_of(self.vit_output(vit, images))
+
+    @staticmethod
+    def vit_output(vit: nn.Module, images: torch.Tensor):
+        """The ViT's forward on ``images`` (its last hidden state and pooler output)."""
         weight = next(vit.parameters())
         set_token_masks(vit, None)  # [CLS] and every patch are real
-        out = vit(pixel_values=images.to(weight.device, weight.dtype))
+        return vit(pixel_values=images.to(weight.device, weight.dtype))
+
+    def token_of(self, out) -> torch.Tensor:
+        """The configured feature of a ViT output: the pooler's, or the [CLS] state."""
         return out.pooler_output if self.feature == "pooler" else out.last_hidden_state[:, 0]
 
     def project(self, token: torch.Tensor) -> torch.Tensor:
