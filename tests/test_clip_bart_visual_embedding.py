@@ -10,6 +10,7 @@ def encoder_input(model, batch) -> torch.Tensor:
     """What the first encoder layer receives (after the embeddings' LayerNorm, dropout off)."""
     seen = {}
     layer = model.bart.model.encoder.layers[0]
+
     def keep(module, args) -> None:
         seen["x"] = args[0]
 
